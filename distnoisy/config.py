@@ -1,0 +1,292 @@
+"""Run configuration: OmegaConf structured dataclasses, YAML recipes and ``key=value`` overrides.
+
+The schema is typed and closed: an unknown key or a value of the wrong type is a
+:class:`~distnoisy.errors.ConfigError` that names the key and the valid choices. Each method
+declares its own parameter dataclass (``method.*`` keys), so ``method.lam`` is valid for ELR and
+an error for CE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from distnoisy.errors import ConfigError
+
+DATASETS = ("digits", "cifar10", "cifar100", "clothing1m", "shards")
+NOISE_KINDS = ("none", "symmetric", "pair", "instance", "file")
+LAUNCHERS = ("ray", "local")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULERS = ("none", "cosine", "multistep")
+SPLITS = ("sample", "shard")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    # Where prepared shards live (digits: cache written on first use). None = ~/.cache/distnoisy.
+    root: str | None = None
+    # Shard URLs/dir for ``name=shards`` (a directory holding manifest.json).
+    urls: str | None = None
+    # How shards reach DDP ranks: "sample" = one global order, identical results for any number
+    # of workers; "shard" = each rank reads only its own shards (scales to large data).
+    split: str = "shard"
+    test_fraction: float = 0.2
+    shard_size: int = 256
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class NoiseConfig:
+    kind: str = "symmetric"
+    rate: float = 0.4
+    seed: int = 0
+    # ELR/DAL convention: the replacement label is drawn from all C classes (METHODS.md §1).
+    include_true_class: bool = False
+    # Label file for ``kind=file`` (parquet/csv/npy keyed by global sample index).
+    file: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"
+    # Local path to pretrained weights (nothing is downloaded at run time).
+    weights: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    # Global batch size, split evenly over the workers.
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    scheduler: str = "none"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+
+
+@dataclass
+class ScalingConfig:
+    launcher: str = "ray"
+    num_workers: int = 2
+    use_gpu: bool = False
+    # Ray address; None starts a local cluster (or joins RAY_ADDRESS / a running one).
+    address: str | None = None
+    max_failures: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    # None = sqlite:///<absolute cwd>/mlflow.db
+    uri: str | None = None
+    experiment: str = "distnoisy"
+    run_name: str | None = None
+
+
+@dataclass
+class MethodParams:
+    """Base of every method's ``method.*`` schema; subclasses add their own keys."""
+
+    name: str = "elr"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    method: Any = field(default_factory=MethodParams)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+    # None = runs/<name or timestamp>
+    output_dir: str | None = None
+    name: str | None = None
+    # Continue the run in output_dir from its last checkpoint.
+    resume: bool = False
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``--config FILE`` options from ``key=value`` overrides."""
+    files: list[str] = []
+    overrides: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg in ("--config", "-c"):
+            try:
+                files.append(next(it))
+            except StopIteration:
+                raise ConfigError("--config needs a YAML file path after it") from None
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+        elif "=" in arg and not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            raise ConfigError(
+                f"cannot parse argument {arg!r}; use --config FILE.yaml and key=value overrides "
+                "(e.g. method.name=ce train.epochs=10)"
+            )
+    return files, overrides
+
+
+def _load_yaml(path: str) -> DictConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        loaded = OmegaConf.load(p)
+    except Exception as e:  # yaml errors carry line numbers: keep them
+        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path!r} must hold a mapping of keys, not a list")
+    return loaded
+
+
+def _valid_keys(node: Any, prefix: str) -> list[str]:
+    fields = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+    return [f"{prefix}{name}" for name in fields]
+
+
+def _explain(err: OmegaConfBaseException, schema: Config) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    node: Any = schema
+    for part in parent.split(".") if parent else []:
+        node = getattr(node, part, None)
+    if isinstance(err, ConfigKeyError | ConfigAttributeError):
+        valid = _valid_keys(node, f"{parent}." if parent else "")
+        leaf = key.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(leaf, [v.rsplit(".", 1)[-1] for v in valid], n=1)
+        hint = f" Did you mean {(parent + '.' if parent else '') + close[0]!r}?" if close else ""
+        where = f" for method {schema.method.name!r}" if parent == "method" else ""
+        return ConfigError(
+            f"unknown config key {key!r}{where}.{hint} Valid keys: {', '.join(valid)}"
+        )
+    msg = str(err).splitlines()[0]
+    return ConfigError(f"invalid value for {key!r}: {msg}")
+
+
+def _choose(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"invalid {key}={value!r}; valid choices: {', '.join(choices)}")
+
+
+def validate(cfg: Config) -> None:
+    """Check value ranges and choices that the type system cannot express."""
+    _choose(cfg.data.name, DATASETS, "data.name")
+    _choose(cfg.data.split, SPLITS, "data.split")
+    _choose(cfg.noise.kind, NOISE_KINDS, "noise.kind")
+    _choose(cfg.scaling.launcher, LAUNCHERS, "scaling.launcher")
+    _choose(cfg.train.optimizer, OPTIMIZERS, "train.optimizer")
+    _choose(cfg.train.scheduler, SCHEDULERS, "train.scheduler")
+    checks = [
+        (0.0 <= cfg.noise.rate < 1.0, "noise.rate must be in [0, 1)"),
+        (cfg.noise.kind != "file" or cfg.noise.file, "noise.kind=file needs noise.file=PATH"),
+        (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (cfg.scaling.num_workers >= 1, "scaling.num_workers must be >= 1"),
+        (
+            cfg.train.batch_size % cfg.scaling.num_workers == 0,
+            f"train.batch_size={cfg.train.batch_size} must be divisible by "
+            f"scaling.num_workers={cfg.scaling.num_workers} (it is the global batch size)",
+        ),
+        (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)"),
+        (cfg.data.shard_size >= 1, "data.shard_size must be >= 1"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.data.name != "shards" or cfg.data.urls, "data.name=shards needs data.urls=DIR"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """Build the typed run config from ``--config`` files and ``key=value`` overrides.
+
+    Later sources win: schema defaults < YAML files (in order) < command-line overrides.
+
+    Returns
+    -------
+    Config
+        A plain dataclass instance (``method`` is the chosen method's parameter dataclass).
+    """
+    files, overrides = split_argv(list(argv or []))
+    sources = [_load_yaml(f) for f in files]
+    try:
+        sources.append(OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {e}") from None
+    return _build(sources)
+
+
+def _build(sources: list[DictConfig]) -> Config:
+    from distnoisy.methods import METHODS  # local: methods import torch
+
+    method_name = MethodParams.name
+    for src in sources:
+        selected = OmegaConf.select(src, "method.name", default=None)
+        if selected is not None:
+            method_name = str(selected)
+    method_cls = METHODS.get(method_name)
+    schema = Config(method=method_cls.Params(name=method_name))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), *sources)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise _explain(e, schema) from None
+    validate(cfg)
+    method_cls.validate_params(cfg.method)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (picklable, JSON/YAML-able) of a config."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of :func:`to_dict` (used by workers and to re-run a saved ``config.yaml``)."""
+    return _build([OmegaConf.create(data)])
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def flat_params(cfg: Config) -> dict[str, Any]:
+    """``{"train.lr": 0.001, ...}``: the flat scalar form MLflow params need."""
+    return _flatten(to_dict(cfg))
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config atomically (a re-runnable ``--config`` file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)

@@ -1,0 +1,956 @@
+"""Synthetic label noise and the saved noisy-label file (METHODS.md §1 and §10).
+
+Noise in distnoisy is not applied on the fly: a noisy label vector, keyed by the global sample
+index, is generated once per (dataset, kind, rate, seed) and saved, so that every method trains on
+the *same* realisation and ``is_noisy = (label != clean_label)`` is exact (METHODS.md §10).
+
+Noise kinds (registered in :data:`NOISE`):
+
+``symmetric``
+    With probability ``rate`` a label is replaced by a class drawn uniformly from the *other*
+    C - 1 classes (realised rate = ``rate``). ``include_true_class=True`` draws from all C classes
+    instead (the ELR/DAL convention; realised rate = ``rate * (C - 1) / C``).
+``pair``
+    Each class c flips to ``pair_map[c]`` with probability ``rate``; classes missing from the map
+    never flip. Default map: c -> (c + 1) mod C. :data:`CIFAR10_PAIR_MAP` is the standard CIFAR-10
+    map and :func:`default_pair_map` picks it for ``dataset="cifar10"``.
+``instance``
+    Xia et al. 2020 part-dependent generator; see :func:`instance_noise`.
+
+The label file (:func:`save_label_file` / :func:`load_label_file`) is Parquet with int64 columns
+``index``, ``label`` and ``clean_label`` (-1 if unknown) plus JSON metadata; ``.csv`` and ``.npy``
+files are accepted on load for user-supplied labels (``noise.kind=file``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import numbers
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distnoisy.errors import ConfigError, DataError
+from distnoisy.registry import Registry
+
+__all__ = [
+    "CIFAR10_PAIR_MAP",
+    "GENERATOR_VERSION",
+    "NOISE",
+    "LabelFile",
+    "NoiseGenerator",
+    "default_pair_map",
+    "features_digest",
+    "instance_noise",
+    "load_label_file",
+    "make_noisy_labels",
+    "noise_file_name",
+    "noisy_label_file",
+    "pair_noise",
+    "realised_rate",
+    "save_label_file",
+    "symmetric_noise",
+    "transition_matrix",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Bumped whenever a generator's output for the same inputs changes, so cached files are remade.
+GENERATOR_VERSION = 1
+
+#: Key of the JSON metadata in the Parquet file's key/value metadata.
+_META_KEY = b"distnoisy"
+
+#: Standard CIFAR-10 pair ("asymmetric") map: truck->automobile, bird->airplane, deer->horse,
+#: cat<->dog (ELR and DAL; LIMIT omits dog->cat, see METHODS.md §1). Treat as read-only.
+CIFAR10_PAIR_MAP: dict[int, int] = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
+
+#: Std of the per-sample flip rate in the instance generator (Xia et al. 2020).
+_INSTANCE_RATE_STD = 0.1
+
+#: Rows of features standardised and projected at a time (bounds memory for big image sets).
+_CHUNK_ROWS = 8192
+
+
+class NoiseGenerator(Protocol):
+    """Signature of a function registered in :data:`NOISE`.
+
+    Generators receive already-validated inputs and must draw all randomness from ``rng``.
+    """
+
+    def __call__(
+        self,
+        clean: np.ndarray,
+        num_classes: int,
+        rate: float,
+        rng: np.random.Generator,
+        *,
+        features: np.ndarray | None,
+        include_true_class: bool,
+        pair_map: Mapping[int, int] | None,
+    ) -> np.ndarray: ...
+
+
+NOISE: Registry[NoiseGenerator] = Registry("noise kind")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_num_classes(num_classes: Any) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if num_classes < 2:
+        raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
+    return int(num_classes)
+
+
+def _check_rate(rate: Any, kind: str) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+        raise ConfigError(f"noise.rate must be a number, got {rate!r}")
+    rate = float(rate)
+    # A pair flip rate of 1 is a (useless but well-defined) permutation of the labels; for the
+    # other kinds rate 1 is meaningless (symmetric) or out of the generator's domain (instance).
+    if kind == "pair":
+        if not 0.0 <= rate <= 1.0:
+            raise ConfigError(f"noise.rate={rate} is outside the valid range [0, 1] for 'pair'")
+    elif not 0.0 <= rate < 1.0:
+        raise ConfigError(f"noise.rate={rate} is outside the valid range [0, 1) for {kind!r}")
+    return rate
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ConfigError(f"noise.seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def _check_labels(labels: Any, num_classes: int, what: str = "clean labels") -> np.ndarray:
+    """Return ``labels`` as a 1-D int64 array, or raise :class:`DataError`."""
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise DataError(f"{what} must be a 1-D array, got shape {arr.shape}")
+    if arr.size == 0:
+        raise DataError(f"{what} are empty; need one label per sample")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{what} must have an integer dtype, got {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    bad = np.flatnonzero((arr < 0) | (arr >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(
+            f"{what}: label {int(arr[i])} at index {i} is outside the valid range "
+            f"0..{num_classes - 1} ({bad.size} labels out of range)"
+        )
+    return arr
+
+
+def _check_pair_map(pair_map: Mapping[int, int], num_classes: int) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for src, dst in pair_map.items():
+        for v in (src, dst):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ConfigError(f"pair_map entries must be integers, got {src!r} -> {dst!r}")
+            if not 0 <= v < num_classes:
+                raise ConfigError(
+                    f"pair_map entry {src} -> {dst} has class {v} outside the valid range "
+                    f"0..{num_classes - 1}"
+                )
+        if src == dst:
+            raise ConfigError(f"pair_map maps class {src} to itself; a pair flip must change it")
+        out[int(src)] = int(dst)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Generators
+# --------------------------------------------------------------------------------------------
+
+
+@NOISE.register("symmetric")
+def symmetric_noise(
+    clean: np.ndarray,
+    num_classes: int,
+    rate: float,
+    rng: np.random.Generator,
+    *,
+    features: np.ndarray | None = None,
+    include_true_class: bool = False,
+    pair_map: Mapping[int, int] | None = None,
+) -> np.ndarray:
+    """Symmetric (uniform) noise.
+
+    Each sample is selected independently with probability ``rate``; a selected sample gets a
+    label drawn uniformly from the other C - 1 classes (or from all C classes when
+    ``include_true_class``). ``features`` is ignored.
+
+    Notes
+    -----
+    The selection uniforms and the class offsets are drawn for *every* sample, not only for the
+    selected ones, so with a fixed seed the flipped set at a lower rate is a subset of the flipped
+    set at a higher rate and shares its noisy labels: sweeps over the rate are nested.
+    """
+    if pair_map is not None:
+        raise ConfigError("pair_map only applies to noise.kind='pair', not 'symmetric'")
+    n = clean.shape[0]
+    selected = rng.random(n) < rate
+    # Adding an offset in 1..C-1 (mod C) is a uniform draw over the other classes; 0..C-1 is a
+    # uniform draw over all classes.
+    low = 0 if include_true_class else 1
+    offset = rng.integers(low, num_classes, size=n, dtype=np.int64)
+    return np.where(selected, (clean + offset) % num_classes, clean)
+
+
+@NOISE.register("pair")
+def pair_noise(
+    clean: np.ndarray,
+    num_classes: int,
+    rate: float,
+    rng: np.random.Generator,
+    *,
+    features: np.ndarray | None = None,
+    include_true_class: bool = False,
+    pair_map: Mapping[int, int] | None = None,
+) -> np.ndarray:
+    """Pair (asymmetric, class-conditional) noise.
+
+    A sample of class c flips to ``pair_map[c]`` with probability ``rate``; classes that are not
+    keys of ``pair_map`` never flip. ``pair_map=None`` means c -> (c + 1) mod C.
+    ``features`` is ignored.
+    """
+    if include_true_class:
+        raise ConfigError("include_true_class only applies to noise.kind='symmetric', not 'pair'")
+    if pair_map is None:
+        pair_map = {c: (c + 1) % num_classes for c in range(num_classes)}
+    pair_map = _check_pair_map(pair_map, num_classes)
+    target = np.arange(num_classes, dtype=np.int64)  # identity for classes that never flip
+    for src, dst in pair_map.items():
+        target[src] = dst
+    selected = rng.random(clean.shape[0]) < rate
+    return np.where(selected, target[clean], clean)
+
+
+def _truncated_normal(
+    rng: np.random.Generator, mean: float, std: float, n: int, low: float, high: float
+) -> np.ndarray:
+    """Draw ``n`` values from N(mean, std) truncated to [low, high] by resampling.
+
+    Rejection sampling is exact (the same law as ``scipy.stats.truncnorm``) and needs no inverse
+    normal CDF. For mean in [0, 1) and std 0.1 at least ~half the draws are accepted, so this
+    loop runs a handful of rounds. The number of draws is a function of the seed only, so the
+    result is deterministic.
+    """
+    out = np.empty(n, dtype=np.float64)
+    pending = np.arange(n)
+    while pending.size:
+        draw = rng.normal(mean, std, size=pending.size)
+        ok = (draw >= low) & (draw <= high)
+        out[pending[ok]] = draw[ok]
+        pending = pending[~ok]
+    return out
+
+
+def _column_stats(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std over the rows of ``flat``, in float64 chunks.
+
+    Chunks are merged with Chan et al.'s pairwise update, which is stable, unlike a running sum
+    of squares, and never materialises a float64 copy of the whole feature matrix.
+    """
+    d = flat.shape[1]
+    count = 0
+    mean = np.zeros(d)
+    m2 = np.zeros(d)
+    for start in range(0, flat.shape[0], _CHUNK_ROWS):
+        x = flat[start : start + _CHUNK_ROWS].astype(np.float64)
+        k = x.shape[0]
+        x_mean = x.mean(axis=0)
+        x_m2 = ((x - x_mean) ** 2).sum(axis=0)
+        delta = x_mean - mean
+        total = count + k
+        mean = mean + delta * (k / total)
+        m2 = m2 + x_m2 + delta**2 * (count * k / total)
+        count = total
+    std = np.sqrt(m2 / count)
+    return mean, std
+
+
+@NOISE.register("instance")
+def instance_noise(
+    clean: np.ndarray,
+    num_classes: int,
+    rate: float,
+    rng: np.random.Generator,
+    *,
+    features: np.ndarray | None = None,
+    include_true_class: bool = False,
+    pair_map: Mapping[int, int] | None = None,
+) -> np.ndarray:
+    """Instance-dependent noise: the part-dependent generator of Xia et al. (2020).
+
+    For sample i with true class y and flattened features x_i:
+
+    1. a flip rate q_i ~ N(rate, 0.1) truncated to [0, 1] (exact truncation by resampling);
+    2. scores s_i = z_i @ W_y, where z_i is x_i standardised per feature (zero mean, unit std
+       over the whole dataset; constant features become 0) and W_y is a d x C standard-normal
+       matrix drawn once per true class y;
+    3. s_i[y] = -inf; the sample keeps y with probability 1 - q_i and otherwise flips to
+       k != y with probability softmax(s_i)[k].
+
+    Parameters
+    ----------
+    features
+        Array of shape (N, ...) (e.g. images N x H x W x C); each row is flattened. Required.
+
+    Notes
+    -----
+    - The overall realised rate is E[q_i], which exceeds ``rate`` slightly for small rates
+      because the truncation at 0 removes the left tail (about +0.006 at rate 0.2).
+      ``rate == 0`` returns the clean labels unchanged rather than a ~0.04 noise floor.
+    - As in Xia et al., the scores are not scaled by 1/sqrt(d): for image-sized d the softmax is
+      nearly one-hot, so each sample has one preferred wrong class that depends on its features.
+    - The keep/flip decision and the choice of target use separate uniforms, which is the same
+      law as sampling the mixture q_i * softmax + (1 - q_i) * e_y directly.
+    """
+    if features is None:
+        raise ConfigError(
+            "noise.kind='instance' needs the training features (array of shape (N, ...)); "
+            "pass features=..."
+        )
+    if include_true_class:
+        raise ConfigError(
+            "include_true_class only applies to noise.kind='symmetric', not 'instance'"
+        )
+    if pair_map is not None:
+        raise ConfigError("pair_map only applies to noise.kind='pair', not 'instance'")
+    n = clean.shape[0]
+    feats = np.asarray(features)
+    if feats.ndim < 2 or feats.shape[0] != n:
+        raise DataError(
+            f"instance noise needs features of shape (N, ...) with N={n} (one row per label), "
+            f"got shape {feats.shape}"
+        )
+    if not (np.issubdtype(feats.dtype, np.number) or feats.dtype == np.bool_):
+        raise DataError(f"instance noise needs numeric features, got dtype {feats.dtype}")
+    if rate == 0.0:
+        return clean.copy()
+    flat = feats.reshape(n, -1)
+    d = flat.shape[1]
+    mean, std = _column_stats(flat)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+        raise DataError("instance noise needs finite features; found NaN or inf")
+    inv_std = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
+
+    # Draw order is part of the format (GENERATOR_VERSION): q, then W_0..W_{C-1}, then uniforms.
+    q = _truncated_normal(rng, rate, _INSTANCE_RATE_STD, n, 0.0, 1.0)
+    weights = [rng.standard_normal((d, num_classes)) for _ in range(num_classes)]
+    u_flip = rng.random(n)
+    u_target = rng.random(n)
+
+    noisy = clean.copy()
+    for start in range(0, n, _CHUNK_ROWS):
+        stop = min(start + _CHUNK_ROWS, n)
+        z = (flat[start:stop].astype(np.float64) - mean) * inv_std
+        y = clean[start:stop]
+        scores = np.empty((stop - start, num_classes))
+        for c in np.unique(y):
+            rows = y == c
+            scores[rows] = z[rows] @ weights[c]
+        rows_idx = np.arange(stop - start)
+        scores[rows_idx, y] = -np.inf
+        # Softmax over the other classes (max-subtracted; the true class has probability 0).
+        scores -= scores.max(axis=1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=1, keepdims=True)
+        cdf = np.cumsum(probs, axis=1)
+        # Inverse-CDF draw; the clip guards against u landing above a cdf that sums to 1 - ulp.
+        target = np.minimum((cdf < u_target[start:stop, None]).sum(axis=1), num_classes - 1)
+        # Rounding could in principle pick a zero-probability class at the end of the row;
+        # the true class has probability exactly 0, so fall back to the most likely class.
+        bad = target == y
+        if bad.any():
+            target[bad] = probs[bad].argmax(axis=1)
+        flip = u_flip[start:stop] < q[start:stop]
+        noisy[start:stop] = np.where(flip, target, y)
+    return noisy
+
+
+# --------------------------------------------------------------------------------------------
+# Top-level helpers
+# --------------------------------------------------------------------------------------------
+
+
+def default_pair_map(dataset: str, num_classes: int) -> dict[int, int] | None:
+    """The pair map METHODS.md §10 prescribes for ``dataset``.
+
+    Returns a copy of :data:`CIFAR10_PAIR_MAP` for CIFAR-10 with 10 classes and ``None``
+    (meaning c -> c + 1 mod C) otherwise. The name is matched up to its first ``- _ . +``, so
+    ``"cifar10-train"`` (a shard set's ``dataset-split``) counts as CIFAR-10; ``"cifar100"``
+    does not.
+    """
+    base = re.split(r"[-_.+]", dataset, maxsplit=1)[0].lower()
+    if base == "cifar10" and num_classes == 10:
+        return dict(CIFAR10_PAIR_MAP)
+    return None
+
+
+def make_noisy_labels(
+    clean: np.ndarray,
+    num_classes: int,
+    kind: str,
+    rate: float,
+    seed: int,
+    *,
+    features: np.ndarray | None = None,
+    include_true_class: bool = False,
+    pair_map: Mapping[int, int] | None = None,
+) -> np.ndarray:
+    """Generate a synthetic noisy label vector.
+
+    Parameters
+    ----------
+    clean
+        1-D integer array of clean labels, one per global sample index.
+    num_classes
+        Number of classes C (>= 2); labels must lie in 0..C-1.
+    kind
+        A name registered in :data:`NOISE`: ``"symmetric"``, ``"pair"`` or ``"instance"``.
+    rate
+        Flip probability: in [0, 1) for symmetric/instance, [0, 1] for pair.
+    seed
+        Non-negative integer; the output is a deterministic function of the inputs and seed.
+    features
+        Required for ``"instance"`` (shape (N, ...)); ignored by the other kinds.
+    include_true_class
+        ``"symmetric"`` only: draw the replacement from all C classes (ELR/DAL convention).
+    pair_map
+        ``"pair"`` only: source class -> target class; ``None`` means c -> c + 1 mod C.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 array of the same length as ``clean``.
+
+    Raises
+    ------
+    ConfigError
+        Unknown kind, or rate/seed/num_classes/pair_map out of range, or an option that does
+        not apply to ``kind``.
+    DataError
+        Clean labels or features malformed or out of range.
+
+    Notes
+    -----
+    Randomness comes only from ``np.random.default_rng(seed)`` (PCG64, platform independent).
+    The symmetric and pair kinds are integer-exact across machines; the instance kind goes
+    through a float matrix product and ``exp``, whose last bits can differ between BLAS/SIMD
+    builds, which changes a label only if a uniform lands within ~1e-15 of a CDF boundary.
+    """
+    generator = NOISE.get(kind)
+    num_classes = _check_num_classes(num_classes)
+    rate = _check_rate(rate, kind)
+    seed = _check_seed(seed)
+    clean = _check_labels(clean, num_classes)
+    rng = np.random.default_rng(seed)
+    noisy = generator(
+        clean,
+        num_classes,
+        rate,
+        rng,
+        features=features,
+        include_true_class=bool(include_true_class),
+        pair_map=pair_map,
+    )
+    return np.asarray(noisy, dtype=np.int64)
+
+
+def _check_pair(clean: np.ndarray, noisy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    clean = np.asarray(clean)
+    noisy = np.asarray(noisy)
+    if clean.ndim != 1 or clean.shape != noisy.shape:
+        raise DataError(
+            f"clean and noisy labels must be 1-D arrays of the same length, got shapes "
+            f"{clean.shape} and {noisy.shape}"
+        )
+    return clean, noisy
+
+
+def realised_rate(clean: np.ndarray, noisy: np.ndarray) -> float:
+    """Fraction of samples whose noisy label differs from the clean one (0.0 if empty)."""
+    clean, noisy = _check_pair(clean, noisy)
+    if clean.size == 0:
+        return 0.0
+    return float(np.mean(clean != noisy))
+
+
+def transition_matrix(clean: np.ndarray, noisy: np.ndarray, num_classes: int) -> np.ndarray:
+    """Empirical noise transition matrix.
+
+    Returns
+    -------
+    numpy.ndarray
+        C x C float64 array with ``T[j, k] = P(noisy = k | clean = j)``; every row sums to 1.
+        A class with no samples gets the identity row (no evidence of noise).
+    """
+    num_classes = _check_num_classes(num_classes)
+    clean, noisy = _check_pair(clean, noisy)
+    clean = _check_labels(clean, num_classes, "clean labels")
+    noisy = _check_labels(noisy, num_classes, "noisy labels")
+    counts = np.bincount(clean * num_classes + noisy, minlength=num_classes * num_classes)
+    counts = counts.reshape(num_classes, num_classes).astype(np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    eye = np.eye(num_classes)
+    return np.where(totals > 0, counts / np.maximum(totals, 1.0), eye)
+
+
+# --------------------------------------------------------------------------------------------
+# Label file
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelFile:
+    """A loaded label file, ordered by global sample index.
+
+    Attributes
+    ----------
+    labels
+        int64 array of the given (noisy) labels, ``labels[i]`` for sample index i.
+    clean_labels
+        int64 array of clean labels (-1 where unknown), or ``None`` if none are known.
+    meta
+        The file's metadata (empty for CSV and NPY files).
+    """
+
+    labels: np.ndarray
+    clean_labels: np.ndarray | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _json_default(obj: Any) -> Any:
+    # Metadata often carries numpy scalars (a rate from a config, a realised rate).
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def save_label_file(
+    path: str | os.PathLike[str],
+    noisy: np.ndarray,
+    clean: np.ndarray | None,
+    meta: Mapping[str, Any],
+) -> None:
+    """Write a label file (Parquet) atomically.
+
+    Parameters
+    ----------
+    path
+        Destination; must end in ``.parquet``. Its directory must exist.
+    noisy
+        1-D integer array; row i is sample index i.
+    clean
+        1-D integer array of the same length (-1 for unknown), or ``None`` (all unknown).
+    meta
+        JSON-serialisable dict stored as file-level metadata (kind, rate, seed, ...).
+
+    Notes
+    -----
+    The table is written to a temporary file in the same directory and moved into place with
+    :func:`os.replace`, so concurrent readers (other Ray workers) see either the old file or the
+    complete new one, never a partial file.
+    """
+    path = Path(path)
+    if path.suffix != ".parquet":
+        raise ConfigError(f"label files are written as Parquet; {path} must end in .parquet")
+    noisy = np.asarray(noisy)
+    if noisy.ndim != 1 or not np.issubdtype(noisy.dtype, np.integer):
+        raise DataError(
+            f"noisy labels must be a 1-D integer array, got {noisy.dtype} {noisy.shape}"
+        )
+    if clean is None:
+        clean = np.full(noisy.shape, -1, dtype=np.int64)
+    clean = np.asarray(clean)
+    if clean.shape != noisy.shape or not np.issubdtype(clean.dtype, np.integer):
+        raise DataError(
+            f"clean labels must be a 1-D integer array of length {noisy.shape[0]}, "
+            f"got {clean.dtype} {clean.shape}"
+        )
+    try:
+        meta_json = json.dumps(dict(meta), sort_keys=True, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"label-file metadata is not JSON serialisable: {exc}") from None
+    table = pa.table(
+        {
+            "index": pa.array(np.arange(noisy.shape[0], dtype=np.int64)),
+            "label": pa.array(noisy.astype(np.int64, copy=False)),
+            "clean_label": pa.array(clean.astype(np.int64, copy=False)),
+        }
+    ).replace_schema_metadata({_META_KEY: meta_json.encode()})
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pq.write_table(table, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        # Never leave a half-written temp file behind (e.g. disk full, KeyboardInterrupt).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def _first_few(values: np.ndarray, k: int = 5) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:k])
+    return shown + (", ..." if values.size > k else "")
+
+
+def _read_parquet(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]]:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"label file {path} is not a readable Parquet file: {exc}") from None
+    meta: dict[str, Any] = {}
+    raw = (table.schema.metadata or {}).get(_META_KEY)
+    if raw is not None:
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            raise DataError(f"label file {path} has corrupt distnoisy metadata") from None
+    columns: dict[str, np.ndarray | None] = {}
+    for name in ("index", "label", "clean_label"):
+        if name not in table.column_names:
+            if name == "clean_label":
+                columns[name] = None
+                continue
+            raise DataError(
+                f"label file {path} has no {name!r} column (has: {', '.join(table.column_names)}); "
+                f"expected columns index, label[, clean_label]"
+            )
+        col = table.column(name)
+        if not pa.types.is_integer(col.type):
+            raise DataError(
+                f"label file {path}: column {name!r} has type {col.type}, expected an integer type"
+            )
+        if col.null_count:
+            if name != "clean_label":
+                raise DataError(f"label file {path}: column {name!r} has {col.null_count} nulls")
+            col = col.fill_null(-1)  # a missing clean label is just "unknown"
+        columns[name] = col.to_numpy().astype(np.int64, copy=False)
+    assert columns["index"] is not None and columns["label"] is not None
+    return columns["index"], columns["label"], columns["clean_label"], meta
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """Parse a CSV label file; also return each row's 1-based line number for error messages."""
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header: list[str] | None = None
+        for row in reader:
+            if row:
+                header = [h.strip() for h in row]
+                break
+        if header is None:
+            raise DataError(
+                f"label file {path} is empty; expected header index,label[,clean_label]"
+            )
+        for name in ("index", "label"):
+            if name not in header:
+                raise DataError(
+                    f"label file {path}: header has no {name!r} column (header: "
+                    f"{','.join(header)}); expected index,label[,clean_label]"
+                )
+        i_idx, i_lab = header.index("index"), header.index("label")
+        i_cl = header.index("clean_label") if "clean_label" in header else None
+        index: list[int] = []
+        label: list[int] = []
+        clean: list[int] = []
+        lines: list[int] = []
+        for row in reader:
+            if not row:  # blank line
+                continue
+            line = reader.line_num
+            if len(row) != len(header):
+                raise DataError(
+                    f"label file {path}, line {line}: {len(row)} fields, header has {len(header)}"
+                )
+            try:
+                index.append(int(row[i_idx]))
+                label.append(int(row[i_lab]))
+                if i_cl is not None:
+                    # An empty clean label means "unknown", like -1.
+                    cell = row[i_cl].strip()
+                    clean.append(int(cell) if cell else -1)
+            except ValueError:
+                raise DataError(
+                    f"label file {path}, line {line}: expected integers, got {','.join(row)!r}"
+                ) from None
+            lines.append(line)
+    return (
+        np.asarray(index, dtype=np.int64),
+        np.asarray(label, dtype=np.int64),
+        np.asarray(clean, dtype=np.int64) if i_cl is not None else None,
+        np.asarray(lines, dtype=np.int64),
+    )
+
+
+def _read_npy(path: Path, num_samples: int) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        # Raised for object arrays (which would need pickle) and for malformed headers.
+        raise DataError(f"label file {path} is not a plain numeric .npy array: {exc}") from None
+    if not isinstance(arr, np.ndarray):
+        raise DataError(f"label file {path} must hold one 1-D array, not an .npz archive")
+    if arr.ndim != 1:
+        raise DataError(f"label file {path} must hold a 1-D label array, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"label file {path} has dtype {arr.dtype}, expected an integer dtype")
+    if arr.shape[0] != num_samples:
+        raise DataError(
+            f"label file {path} has {arr.shape[0]} labels, expected {num_samples} "
+            f"(one per sample index 0..{num_samples - 1})"
+        )
+    return arr.astype(np.int64, copy=False)
+
+
+def load_label_file(path: str | os.PathLike[str], num_samples: int, num_classes: int) -> LabelFile:
+    """Load and validate a label file.
+
+    Parameters
+    ----------
+    path
+        ``.parquet`` (columns ``index``, ``label``, optional ``clean_label``), ``.csv`` (header
+        ``index,label[,clean_label]``) or ``.npy`` (1-D integer array; position = index).
+    num_samples
+        N: the rows must cover each index 0..N-1 exactly once (in any order).
+    num_classes
+        C: labels must lie in 0..C-1; clean labels in 0..C-1 or -1 (unknown).
+
+    Returns
+    -------
+    LabelFile
+        Labels ordered by sample index. ``clean_labels`` is ``None`` when the file has no clean
+        labels or all of them are -1.
+
+    Raises
+    ------
+    DataError
+        Missing/unreadable file, missing column, wrong dtype, bad or duplicate or missing
+        indices, or a label out of range; the message is one line naming the problem.
+    """
+    path = Path(path)
+    num_classes = _check_num_classes(num_classes)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if num_samples < 1:
+        raise ConfigError(f"num_samples must be a positive integer, got {num_samples}")
+    if not path.is_file():
+        raise DataError(
+            f"label file {path} does not exist: synthetic noise files are generated by distnoisy "
+            f"(noise.kind=symmetric|pair|instance, cached as noise-<dataset>-<kind>-<rate>-<seed>"
+            f".parquet); for noise.kind=file give a .parquet/.csv/.npy with one label per sample "
+            f"index 0..{num_samples - 1}"
+        )
+    suffix = path.suffix.lower()
+    lines: np.ndarray | None = None
+    meta: dict[str, Any] = {}
+    if suffix == ".parquet":
+        index, label, clean, meta = _read_parquet(path)
+    elif suffix == ".csv":
+        index, label, clean, lines = _read_csv(path)
+    elif suffix == ".npy":
+        label = _read_npy(path, num_samples)
+        index, clean = np.arange(num_samples, dtype=np.int64), None
+    else:
+        raise DataError(
+            f"label file {path} has unsupported suffix {path.suffix!r}; use .parquet, .csv or .npy"
+        )
+
+    def where(pos: int) -> str:
+        # Point at the CSV line when there is one: that is what the user will open.
+        at = f"index {int(index[pos])}"
+        return f"{at} (line {int(lines[pos])})" if lines is not None else at
+
+    # Indices: each of 0..N-1 exactly once.
+    out = np.flatnonzero((index < 0) | (index >= num_samples))
+    if out.size:
+        p = int(out[0])
+        raise DataError(
+            f"label file {path}: {out.size} rows have an index outside 0..{num_samples - 1}, "
+            f"first: {where(p)}"
+        )
+    counts = np.bincount(index, minlength=num_samples)
+    dup = np.flatnonzero(counts > 1)
+    if dup.size:
+        raise DataError(
+            f"label file {path}: {dup.size} indices appear more than once, first: {_first_few(dup)}"
+        )
+    missing = np.flatnonzero(counts == 0)
+    if missing.size:
+        raise DataError(
+            f"label file {path}: {missing.size} of {num_samples} sample indices are missing, "
+            f"first: {_first_few(missing)}"
+        )
+
+    # Labels: report the first offending row in file order.
+    bad = np.flatnonzero((label < 0) | (label >= num_classes))
+    if bad.size:
+        p = int(bad[0])
+        raise DataError(
+            f"label file {path}: label {int(label[p])} at {where(p)} is outside the valid range "
+            f"0..{num_classes - 1} ({bad.size} labels out of range)"
+        )
+    if clean is not None:
+        bad = np.flatnonzero((clean < -1) | (clean >= num_classes))
+        if bad.size:
+            p = int(bad[0])
+            raise DataError(
+                f"label file {path}: clean_label {int(clean[p])} at {where(p)} is outside the "
+                f"valid range 0..{num_classes - 1} (or -1 for unknown)"
+            )
+
+    order = np.argsort(index, kind="stable")
+    labels = label[order]
+    clean_labels = clean[order] if clean is not None else None
+    if clean_labels is not None and bool(np.all(clean_labels == -1)):
+        clean_labels = None
+    return LabelFile(labels=labels, clean_labels=clean_labels, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Cached noise files
+# --------------------------------------------------------------------------------------------
+
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+def noise_file_name(
+    dataset: str, kind: str, rate: float, seed: int, include_true_class: bool
+) -> str:
+    """File name of a cached noise file: ``noise-{dataset}-{kind}-{rate}-{seed}[-incl].parquet``."""
+    suffix = "-incl" if include_true_class else ""
+    return f"noise-{dataset}-{kind}-{float(rate)}-{int(seed)}{suffix}.parquet"
+
+
+def features_digest(features: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and bytes (ties a cached instance-noise file to them)."""
+    arr = np.ascontiguousarray(features)
+    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(memoryview(arr.reshape(-1)).cast("B"))
+    return h.hexdigest()
+
+
+def noisy_label_file(
+    cache_dir: str | os.PathLike[str],
+    dataset: str,
+    clean: np.ndarray,
+    num_classes: int,
+    kind: str,
+    rate: float,
+    seed: int,
+    features: np.ndarray | None = None,
+    include_true_class: bool = False,
+    *,
+    pair_map: Mapping[int, int] | None = None,
+) -> Path:
+    """Return the path of the noise file for this setting, generating it on first use.
+
+    The file lives at ``cache_dir / noise_file_name(...)``. If it exists and its metadata and
+    clean labels match the request, it is reused untouched; otherwise (stale, corrupt, another
+    pair map or other features) it is regenerated and replaced atomically.
+
+    Parameters
+    ----------
+    cache_dir
+        Directory for noise files; created if missing.
+    dataset
+        Dataset name, used in the file name (letters, digits, ``_ . + -``).
+    clean, num_classes, kind, rate, seed, features, include_true_class
+        As for :func:`make_noisy_labels`.
+    pair_map
+        ``"pair"`` only; ``None`` means :func:`default_pair_map` for ``dataset`` (the CIFAR-10
+        map for ``"cifar10"``, else c -> c + 1 mod C).
+
+    Notes
+    -----
+    Call it once (on the driver) before starting workers: concurrent calls are safe (atomic
+    replace, deterministic content) but each would generate the labels.
+    """
+    if not isinstance(dataset, str) or not _DATASET_NAME.match(dataset):
+        raise ConfigError(
+            f"dataset name {dataset!r} cannot be used in a file name; use letters, digits, _ . + -"
+        )
+    NOISE.get(kind)  # unknown kind -> ConfigError listing the valid ones, before any work
+    num_classes = _check_num_classes(num_classes)
+    rate = _check_rate(rate, kind)
+    seed = _check_seed(seed)
+    clean = _check_labels(clean, num_classes)
+    include_true_class = bool(include_true_class)
+    if kind == "pair" and pair_map is None:
+        pair_map = default_pair_map(dataset, num_classes)
+    if pair_map is not None:
+        pair_map = _check_pair_map(pair_map, num_classes)
+    wanted: dict[str, Any] = {
+        "format": "distnoisy-labels",
+        "generator_version": GENERATOR_VERSION,
+        "dataset": dataset,
+        "kind": kind,
+        "rate": rate,
+        "seed": seed,
+        "include_true_class": include_true_class,
+        "num_classes": num_classes,
+        "num_samples": int(clean.shape[0]),
+        # JSON has no int keys; a sorted list of pairs round-trips exactly.
+        "pair_map": sorted([k, v] for k, v in pair_map.items()) if pair_map is not None else None,
+        "features_sha256": features_digest(features)
+        if kind == "instance" and features is not None
+        else None,
+    }
+    cache = Path(cache_dir)
+    path = cache / noise_file_name(dataset, kind, rate, seed, include_true_class)
+    if path.exists():
+        try:
+            found = load_label_file(path, clean.shape[0], num_classes)
+        except DataError as exc:
+            logger.warning("regenerating noise file %s: %s", path, exc)
+        else:
+            stale = [k for k, v in wanted.items() if found.meta.get(k) != v]
+            if found.clean_labels is None or not np.array_equal(found.clean_labels, clean):
+                stale.append("clean_label")
+            if not stale:
+                return path
+            logger.warning("regenerating noise file %s: %s differ", path, ", ".join(stale))
+    noisy = make_noisy_labels(
+        clean,
+        num_classes,
+        kind,
+        rate,
+        seed,
+        features=features,
+        include_true_class=include_true_class,
+        pair_map=pair_map,
+    )
+    meta = dict(wanted, realised_rate=realised_rate(clean, noisy))
+    cache.mkdir(parents=True, exist_ok=True)
+    save_label_file(path, noisy, clean, meta)
+    return path

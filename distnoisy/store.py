@@ -1,0 +1,191 @@
+"""The per-sample statistics store: rows keyed by global sample index, shared by all workers.
+
+Design (v1, measured choice for N <= a few million): every rank holds a full replica of each
+field; writes are *staged* locally during a step and made global by :meth:`SampleStore.flush`,
+a collective that gathers ``(index, values)`` from every rank and applies them everywhere in
+rank order. Replicas therefore stay bit-identical without a server, reads are local (no latency
+on the hot path), and a sample's state is the same whichever worker visits it. The cost per step
+is three ``all_gather`` calls of B x (1 + columns) numbers, negligible next to the gradient
+all-reduce. Memory: Clothing1M (N=1M, C=14, fp32) is 56 MB per replica.
+
+Rules that keep replicas identical:
+- every rank calls :meth:`flush` the same number of times (the trainer does it once per step,
+  and every rank runs the same number of steps);
+- a sample written twice in one flush keeps the value of the last writer (highest rank, then
+  latest position), so the merge is deterministic.
+
+The store is saved in checkpoints (:meth:`state_dict`) and exported to Parquet for the later
+phases (post-training, analysis, label-issue reports).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distnoisy import dist
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """A per-sample field: ``shape`` is the per-row shape (``()`` for a scalar)."""
+
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.float32
+    fill: float = 0.0
+
+
+@dataclass
+class _Staged:
+    name: str
+    index: torch.Tensor
+    values: torch.Tensor
+    column: int | None
+
+
+def _last_occurrence(index: torch.Tensor) -> torch.Tensor:
+    """Positions that keep, for each distinct index, its last occurrence."""
+    idx = index.cpu().numpy()
+    if len(np.unique(idx)) == len(idx):
+        return torch.arange(len(idx))
+    _, first_in_reversed = np.unique(idx[::-1], return_index=True)
+    return torch.from_numpy(np.sort(len(idx) - 1 - first_in_reversed))
+
+
+class SampleStore:
+    """Per-sample fields of ``num_samples`` rows, replicated on every rank.
+
+    Parameters
+    ----------
+    num_samples
+        N, the number of training samples (rows are global sample indices 0..N-1).
+    comm_device
+        Device that collective buffers are moved to (``cuda`` under NCCL, ``cpu`` under gloo).
+        The fields themselves stay on the CPU.
+    """
+
+    def __init__(self, num_samples: int, comm_device: torch.device | str = "cpu") -> None:
+        self.num_samples = int(num_samples)
+        self.comm_device = torch.device(comm_device)
+        self.fields: dict[str, torch.Tensor] = {}
+        self.specs: dict[str, FieldSpec] = {}
+        self._staged: list[_Staged] = []
+
+    # -- schema -------------------------------------------------------------------------------
+    def declare(self, name: str, spec: FieldSpec) -> None:
+        """Create a field (idempotent for an identical spec)."""
+        if name in self.specs:
+            if self.specs[name] != spec:
+                raise ValueError(f"store field {name!r} already declared as {self.specs[name]}")
+            return
+        self.specs[name] = spec
+        self.fields[name] = torch.full(
+            (self.num_samples, *spec.shape), spec.fill, dtype=spec.dtype
+        )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.fields
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The whole field (N x ...), e.g. for exports and end-of-run scores."""
+        return self.fields[name]
+
+    # -- reads and writes -----------------------------------------------------------------------
+    def get(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` of a field (a copy, on the CPU)."""
+        return self.fields[name][index.cpu()]
+
+    def stage(
+        self, name: str, index: torch.Tensor, values: torch.Tensor, column: int | None = None
+    ) -> None:
+        """Queue a write of ``values`` to rows ``index`` (``column`` for one entry of a vector
+        field, e.g. one epoch of a loss history). It becomes visible at the next :meth:`flush`."""
+        if name not in self.fields:
+            raise KeyError(f"store field {name!r} was not declared; declared: {list(self.fields)}")
+        self._staged.append(_Staged(name, index.detach().cpu().long(), values.detach().cpu(), column))
+
+    def set(
+        self, name: str, index: torch.Tensor, values: torch.Tensor, column: int | None = None
+    ) -> None:
+        """Stage and flush at once (a collective: every rank must call it)."""
+        self.stage(name, index, values, column)
+        self.flush()
+
+    def flush(self) -> None:
+        """Gather every rank's staged writes and apply them on every rank (a collective)."""
+        staged, self._staged = self._staged, []
+        if not staged and dist.world_size() == 1:
+            return
+        # One gather of all staged rows: each entry becomes a block of rows
+        # [entry id, index, values...] in float64 (exact for float32 values and for integers
+        # below 2**53), padded to a common width agreed on by all ranks.
+        rows = []
+        for entry_id, s in enumerate(staged):
+            per_row = int(np.prod(s.values.shape[1:], dtype=np.int64))
+            vals = s.values.reshape(len(s.index), per_row).to(torch.float64)
+            ids = torch.full((len(s.index), 1), float(entry_id), dtype=torch.float64)
+            rows.append(torch.cat([ids, s.index.to(torch.float64).unsqueeze(1), vals], dim=1))
+        width = max((r.shape[1] for r in rows), default=2)
+        width = int(dist.all_reduce_max(torch.tensor([width], device=self.comm_device)).item())
+        local = torch.zeros((0, width), dtype=torch.float64)
+        if rows:
+            local = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows])
+        gathered = dist.all_gather_cat(local.to(self.comm_device)).cpu()
+        # All ranks staged the same entries in the same order (same code path), so entry ids
+        # refer to the same (name, column) everywhere; apply them in entry order.
+        for entry_id, s in enumerate(staged):
+            block = gathered[gathered[:, 0] == entry_id]
+            if len(block) == 0:
+                continue
+            index = block[:, 1].long()
+            per_row = int(np.prod(s.values.shape[1:], dtype=np.int64))
+            values = block[:, 2 : 2 + per_row]
+            keep = _last_occurrence(index)
+            index, values = index[keep], values[keep]
+            target = self.fields[s.name]
+            if s.column is None:
+                target[index] = values.reshape(len(index), *target.shape[1:]).to(target.dtype)
+            else:
+                target[index, s.column] = values.reshape(len(index)).to(target.dtype)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: t.clone() for name, t in self.fields.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, t in state.items():
+            if name not in self.fields:
+                continue  # a field a later version dropped
+            if t.shape != self.fields[name].shape:
+                raise ValueError(
+                    f"checkpoint field {name!r} has shape {tuple(t.shape)}, "
+                    f"expected {tuple(self.fields[name].shape)}"
+                )
+            self.fields[name].copy_(t)
+
+    def export_parquet(self, path: Path, extra: dict[str, np.ndarray] | None = None) -> None:
+        """Write one row per sample (``index`` plus every field; vector fields as lists),
+        atomically."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns: dict[str, pa.Array] = {"index": pa.array(np.arange(self.num_samples))}
+        for name, values in (extra or {}).items():
+            columns[name] = pa.array(values)
+        for name, t in self.fields.items():
+            arr = t.float().numpy() if t.dtype in (torch.float16, torch.bfloat16) else t.numpy()
+            if arr.ndim == 1:
+                columns[name] = pa.array(arr)
+            else:
+                flat = arr.reshape(len(arr), -1)
+                columns[name] = pa.FixedSizeListArray.from_arrays(
+                    pa.array(flat.reshape(-1)), flat.shape[1]
+                )
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        pq.write_table(pa.table(columns), tmp)
+        os.replace(tmp, path)
