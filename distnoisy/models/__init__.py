@@ -1,0 +1,19 @@
+"""Model registry: ``build_model(name, num_classes, in_channels, weights)``.
+
+Every model is a :class:`FeatureClassifier`: ``model(x)`` gives ``(B, num_classes)``
+logits, ``model.forward_features(x)`` the ``(B, model.feature_dim)`` penultimate features,
+and ``model.classifier`` is the final ``nn.Linear`` mapping the second to the first.
+"""
+
+from distnoisy.models import cifar_resnet, imagenet_resnet, small_cnn  # noqa: F401 (registers)
+from distnoisy.models.base import MODELS, FeatureClassifier, ModelBuilder, build_model
+from distnoisy.models.weights import adapt_input_conv, load_pretrained
+
+__all__ = [
+    "MODELS",
+    "FeatureClassifier",
+    "ModelBuilder",
+    "adapt_input_conv",
+    "build_model",
+    "load_pretrained",
+]
