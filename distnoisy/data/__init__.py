@@ -1,0 +1,13 @@
+"""Data layer: WebDataset shard sets, their manifest and label table, and the training streams.
+
+Submodules (import them directly; this package imports nothing heavy on purpose):
+
+- :mod:`distnoisy.data.shards` -- write a shard set (``write_shards``), read its ``manifest.json``
+  (``read_manifest``) and its label table ``labels.parquet`` (``read_labels``).
+- :mod:`distnoisy.data.digits` -- the bundled scikit-learn digits as a train/test shard set
+  (``prepare_digits``), the default dataset of ``python -m distnoisy.train``.
+- :mod:`distnoisy.data.stream` -- ``TrainStream`` / ``EvalStream``: decoded, augmented batches
+  ``{"image", "index"}`` with exactly the same number of batches on every DDP rank, and the image
+  transforms (``make_transform``).
+- :mod:`distnoisy.data.noise` -- synthetic label noise, saved as a label file keyed by sample index.
+"""

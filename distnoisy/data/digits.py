@@ -1,0 +1,170 @@
+"""scikit-learn's bundled digits (1,797 real 8x8 grey-scale images) as train/test shard sets.
+
+This is the default dataset of ``python -m distnoisy.train``: it ships with scikit-learn, so the
+first run needs no download. :func:`prepare_digits` writes the shards once and reuses them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distnoisy.data.shards import Manifest, Sample, read_manifest, write_shards
+from distnoisy.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+# Mean and std of all 1,797 images after the uint8 quantisation used for the PNGs, on the 0..1
+# pixel scale: x = round(v * 255 / 16) / 255 -> mean 0.305309, std 0.375886 (computed once from
+# sklearn.datasets.load_digits(); all images, not one split, so they do not depend on the seed).
+DIGITS_MEAN = 0.3053
+DIGITS_STD = 0.3759
+
+DIGITS_CLASSES = [str(c) for c in range(10)]
+# Bump when the way the shards are made changes, so old caches are rebuilt.
+_DIGITS_VERSION = 1
+
+
+def _params(test_fraction: float, seed: int, shard_size: int) -> dict[str, Any]:
+    return {
+        "source": "sklearn.datasets.load_digits",
+        "version": _DIGITS_VERSION,
+        "test_fraction": float(test_fraction),
+        "seed": int(seed),
+        "shard_size": int(shard_size),
+    }
+
+
+def _cached(directory: Path, split: str, params: dict[str, Any]) -> Manifest | None:
+    """The manifest of ``directory`` if it is a complete digits set made with ``params``."""
+    if not (directory / "manifest.json").is_file():
+        return None
+    try:
+        manifest = read_manifest(directory)
+    except DataError as exc:
+        log.warning("ignoring the digits cache in %s: %s", directory, exc)
+        return None
+    if manifest.dataset != "digits" or manifest.split != split or manifest.params != params:
+        return None
+    return manifest
+
+
+def _encode_png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")  # 2-D uint8 -> grey-scale ("L")
+    return buf.getvalue()
+
+
+def _samples(images: np.ndarray, targets: np.ndarray, orig: np.ndarray) -> Iterator[Sample]:
+    for i, j in enumerate(orig):
+        label = int(targets[j])
+        yield Sample(
+            index=i, image=_encode_png(images[j]), label=label, clean_label=label,
+            key=f"digits/{int(j)}",
+        )
+
+
+def _install(tmp_split: Path, final: Path, split: str, params: dict[str, Any]) -> None:
+    """Move a finished split into place; if another process got there first, keep theirs."""
+    if _cached(final, split, params) is not None:
+        return  # a concurrent process won the race with identical content
+    if final.exists():
+        # A stale set (other parameters, or a broken one): move it aside, then take its place.
+        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
+        try:
+            os.rename(final, trash)
+        except FileNotFoundError:
+            pass  # someone else moved it already
+        else:
+            shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.rename(tmp_split, final)
+    except OSError:
+        # Lost a race: a non-empty directory appeared at ``final`` in between. Use it if valid.
+        if _cached(final, split, params) is None:
+            raise DataError(
+                f"could not install digits shards at {final}: another process put something "
+                "else there; remove it and run again"
+            ) from None
+
+
+def prepare_digits(
+    root: Path, *, test_fraction: float = 0.2, seed: int = 0, shard_size: int = 256
+) -> tuple[Path, Path]:
+    """Write (or reuse) the digits train/test shard sets under ``root``.
+
+    The split is stratified and depends only on ``seed``; clean labels equal the labels (the
+    dataset is clean; noise is added separately). Keys are ``digits/{original index}``; global
+    indices follow the original order within each split.
+
+    Parameters
+    ----------
+    root
+        Cache directory; the sets are ``root/train`` and ``root/test``.
+    test_fraction
+        Fraction of the 1,797 images in the test split, in (0, 1).
+    seed
+        Seed of the stratified split.
+    shard_size
+        Samples per shard.
+
+    Returns
+    -------
+    (Path, Path)
+        The train and test shard directories.
+
+    Notes
+    -----
+    Cached: when both manifests exist and record the same parameters nothing is written. Safe
+    against concurrent callers: each builds in its own temporary sibling directory and renames
+    the finished split into place; a loser of the rename uses the winner's (identical) shards.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
+    if shard_size < 1:
+        raise ConfigError(f"data.shard_size must be at least 1, got {shard_size}")
+    root = Path(root).expanduser()
+    params = _params(test_fraction, seed, shard_size)
+    train_dir, test_dir = root / "train", root / "test"
+    if _cached(train_dir, "train", params) and _cached(test_dir, "test", params):
+        log.debug("digits shards cached in %s", root)
+        return train_dir, test_dir
+
+    digits = load_digits()
+    # Quantise 0..16 to 0..255 for 8-bit PNGs; the transform maps back to 0..1.
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    targets = np.asarray(digits.target, dtype=np.int64)
+    all_idx = np.arange(len(targets))
+    train_idx, test_idx = train_test_split(
+        all_idx, test_size=test_fraction, random_state=seed, stratify=targets
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".digits-tmp-{os.getpid()}-{uuid.uuid4().hex}"
+    try:
+        for split, idx in (("train", np.sort(train_idx)), ("test", np.sort(test_idx))):
+            write_shards(
+                _samples(images, targets, idx), tmp / split, split=split,
+                classes=DIGITS_CLASSES, shard_size=shard_size, image_ext="png",
+                dataset="digits", params=params,
+            )
+        _install(tmp / "train", train_dir, "train", params)
+        _install(tmp / "test", test_dir, "test", params)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "digits: %d train / %d test images written to %s", len(train_idx), len(test_idx), root
+    )
+    return train_dir, test_dir

@@ -1,0 +1,176 @@
+"""Driver-side data preparation: shards and the noisy-label file, made once, before workers start.
+
+Everything here runs in the driver (a single writer), so workers only ever read finished,
+atomically written files. All input validation happens here, before a run directory exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distnoisy.config import Config
+from distnoisy.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataSpec:
+    """What a worker needs to read the data (plain values: it travels to Ray workers)."""
+
+    dataset: str
+    train_dir: str
+    test_dir: str | None
+    num_train: int
+    num_classes: int
+    classes: list[str]
+    in_channels: int
+    train_transform: str
+    eval_transform: str
+    mean: list[float]
+    std: list[float]
+    # Parquet label file with the given (possibly noisy) labels; None = the shards' own labels.
+    label_file: str | None
+    has_clean_labels: bool
+    noise_rate: float | None
+    transition: list[list[float]] | None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def default_root(name: str) -> Path:
+    return Path.home() / ".cache" / "distnoisy" / name
+
+
+def _image_info(manifest_dir: Path) -> tuple[int, str]:
+    """(channels, transform family) of a shard set, from its first decoded image."""
+    from distnoisy.data.shards import read_manifest
+    from distnoisy.data.stream import EvalStream, make_transform
+
+    manifest = read_manifest(manifest_dir)
+    stream = EvalStream(
+        manifest, rank=0, world_size=1, batch_size=1, transform=make_transform("raw", None, None)
+    )
+    first = next(iter(stream.batches()))["image"]
+    channels, height = int(first.shape[1]), int(first.shape[2])
+    family = "cifar" if height <= 64 else "imagenet"
+    return channels, family
+
+
+def _train_features(manifest_dir: Path) -> np.ndarray:
+    """Flattened raw pixels of every training image, in index order (instance noise input)."""
+    from distnoisy.data.shards import read_manifest
+    from distnoisy.data.stream import EvalStream, make_transform
+
+    manifest = read_manifest(manifest_dir)
+    stream = EvalStream(
+        manifest, rank=0, world_size=1, batch_size=256, transform=make_transform("raw", None, None)
+    )
+    feats = np.zeros((manifest.num_samples, 0), dtype=np.float32)
+    rows: dict[int, np.ndarray] = {}
+    for batch in stream.batches():
+        flat = batch["image"].reshape(len(batch["index"]), -1).float().numpy()
+        for i, f in zip(batch["index"].tolist(), flat, strict=True):
+            rows[i] = f
+    feats = np.stack([rows[i] for i in range(manifest.num_samples)])
+    return feats
+
+
+def prepare_data(cfg: Config) -> DataSpec:
+    """Make (or find) the shards and the noisy-label file the config asks for.
+
+    Raises
+    ------
+    ConfigError, DataError
+        With a one-line message naming the problem, before anything is written to the run dir.
+    """
+    from distnoisy.data import noise as noise_mod
+    from distnoisy.data.shards import read_labels, read_manifest
+
+    if cfg.data.name == "digits":
+        from distnoisy.data.digits import DIGITS_MEAN, DIGITS_STD, prepare_digits
+
+        root = Path(cfg.data.root).expanduser() if cfg.data.root else default_root("digits")
+        train_dir, test_dir = prepare_digits(
+            root, test_fraction=cfg.data.test_fraction, seed=0, shard_size=cfg.data.shard_size
+        )
+        in_channels, train_tf, eval_tf = 1, "digits", "digits"
+        mean, std = [DIGITS_MEAN], [DIGITS_STD]
+    elif cfg.data.name == "shards":
+        base = Path(str(cfg.data.urls)).expanduser()
+        train_dir = base / "train" if (base / "train" / "manifest.json").exists() else base
+        test_dir = base / "test" if (base / "test" / "manifest.json").exists() else None
+        in_channels, family = _image_info(train_dir)
+        train_tf, eval_tf = f"{family}_train", f"{family}_eval"
+        mean, std = [0.5] * in_channels, [0.25] * in_channels
+    else:
+        raise ConfigError(
+            f"data.name={cfg.data.name!r} has no converter yet; convert your data to shards and "
+            "use data.name=shards data.urls=DIR"
+        )
+
+    manifest = read_manifest(train_dir)
+    labels, clean, _keys = read_labels(manifest)
+    num_classes = manifest.num_classes
+    if test_dir is not None:
+        test_manifest = read_manifest(test_dir)
+        if test_manifest.num_classes != num_classes:
+            raise DataError(
+                f"test shards in {test_dir} have {test_manifest.num_classes} classes, "
+                f"train shards {num_classes}"
+            )
+
+    kind = cfg.noise.kind
+    label_file: Path | None = None
+    given = labels
+    if kind == "file":
+        label_file = Path(str(cfg.noise.file)).expanduser()
+        lf = noise_mod.load_label_file(label_file, manifest.num_samples, num_classes)
+        given = lf.labels
+        if clean is None:
+            clean = lf.clean_labels
+    elif kind != "none":
+        # Synthetic noise corrupts the dataset's own labels, which are then the clean ones.
+        clean = labels if clean is None else clean
+        features = _train_features(Path(train_dir)) if kind == "instance" else None
+        label_file = noise_mod.noisy_label_file(
+            Path(train_dir).parent / "noise",
+            f"{manifest.dataset}-{manifest.split}",
+            clean,
+            num_classes,
+            kind,
+            cfg.noise.rate,
+            cfg.noise.seed,
+            features=features,
+            include_true_class=cfg.noise.include_true_class,
+        )
+        given = noise_mod.load_label_file(label_file, manifest.num_samples, num_classes).labels
+
+    noise_rate = transition = None
+    if clean is not None:
+        noise_rate = float(noise_mod.realised_rate(clean, given))
+        transition = noise_mod.transition_matrix(clean, given, num_classes).tolist()
+
+    return DataSpec(
+        dataset=cfg.data.name,
+        train_dir=str(Path(train_dir).resolve()),
+        test_dir=str(Path(test_dir).resolve()) if test_dir is not None else None,
+        num_train=manifest.num_samples,
+        num_classes=num_classes,
+        classes=list(manifest.classes),
+        in_channels=in_channels,
+        train_transform=train_tf,
+        eval_transform=eval_tf,
+        mean=mean,
+        std=std,
+        label_file=str(label_file.resolve()) if label_file is not None else None,
+        has_clean_labels=clean is not None,
+        noise_rate=noise_rate,
+        transition=transition,
+    )

@@ -1,0 +1,524 @@
+"""Shard sets: WebDataset tar shards of one split, their ``manifest.json`` and ``labels.parquet``.
+
+A shard set is one directory::
+
+    train/
+      train-000000.tar ...   WebDataset shards (``{split}-{n:06d}.tar``)
+      labels.parquet         index, key, label, clean_label (-1 = unknown): all labels, no images
+      manifest.json          written last: N, C, class names, shard list ("distnoisy-shards/1")
+
+Every tar sample holds ``__key__`` = the zero-padded global index (WebDataset cuts keys at the
+first dot of a file name, so dataset paths cannot be keys), the encoded image (``png``/``jpg``),
+``cls`` (the dataset's own label, ASCII), ``clean.cls`` when the clean label is known, and a
+``json`` member ``{"index", "key", "label", "clean_label"}`` with the dataset's own key. Nothing
+is ever pickled. Files appear under their final names only when complete (temp name, then
+``os.replace``), so a reader never sees a half-written shard, label table or manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distnoisy.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "distnoisy-shards/1"
+MANIFEST_NAME = "manifest.json"
+LABELS_NAME = "labels.parquet"
+IMAGE_EXTS = ("png", "jpg")
+# Fixed integer member mtime: the same samples give byte-identical shards (reproducible caches),
+# and, unlike webdataset's default float time.time(), no PAX header per member (2x faster reads).
+_TAR_MTIME = 0
+_HOW_TO_CREATE = (
+    "digits shards are created automatically by `python -m distnoisy.train` (data.name=digits); "
+    "for other datasets run a converter, e.g. `python -m distnoisy.data.clothing1m --root DIR "
+    "--out DIR` (CIFAR and image folders convert the same way), or write them with "
+    "distnoisy.data.shards.write_shards"
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample to write.
+
+    Parameters
+    ----------
+    index
+        Global index within the split, 0..N-1; samples must arrive in index order.
+    image
+        Encoded image bytes (PNG or JPEG, matching ``image_ext``).
+    label
+        The dataset's own (possibly noisy) label, 0..C-1.
+    clean_label
+        The verified clean label when the dataset has one, else ``None``.
+    key
+        The dataset's own identifier (e.g. a file path); reported in outputs as ``key``.
+    """
+
+    index: int
+    image: bytes
+    label: int
+    clean_label: int | None
+    key: str
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard of a manifest: file name, sample count, global index of its first sample."""
+
+    name: str
+    count: int
+    first_index: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The description of a shard set (``manifest.json``) plus the directory it was read from.
+
+    Shard ``i`` holds the samples with global indices
+    ``first_index .. first_index + count - 1``, in that order.
+    """
+
+    root: Path
+    dataset: str
+    split: str
+    num_samples: int
+    num_classes: int
+    classes: tuple[str, ...]
+    image_ext: str
+    has_clean_labels: bool
+    shards: tuple[ShardInfo, ...]
+    params: dict[str, Any] | None = field(default=None, compare=False)
+
+    @property
+    def urls(self) -> list[str]:
+        """Absolute paths of the shards, in manifest (= index) order."""
+        return [str((self.root / s.name).resolve()) for s in self.shards]
+
+    @property
+    def labels_path(self) -> Path:
+        return self.root / LABELS_NAME
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``manifest.json`` document (without the local ``root``)."""
+        doc: dict[str, Any] = {
+            "format": FORMAT,
+            "dataset": self.dataset,
+            "split": self.split,
+            "num_samples": self.num_samples,
+            "num_classes": self.num_classes,
+            "classes": list(self.classes),
+            "image_ext": self.image_ext,
+            "has_clean_labels": self.has_clean_labels,
+            "shards": [dataclasses.asdict(s) for s in self.shards],
+        }
+        if self.params is not None:
+            doc["params"] = self.params
+        return doc
+
+
+def shard_name(split: str, n: int) -> str:
+    """File name of shard ``n`` of ``split``."""
+    return f"{split}-{n:06d}.tar"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _member_dict(sample: Sample, image_ext: str) -> dict[str, Any]:
+    """The tar members of one sample, all already bytes (``encoder=False``: no pickling path)."""
+    meta = {
+        "index": sample.index,
+        "key": sample.key,
+        "label": sample.label,
+        "clean_label": -1 if sample.clean_label is None else sample.clean_label,
+    }
+    members: dict[str, Any] = {
+        "__key__": f"{sample.index:09d}",
+        image_ext: bytes(sample.image),
+        "cls": str(sample.label).encode("ascii"),
+        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+    }
+    if sample.clean_label is not None:
+        members["clean.cls"] = str(sample.clean_label).encode("ascii")
+    return members
+
+
+class _ShardFile:
+    """A shard being written under a temp name; ``commit`` gives it its final name."""
+
+    def __init__(self, final: Path) -> None:
+        import webdataset as wds
+
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex}")
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 -- closed in commit/abort
+        self.writer = wds.TarWriter(self.file, encoder=False, mtime=_TAR_MTIME)
+        self.count = 0
+
+    def write(self, members: dict[str, Any]) -> None:
+        self.writer.write(members)
+        self.count += 1
+
+    def commit(self) -> None:
+        self.writer.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        # The write already failed; the temp file goes away whatever close() does.
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_shards(
+    samples: Iterable[Sample],
+    out_dir: Path,
+    *,
+    split: str,
+    classes: list[str],
+    shard_size: int,
+    image_ext: str,
+    dataset: str,
+    params: dict[str, Any] | None = None,
+) -> Manifest:
+    """Write one split as WebDataset shards plus ``labels.parquet`` and ``manifest.json``.
+
+    Parameters
+    ----------
+    samples
+        The samples, in global index order 0..N-1 (checked).
+    out_dir
+        Directory of the shard set (created). An existing shard set there is replaced: its
+        manifest is removed first, so the directory is never a valid but mixed set.
+    split
+        Split name (``train``, ``test``, ...); used in the shard names.
+    classes
+        Class names; ``len(classes)`` is C and labels must lie in 0..C-1.
+    shard_size
+        Samples per shard (the last shard may hold fewer).
+    image_ext
+        ``"png"`` or ``"jpg"``: the member name of the image bytes.
+    dataset
+        Dataset name recorded in the manifest.
+    params
+        Optional JSON-serialisable parameters stored in the manifest (e.g. how the set was made,
+        used by caches to decide whether it can be reused).
+
+    Returns
+    -------
+    Manifest
+        The manifest that was written.
+
+    Raises
+    ------
+    ConfigError
+        Invalid arguments (shard size, extension, split name, no classes).
+    DataError
+        A sample out of order or with a label outside 0..C-1; nothing is left under a final name.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if image_ext not in IMAGE_EXTS:
+        raise ConfigError(f"image_ext must be one of {IMAGE_EXTS}, got {image_ext!r}")
+    if shard_size < 1:
+        raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", split):
+        raise ConfigError(f"split must be letters, digits, '_' or '-', got {split!r}")
+    if not classes:
+        raise ConfigError("classes must name at least one class")
+    num_classes = len(classes)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Invalidate any previous set first: readers only trust a directory with a manifest.
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+
+    indices: list[int] = []
+    keys: list[str] = []
+    labels: list[int] = []
+    cleans: list[int] = []
+    shards: list[ShardInfo] = []
+    current: _ShardFile | None = None
+    first_index = 0
+    try:
+        for expected, s in enumerate(samples):
+            if s.index != expected:
+                raise DataError(
+                    f"write_shards({split}): sample #{expected} has index {s.index}; samples must "
+                    "come in global index order 0..N-1"
+                )
+            if not 0 <= s.label < num_classes:
+                raise DataError(
+                    f"write_shards({split}): sample {s.index} ({s.key}) has label {s.label}, "
+                    f"outside 0..{num_classes - 1}"
+                )
+            if s.clean_label is not None and not 0 <= s.clean_label < num_classes:
+                raise DataError(
+                    f"write_shards({split}): sample {s.index} ({s.key}) has clean label "
+                    f"{s.clean_label}, outside 0..{num_classes - 1}"
+                )
+            if current is None:
+                current = _ShardFile(out_dir / shard_name(split, len(shards)))
+                first_index = s.index
+            current.write(_member_dict(s, image_ext))
+            indices.append(s.index)
+            keys.append(s.key)
+            labels.append(s.label)
+            cleans.append(-1 if s.clean_label is None else s.clean_label)
+            if current.count == shard_size:
+                current.commit()
+                shards.append(ShardInfo(current.final.name, current.count, first_index))
+                if len(shards) % 100 == 0:  # progress on long conversions
+                    log.info("%s/%s: %d samples in %d shards so far", dataset, split,
+                             len(indices), len(shards))
+                current = None
+        if current is not None:
+            current.commit()
+            shards.append(ShardInfo(current.final.name, current.count, first_index))
+            current = None
+    finally:
+        if current is not None:
+            current.abort()
+
+    # Shards left over from an earlier, larger set of the same split would never be read (the
+    # manifest lists shards explicitly) but waste space and confuse a glob: remove them.
+    written = {s.name for s in shards}
+    for stale in out_dir.glob(f"{split}-*.tar"):
+        if stale.name not in written:
+            stale.unlink(missing_ok=True)
+
+    clean_known = [c >= 0 for c in cleans]
+    has_clean = bool(cleans) and all(clean_known)
+    if any(clean_known) and not has_clean:
+        log.warning(
+            "%s/%s: only %d of %d samples have a clean label; labels.parquet keeps them, but the "
+            "manifest reports clean labels as unknown",
+            dataset, split, sum(clean_known), len(cleans),
+        )
+    table = pa.table(
+        {
+            "index": pa.array(indices, type=pa.int64()),
+            "key": pa.array(keys, type=pa.string()),
+            "label": pa.array(labels, type=pa.int64()),
+            "clean_label": pa.array(cleans, type=pa.int64()),
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    _atomic_write_bytes(out_dir / LABELS_NAME, buf.getvalue())
+
+    manifest = Manifest(
+        root=out_dir,
+        dataset=dataset,
+        split=split,
+        num_samples=len(indices),
+        num_classes=num_classes,
+        classes=tuple(classes),
+        image_ext=image_ext,
+        has_clean_labels=has_clean,
+        shards=tuple(shards),
+        params=params,
+    )
+    doc = json.dumps(manifest.to_json(), indent=1, ensure_ascii=False).encode("utf-8")
+    _atomic_write_bytes(out_dir / MANIFEST_NAME, doc)
+    log.debug(
+        "wrote %s/%s: %d samples in %d shards to %s",
+        dataset, split, manifest.num_samples, len(shards), out_dir,
+    )
+    return manifest
+
+
+def _require(doc: dict[str, Any], name: str, kind: type | tuple[type, ...], path: Path) -> Any:
+    if name not in doc:
+        raise DataError(f"{path}: manifest has no {name!r} field")
+    value = doc[name]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise DataError(f"{path}: manifest field {name!r} has the wrong type ({value!r})")
+    return value
+
+
+def read_manifest(directory: Path | str) -> Manifest:
+    """Read and check ``directory/manifest.json``.
+
+    Parameters
+    ----------
+    directory
+        A shard-set directory (or the path of its ``manifest.json``).
+
+    Returns
+    -------
+    Manifest
+
+    Raises
+    ------
+    DataError
+        The directory or manifest is missing (the message says how to create shards), the manifest
+        is not valid JSON or has another format version, its counts do not add up, or a shard it
+        lists is missing.
+    """
+    directory = Path(directory).expanduser()
+    if directory.name == MANIFEST_NAME:
+        directory = directory.parent
+    path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise DataError(f"shard directory {directory} does not exist; {_HOW_TO_CREATE}")
+    if not path.is_file():
+        raise DataError(
+            f"no {MANIFEST_NAME} in {directory} (not a shard set, or its writing did not finish); "
+            f"{_HOW_TO_CREATE}"
+        )
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the manifest ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: the manifest is not a JSON object")
+    fmt = doc.get("format")
+    if fmt != FORMAT:
+        raise DataError(
+            f"{path}: manifest format {fmt!r} is not supported (expected {FORMAT!r}); "
+            "re-create the shards with this version of distnoisy"
+        )
+    num_samples = _require(doc, "num_samples", int, path)
+    num_classes = _require(doc, "num_classes", int, path)
+    classes = _require(doc, "classes", list, path)
+    image_ext = _require(doc, "image_ext", str, path)
+    raw_shards = _require(doc, "shards", list, path)
+    if image_ext not in IMAGE_EXTS:
+        raise DataError(f"{path}: image_ext {image_ext!r} is not one of {IMAGE_EXTS}")
+    if len(classes) != num_classes:
+        raise DataError(f"{path}: {len(classes)} class names but num_classes={num_classes}")
+    shards = []
+    next_index = 0
+    for i, s in enumerate(raw_shards):
+        try:
+            info = ShardInfo(str(s["name"]), int(s["count"]), int(s["first_index"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{path}: shard entry #{i} is malformed ({s!r})") from exc
+        if info.first_index != next_index or info.count < 1 or "/" in info.name:
+            raise DataError(
+                f"{path}: shard {info.name} (first_index {info.first_index}, count {info.count})"
+                f" does not continue the index range at {next_index}"
+            )
+        next_index += info.count
+        shards.append(info)
+    if next_index != num_samples:
+        raise DataError(f"{path}: shards hold {next_index} samples but num_samples={num_samples}")
+    missing = [s.name for s in shards if not (directory / s.name).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise DataError(
+            f"{path}: shard file(s) listed in the manifest are missing: "
+            f"{', '.join(str(directory / m) for m in missing[:3])}{more}"
+        )
+    return Manifest(
+        root=directory.resolve(),
+        dataset=str(doc.get("dataset", "")),
+        split=str(doc.get("split", "")),
+        num_samples=num_samples,
+        num_classes=num_classes,
+        classes=tuple(str(c) for c in classes),
+        image_ext=image_ext,
+        has_clean_labels=bool(doc.get("has_clean_labels", False)),
+        shards=tuple(shards),
+        params=doc.get("params"),
+    )
+
+
+def read_labels(manifest: Manifest) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """All labels of a shard set from ``labels.parquet``, without decoding any image.
+
+    Parameters
+    ----------
+    manifest
+        The shard set (from :func:`read_manifest`).
+
+    Returns
+    -------
+    labels : numpy.ndarray of int64, shape (N,)
+        The dataset's own labels, row ``i`` = global index ``i``.
+    clean_labels : numpy.ndarray of int64, shape (N,), or None
+        Clean labels when the manifest says they are known, else ``None``.
+    keys : numpy.ndarray of str (object), shape (N,)
+        The dataset's own keys.
+
+    Raises
+    ------
+    DataError
+        The file is missing or unreadable, lacks a column, its indices do not cover 0..N-1 exactly
+        once, or a label lies outside 0..C-1 (the message names the index and the value).
+    """
+    import pyarrow.parquet as pq
+
+    path = manifest.labels_path
+    if not path.is_file():
+        raise DataError(f"label table {path} is missing; {_HOW_TO_CREATE}")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: cannot read the label table ({exc})") from exc
+    for col in ("index", "key", "label", "clean_label"):
+        if col not in table.column_names:
+            raise DataError(f"{path}: column {col!r} is missing (found {table.column_names})")
+    n, c = manifest.num_samples, manifest.num_classes
+    index = table.column("index").to_numpy().astype(np.int64, copy=False)
+    if len(index) != n:
+        raise DataError(f"{path}: {len(index)} rows but the manifest says {n} samples")
+    order = np.argsort(index, kind="stable")
+    if not np.array_equal(index[order], np.arange(n)):
+        outside = index[(index < 0) | (index >= n)]
+        if len(outside):
+            raise DataError(f"{path}: index {int(outside[0])} is outside 0..{n - 1}")
+        counts = np.bincount(index, minlength=n)
+        i = int(np.flatnonzero(counts != 1)[0])
+        raise DataError(
+            f"{path}: indices must cover 0..{n - 1} exactly once; index {i} appears "
+            f"{int(counts[i])} times"
+        )
+    labels = table.column("label").to_numpy().astype(np.int64, copy=False)[order]
+    clean = table.column("clean_label").to_numpy().astype(np.int64, copy=False)[order]
+    keys = np.asarray(table.column("key").to_pylist(), dtype=object)[order]
+    bad = np.flatnonzero((labels < 0) | (labels >= c))
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(f"{path}: index {i} has label {int(labels[i])}, outside 0..{c - 1}")
+    bad = np.flatnonzero((clean < -1) | (clean >= c))
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(
+            f"{path}: index {i} has clean label {int(clean[i])}, outside 0..{c - 1} (-1 = unknown)"
+        )
+    if not manifest.has_clean_labels:
+        return labels, None, keys
+    if (clean < 0).any():
+        i = int(np.flatnonzero(clean < 0)[0])
+        raise DataError(f"{path}: the manifest says clean labels are known but index {i} has none")
+    return labels, clean, keys

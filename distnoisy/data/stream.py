@@ -1,0 +1,960 @@
+"""Decoded, augmented batches from WebDataset shards inside one DDP rank.
+
+A batch is ``{"image": Tensor[b, C, H, W], "index": LongTensor[b]}``. The global sample index is
+the spine: labels come from the trainer's label table (``labels.parquet`` or a noise file), never
+from the shard.
+
+Equal batch counts (the WebDataset DDP hang cannot happen)
+-----------------------------------------------------------
+:class:`TrainStream` yields exactly ``steps_per_epoch = N // (world_size * local_batch_size)``
+batches of exactly ``local_batch_size`` on every rank, computed from the manifest alone. The loop
+is driven by that count, not by how many samples a rank happens to read: the sample stream of an
+epoch is endless (after the last shard it starts another pass over the shards, in a new order),
+so uneven shards, more ranks than shards, unreadable tar members or corrupt images can change
+*which* samples a rank sees, never how many batches it yields.
+
+Two ways of splitting the data over ranks (``split=``):
+
+``"sample"`` (exact; results do not depend on the number of ranks)
+    Every rank reads the same global stream: shard order permuted by ``(seed, epoch)``, then a
+    shuffle buffer whose RNG is seeded by ``(seed, epoch)`` on every rank. After the first
+    ``T = N - steps * B`` positions (the *reserve*, see below; ``B = world_size *
+    local_batch_size``), global batch ``g`` is the next ``B`` positions and rank ``r`` takes the
+    ``r``-th contiguous chunk of ``local_batch_size`` of it. Only the selected samples are
+    decoded. Hence the concatenation over ranks of batch ``g`` equals batch ``g`` of a single
+    process with batch size ``B``. Every rank reads (but does not decode) every shard, about
+    10k samples/s per process for small images, so this mode suits data sets a rank can read
+    each epoch (digits, CIFAR); for full-size JPEGs reading costs ~5% of decoding, but the I/O
+    grows with the number of ranks: use ``"shard"`` for Clothing1M/ImageNet-size data.
+``"shard"`` (scales: a rank reads only its shards)
+    Shards permuted by ``(seed, epoch)`` and assigned greedily by sample count (largest first,
+    to the least-loaded rank); a rank shuffles its own samples (seed ``(seed, epoch, rank)``).
+    A rank with more than ``steps * local_batch_size`` samples does not use the excess (its
+    reserve); a rank with fewer reads its shards again. With fewer shards than ranks the stream
+    falls back to ``"sample"`` (logged).
+
+The reserve and bad samples
+---------------------------
+The ``T`` samples that the floor ``N // B`` leaves out of an epoch are taken from the *front* of
+the (shuffled) stream rather than the back, so they are at hand, without look-ahead, to replace
+samples that cannot be used: a corrupt image (decode fails), an image of the wrong size, or one
+the transform rejects. Such a sample is skipped, counted and recorded in
+:attr:`TrainStream.bad_samples` as ``(key, reason)``; its slot is filled from this rank's
+reserve (rotated by the batch number, so the choice does not depend on other batches), and if the
+reserve is used up, by repeating a good sample of the same batch. Samples lost at the tar level
+(an unreadable or truncated shard, recorded under the shard's file name; a shard yielding fewer
+samples than its manifest count is reported even when tarfile raises nothing) are the same on
+every rank in ``"sample"`` mode and simply shorten the pass: the next pass fills the epoch.
+Replacements make the W-invariance above approximate, for the batches concerned only.
+
+Worker processes
+----------------
+``num_workers > 0`` runs the reading and decoding in a ``torch.utils.data.DataLoader`` with the
+``forkserver`` context (Ray's advice for processes inside actors) and persistent workers. Every
+loader worker reads the same stream as the rank and decodes only the batches with
+``batch_no % num_workers == worker``; the DataLoader collects workers round-robin in order, so
+the batches, and their order, are those of ``num_workers=0``. Each loader worker reads the
+rank's whole stream (cheap next to decoding; see above). Everything a worker runs is a
+module-level object, so it pickles; a script that starts streams with workers needs the usual
+``if __name__ == "__main__":`` guard (forkserver re-imports the main module).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import random
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset
+
+from distnoisy.data.shards import Manifest
+from distnoisy.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("sample", "shard")
+TRANSFORM_KINDS = (
+    "digits", "cifar_train", "cifar_eval", "imagenet_train", "imagenet_eval", "raw"
+)
+# Tags that keep the RNG streams derived from one seed independent of each other.
+_TAG_SHARD_ORDER = 1
+_TAG_BUFFER = 2
+_TAG_AUGMENT = 3
+_MASK64 = (1 << 64) - 1
+# "decode_png, /__w/vision/.../decode_png.cpp:62, " in torchvision messages: noise for users.
+_SOURCE_LOCATION = re.compile(r"([\w()]+, )?\S+\.(cpp|cu|h|hpp):\d+,? ?")
+# "<_io.BytesIO object at 0x7f...>": addresses differ per call, and reasons must compare equal.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+# Bad samples logged at WARNING level per stream (the rest at DEBUG; all are recorded).
+_MAX_WARNINGS = 20
+
+Raw = tuple[int, bytes, str, str]  # (global index, image bytes, __key__, shard file name)
+Transform = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def mix_seed(*values: int) -> int:
+    """Hash integers into a 64-bit seed (splitmix64 rounds).
+
+    Stable across processes, platforms and Python versions, unlike ``hash()``; used for every RNG
+    of the streams and the augmentations so that they depend only on the values passed.
+    """
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 31
+    return h
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+
+
+class ImageTransform:
+    """Per-sample image transform: uint8 ``C x H x W`` -> normalised float ``C x H x W``.
+
+    Randomness (crops, flips) comes from a ``torch.Generator`` seeded by ``(seed, epoch, index)``,
+    so a sample's augmentation does not depend on which rank or loader worker sees it, and a run
+    is reproducible. Plain attributes only: instances pickle into loader workers.
+
+    Parameters
+    ----------
+    kind
+        One of :data:`TRANSFORM_KINDS`. ``digits``: scale to 0..1 and normalise, nothing else.
+        ``cifar_train``: pad 4 (zeros), random crop back to the input size, horizontal flip with
+        p=0.5. ``cifar_eval``: none. ``imagenet_train``: resize the shorter side to 256, random
+        crop 224, flip. ``imagenet_eval``: resize 256, centre crop 224. ``raw``: the decoded
+        uint8 image unchanged (its own channel count; for inspecting data).
+    mean, std
+        Per-channel statistics on the 0..1 scale; their length (1 or 3) sets the channel count
+        images are decoded to (grey-scale or RGB). ``None`` only for ``raw``.
+    seed
+        Seed of the augmentation randomness (pass the run's seed).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        seed: int = 0,
+    ) -> None:
+        if kind not in TRANSFORM_KINDS:
+            raise ConfigError(f"unknown transform {kind!r}; choose one of {TRANSFORM_KINDS}")
+        self.kind = kind
+        self.seed = int(seed)
+        if kind == "raw":
+            self.mean = self.std = None
+            self.channels: int | None = None
+            return
+        if mean is None or std is None:
+            raise ConfigError(f"transform {kind!r} needs mean and std")
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
+            raise ConfigError(
+                f"transform {kind!r}: mean {list(self.mean)} and std {list(self.std)} must both "
+                "have 1 (grey-scale) or 3 (RGB) values"
+            )
+        if min(self.std) <= 0:
+            raise ConfigError(f"transform {kind!r}: std must be positive, got {list(self.std)}")
+        self.channels = len(self.mean)
+
+    def __repr__(self) -> str:
+        return f"ImageTransform({self.kind!r}, mean={self.mean}, std={self.std}, seed={self.seed})"
+
+    def _generator(self, index: int, epoch: int) -> torch.Generator:
+        seed = mix_seed(self.seed, epoch, index, _TAG_AUGMENT) & ((1 << 63) - 1)
+        return torch.Generator().manual_seed(seed)
+
+    def __call__(self, img: torch.Tensor, index: int, epoch: int) -> torch.Tensor:
+        import torchvision.transforms.v2.functional as F
+
+        kind = self.kind
+        if kind == "raw":
+            return img
+        if kind in ("cifar_train", "imagenet_train"):
+            gen = self._generator(index, epoch)
+            if kind == "cifar_train":
+                h, w = int(img.shape[-2]), int(img.shape[-1])
+                img = F.pad(img, [4, 4, 4, 4], fill=0)
+            else:
+                img = F.resize(img, [256], antialias=True)
+                h = w = 224
+            top = int(torch.randint(0, int(img.shape[-2]) - h + 1, (1,), generator=gen))
+            left = int(torch.randint(0, int(img.shape[-1]) - w + 1, (1,), generator=gen))
+            img = F.crop(img, top, left, h, w)
+            if float(torch.rand(1, generator=gen)) < 0.5:
+                img = F.horizontal_flip(img)
+        elif kind == "imagenet_eval":
+            img = F.center_crop(F.resize(img, [256], antialias=True), [224, 224])
+        x = img.to(torch.float32).div_(255.0)
+        return F.normalize(x, list(self.mean or ()), list(self.std or ()), inplace=True)
+
+
+def make_transform(
+    kind: str, mean: Sequence[float] | None, std: Sequence[float] | None, *, seed: int = 0
+) -> ImageTransform:
+    """Build the picklable per-sample transform ``f(img_uint8, index, epoch) -> Tensor``.
+
+    See :class:`ImageTransform` for the kinds. Pass the run's ``seed`` so that augmentations
+    change with it.
+    """
+    return ImageTransform(kind, mean, std, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode_image_bytes(data: bytes, channels: int | None) -> torch.Tensor:
+    """Decode PNG/JPEG bytes to a uint8 ``C x H x W`` tensor.
+
+    ``channels`` 1 or 3 converts to grey-scale / RGB (e.g. grey or CMYK JPEGs in RGB data);
+    ``None`` keeps the file's channels (alpha dropped). torchvision's decoder first, PIL as a
+    fallback for what it does not handle.
+
+    Raises
+    ------
+    ValueError
+        Neither decoder can read the bytes (the message has both reasons).
+    """
+    from torchvision.io import ImageReadMode, decode_image
+
+    mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(channels, ImageReadMode.UNCHANGED)
+    try:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+    except Exception as exc:  # torchvision raises RuntimeError/ValueError for bad input
+        try:
+            img = _decode_pil(data, channels)
+        except Exception as exc2:
+            raise ValueError(f"{_short(exc)}; PIL: {_short(exc2)}") from None
+    if channels is None and img.shape[0] in (2, 4):
+        img = img[: img.shape[0] - 1]  # drop alpha
+    return img
+
+
+def _decode_pil(data: bytes, channels: int | None) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        if channels == 1:
+            im = im.convert("L")
+        elif channels == 3 or im.mode not in ("L", "RGB"):
+            im = im.convert("RGB")
+        arr = np.array(im, dtype=np.uint8)
+    t = torch.from_numpy(arr)
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    """One line: exception type and message, without C++ source locations."""
+    lines = str(exc).strip().splitlines()
+    text = _ADDRESS.sub("", _SOURCE_LOCATION.sub("", lines[-1] if lines else ""))
+    msg = f"{type(exc).__name__}: {text}"
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Reading tar shards through webdataset
+
+
+def _keep_all_shards(src: Iterable[Any]) -> Iterable[Any]:
+    """Node/worker splitter that keeps every shard.
+
+    Which rank and which loader worker reads what is decided by the stream's plan (see the module
+    docstring), so webdataset must not split on its own; its default ``single_node_only``
+    raises under DDP.
+    """
+    return src
+
+
+class _EndsWith:
+    """``select_files`` predicate: read only the image member (labels come from the table)."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+
+    def __call__(self, fname: str) -> bool:
+        return fname.endswith(self.suffix)
+
+
+class _ErrorRecorder:
+    """webdataset ``handler=``: record a tar-level error as a bad sample and keep going.
+
+    The record's key is the shard's file name (webdataset appends the url or the open file to
+    ``exn.args``).
+    """
+
+    def __init__(self, sink: list[tuple[str, str]], urls: Sequence[str]) -> None:
+        self.sink = sink
+        self.urls = list(urls)
+
+    def __call__(self, exn: BaseException) -> bool:
+        args = getattr(exn, "args", ())
+        text = " ".join(str(a) for a in (*args, getattr(exn, "filename", None)))
+        where = next((Path(u).name for u in self.urls if u in text), "?")
+        if isinstance(exn, OSError) and not isinstance(exn, tarfile.TarError):
+            first = f"[Errno {exn.errno}] {exn.strerror}"
+        else:
+            first = str(args[0]) if args else ""
+            first = first.split(" @ <", 1)[0]  # tarfile appends " @ <file object>"
+        self.sink.append((where, f"unreadable tar data: {type(exn).__name__}: {first}"[:200]))
+        return True
+
+
+def _read_raw(
+    shards: Sequence[tuple[str, int]],
+    image_ext: str,
+    num_samples: int,
+    sink: list[tuple[str, str]],
+) -> Iterator[Raw]:
+    """Undecoded samples ``(index, image bytes, key, shard)`` of ``shards`` (url, count), in order.
+
+    Samples without an image member or with a key that is not an index in 0..N-1 are recorded
+    in ``sink`` and skipped, and so is a shard that yields fewer samples than the manifest says
+    (truncated: Python's tarfile ends a stream at a cut header without an error). Nothing here
+    is decoded, so it is cheap enough to run on every rank.
+    """
+    import webdataset as wds
+
+    urls = [u for u, _ in shards]
+    ds = wds.WebDataset(
+        urls,
+        handler=_ErrorRecorder(sink, urls),
+        shardshuffle=False,
+        nodesplitter=_keep_all_shards,
+        workersplitter=_keep_all_shards,
+        select_files=_EndsWith("." + image_ext),
+        empty_check=False,
+    )
+    position = {u: i for i, u in enumerate(urls)}
+    seen = [0] * len(shards)
+    checked = 0  # shards before this one are finished and checked
+
+    def check_until(stop: int) -> None:
+        nonlocal checked
+        for i in range(checked, stop):
+            url, expected = shards[i]
+            if seen[i] < expected:
+                sink.append(
+                    (Path(url).name, f"shard yielded {seen[i]} of {expected} samples (truncated "
+                     "or unreadable)")
+                )
+        checked = max(checked, stop)
+
+    for sample in ds:
+        key = str(sample.get("__key__", "?"))
+        url = str(sample.get("__url__", "?"))
+        shard = Path(url).name
+        i = position.get(url)
+        if i is not None:
+            check_until(i)
+            seen[i] += 1
+        data = sample.get(image_ext)
+        try:
+            index = int(key)
+        except ValueError:
+            sink.append((key, f"key is not a global index (in {shard})"))
+            continue
+        if not 0 <= index < num_samples:
+            sink.append((key, f"index outside 0..{num_samples - 1} (in {shard})"))
+        elif not data:
+            sink.append((key, f"no {image_ext} member (in {shard})"))
+        else:
+            yield index, data, key, shard
+    check_until(len(shards))
+
+
+def _buffer_shuffle(items: Iterable[Raw], size: int, rng: random.Random) -> Iterator[Raw]:
+    """Shuffle with a buffer of ``size`` items; a deterministic function of ``rng``'s seed."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list[Raw] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(size)
+        yield buf[j]
+        buf[j] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def assign_shards(
+    counts: Sequence[int], world_size: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """Shard indices per rank for ``split="shard"``, in this epoch's order.
+
+    Shards are permuted by ``(seed, epoch)``, then, largest first (ties in permuted order), each
+    goes to the rank with the fewest samples so far (ties to the lowest rank). Depends only on
+    the arguments, so every rank computes the same assignment without communicating.
+    """
+    order = list(range(len(counts)))
+    random.Random(mix_seed(seed, epoch, _TAG_SHARD_ORDER)).shuffle(order)
+    loads = [0] * world_size
+    assigned: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(order, key=lambda k: -counts[k]):  # sorted() is stable
+        r = min(range(world_size), key=lambda q: (loads[q], q))
+        assigned[r].append(i)
+        loads[r] += counts[i]
+    rank_of = {i: r for r, shards in enumerate(assigned) for i in shards}
+    # Read each rank's shards in the permuted order, not largest-first.
+    return [[i for i in order if rank_of[i] == r] for r in range(world_size)]
+
+
+def _collate(images: list[torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
+    return {"image": torch.stack(images), "index": torch.tensor(indices, dtype=torch.long)}
+
+
+class _Decoder:
+    """Decode + transform raw samples into a batch, skipping and recording bad ones."""
+
+    def __init__(self, transform: Transform, channels: int | None) -> None:
+        self.transform = transform
+        self.channels = channels
+        self.raw_mode = getattr(transform, "kind", None) == "raw"
+
+    def one(
+        self, raw: Raw, epoch: int, shape: torch.Size | None, sink: list[tuple[str, str]]
+    ) -> torch.Tensor | None:
+        index, data, key, shard = raw
+        try:
+            img = decode_image_bytes(data, self.channels)
+        except ValueError as exc:
+            sink.append((key, f"corrupt image in {shard}: {exc}"))
+            return None
+        try:
+            out = self.transform(img, index, epoch)
+        except Exception as exc:  # e.g. an image too small for a crop: skip it, keep training
+            sink.append((key, f"transform failed in {shard}: {_short(exc)}"))
+            return None
+        if shape is not None and out.shape != shape:
+            if self.raw_mode:
+                raise DataError(
+                    f"raw images of different sizes cannot be batched ({tuple(out.shape)} vs "
+                    f"{tuple(shape)}, sample {key} in {shard}); use batch_size=1"
+                )
+            sink.append((key, f"image shape {tuple(out.shape)} != {tuple(shape)} in {shard}"))
+            return None
+        return out
+
+    def full_batch(
+        self,
+        batch_no: int,
+        chunk: list[Raw],
+        reserve: list[Raw],
+        epoch: int,
+        sink: list[tuple[str, str]],
+    ) -> dict[str, torch.Tensor]:
+        """Exactly ``len(chunk)`` samples: bad ones replaced from the reserve, else repeated."""
+        images: list[torch.Tensor] = []
+        indices: list[int] = []
+        shape: torch.Size | None = None
+
+        def take(raw: Raw) -> None:
+            nonlocal shape
+            out = self.one(raw, epoch, shape, sink)
+            if out is not None:
+                shape = out.shape
+                images.append(out)
+                indices.append(raw[0])
+
+        for raw in chunk:
+            take(raw)
+        size = len(chunk)
+        if len(images) < size and reserve:
+            # Rotate by the batch number: the choice depends only on this batch, so any loader
+            # worker makes the same one.
+            for i in range(len(reserve)):
+                if len(images) == size:
+                    break
+                take(reserve[(batch_no + i) % len(reserve)])
+        if not images:
+            raise DataError(
+                f"every sample of batch {batch_no} and of the reserve is unusable; last problems: "
+                f"{sink[-3:]}"
+            )
+        j = 0
+        while len(images) < size:  # reserve exhausted: repeat good samples of this batch
+            images.append(images[j])
+            indices.append(indices[j])
+            j += 1
+        return _collate(images, indices)
+
+
+def _identity(x: Any) -> Any:
+    """DataLoader ``collate_fn``: batches are made in the workers already."""
+    return x
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """Numbers the trainer logs about a training stream.
+
+    Attributes
+    ----------
+    mode
+        The split in effect (``"shard"`` falls back to ``"sample"`` with fewer shards than ranks).
+    steps_per_epoch, local_batch_size, global_batch_size
+        Batches per epoch (equal on every rank) and batch sizes.
+    samples_per_epoch
+        ``steps_per_epoch * global_batch_size``.
+    dropped_per_epoch
+        Samples of the manifest not used in an epoch: the floor's remainder, and in ``"shard"``
+        mode the excess of ranks whose shards hold more than they need.
+    repeated_per_epoch
+        ``"shard"`` mode: samples read a second time by ranks whose shards hold too few.
+    num_bad_samples
+        Distinct unusable samples (or unreadable shard regions) met so far.
+    """
+
+    mode: str
+    steps_per_epoch: int
+    local_batch_size: int
+    global_batch_size: int
+    samples_per_epoch: int
+    dropped_per_epoch: int
+    repeated_per_epoch: int
+    num_bad_samples: int
+
+
+class _TrainSource(IterableDataset):
+    """The picklable part of a :class:`TrainStream`: yields one rank's batches of one epoch."""
+
+    def __init__(
+        self,
+        *,
+        urls: list[str],
+        counts: list[int],
+        image_ext: str,
+        num_samples: int,
+        rank: int,
+        world_size: int,
+        local_batch_size: int,
+        steps: int,
+        seed: int,
+        mode: str,
+        transform: Transform,
+        channels: int | None,
+        shuffle_buffer: int,
+    ) -> None:
+        self.urls = urls
+        self.counts = counts
+        self.image_ext = image_ext
+        self.num_samples = num_samples
+        self.rank = rank
+        self.world_size = world_size
+        self.b = local_batch_size
+        self.steps = steps
+        self.seed = seed
+        self.mode = mode
+        self.decoder = _Decoder(transform, channels)
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+        self.shared_epoch: Any = None  # a multiprocessing RawValue once loader workers exist
+
+    # -- the plan of an epoch: which stream this rank reads and which positions it keeps
+    def _layout(self, epoch: int) -> tuple[list[int], int, int, int, int, int]:
+        """(shards, reserve size T, stride, chunk start, reserve modulus, reserve remainder)."""
+        if self.mode == "sample":
+            big_b = self.world_size * self.b
+            reserve = self.num_samples - self.steps * big_b
+            return (
+                list(range(len(self.urls))), reserve, big_b, self.rank * self.b,
+                self.world_size, self.rank,
+            )
+        mine = assign_shards(self.counts, self.world_size, self.seed, epoch)[self.rank]
+        load = sum(self.counts[i] for i in mine)
+        return mine, max(0, load - self.steps * self.b), self.b, 0, 1, 0
+
+    def _stream(self, epoch: int, shards: list[int], sink: list[tuple[str, str]]) -> Iterator[Raw]:
+        """Endless shuffled stream of this rank's shards: pass 0, 1, ... each in a new order."""
+        # "sample" mode: identical on all ranks (no rank in the seeds); "shard": per rank.
+        who = -1 if self.mode == "sample" else self.rank
+        for pass_no in itertools.count():
+            order = list(shards)
+            if pass_no > 0 or self.mode == "sample":
+                random.Random(mix_seed(self.seed, epoch, pass_no, who, _TAG_SHARD_ORDER)).shuffle(
+                    order
+                )
+            rng = random.Random(mix_seed(self.seed, epoch, pass_no, who, _TAG_BUFFER))
+            raws = _read_raw(
+                [(self.urls[i], self.counts[i]) for i in order], self.image_ext,
+                self.num_samples, sink,
+            )
+            n = 0
+            for raw in _buffer_shuffle(raws, self.shuffle_buffer, rng):
+                n += 1
+                yield raw
+            if n == 0:
+                raise DataError(
+                    f"no readable sample in {len(order)} shard(s) (first: {self.urls[order[0]]}); "
+                    f"problems: {sink[-3:]}"
+                )
+            log.debug("rank %d epoch %d: pass %d read %d samples", self.rank, epoch, pass_no, n)
+
+    def batches(
+        self, epoch: int, worker: int, num_workers: int, sink: list[tuple[str, str]]
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches ``k`` with ``k % num_workers == worker``, in order (all with 1 worker)."""
+        owned = range(worker, self.steps, num_workers)
+        if len(owned) == 0:
+            return
+        last = owned[-1]
+        shards, t, stride, start, res_mod, res_rem = self._layout(epoch)
+        reserve: list[Raw] = []
+        chunk: list[Raw] = []
+        for pos, raw in enumerate(self._stream(epoch, shards, sink)):
+            if pos < t:
+                if pos % res_mod == res_rem:
+                    reserve.append(raw)
+                continue
+            g, off = divmod(pos - t, stride)
+            if g % num_workers != worker or not start <= off < start + self.b:
+                continue
+            chunk.append(raw)  # positions arrive in order, so this fills batch g's chunk
+            if len(chunk) == self.b:
+                yield self.decoder.full_batch(g, chunk, reserve, epoch, sink)
+                chunk = []
+                if g == last:
+                    return
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Loader-worker entry point: this worker's batches with the bad samples attached."""
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = int(self.shared_epoch.value) if self.shared_epoch is not None else self.epoch
+        sink: list[tuple[str, str]] = []
+        for batch in self.batches(epoch, worker, num_workers, sink):
+            batch["_bad"] = list(sink)
+            sink.clear()
+            yield batch
+        # A trailing record-only item: it comes after every real batch in the loader's order
+        # (its task number is >= steps_per_epoch), so it cannot disturb the batch order.
+        yield {"_bad": list(sink)}
+
+
+class _BadRegistry:
+    """Distinct (key, reason) pairs, in the order first met; logs the first few."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.items: dict[tuple[str, str], None] = {}
+
+    def add(self, records: Iterable[tuple[str, str]]) -> None:
+        for key, reason in records:
+            item = (str(key), str(reason))
+            if item in self.items:
+                continue
+            self.items[item] = None
+            level = logging.WARNING if len(self.items) <= _MAX_WARNINGS else logging.DEBUG
+            log.log(level, "%s: skipped bad sample %s: %s", self.what, key, reason)
+
+    def list(self) -> list[tuple[str, str]]:
+        return list(self.items)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} / world_size {world_size} is not a valid DDP rank")
+
+
+class TrainStream:
+    """One rank's training batches, the same number on every rank (see the module docstring).
+
+    Parameters
+    ----------
+    manifest
+        The training shard set.
+    rank, world_size
+        This DDP rank and the number of ranks.
+    local_batch_size
+        Samples per batch on this rank (the global batch is ``world_size`` times that).
+    seed
+        Run seed; with ``epoch``, ``rank`` and ``world_size`` it fixes every batch.
+    split
+        ``"sample"`` (exact, world-size invariant) or ``"shard"`` (each rank reads its shards).
+    transform
+        ``f(img_uint8_CHW, index, epoch) -> Tensor``, e.g. from :func:`make_transform`. Must be
+        picklable (a module-level class or function) when ``num_workers > 0``. Its
+        ``channels`` attribute (1 or 3) sets the channels images are decoded to (``None``: the
+        file's own); without one, RGB.
+    shuffle_buffer
+        Samples held by the shuffle buffer (raw bytes, per process); 0 or 1 = no shuffling
+        beyond the shard order.
+    num_workers
+        Loader worker processes (0 = decode in this process).
+
+    Raises
+    ------
+    DataError
+        The data set holds fewer samples than one global batch.
+    ConfigError
+        An invalid argument.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        rank: int,
+        world_size: int,
+        local_batch_size: int,
+        seed: int,
+        split: str = "sample",
+        transform: Transform,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 0,
+    ) -> None:
+        _check_rank(rank, world_size)
+        if split not in SPLITS:
+            raise ConfigError(f"data.split must be one of {SPLITS}, got {split!r}")
+        if local_batch_size < 1:
+            raise ConfigError(f"the local batch size must be at least 1, got {local_batch_size}")
+        if num_workers < 0 or shuffle_buffer < 0:
+            raise ConfigError("num_workers and shuffle_buffer must not be negative")
+        n = manifest.num_samples
+        big_b = world_size * local_batch_size
+        steps = n // big_b
+        if steps == 0:
+            raise DataError(
+                f"{manifest.root} holds {n} samples, fewer than one global batch of {big_b} "
+                f"({world_size} ranks x {local_batch_size}); lower train.batch_size to at most {n}"
+            )
+        mode = split
+        counts = [s.count for s in manifest.shards]
+        if split == "shard" and len(counts) < world_size:
+            log.warning(
+                "%s has %d shards for %d ranks: using split='sample' (every rank reads every "
+                "shard); write more, smaller shards to read disjoint shards per rank",
+                manifest.root, len(counts), world_size,
+            )
+            mode = "sample"
+        self.manifest = manifest
+        self.rank, self.world_size = rank, world_size
+        self.local_batch_size = local_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.mode = mode
+        self._steps = steps
+        channels = getattr(transform, "channels", 3)
+        self._source = _TrainSource(
+            urls=manifest.urls, counts=counts, image_ext=manifest.image_ext, num_samples=n,
+            rank=rank, world_size=world_size, local_batch_size=local_batch_size, steps=steps,
+            seed=seed, mode=mode, transform=transform, channels=channels,
+            shuffle_buffer=shuffle_buffer,
+        )
+        self._bad = _BadRegistry(f"{manifest.split or 'train'} rank {rank}")
+        self._loader: torch.utils.data.DataLoader | None = None
+        if mode == "sample":
+            self._dropped, self._repeated = n - steps * big_b, 0
+        else:
+            loads = [
+                sum(counts[i] for i in mine)
+                for mine in assign_shards(counts, world_size, seed, 0)
+            ]
+            need = steps * local_batch_size
+            self._dropped = sum(max(0, x - need) for x in loads)
+            self._repeated = sum(max(0, need - x) for x in loads)
+        log.log(
+            logging.INFO if rank == 0 else logging.DEBUG,
+            "train stream rank %d/%d: split=%s, %d samples in %d shards, %d steps of %d x %d, "
+            "%d dropped per epoch, seed %d, %d loader workers",
+            rank, world_size, mode, n, len(counts), steps, world_size, local_batch_size,
+            self._dropped, seed, num_workers,
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch, identical on every rank: ``N // (world_size * local_batch_size)``."""
+        return self._steps
+
+    @property
+    def samples_dropped_per_epoch(self) -> int:
+        """Samples not used in an epoch (see :class:`StreamStats`)."""
+        return self._dropped
+
+    @property
+    def bad_samples(self) -> list[tuple[str, str]]:
+        """Distinct ``(key, reason)`` of samples skipped so far (key = zero-padded index, or the
+        shard file name for tar-level errors)."""
+        return self._bad.list()
+
+    @property
+    def num_bad_samples(self) -> int:
+        return len(self._bad.items)
+
+    @property
+    def stats(self) -> StreamStats:
+        return StreamStats(
+            mode=self.mode,
+            steps_per_epoch=self._steps,
+            local_batch_size=self.local_batch_size,
+            global_batch_size=self.local_batch_size * self.world_size,
+            samples_per_epoch=self._steps * self.local_batch_size * self.world_size,
+            dropped_per_epoch=self._dropped,
+            repeated_per_epoch=self._repeated,
+            num_bad_samples=self.num_bad_samples,
+        )
+
+    def shards_of_rank(self, epoch: int) -> list[int]:
+        """Indices (into ``manifest.shards``) of the shards this rank reads in ``epoch``."""
+        if self.mode == "sample":
+            return list(range(len(self.manifest.shards)))
+        counts = [s.count for s in self.manifest.shards]
+        return assign_shards(counts, self.world_size, self.seed, epoch)[self.rank]
+
+    def _get_loader(self) -> torch.utils.data.DataLoader:
+        if self._loader is None:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("forkserver")
+            # Shared with the persistent workers: they read the epoch when an epoch starts.
+            self._source.shared_epoch = ctx.RawValue("q", 0)
+            self._loader = torch.utils.data.DataLoader(
+                self._source,
+                batch_size=None,
+                num_workers=self.num_workers,
+                multiprocessing_context=ctx,
+                persistent_workers=True,
+                collate_fn=_identity,
+            )
+        return self._loader
+
+    def epoch_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Exactly :attr:`steps_per_epoch` batches ``{"image", "index"}`` of this epoch.
+
+        Raises
+        ------
+        DataError
+            Only if nothing at all can be read (every shard unreadable), or, in the extreme, every
+            sample of a batch and of the reserve is unusable.
+        """
+        count = 0
+        if self.num_workers == 0:
+            sink: list[tuple[str, str]] = []
+            self._source.epoch = epoch
+            for batch in self._source.batches(epoch, 0, 1, sink):
+                self._bad.add(sink)
+                sink.clear()
+                count += 1
+                yield batch
+            self._bad.add(sink)
+        else:
+            loader = self._get_loader()
+            self._source.shared_epoch.value = epoch
+            for item in loader:
+                self._bad.add(item.pop("_bad", ()))
+                if "image" not in item:
+                    continue  # a worker's trailing record-only item
+                count += 1
+                yield item
+        if count != self._steps:  # cannot happen by construction; never return short silently
+            raise DataError(
+                f"rank {self.rank} produced {count} batches instead of {self._steps} in epoch "
+                f"{epoch}; this is a bug in distnoisy.data.stream"
+            )
+
+    def close(self) -> None:
+        """Stop the loader workers (also done when the stream is garbage-collected)."""
+        self._loader = None
+
+
+class EvalStream:
+    """One rank's share of an evaluation set: every sample exactly once over all ranks.
+
+    Rank ``r`` evaluates the contiguous index block ``[N*r // W, N*(r+1) // W)`` in index order,
+    no shuffling, and reads only the shards that overlap it (so evaluation I/O does not grow with
+    the number of ranks). Ranks may hold different numbers of samples (by one; more if samples are
+    bad): gather results with padding, do not run per-batch collectives.
+
+    Parameters
+    ----------
+    manifest
+        The evaluation shard set.
+    rank, world_size
+        This rank and the number of ranks.
+    batch_size
+        Samples per batch; the last batch of a rank may be smaller.
+    transform
+        As for :class:`TrainStream` (``epoch`` is passed as 0).
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        transform: Transform,
+    ) -> None:
+        _check_rank(rank, world_size)
+        if batch_size < 1:
+            raise ConfigError(f"the evaluation batch size must be at least 1, got {batch_size}")
+        self.manifest = manifest
+        self.rank, self.world_size = rank, world_size
+        self.batch_size = batch_size
+        n = manifest.num_samples
+        self.lo, self.hi = n * rank // world_size, n * (rank + 1) // world_size
+        self._decoder = _Decoder(transform, getattr(transform, "channels", 3))
+        self._shards = [
+            i for i, s in enumerate(manifest.shards)
+            if s.first_index < self.hi and s.first_index + s.count > self.lo
+        ]
+        self._bad = _BadRegistry(f"{manifest.split or 'eval'} rank {rank}")
+
+    @property
+    def num_local_samples(self) -> int:
+        """Samples this rank evaluates when none is bad."""
+        return self.hi - self.lo
+
+    @property
+    def bad_samples(self) -> list[tuple[str, str]]:
+        return self._bad.list()
+
+    @property
+    def num_bad_samples(self) -> int:
+        return len(self._bad.items)
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batches ``{"image", "index"}`` in index order; bad samples skipped."""
+        if self.hi <= self.lo:
+            return
+        urls, shards = self.manifest.urls, self.manifest.shards
+        sink: list[tuple[str, str]] = []
+        raws = _read_raw(
+            [(urls[i], shards[i].count) for i in self._shards], self.manifest.image_ext,
+            self.manifest.num_samples, sink,
+        )
+        images: list[torch.Tensor] = []
+        indices: list[int] = []
+        for raw in raws:
+            if not self.lo <= raw[0] < self.hi:
+                continue
+            out = self._decoder.one(raw, 0, images[0].shape if images else None, sink)
+            self._bad.add(sink)
+            sink.clear()
+            if out is None:
+                continue
+            images.append(out)
+            indices.append(raw[0])
+            if len(images) == self.batch_size:
+                yield _collate(images, indices)
+                images, indices = [], []
+        self._bad.add(sink)
+        if images:
+            yield _collate(images, indices)
