@@ -1,0 +1,200 @@
+"""Launchers: the one place that knows Ray.
+
+Both launchers run :func:`distnoisy.loop.run_worker` on every rank and return the directory of
+the final checkpoint (which holds the run's ``outputs/``):
+
+- ``ray``: Ray Train V2 ``TorchTrainer`` (DDP over gloo on CPU, NCCL on GPU), a checkpoint per
+  epoch through ``ray.train.report``, resume through ``ray.train.get_checkpoint()``.
+- ``local``: the same loop without Ray, in-process for one worker or in spawned processes with a
+  gloo/NCCL process group for several (useful on a GPU machine without Ray).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distnoisy.config import Config
+from distnoisy.errors import DistnoisyError
+from distnoisy.loop import WorkerContext, run_worker
+
+log = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 2
+
+
+# -- local launcher ---------------------------------------------------------------------------
+def _local_checkpoints(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("epoch=*") if p.is_dir())
+
+
+def _local_context(
+    rank: int, world: int, device: torch.device, ckpt_root: Path, resume: bool
+) -> WorkerContext:
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is None:
+            return
+        final = ckpt_root / f"epoch={int(metrics['epoch']):04d}"
+        tmp = ckpt_root / f".{final.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a checkpoint appears whole or not at all
+        for old in _local_checkpoints(ckpt_root)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def restore() -> Iterator[Path | None]:
+        found = _local_checkpoints(ckpt_root) if resume else []
+        yield found[-1] if found else None
+
+    return WorkerContext(rank, world, device, report, restore)
+
+
+def _local_device(cfg: Config, rank: int) -> torch.device:
+    if cfg.scaling.use_gpu:
+        if not torch.cuda.is_available():
+            raise DistnoisyError("scaling.use_gpu=true but no CUDA device is visible")
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _spawned_worker(rank: int, world: int, port: int, job: dict, ckpt_root: str, resume: bool) -> None:
+    from distnoisy.config import from_dict
+
+    cfg = from_dict(job["config"])
+    device = _local_device(cfg, rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        run_worker(job, _local_context(rank, world, device, Path(ckpt_root), resume))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(job: dict[str, Any], cfg: Config, run_dir: Path) -> Path:
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    world = cfg.scaling.num_workers
+    if world == 1:
+        ctx = _local_context(0, 1, _local_device(cfg, 0), ckpt_root, cfg.resume)
+        run_worker(job, ctx)
+    else:
+        torch.multiprocessing.spawn(
+            _spawned_worker,
+            args=(world, _free_port(), job, str(ckpt_root), cfg.resume),
+            nprocs=world,
+            join=True,
+        )
+    found = _local_checkpoints(ckpt_root)
+    if not found:
+        raise DistnoisyError(f"training ended without a checkpoint in {ckpt_root}")
+    return found[-1]
+
+
+# -- Ray launcher -----------------------------------------------------------------------------
+def _ray_worker(job: dict[str, Any]) -> None:
+    """Ray Train entry point on each worker (importable: Ray pickles it by reference)."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch={int(metrics['epoch']):04d}"
+        )
+
+    @contextlib.contextmanager
+    def restore() -> Iterator[Path | None]:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as d:
+            yield Path(d)
+
+    ctx = WorkerContext(
+        rank=rank,
+        world_size=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        report=report,
+        restore=restore,
+    )
+    run_worker(job, ctx)
+
+
+def ensure_ray(address: str | None, num_workers: int) -> None:
+    """Connect to a Ray cluster, starting a local one (bound to 127.0.0.1) when there is none."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        return
+    # Logical CPUs may exceed physical ones: every worker needs one, the controller too.
+    num_cpus = max(os.cpu_count() or 1, num_workers + 1)
+    ray.init(
+        num_cpus=num_cpus,
+        # The dashboard (State API) lets Ray clean up placement groups of stopped Train runs;
+        # it listens on loopback only.
+        dashboard_host="127.0.0.1",
+        runtime_env=env,
+        _node_ip_address="127.0.0.1",
+    )
+
+
+def launch_ray(job: dict[str, Any], cfg: Config, run_dir: Path) -> Path:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray(cfg.scaling.address, cfg.scaling.num_workers)
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config=job,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu
+        ),
+        run_config=ray.train.RunConfig(
+            # A stable name per run dir: re-running with resume=true continues this Train run.
+            name="train",
+            storage_path=str((run_dir / "ray").resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise DistnoisyError("Ray Train finished without a checkpoint")
+    return Path(result.checkpoint.path)
+
+
+def launch(job: dict[str, Any], cfg: Config, run_dir: Path) -> Path:
+    if cfg.scaling.launcher == "ray":
+        return launch_ray(job, cfg, run_dir)
+    return launch_local(job, cfg, run_dir)

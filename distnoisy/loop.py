@@ -1,0 +1,349 @@
+"""The per-worker training loop: plain torch + torch.distributed, no Ray.
+
+A launcher (Ray Train, or the in-process/multiprocess local launcher) calls :func:`run_worker`
+on every rank with a :class:`WorkerContext` that supplies ``report`` (metrics + optional
+checkpoint, once per epoch on every rank) and ``restore`` (the latest checkpoint, if any).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from distnoisy import dist
+from distnoisy.config import Config, from_dict
+from distnoisy.data.prepare import DataSpec
+from distnoisy.methods import METHODS, Method
+from distnoisy.metrics import auroc
+from distnoisy.models import build_model
+from distnoisy.store import FieldSpec, SampleStore
+from distnoisy.tracking import RunLogger
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "state.pt"
+OUTPUTS_DIR = "outputs"
+
+
+@dataclass
+class WorkerContext:
+    """What a launcher gives the loop.
+
+    ``report(metrics, checkpoint_dir)`` is called by every rank once per epoch; only rank 0
+    passes a directory. ``restore()`` is a context manager yielding the latest checkpoint
+    directory or None.
+    """
+
+    rank: int
+    world_size: int
+    device: torch.device
+    report: Callable[[dict[str, float], Path | None], None]
+    restore: Callable[[], contextlib.AbstractContextManager[Path | None]]
+
+
+@contextlib.contextmanager
+def no_checkpoint() -> Iterator[Path | None]:
+    yield None
+
+
+def _labels(spec: DataSpec) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """Given labels, clean labels (or None) and keys of the training set, by global index."""
+    from distnoisy.data.noise import load_label_file
+    from distnoisy.data.shards import read_labels, read_manifest
+
+    labels, clean, keys = read_labels(read_manifest(spec.train_dir))
+    if spec.label_file is not None:
+        lf = load_label_file(Path(spec.label_file), spec.num_train, spec.num_classes)
+        labels = lf.labels
+        if lf.clean_labels is not None:
+            clean = lf.clean_labels
+    return np.asarray(labels, dtype=np.int64), clean, list(keys)
+
+
+def _optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _scheduler(cfg: Config, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    t = cfg.train
+    if t.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
+    if t.scheduler == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(t.milestones), gamma=t.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, stream: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(index, probs) of this rank's share of an eval stream."""
+    model.eval()
+    idx, probs = [], []
+    for batch in stream.batches():
+        logits = model(batch["image"].to(device, non_blocking=True))
+        idx.append(batch["index"])
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+    model.train()
+    if not idx:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
+    return torch.cat(idx), torch.cat(probs)
+
+
+def _accuracy(model: torch.nn.Module, stream: Any, labels: torch.Tensor, device: torch.device) -> float:
+    index, probs = predict(model, stream, device)
+    correct = (probs.argmax(1) == labels[index]).sum() if len(index) else torch.tensor(0)
+    totals = dist.all_reduce_sum(torch.tensor([float(correct), float(len(index))], device=device))
+    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _write_outputs(
+    out: Path,
+    method: Method,
+    store: SampleStore,
+    given: np.ndarray,
+    clean: np.ndarray | None,
+    keys: list[str],
+    history: list[dict[str, float]],
+    spec: DataSpec,
+    cfg: Config,
+) -> dict[str, Any]:
+    """Label-issue table, per-sample export and summary of the finished run (rank 0)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(given)
+    probs = store["final_prob"].numpy()
+    loss_hist = store["loss_hist"].numpy()
+    score, suggested = method.label_issue_scores(given, probs, loss_hist)
+    is_noisy = (clean != given) if clean is not None else None
+    order = np.argsort(-score, kind="stable")
+    table = {
+        "index": np.arange(n)[order],
+        "key": np.asarray(keys, dtype=object)[order],
+        "given_label": given[order],
+        "suggested_label": np.asarray(suggested, dtype=np.int64)[order],
+        "score": np.asarray(score, dtype=np.float64)[order],
+    }
+    if is_noisy is not None:
+        table["is_corrupted"] = is_noisy[order]
+    pq.write_table(pa.table(table), out / "label_issues.parquet")
+
+    pred = probs.argmax(1)
+    extra: dict[str, np.ndarray] = {"key": np.asarray(keys, dtype=object), "given_label": given}
+    extra["label_issue_score"] = np.asarray(score, dtype=np.float64)
+    extra["final_pred"] = pred
+    if clean is not None:
+        extra["clean_label"] = clean
+        extra["is_corrupted"] = is_noisy
+    store.export_parquet(out / "sample_stats.parquet", extra=extra)
+
+    test_accs = [h["test_acc"] for h in history if h.get("test_acc") is not None]
+    summary: dict[str, Any] = {
+        "method": cfg.method.name,
+        "dataset": spec.dataset,
+        "num_train": n,
+        "num_classes": spec.num_classes,
+        "noise_kind": cfg.noise.kind,
+        "noise_rate_realised": spec.noise_rate,
+        "num_workers": dist.world_size(),
+        "epochs": len(history),
+        "test_acc": history[-1].get("test_acc") if history else None,
+        "best_test_acc": max(test_accs) if test_accs else None,
+        "best_epoch": int(np.argmax(test_accs)) if test_accs else None,
+        "train_acc_given": float((pred == given).mean()),
+        "memorized": None,
+        "clean_train_acc": None,
+        "label_issue_auroc": None,
+        "label_issue_precision_at_k": None,
+        "label_issue_score": method.score_description,
+        "history": history,
+    }
+    if is_noisy is not None:
+        k = int(is_noisy.sum())
+        summary["clean_train_acc"] = float((pred == clean).mean())
+        if k:
+            summary["memorized"] = float((pred[is_noisy] == given[is_noisy]).mean())
+            summary["label_issue_precision_at_k"] = float(is_noisy[order[:k]].mean())
+        if 0 < k < n:
+            summary["label_issue_auroc"] = auroc(score, is_noisy)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary
+
+
+def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
+    """Train one rank. ``job`` = {"config": dict, "data": DataSpec dict, "tracking": {...}}."""
+    from distnoisy.data.shards import read_manifest
+    from distnoisy.data.stream import EvalStream, TrainStream, make_transform
+
+    cfg = from_dict(job["config"])
+    spec = DataSpec(**job["data"])
+    tracking = job.get("tracking") or {}
+    rank, world, device = ctx.rank, ctx.world_size, ctx.device
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    np.random.seed(cfg.seed + rank)
+
+    given_np, clean_np, keys = _labels(spec)
+    given = torch.from_numpy(given_np)
+    n, num_classes, epochs = spec.num_train, spec.num_classes, cfg.train.epochs
+
+    model = build_model(cfg.model.name, num_classes, spec.in_channels, cfg.model.weights).to(device)
+    net: torch.nn.Module = model
+    if world > 1:
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    comm_device = device if device.type == "cuda" else torch.device("cpu")
+    store = SampleStore(n, comm_device=comm_device)
+    store.declare("loss_hist", FieldSpec(shape=(epochs,), fill=float("nan")))
+    store.declare("train_pred", FieldSpec(dtype=torch.int64, fill=-1))
+    store.declare("final_prob", FieldSpec(shape=(num_classes,)))
+    method: Method = METHODS.get(cfg.method.name)(
+        cfg.method, num_samples=n, num_classes=num_classes, epochs=epochs
+    )
+    method.attach(store)
+    opt = _optimizer(cfg, net.parameters())
+    sched = _scheduler(cfg, opt)
+
+    start_epoch, history = 0, []
+    with ctx.restore() as ckpt_dir:
+        if ckpt_dir is not None:
+            state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            store.load_state_dict(state["store"])
+            method.load_state_dict(state["method"])
+            start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+            if rank == 0:
+                log.info("resumed from %s at epoch %d", ckpt_dir, start_epoch)
+
+    local_bs = cfg.train.batch_size // world
+    train_stream = TrainStream(
+        read_manifest(spec.train_dir),
+        rank=rank,
+        world_size=world,
+        local_batch_size=local_bs,
+        seed=cfg.seed,
+        split=cfg.data.split,
+        transform=make_transform(spec.train_transform, spec.mean, spec.std, seed=cfg.seed),
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        num_workers=cfg.data.num_workers,
+    )
+    eval_tf = make_transform(spec.eval_transform, spec.mean, spec.std)
+    test_stream = test_labels = None
+    if spec.test_dir is not None:
+        from distnoisy.data.shards import read_labels
+
+        test_manifest = read_manifest(spec.test_dir)
+        test_labels = torch.from_numpy(np.asarray(read_labels(test_manifest)[0], dtype=np.int64))
+        test_stream = EvalStream(
+            test_manifest, rank=rank, world_size=world, batch_size=256, transform=eval_tf
+        )
+    corrupted = torch.from_numpy(clean_np != given_np) if clean_np is not None else None
+    logger = RunLogger(tracking.get("uri"), tracking.get("run_id"), rank)
+
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        metrics: dict[str, float] = dict(method.on_epoch_start(epoch))
+        net.train()
+        sums = torch.zeros(3, dtype=torch.float64)  # loss*b, correct on given labels, b
+        for batch in train_stream.epoch_batches(epoch):
+            x = batch["image"].to(device, non_blocking=True)
+            index = batch["index"]
+            y = given[index].to(device, non_blocking=True)
+            logits = net(x)
+            out = method.loss(logits, y, index)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            with torch.no_grad():
+                ce = F.cross_entropy(logits.detach().float(), y, reduction="none")
+                pred = logits.detach().argmax(1)
+                store.stage("loss_hist", index, ce, column=epoch)
+                store.stage("train_pred", index, pred)
+                store.flush()
+                sums += torch.tensor([float(out.loss) * len(y), float((pred == y).sum()), len(y)])
+        sched.step()
+        totals = dist.all_reduce_sum(sums.to(comm_device)).cpu()
+        metrics["train_loss"] = float(totals[0] / totals[2])
+        metrics["train_acc_given"] = float(totals[1] / totals[2])
+        if test_stream is not None:
+            metrics["test_acc"] = _accuracy(model, test_stream, test_labels, device)
+        if corrupted is not None and corrupted.any():
+            seen = store["train_pred"] >= 0
+            mask = corrupted & seen
+            metrics["memorized"] = float((store["train_pred"][mask] == given[mask]).float().mean())
+        metrics["lr"] = float(opt.param_groups[0]["lr"])
+        metrics["epoch_time_s"] = time.perf_counter() - t0
+        metrics["epoch"] = epoch
+        history.append(metrics)
+        logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        if rank == 0:
+            log.info(
+                "epoch %d/%d  loss %.4f  train_acc(given) %.3f  test_acc %s  memorized %s  (%.1fs)",
+                epoch + 1,
+                epochs,
+                metrics["train_loss"],
+                metrics["train_acc_given"],
+                f"{metrics['test_acc']:.3f}" if "test_acc" in metrics else "-",
+                f"{metrics['memorized']:.3f}" if "memorized" in metrics else "-",
+                metrics["epoch_time_s"],
+            )
+
+        last = epoch == epochs - 1
+        if last:
+            # Final predictions on the (un-augmented) training set, gathered into the store.
+            train_eval = EvalStream(
+                read_manifest(spec.train_dir),
+                rank=rank,
+                world_size=world,
+                batch_size=256,
+                transform=eval_tf,
+            )
+            index, probs = predict(model, train_eval, device)
+            store.set("final_prob", index, probs)
+
+        ckpt_dir = None
+        if rank == 0:
+            ckpt_dir = Path(tempfile.mkdtemp(prefix="distnoisy-ckpt-"))
+            state = {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "store": store.state_dict(),
+                "method": method.state_dict(),
+                "epoch": epoch,
+                "history": history,
+            }
+            _save_state(ckpt_dir / CHECKPOINT_FILE, state)
+            if last:
+                _write_outputs(
+                    ckpt_dir / OUTPUTS_DIR, method, store, given_np, clean_np, keys, history, spec, cfg
+                )
+        try:
+            ctx.report(metrics, ckpt_dir)
+        finally:
+            if ckpt_dir is not None:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -1,0 +1,10 @@
+"""Training methods: one module per method behind one interface (:class:`Method`).
+
+A method is a loss, the per-sample fields it declares in the store, and epoch hooks. It never
+knows about Ray or ranks: the trainer hands it the store, and the store handles sharing.
+"""
+
+from distnoisy.methods.base import METHODS, Method, StepOutput
+from distnoisy.methods import ce, elr  # noqa: F401  (register the methods)
+
+__all__ = ["METHODS", "Method", "StepOutput"]

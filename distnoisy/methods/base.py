@@ -1,0 +1,89 @@
+"""The method interface and registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from distnoisy.config import MethodParams
+from distnoisy.registry import Registry
+from distnoisy.store import FieldSpec, SampleStore
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # the scalar to backpropagate (mean over the local batch)
+
+
+class Method:
+    """Base class of a training method.
+
+    Subclasses set ``Params`` (a dataclass of their ``method.*`` keys), implement :meth:`loss`,
+    and may declare per-sample ``fields``, epoch hooks and a label-issue score.
+
+    Parameters
+    ----------
+    params
+        The method's parameter dataclass (``cfg.method``).
+    num_samples, num_classes, epochs
+        Training-set size N, number of classes C and the number of epochs E.
+    """
+
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    #: One line on how :meth:`label_issue_scores` ranks samples (written into the outputs).
+    score_description: ClassVar[str] = "mean training loss on the given label over all epochs"
+
+    def __init__(self, params: Any, *, num_samples: int, num_classes: int, epochs: int) -> None:
+        self.params = params
+        self.num_samples = num_samples
+        self.num_classes = num_classes
+        self.epochs = epochs
+        self.store: SampleStore | None = None
+
+    @classmethod
+    def validate_params(cls, params: Any) -> None:
+        """Raise :class:`~distnoisy.errors.ConfigError` for invalid ``method.*`` values."""
+
+    def fields(self) -> dict[str, FieldSpec]:
+        """Per-sample fields this method keeps in the store."""
+        return {}
+
+    def attach(self, store: SampleStore) -> None:
+        for name, spec in self.fields().items():
+            store.declare(name, spec)
+        self.store = store
+
+    def on_epoch_start(self, epoch: int) -> dict[str, float]:
+        """Called before each epoch; returns values to log (e.g. a schedule)."""
+        return {}
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
+        raise NotImplementedError
+
+    def label_issue_scores(
+        self, given: np.ndarray, probs: np.ndarray, loss_history: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Score (higher = more likely mislabelled) and suggested label per training sample.
+
+        The default (METHODS.md §10) is the mean over epochs of the per-sample training loss on
+        the given label, with the final model's prediction as the suggestion. Epochs in which a
+        sample was not drawn (``NaN``; shard-split streams drop a few per epoch) are skipped; a
+        sample never drawn is scored by the final model's loss on its given label.
+        """
+        seen = np.isfinite(loss_history)
+        total = np.where(seen, loss_history, 0.0).sum(axis=1)
+        count = seen.sum(axis=1)
+        final_loss = -np.log(np.clip(probs[np.arange(len(given)), given], 1e-12, None))
+        score = np.where(count > 0, total / np.maximum(count, 1), final_loss)
+        return score, probs.argmax(axis=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,110 @@
+"""MLflow tracking: the driver owns the run's lifecycle, rank 0 logs metrics into it.
+
+The driver creates the run (params, tags), hands its id to the workers and ends it: FINISHED on
+success, FAILED on any error, KILLED on Ctrl-C. A crashed or killed worker therefore never leaves
+a run stuck in RUNNING. Workers log with :class:`RunLogger`, which is a no-op off rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+_MAX_PARAM_LEN = 6000
+
+
+def default_tracking_uri() -> str:
+    """``sqlite:///<absolute cwd>/mlflow.db``: absolute, so Ray workers (another cwd) agree."""
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts of a local SQLite store go beside the database file (not into the cwd)."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def _client(uri: str):  # noqa: ANN202 - mlflow imported lazily (slow import)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def start_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Create an MLflow run and log its params; returns the run id."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = (
+        exp.experiment_id
+        if exp is not None
+        else client.create_experiment(experiment, artifact_location=_artifact_location(uri))
+    )
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id  # what the UI uses to nest runs
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    log_params(uri, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(params.items())]
+    client = _client(uri)
+    for i in range(0, len(items), 100):  # log_batch accepts at most 100 params per call
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """Terminate the run with ``FINISHED``, ``FAILED`` or ``KILLED``; never raises."""
+    try:
+        _client(uri).set_terminated(run_id, status=status)
+    except Exception as e:  # the run's status must not mask the original error
+        log.warning("could not mark MLflow run %s as %s: %s", run_id, status, e)
+
+
+def log_artifacts(uri: str, run_id: str, paths: list[Path]) -> None:
+    client = _client(uri)
+    for p in paths:
+        if p.exists():
+            client.log_artifact(run_id, str(p))
+
+
+def run_status(uri: str, run_id: str) -> str:
+    return _client(uri).get_run(run_id).info.status
+
+
+class RunLogger:
+    """Per-epoch metric logging from rank 0 (a no-op elsewhere or when tracking is off)."""
+
+    def __init__(self, uri: str | None, run_id: str | None, rank: int) -> None:
+        self.enabled = bool(uri and run_id and rank == 0)
+        self.run_id = run_id
+        self._client = _client(uri) if self.enabled else None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        self._client.log_batch(self.run_id, metrics=batch)

@@ -1,0 +1,192 @@
+"""``python -m distnoisy.train [--config FILE.yaml] [key=value ...]``: one training run.
+
+With no arguments it trains ELR on scikit-learn's digits with 40% symmetric label noise, on a
+local Ray cluster with 2 CPU workers, tracked in ``./mlflow.db``. Outputs go to ``output_dir``
+(default ``runs/<name or timestamp>``): ``config.yaml``, ``summary.json``,
+``label_issues.parquet``, ``sample_stats.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from distnoisy.config import Config, flat_params, load_config, save_config, to_dict
+from distnoisy.errors import ConfigError, DistnoisyError
+
+log = logging.getLogger("distnoisy")
+
+OUTPUT_FILES = ("summary.json", "label_issues.parquet", "sample_stats.parquet")
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir).expanduser().resolve()
+    name = cfg.name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.method.name}"
+    return (Path("runs") / name).resolve()
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    has_run = (run_dir / "run.json").exists()
+    if resume and not has_run:
+        raise ConfigError(f"resume=true but {run_dir} holds no run to resume (no run.json)")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"output_dir {run_dir} already exists and is not empty; pass resume=true to continue "
+            "that run, or choose another output_dir/name"
+        )
+
+
+def _dry_build(cfg: Config, num_classes: int, in_channels: int) -> None:
+    """Instantiate the model and method once so that bad settings fail before the run starts."""
+    from distnoisy.methods import METHODS
+    from distnoisy.models import build_model
+
+    build_model(cfg.model.name, num_classes, in_channels, cfg.model.weights)
+    METHODS.get(cfg.method.name)(
+        cfg.method, num_samples=1, num_classes=num_classes, epochs=cfg.train.epochs
+    )
+
+
+def _publish(final_ckpt: Path, run_dir: Path) -> None:
+    """Copy the finished run's outputs from its final checkpoint into the run dir, atomically."""
+    src = final_ckpt / "outputs"
+    for name in OUTPUT_FILES:
+        tmp = run_dir / f".{name}.tmp"
+        shutil.copyfile(src / name, tmp)
+        os.replace(tmp, run_dir / name)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run one training job described by ``cfg``; returns the summary (also in summary.json).
+
+    Raises
+    ------
+    DistnoisyError
+        For bad input (config, data, labels), before the run directory is created.
+    """
+    from distnoisy import tracking
+    from distnoisy.data.prepare import prepare_data
+    from distnoisy.launch import launch
+
+    t_start = time.perf_counter()
+    run_dir = resolve_run_dir(cfg)
+    _check_run_dir(run_dir, cfg.resume)
+    spec = prepare_data(cfg)  # validates data and labels; writes only into the data cache
+    _dry_build(cfg, spec.num_classes, spec.in_channels)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    uri = cfg.tracking.uri or tracking.default_tracking_uri()
+    run_info_path = run_dir / "run.json"
+    run_id: str | None = None
+    if cfg.tracking.enabled:
+        if cfg.resume and run_info_path.exists():
+            run_id = json.loads(run_info_path.read_text()).get("mlflow_run_id")
+        if run_id is None:
+            run_id = tracking.start_run(
+                uri,
+                cfg.tracking.experiment,
+                cfg.tracking.run_name or run_dir.name,
+                flat_params(cfg),
+                tags={"distnoisy.output_dir": str(run_dir), "distnoisy.method": cfg.method.name},
+            )
+        else:
+            tracking._client(uri).update_run(run_id, status="RUNNING")
+    tmp_info = run_info_path.with_suffix(".tmp")
+    tmp_info.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
+    os.replace(tmp_info, run_info_path)
+
+    job = {
+        "config": to_dict(cfg),
+        "data": spec.to_dict(),
+        "tracking": {"uri": uri, "run_id": run_id} if run_id else None,
+    }
+    status = "FAILED"
+    try:
+        if run_id is not None:
+            noise = {"noise_rate_realised": spec.noise_rate} if spec.noise_rate is not None else {}
+            tracking.RunLogger(uri, run_id, 0).log_metrics(noise, step=0)
+            if spec.transition is not None:
+                (run_dir / "noise_transition.json").write_text(
+                    json.dumps({"classes": spec.classes, "transition": spec.transition})
+                )
+        final_ckpt = launch(job, cfg, run_dir)
+        _publish(final_ckpt, run_dir)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary.update(
+            wall_s=round(time.perf_counter() - t_start, 2),
+            mlflow_run_id=run_id,
+            output_dir=str(run_dir),
+        )
+        tmp = run_dir / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, run_dir / "summary.json")
+        if run_id is not None:
+            final = {k: summary[k] for k in ("test_acc", "best_test_acc", "memorized",
+                                              "label_issue_auroc") if summary.get(k) is not None}
+            tracking.RunLogger(uri, run_id, 0).log_metrics(
+                {f"final_{k}": v for k, v in final.items()}, step=summary["epochs"]
+            )
+            tracking.log_artifacts(
+                uri,
+                run_id,
+                [run_dir / n for n in ("config.yaml", "summary.json", "label_issues.parquet",
+                                       "noise_transition.json")],
+            )
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if run_id is not None:
+            tracking.end_run(uri, run_id, status)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    def pct(v: Any) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    lines = [
+        f"distnoisy: {summary['method']} on {summary['dataset']} "
+        f"({summary['num_train']} train samples, noise {summary['noise_kind']}, "
+        f"realised rate {pct(summary.get('noise_rate_realised'))}, "
+        f"{summary['num_workers']} workers)",
+        f"  clean test accuracy   {pct(summary.get('test_acc'))} final, "
+        f"{pct(summary.get('best_test_acc'))} best (epoch {summary.get('best_epoch')})",
+        f"  memorized noisy labels {pct(summary.get('memorized'))} of corrupted training samples",
+        f"  label-issue AUROC     {summary.get('label_issue_auroc') or 'n/a'}"
+        + (
+            f"  (precision@k {pct(summary.get('label_issue_precision_at_k'))})"
+            if summary.get("label_issue_precision_at_k") is not None
+            else ""
+        ),
+        f"  {summary['epochs']} epochs in {summary.get('wall_s')} s; outputs in "
+        f"{summary.get('output_dir')}; MLflow run {summary.get('mlflow_run_id')}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("mlflow", "alembic", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        summary = train(cfg)
+    except DistnoisyError as e:
+        print(f"distnoisy: error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

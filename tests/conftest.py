@@ -1,0 +1,40 @@
+"""Shared fixtures: one local Ray cluster per test session, one digits shard cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster (4 logical CPUs on a 2-core machine), started once (~20-30 s)."""
+    import ray
+
+    ray.init(
+        num_cpus=4,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}},
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """Digits shards written once per session (the real scikit-learn images)."""
+    from distnoisy.data.digits import prepare_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    prepare_digits(root, test_fraction=0.2, seed=0, shard_size=256)
+    return root
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,0 +1,188 @@
+"""End-to-end runs on the real digits data: Ray Train DDP, MLflow, outputs, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from distnoisy.config import load_config
+from distnoisy.train import main, train
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(tmp_path: Path, digits_root: Path, mlflow_uri: str, *overrides: str):
+    return load_config(
+        [
+            f"data.root={digits_root}",
+            f"output_dir={tmp_path / 'run'}",
+            f"tracking.uri={mlflow_uri}",
+            *overrides,
+        ]
+    )
+
+
+def test_ray_two_workers_writes_outputs_and_tracks(tmp_path, digits_root, mlflow_uri, ray_cluster):
+    cfg = _cfg(tmp_path, digits_root, mlflow_uri, "train.epochs=4", "scaling.num_workers=2")
+    summary = train(cfg)
+    run_dir = tmp_path / "run"
+    for name in ("config.yaml", "summary.json", "label_issues.parquet", "sample_stats.parquet"):
+        assert (run_dir / name).is_file(), name
+    assert summary["num_workers"] == 2 and summary["epochs"] == 4
+    assert 0.3 < summary["noise_rate_realised"] < 0.5
+    for key in ("test_acc", "best_test_acc", "memorized", "label_issue_auroc", "wall_s"):
+        assert isinstance(summary[key], float), key
+    assert summary["test_acc"] > 0.5  # 4 epochs on digits already learn the clean signal
+
+    issues = pq.read_table(run_dir / "label_issues.parquet").to_pandas()
+    assert len(issues) == summary["num_train"]
+    assert list(issues.columns[:5]) == ["index", "key", "given_label", "suggested_label", "score"]
+    assert np.all(np.diff(issues["score"].to_numpy()) <= 0)  # ranked
+    assert sorted(issues["index"]) == list(range(summary["num_train"]))
+    assert issues["key"].str.startswith("digits/").all()
+
+    stats = pq.read_table(run_dir / "sample_stats.parquet").to_pandas()
+    hist = np.stack(stats["loss_hist"].to_numpy())
+    assert hist.shape == (summary["num_train"], 4)
+    # Shard split: each epoch draws floor(N / 64) * 64 samples, a few twice, a few not at all.
+    assert np.isfinite(hist).mean() > 0.95
+    targets = np.stack(stats["elr_target"].to_numpy())
+    # Zero init and no bias correction: after k visits a target sums to 1 - beta**k.
+    sums = targets.sum(1, keepdims=True)
+    assert np.abs(sums - (1 - 0.7 ** np.arange(1, 9))).min(1).max() < 1e-4
+
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method.lam"] == "3.0" and run.data.params["scaling.num_workers"] == "2"
+    test_acc = client.get_metric_history(run.info.run_id, "test_acc")
+    assert [m.step for m in test_acc] == [0, 1, 2, 3]
+    assert test_acc[-1].value == pytest.approx(summary["test_acc"])
+    assert "memorized" in run.data.metrics and "noise_rate_realised" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "summary.json", "label_issues.parquet"} <= artifacts
+
+
+def test_elr_targets_identical_for_one_and_two_workers(
+    tmp_path, digits_root, mlflow_uri, ray_cluster
+):
+    # One global sample order (data.split=sample) and a model without batch-dependent layers
+    # make 1 and 2 workers the same computation up to float summation order. At lr=0.01 the
+    # targets agree to ~1e-5 after 3 epochs (1e-8 after one); a chaotic lr such as 0.05 amplifies
+    # the rounding differences to ~3e-3 by epoch 3.
+    common = ("train.epochs=3", "data.split=sample", "train.optimizer=sgd", "train.lr=0.01",
+              "tracking.enabled=false")
+    one = train(_cfg(tmp_path / "a", digits_root, mlflow_uri, *common, "scaling.launcher=local",
+                     "scaling.num_workers=1"))
+    two = train(_cfg(tmp_path / "b", digits_root, mlflow_uri, *common, "scaling.num_workers=2"))
+    t1 = np.stack(pq.read_table(tmp_path / "a/run/sample_stats.parquet")["elr_target"].to_numpy(
+        zero_copy_only=False))
+    t2 = np.stack(pq.read_table(tmp_path / "b/run/sample_stats.parquet")["elr_target"].to_numpy(
+        zero_copy_only=False))
+    assert np.abs(t1 - t2).max() < 1e-4
+    # Each epoch uses floor(1437 / 64) * 64 = 1408 samples: most samples were visited 3 times.
+    assert np.mean(np.abs(t1.sum(1) - (1 - 0.7**3)) < 1e-5) > 0.9
+    assert one["test_acc"] == pytest.approx(two["test_acc"], abs=1e-6)
+
+
+def test_elr_beats_ce_where_ce_memorizes(tmp_path, digits_root, mlflow_uri):
+    # The direction of the README's headline result on a shorter, single-process run.
+    common = ("train.epochs=30", "scaling.launcher=local", "scaling.num_workers=1",
+              "tracking.enabled=false")
+    ce = train(_cfg(tmp_path / "ce", digits_root, mlflow_uri, *common, "method.name=ce"))
+    elr = train(_cfg(tmp_path / "elr", digits_root, mlflow_uri, *common, "method.name=elr"))
+    assert ce["memorized"] > 0.5
+    assert elr["memorized"] < ce["memorized"] - 0.2
+    assert elr["test_acc"] > ce["test_acc"] + 0.05
+    assert elr["label_issue_auroc"] > 0.85
+
+
+def test_resume_continues_exactly(tmp_path, digits_root, mlflow_uri):
+    args = ("train.epochs=4", "scaling.launcher=local", "scaling.num_workers=1")
+    straight = train(_cfg(tmp_path / "s", digits_root, mlflow_uri, *args))
+    run_dir = tmp_path / "r" / "run"
+    first = train(_cfg(tmp_path / "r", digits_root, mlflow_uri, *args))
+    # Lose the last epoch, as if the job had died after epoch 3 was checkpointed.
+    ckpts = sorted((run_dir / "checkpoints").glob("epoch=*"))
+    assert [p.name for p in ckpts] == ["epoch=0002", "epoch=0003"]  # only the last two kept
+    import shutil
+
+    shutil.rmtree(ckpts[-1])
+    resumed = train(_cfg(tmp_path / "r", digits_root, mlflow_uri, *args, "resume=true"))
+    assert resumed["mlflow_run_id"] == first["mlflow_run_id"]
+    for key in ("test_acc", "memorized", "label_issue_auroc"):
+        assert resumed[key] == pytest.approx(straight[key], abs=1e-9), key
+    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx(
+        [h["train_loss"] for h in straight["history"]], abs=1e-9)
+    run = MlflowClient(mlflow_uri).get_run(resumed["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+
+
+def test_crash_marks_run_failed_and_leaves_no_outputs(tmp_path, digits_root, mlflow_uri, monkeypatch):
+    from distnoisy.methods.elr import ELR
+
+    calls = {"n": 0}
+    original = ELR.loss
+
+    def failing_loss(self, logits, labels, index):
+        calls["n"] += 1
+        if calls["n"] > 30:  # crash in the second epoch
+            raise RuntimeError("injected worker failure")
+        return original(self, logits, labels, index)
+
+    monkeypatch.setattr(ELR, "loss", failing_loss)
+    cfg = _cfg(tmp_path, digits_root, mlflow_uri, "train.epochs=3", "scaling.launcher=local",
+               "scaling.num_workers=1")
+    with pytest.raises(RuntimeError, match="injected"):
+        train(cfg)
+    run_dir = tmp_path / "run"
+    run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "FAILED"
+    assert not (run_dir / "summary.json").exists()
+    assert not (run_dir / "label_issues.parquet").exists()
+    ckpts = [p.name for p in (run_dir / "checkpoints").iterdir()]
+    assert ckpts == ["epoch=0000"]  # the finished epoch only, whole; no temp leftovers
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, digits_root, capsys):
+    out = tmp_path / "out"
+    base = [f"data.root={digits_root}", f"output_dir={out}", "tracking.enabled=false"]
+    labels = tmp_path / "labels.csv"
+    n = 1437
+    rows = [f"{i},{i % 10}" for i in range(n)]
+    rows[57] = "57,12"
+    labels.write_text("index,label\n" + "\n".join(rows) + "\n")
+    err = _error_line(capsys, [*base, "noise.kind=file", f"noise.file={labels}"])
+    assert "12" in err and "57" in err and "0..9" in err
+    err = _error_line(capsys, [*base, "data.name=shards", f"data.urls={tmp_path / 'missing'}"])
+    assert str(tmp_path / "missing") in err
+    err = _error_line(capsys, [*base, "method.name=elrr"])
+    assert "unknown method 'elrr'" in err and "elr" in err
+    assert not out.exists()
+
+
+def test_cli_entry_point_on_the_shared_cluster(tmp_path, digits_root, mlflow_uri, ray_cluster):
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    proc = subprocess.run(
+        [sys.executable, "-m", "distnoisy.train", f"data.root={digits_root}",
+         f"output_dir={tmp_path / 'cli'}", f"tracking.uri={mlflow_uri}", "train.epochs=2"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "clean test accuracy" in proc.stdout and "label-issue AUROC" in proc.stdout
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["epochs"] == 2
