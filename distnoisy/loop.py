@@ -86,7 +86,9 @@ def _scheduler(cfg: Config, opt: torch.optim.Optimizer) -> torch.optim.lr_schedu
     if t.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
     if t.scheduler == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(t.milestones), gamma=t.gamma)
+        return torch.optim.lr_scheduler.MultiStepLR(
+            opt, milestones=list(t.milestones), gamma=t.gamma
+        )
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
@@ -105,11 +107,18 @@ def predict(model: torch.nn.Module, stream: Any, device: torch.device) -> tuple[
     return torch.cat(idx), torch.cat(probs)
 
 
-def _accuracy(model: torch.nn.Module, stream: Any, labels: torch.Tensor, device: torch.device) -> float:
+def _accuracy(
+    model: torch.nn.Module, stream: Any, labels: torch.Tensor, device: torch.device
+) -> float:
     index, probs = predict(model, stream, device)
     correct = (probs.argmax(1) == labels[index]).sum() if len(index) else torch.tensor(0)
     totals = dist.all_reduce_sum(torch.tensor([float(correct), float(len(index))], device=device))
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+
+def train_eval_bad(*streams: Any) -> int:
+    """Corrupt or unreadable samples that eval streams skipped on this rank."""
+    return sum(len(s.bad_samples) for s in streams if s is not None)
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -128,6 +137,7 @@ def _write_outputs(
     history: list[dict[str, float]],
     spec: DataSpec,
     cfg: Config,
+    bad_samples: int = 0,
 ) -> dict[str, Any]:
     """Label-issue table, per-sample export and summary of the finished run (rank 0)."""
     import pyarrow as pa
@@ -179,6 +189,7 @@ def _write_outputs(
         "label_issue_auroc": None,
         "label_issue_precision_at_k": None,
         "label_issue_score": method.score_description,
+        "bad_samples": bad_samples,
         "history": history,
     }
     if is_noisy is not None:
@@ -229,7 +240,9 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
     start_epoch, history = 0, []
     with ctx.restore() as ckpt_dir:
         if ckpt_dir is not None:
-            state = torch.load(Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            state = torch.load(
+                Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True
+            )
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -324,6 +337,8 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
             )
             index, probs = predict(model, train_eval, device)
             store.set("final_prob", index, probs)
+            bad = train_stream.num_bad_samples + train_eval_bad(train_eval, test_stream)
+            num_bad = int(dist.all_reduce_sum(torch.tensor([bad], device=comm_device)).item())
 
         ckpt_dir = None
         if rank == 0:
@@ -340,7 +355,16 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
             _save_state(ckpt_dir / CHECKPOINT_FILE, state)
             if last:
                 _write_outputs(
-                    ckpt_dir / OUTPUTS_DIR, method, store, given_np, clean_np, keys, history, spec, cfg
+                    ckpt_dir / OUTPUTS_DIR,
+                    method,
+                    store,
+                    given_np,
+                    clean_np,
+                    keys,
+                    history,
+                    spec,
+                    cfg,
+                    bad_samples=num_bad,
                 )
         try:
             ctx.report(metrics, ckpt_dir)

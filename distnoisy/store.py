@@ -83,9 +83,7 @@ class SampleStore:
                 raise ValueError(f"store field {name!r} already declared as {self.specs[name]}")
             return
         self.specs[name] = spec
-        self.fields[name] = torch.full(
-            (self.num_samples, *spec.shape), spec.fill, dtype=spec.dtype
-        )
+        self.fields[name] = torch.full((self.num_samples, *spec.shape), spec.fill, dtype=spec.dtype)
 
     def __contains__(self, name: str) -> bool:
         return name in self.fields
@@ -106,7 +104,9 @@ class SampleStore:
         field, e.g. one epoch of a loss history). It becomes visible at the next :meth:`flush`."""
         if name not in self.fields:
             raise KeyError(f"store field {name!r} was not declared; declared: {list(self.fields)}")
-        self._staged.append(_Staged(name, index.detach().cpu().long(), values.detach().cpu(), column))
+        self._staged.append(
+            _Staged(name, index.detach().cpu().long(), values.detach().cpu(), column)
+        )
 
     def set(
         self, name: str, index: torch.Tensor, values: torch.Tensor, column: int | None = None

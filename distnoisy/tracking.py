@@ -32,7 +32,7 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
-def _client(uri: str):  # noqa: ANN202 - mlflow imported lazily (slow import)
+def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)

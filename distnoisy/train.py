@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -129,25 +130,40 @@ def train(cfg: Config) -> dict[str, Any]:
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, run_dir / "summary.json")
         if run_id is not None:
-            final = {k: summary[k] for k in ("test_acc", "best_test_acc", "memorized",
-                                              "label_issue_auroc") if summary.get(k) is not None}
+            final = {
+                k: summary[k]
+                for k in ("test_acc", "best_test_acc", "memorized", "label_issue_auroc")
+                if summary.get(k) is not None
+            }
             tracking.RunLogger(uri, run_id, 0).log_metrics(
                 {f"final_{k}": v for k, v in final.items()}, step=summary["epochs"]
             )
             tracking.log_artifacts(
                 uri,
                 run_id,
-                [run_dir / n for n in ("config.yaml", "summary.json", "label_issues.parquet",
-                                       "noise_transition.json")],
+                [
+                    run_dir / n
+                    for n in (
+                        "config.yaml",
+                        "summary.json",
+                        "label_issues.parquet",
+                        "noise_transition.json",
+                    )
+                ],
             )
         status = "FINISHED"
         return summary
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C, or SIGTERM (Ray's driver handler turns it into SystemExit).
         status = "KILLED"
         raise
     finally:
         if run_id is not None:
             tracking.end_run(uri, run_id, status)
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -158,11 +174,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"distnoisy: {summary['method']} on {summary['dataset']} "
         f"({summary['num_train']} train samples, noise {summary['noise_kind']}, "
         f"realised rate {pct(summary.get('noise_rate_realised'))}, "
-        f"{summary['num_workers']} workers)",
+        f"{summary['num_workers']} worker{'s' if summary['num_workers'] != 1 else ''})",
         f"  clean test accuracy   {pct(summary.get('test_acc'))} final, "
         f"{pct(summary.get('best_test_acc'))} best (epoch {summary.get('best_epoch')})",
         f"  memorized noisy labels {pct(summary.get('memorized'))} of corrupted training samples",
-        f"  label-issue AUROC     {summary.get('label_issue_auroc') or 'n/a'}"
+        f"  label-issue AUROC     {_fmt(summary.get('label_issue_auroc'))}"
         + (
             f"  (precision@k {pct(summary.get('label_issue_precision_at_k'))})"
             if summary.get("label_issue_precision_at_k") is not None
@@ -171,11 +187,20 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  {summary['epochs']} epochs in {summary.get('wall_s')} s; outputs in "
         f"{summary.get('output_dir')}; MLflow run {summary.get('mlflow_run_id')}",
     ]
+    if summary.get("bad_samples"):
+        lines.insert(-1, f"  skipped {summary['bad_samples']} corrupt or unreadable samples")
     return "\n".join(lines)
+
+
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    # SIGTERM (ray job stop, Kubernetes, a scheduler's time limit) becomes KeyboardInterrupt, so
+    # the run is marked KILLED in MLflow instead of being left RUNNING.
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     for noisy in ("mlflow", "alembic", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -184,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     except DistnoisyError as e:
         print(f"distnoisy: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("distnoisy: interrupted; resume with resume=true output_dir=...", file=sys.stderr)
+        return 130
     print(format_summary(summary))
     return 0
 

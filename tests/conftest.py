@@ -18,7 +18,6 @@ def ray_cluster():
     ray.init(
         num_cpus=4,
         dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}},
     )
     yield ray

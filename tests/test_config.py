@@ -11,7 +11,11 @@ from distnoisy.errors import ConfigError
 def test_defaults_are_the_documented_job() -> None:
     cfg = load_config([])
     assert (cfg.data.name, cfg.noise.kind, cfg.noise.rate, cfg.method.name) == (
-        "digits", "symmetric", 0.4, "elr")
+        "digits",
+        "symmetric",
+        0.4,
+        "elr",
+    )
     assert (cfg.scaling.launcher, cfg.scaling.num_workers, cfg.scaling.use_gpu) == ("ray", 2, False)
     assert (cfg.method.beta, cfg.method.lam) == (0.7, 3.0)
 
@@ -28,7 +32,10 @@ def test_file_then_overrides_later_wins(tmp_path) -> None:
     [
         (["trian.epochs=3"], "unknown config key 'trian'. Did you mean 'train'?"),
         (["train.epoch=3"], "Did you mean 'train.epochs'?"),
-        (["method.lamb=3"], "unknown config key 'method.lamb' for method 'elr'. Did you mean 'method.lam'?"),
+        (
+            ["method.lamb=3"],
+            "unknown config key 'method.lamb' for method 'elr'. Did you mean 'method.lam'?",
+        ),
         (["method.name=ce", "method.lam=1"], "unknown config key 'method.lam' for method 'ce'"),
         (["method.name=elr_pls"], "unknown method 'elr_pls'; valid choices: ce, elr"),
         (["train.epochs=ten"], "invalid value for 'train.epochs'"),
@@ -47,7 +54,7 @@ def test_bad_config_is_one_clear_error(argv: list[str], expected: str) -> None:
 
 
 def test_unknown_key_lists_valid_keys() -> None:
-    with pytest.raises(ConfigError, match="Valid keys: train.epochs, train.batch_size"):
+    with pytest.raises(ConfigError, match=r"Valid keys: train\.epochs, train\.batch_size"):
         load_config(["train.foo=1"])
 
 

@@ -70,7 +70,10 @@ def test_write_read_round_trip(tmp_path: Path) -> None:
     assert m.urls == [str((out / s.name).resolve()) for s in m.shards]
     # Only final files: no temp names left behind, the manifest as documented.
     assert sorted(p.name for p in out.iterdir()) == [
-        "labels.parquet", "manifest.json", "train-000000.tar", "train-000001.tar",
+        "labels.parquet",
+        "manifest.json",
+        "train-000000.tar",
+        "train-000001.tar",
         "train-000002.tar",
     ]
     doc = json.loads((out / "manifest.json").read_text())
@@ -87,7 +90,10 @@ def test_write_read_round_trip(tmp_path: Path) -> None:
         assert members[f"{i:09d}.cls"] == str(s.label).encode()
         assert members[f"{i:09d}.clean.cls"] == str(s.clean_label).encode()
         assert json.loads(members[f"{i:09d}.json"]) == {
-            "index": i, "key": s.key, "label": s.label, "clean_label": s.clean_label,
+            "index": i,
+            "key": s.key,
+            "label": s.label,
+            "clean_label": s.clean_label,
         }
 
     labels, clean, keys = read_labels(m)
@@ -104,7 +110,12 @@ def test_unknown_clean_labels_and_jpg(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="JPEG")
     samples = [Sample(i, buf.getvalue(), i % 3, None, f"k{i}") for i in range(5)]
     m = write_shards(
-        samples, tmp_path, split="val", classes=CLASSES, shard_size=10, image_ext="jpg",
+        samples,
+        tmp_path,
+        split="val",
+        classes=CLASSES,
+        shard_size=10,
+        image_ext="jpg",
         dataset="toy",
     )
     assert not m.has_clean_labels and len(m.shards) == 1
@@ -153,7 +164,12 @@ def test_read_manifest_errors_name_the_path(tmp_path: Path) -> None:
 
     out = tmp_path / "set"
     write_shards(
-        make_samples(6), out, split="train", classes=CLASSES, shard_size=4, image_ext="png",
+        make_samples(6),
+        out,
+        split="train",
+        classes=CLASSES,
+        shard_size=4,
+        image_ext="png",
         dataset="toy",
     )
     (out / "train-000001.tar").unlink()
@@ -168,19 +184,26 @@ def test_read_manifest_errors_name_the_path(tmp_path: Path) -> None:
 
 def test_read_labels_validation(tmp_path: Path) -> None:
     write_shards(
-        make_samples(6), tmp_path, split="train", classes=CLASSES, shard_size=6, image_ext="png",
+        make_samples(6),
+        tmp_path,
+        split="train",
+        classes=CLASSES,
+        shard_size=6,
+        image_ext="png",
         dataset="toy",
     )
     m = read_manifest(tmp_path)
 
     def put(index: list[int], label: list[int]) -> None:
         pq.write_table(
-            pa.table({
-                "index": pa.array(index, pa.int64()),
-                "key": [f"k{i}" for i in range(len(index))],
-                "label": pa.array(label, pa.int64()),
-                "clean_label": pa.array(label, pa.int64()),
-            }),
+            pa.table(
+                {
+                    "index": pa.array(index, pa.int64()),
+                    "key": [f"k{i}" for i in range(len(index))],
+                    "label": pa.array(label, pa.int64()),
+                    "clean_label": pa.array(label, pa.int64()),
+                }
+            ),
             tmp_path / "labels.parquet",
         )
 
@@ -219,7 +242,10 @@ def test_digits_split(digits_dir: Path) -> None:
     assert test.num_samples == 360  # ceil(0.2 * 1797)
     assert train.num_classes == 10 and train.image_ext == "png"
     assert train.params == {
-        "source": "sklearn.datasets.load_digits", "version": 1, "test_fraction": 0.2, "seed": 0,
+        "source": "sklearn.datasets.load_digits",
+        "version": 1,
+        "test_fraction": 0.2,
+        "seed": 0,
         "shard_size": 256,
     }
     tr_labels, tr_clean, tr_keys = read_labels(train)

@@ -25,8 +25,9 @@ def test_stage_flush_get_and_columns() -> None:
     assert torch.equal(store.get("target", idx), torch.zeros(2, 3))
     store.stage("hist", idx, torch.tensor([2.5, 3.5]), column=2)
     store.flush()
-    assert torch.allclose(store.get("target", torch.tensor([1, 4])),
-                          torch.tensor([[1.0, 0.0, 0.0], [0.1, 0.2, 0.7]]))
+    assert torch.allclose(
+        store.get("target", torch.tensor([1, 4])), torch.tensor([[1.0, 0.0, 0.0], [0.1, 0.2, 0.7]])
+    )
     assert store["hist"][4, 2] == 2.5 and store["hist"][1, 2] == 3.5
     assert torch.isnan(store["hist"][4, 0]) and torch.isnan(store["hist"][0, 2])
 

@@ -44,8 +44,14 @@ def write_set(
         for i in range(n)
     )
     return write_shards(
-        samples, root, split="train", classes=["a", "b", "c"], shard_size=shard_size,
-        image_ext="png", dataset="toy", **kw,
+        samples,
+        root,
+        split="train",
+        classes=["a", "b", "c"],
+        shard_size=shard_size,
+        image_ext="png",
+        dataset="toy",
+        **kw,
     )
 
 
@@ -71,8 +77,14 @@ def rank_batches(
     """Every rank's batches of one epoch, one stream per simulated rank."""
     streams = [
         TrainStream(
-            m, rank=r, world_size=world, local_batch_size=b, seed=seed, split=split,
-            transform=IDENTITY, shuffle_buffer=shuffle_buffer,
+            m,
+            rank=r,
+            world_size=world,
+            local_batch_size=b,
+            seed=seed,
+            split=split,
+            transform=IDENTITY,
+            shuffle_buffer=shuffle_buffer,
         )
         for r in range(world)
     ]
@@ -106,7 +118,12 @@ def test_fewer_shards_than_ranks_falls_back_to_sample(
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="distnoisy.data.stream"):
         s = TrainStream(
-            sets["5-1"], rank=2, world_size=3, local_batch_size=2, seed=0, split="shard",
+            sets["5-1"],
+            rank=2,
+            world_size=3,
+            local_batch_size=2,
+            seed=0,
+            split="shard",
             transform=IDENTITY,
         )
     assert s.mode == "sample" and "2 shards for 3 ranks" in caplog.text
@@ -114,9 +131,7 @@ def test_fewer_shards_than_ranks_falls_back_to_sample(
 
 
 @pytest.mark.parametrize("world,b", [(2, 2), (3, 2), (2, 3)])
-def test_sample_mode_is_world_size_invariant(
-    sets: dict[str, Manifest], world: int, b: int
-) -> None:
+def test_sample_mode_is_world_size_invariant(sets: dict[str, Manifest], world: int, b: int) -> None:
     m = sets["6x8+2"]
     for epoch in (0, 3):
         (single,) = rank_batches(m, 1, world * b, "sample", epoch, shuffle_buffer=7)
@@ -147,9 +162,7 @@ def test_sample_mode_epochs_unique_different_deterministic(sets: dict[str, Manif
 
 
 @pytest.mark.parametrize("name,world", [("7-7-3", 2), ("7-7-3", 3), ("6x8+2", 3), ("6x8+2", 2)])
-def test_shard_mode_reads_only_own_shards(
-    sets: dict[str, Manifest], name: str, world: int
-) -> None:
+def test_shard_mode_reads_only_own_shards(sets: dict[str, Manifest], name: str, world: int) -> None:
     m = sets[name]
     b = 2
     need = m.num_samples // (world * b) * b
@@ -158,7 +171,8 @@ def test_shard_mode_reads_only_own_shards(
         assert sorted(i for shards in assignment for i in shards) == list(range(len(m.shards)))
         for r, batches in enumerate(rank_batches(m, world, b, "shard", epoch)):
             mine = {
-                i for k in assignment[r]
+                i
+                for k in assignment[r]
                 for i in range(m.shards[k].first_index, m.shards[k].first_index + m.shards[k].count)
             }
             seen = torch.cat([x["index"] for x in batches]).tolist()
@@ -183,12 +197,20 @@ def test_shard_assignment_is_greedy_and_changes_with_epoch() -> None:
 
 def test_stats(sets: dict[str, Manifest]) -> None:
     s = TrainStream(
-        sets["7-7-3"], rank=0, world_size=2, local_batch_size=2, seed=0, split="shard",
+        sets["7-7-3"],
+        rank=0,
+        world_size=2,
+        local_batch_size=2,
+        seed=0,
+        split="shard",
         transform=IDENTITY,
     )
     st = s.stats
     assert (st.mode, st.steps_per_epoch, st.global_batch_size, st.samples_per_epoch) == (
-        "shard", 4, 4, 16,
+        "shard",
+        4,
+        4,
+        16,
     )
     # Loads 10 / 7 against 8 needed per rank: 2 unused, 1 read twice.
     assert (st.dropped_per_epoch, st.repeated_per_epoch, st.num_bad_samples) == (2, 1, 0)
@@ -205,7 +227,12 @@ def test_too_few_samples_for_one_batch(sets: dict[str, Manifest]) -> None:
         )
     with pytest.raises(ConfigError, match=r"data\.split"):
         TrainStream(
-            sets["7-7-3"], rank=0, world_size=1, local_batch_size=1, seed=0, split="node",
+            sets["7-7-3"],
+            rank=0,
+            world_size=1,
+            local_batch_size=1,
+            seed=0,
+            split="node",
             transform=IDENTITY,
         )
 
@@ -250,8 +277,14 @@ def test_corrupt_image_and_truncated_tar_are_skipped(damaged: Manifest, split: s
     world, b = 2, 4
     streams = [
         TrainStream(
-            damaged, rank=r, world_size=world, local_batch_size=b, seed=0, split=split,
-            transform=IDENTITY, shuffle_buffer=5,
+            damaged,
+            rank=r,
+            world_size=world,
+            local_batch_size=b,
+            seed=0,
+            split=split,
+            transform=IDENTITY,
+            shuffle_buffer=5,
         )
         for r in range(world)
     ]
@@ -322,14 +355,25 @@ def test_num_workers_gives_the_same_batches_in_the_same_order(tmp_path: Path) ->
         Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(buf, "PNG")
         samples.append(Sample(i, CORRUPT_PNG if i == 7 else buf.getvalue(), 0, None, str(i)))
     m = write_shards(
-        samples, tmp_path, split="train", classes=["x"], shard_size=8, image_ext="png",
+        samples,
+        tmp_path,
+        split="train",
+        classes=["x"],
+        shard_size=8,
+        image_ext="png",
         dataset="toy",
     )
     tf = make_transform("cifar_train", [0.5] * 3, [0.25] * 3, seed=3)
     out = {}
     for nw in (0, 2):
         s = TrainStream(
-            m, rank=1, world_size=2, local_batch_size=3, seed=1, transform=tf, num_workers=nw,
+            m,
+            rank=1,
+            world_size=2,
+            local_batch_size=3,
+            seed=1,
+            transform=tf,
+            num_workers=nw,
             shuffle_buffer=10,
         )
         assert s.steps_per_epoch == 7  # odd: the two workers hold 4 and 3 batches

@@ -78,15 +78,34 @@ def test_elr_targets_identical_for_one_and_two_workers(
     # make 1 and 2 workers the same computation up to float summation order. At lr=0.01 the
     # targets agree to ~1e-5 after 3 epochs (1e-8 after one); a chaotic lr such as 0.05 amplifies
     # the rounding differences to ~3e-3 by epoch 3.
-    common = ("train.epochs=3", "data.split=sample", "train.optimizer=sgd", "train.lr=0.01",
-              "tracking.enabled=false")
-    one = train(_cfg(tmp_path / "a", digits_root, mlflow_uri, *common, "scaling.launcher=local",
-                     "scaling.num_workers=1"))
+    common = (
+        "train.epochs=3",
+        "data.split=sample",
+        "train.optimizer=sgd",
+        "train.lr=0.01",
+        "tracking.enabled=false",
+    )
+    one = train(
+        _cfg(
+            tmp_path / "a",
+            digits_root,
+            mlflow_uri,
+            *common,
+            "scaling.launcher=local",
+            "scaling.num_workers=1",
+        )
+    )
     two = train(_cfg(tmp_path / "b", digits_root, mlflow_uri, *common, "scaling.num_workers=2"))
-    t1 = np.stack(pq.read_table(tmp_path / "a/run/sample_stats.parquet")["elr_target"].to_numpy(
-        zero_copy_only=False))
-    t2 = np.stack(pq.read_table(tmp_path / "b/run/sample_stats.parquet")["elr_target"].to_numpy(
-        zero_copy_only=False))
+    t1 = np.stack(
+        pq.read_table(tmp_path / "a/run/sample_stats.parquet")["elr_target"].to_numpy(
+            zero_copy_only=False
+        )
+    )
+    t2 = np.stack(
+        pq.read_table(tmp_path / "b/run/sample_stats.parquet")["elr_target"].to_numpy(
+            zero_copy_only=False
+        )
+    )
     assert np.abs(t1 - t2).max() < 1e-4
     # Each epoch uses floor(1437 / 64) * 64 = 1408 samples: most samples were visited 3 times.
     assert np.mean(np.abs(t1.sum(1) - (1 - 0.7**3)) < 1e-5) > 0.9
@@ -95,8 +114,12 @@ def test_elr_targets_identical_for_one_and_two_workers(
 
 def test_elr_beats_ce_where_ce_memorizes(tmp_path, digits_root, mlflow_uri):
     # The direction of the README's headline result on a shorter, single-process run.
-    common = ("train.epochs=30", "scaling.launcher=local", "scaling.num_workers=1",
-              "tracking.enabled=false")
+    common = (
+        "train.epochs=30",
+        "scaling.launcher=local",
+        "scaling.num_workers=1",
+        "tracking.enabled=false",
+    )
     ce = train(_cfg(tmp_path / "ce", digits_root, mlflow_uri, *common, "method.name=ce"))
     elr = train(_cfg(tmp_path / "elr", digits_root, mlflow_uri, *common, "method.name=elr"))
     assert ce["memorized"] > 0.5
@@ -121,12 +144,15 @@ def test_resume_continues_exactly(tmp_path, digits_root, mlflow_uri):
     for key in ("test_acc", "memorized", "label_issue_auroc"):
         assert resumed[key] == pytest.approx(straight[key], abs=1e-9), key
     assert [h["train_loss"] for h in resumed["history"]] == pytest.approx(
-        [h["train_loss"] for h in straight["history"]], abs=1e-9)
+        [h["train_loss"] for h in straight["history"]], abs=1e-9
+    )
     run = MlflowClient(mlflow_uri).get_run(resumed["mlflow_run_id"])
     assert run.info.status == "FINISHED"
 
 
-def test_crash_marks_run_failed_and_leaves_no_outputs(tmp_path, digits_root, mlflow_uri, monkeypatch):
+def test_crash_marks_run_failed_and_leaves_no_outputs(
+    tmp_path, digits_root, mlflow_uri, monkeypatch
+):
     from distnoisy.methods.elr import ELR
 
     calls = {"n": 0}
@@ -139,8 +165,14 @@ def test_crash_marks_run_failed_and_leaves_no_outputs(tmp_path, digits_root, mlf
         return original(self, logits, labels, index)
 
     monkeypatch.setattr(ELR, "loss", failing_loss)
-    cfg = _cfg(tmp_path, digits_root, mlflow_uri, "train.epochs=3", "scaling.launcher=local",
-               "scaling.num_workers=1")
+    cfg = _cfg(
+        tmp_path,
+        digits_root,
+        mlflow_uri,
+        "train.epochs=3",
+        "scaling.launcher=local",
+        "scaling.num_workers=1",
+    )
     with pytest.raises(RuntimeError, match="injected"):
         train(cfg)
     run_dir = tmp_path / "run"
@@ -179,10 +211,61 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, digits_root, capsys)
 def test_cli_entry_point_on_the_shared_cluster(tmp_path, digits_root, mlflow_uri, ray_cluster):
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     proc = subprocess.run(
-        [sys.executable, "-m", "distnoisy.train", f"data.root={digits_root}",
-         f"output_dir={tmp_path / 'cli'}", f"tracking.uri={mlflow_uri}", "train.epochs=2"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "distnoisy.train",
+            f"data.root={digits_root}",
+            f"output_dir={tmp_path / 'cli'}",
+            f"tracking.uri={mlflow_uri}",
+            "train.epochs=2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "clean test accuracy" in proc.stdout and "label-issue AUROC" in proc.stdout
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["epochs"] == 2
+
+
+def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "distnoisy.train", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_ray_run_resumes_after_its_driver_is_killed(tmp_path, digits_root, mlflow_uri, ray_cluster):
+    import signal
+    import time
+
+    args = [f"data.root={digits_root}", f"tracking.uri={mlflow_uri}", "train.epochs=6"]
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    straight = train(load_config([*args, f"output_dir={tmp_path / 'straight'}"]))
+
+    run_dir = tmp_path / "killed"
+    proc = _run_cli([*args, f"output_dir={run_dir}"], env)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "ray" / "train" / "epoch=0002").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # what `ray job stop` or a scheduler sends
+    assert proc.wait(timeout=120) != 0
+    run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert not (run_dir / "summary.json").exists()
+
+    resumed = train(load_config([*args, f"output_dir={run_dir}", "resume=true"]))
+    assert resumed["mlflow_run_id"] == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    # Resumed from a checkpoint at epoch >= 3: the tail of training is recomputed identically.
+    for key in ("test_acc", "memorized", "label_issue_auroc"):
+        assert resumed[key] == pytest.approx(straight[key], abs=1e-6), key
+    steps = [m.step for m in client.get_metric_history(run_id, "test_acc")]
+    assert set(steps) == set(range(6))

@@ -69,7 +69,10 @@ def _samples(images: np.ndarray, targets: np.ndarray, orig: np.ndarray) -> Itera
     for i, j in enumerate(orig):
         label = int(targets[j])
         yield Sample(
-            index=i, image=_encode_png(images[j]), label=label, clean_label=label,
+            index=i,
+            image=_encode_png(images[j]),
+            label=label,
+            clean_label=label,
             key=f"digits/{int(j)}",
         )
 
@@ -156,15 +159,18 @@ def prepare_digits(
     try:
         for split, idx in (("train", np.sort(train_idx)), ("test", np.sort(test_idx))):
             write_shards(
-                _samples(images, targets, idx), tmp / split, split=split,
-                classes=DIGITS_CLASSES, shard_size=shard_size, image_ext="png",
-                dataset="digits", params=params,
+                _samples(images, targets, idx),
+                tmp / split,
+                split=split,
+                classes=DIGITS_CLASSES,
+                shard_size=shard_size,
+                image_ext="png",
+                dataset="digits",
+                params=params,
             )
         _install(tmp / "train", train_dir, "train", params)
         _install(tmp / "test", test_dir, "test", params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info(
-        "digits: %d train / %d test images written to %s", len(train_idx), len(test_idx), root
-    )
+    log.info("digits: %d train / %d test images written to %s", len(train_idx), len(test_idx), root)
     return train_dir, test_dir

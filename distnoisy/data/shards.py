@@ -297,8 +297,13 @@ def write_shards(
                 current.commit()
                 shards.append(ShardInfo(current.final.name, current.count, first_index))
                 if len(shards) % 100 == 0:  # progress on long conversions
-                    log.info("%s/%s: %d samples in %d shards so far", dataset, split,
-                             len(indices), len(shards))
+                    log.info(
+                        "%s/%s: %d samples in %d shards so far",
+                        dataset,
+                        split,
+                        len(indices),
+                        len(shards),
+                    )
                 current = None
         if current is not None:
             current.commit()
@@ -321,7 +326,10 @@ def write_shards(
         log.warning(
             "%s/%s: only %d of %d samples have a clean label; labels.parquet keeps them, but the "
             "manifest reports clean labels as unknown",
-            dataset, split, sum(clean_known), len(cleans),
+            dataset,
+            split,
+            sum(clean_known),
+            len(cleans),
         )
     table = pa.table(
         {
@@ -351,7 +359,11 @@ def write_shards(
     _atomic_write_bytes(out_dir / MANIFEST_NAME, doc)
     log.debug(
         "wrote %s/%s: %d samples in %d shards to %s",
-        dataset, split, manifest.num_samples, len(shards), out_dir,
+        dataset,
+        split,
+        manifest.num_samples,
+        len(shards),
+        out_dir,
     )
     return manifest
 

@@ -81,9 +81,7 @@ from distnoisy.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 SPLITS = ("sample", "shard")
-TRANSFORM_KINDS = (
-    "digits", "cifar_train", "cifar_eval", "imagenet_train", "imagenet_eval", "raw"
-)
+TRANSFORM_KINDS = ("digits", "cifar_train", "cifar_eval", "imagenet_train", "imagenet_eval", "raw")
 # Tags that keep the RNG streams derived from one seed independent of each other.
 _TAG_SHARD_ORDER = 1
 _TAG_BUFFER = 2
@@ -348,8 +346,10 @@ def _read_raw(
             url, expected = shards[i]
             if seen[i] < expected:
                 sink.append(
-                    (Path(url).name, f"shard yielded {seen[i]} of {expected} samples (truncated "
-                     "or unreadable)")
+                    (
+                        Path(url).name,
+                        f"shard yielded {seen[i]} of {expected} samples (truncated or unreadable)",
+                    )
                 )
         checked = max(checked, stop)
 
@@ -393,9 +393,7 @@ def _buffer_shuffle(items: Iterable[Raw], size: int, rng: random.Random) -> Iter
     yield from buf
 
 
-def assign_shards(
-    counts: Sequence[int], world_size: int, seed: int, epoch: int
-) -> list[list[int]]:
+def assign_shards(counts: Sequence[int], world_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Shard indices per rank for ``split="shard"``, in this epoch's order.
 
     Shards are permuted by ``(seed, epoch)``, then, largest first (ties in permuted order), each
@@ -573,8 +571,12 @@ class _TrainSource(IterableDataset):
             big_b = self.world_size * self.b
             reserve = self.num_samples - self.steps * big_b
             return (
-                list(range(len(self.urls))), reserve, big_b, self.rank * self.b,
-                self.world_size, self.rank,
+                list(range(len(self.urls))),
+                reserve,
+                big_b,
+                self.rank * self.b,
+                self.world_size,
+                self.rank,
             )
         mine = assign_shards(self.counts, self.world_size, self.seed, epoch)[self.rank]
         load = sum(self.counts[i] for i in mine)
@@ -592,8 +594,10 @@ class _TrainSource(IterableDataset):
                 )
             rng = random.Random(mix_seed(self.seed, epoch, pass_no, who, _TAG_BUFFER))
             raws = _read_raw(
-                [(self.urls[i], self.counts[i]) for i in order], self.image_ext,
-                self.num_samples, sink,
+                [(self.urls[i], self.counts[i]) for i in order],
+                self.image_ext,
+                self.num_samples,
+                sink,
             )
             n = 0
             for raw in _buffer_shuffle(raws, self.shuffle_buffer, rng):
@@ -740,7 +744,9 @@ class TrainStream:
             log.warning(
                 "%s has %d shards for %d ranks: using split='sample' (every rank reads every "
                 "shard); write more, smaller shards to read disjoint shards per rank",
-                manifest.root, len(counts), world_size,
+                manifest.root,
+                len(counts),
+                world_size,
             )
             mode = "sample"
         self.manifest = manifest
@@ -752,9 +758,18 @@ class TrainStream:
         self._steps = steps
         channels = getattr(transform, "channels", 3)
         self._source = _TrainSource(
-            urls=manifest.urls, counts=counts, image_ext=manifest.image_ext, num_samples=n,
-            rank=rank, world_size=world_size, local_batch_size=local_batch_size, steps=steps,
-            seed=seed, mode=mode, transform=transform, channels=channels,
+            urls=manifest.urls,
+            counts=counts,
+            image_ext=manifest.image_ext,
+            num_samples=n,
+            rank=rank,
+            world_size=world_size,
+            local_batch_size=local_batch_size,
+            steps=steps,
+            seed=seed,
+            mode=mode,
+            transform=transform,
+            channels=channels,
             shuffle_buffer=shuffle_buffer,
         )
         self._bad = _BadRegistry(f"{manifest.split or 'train'} rank {rank}")
@@ -763,8 +778,7 @@ class TrainStream:
             self._dropped, self._repeated = n - steps * big_b, 0
         else:
             loads = [
-                sum(counts[i] for i in mine)
-                for mine in assign_shards(counts, world_size, seed, 0)
+                sum(counts[i] for i in mine) for mine in assign_shards(counts, world_size, seed, 0)
             ]
             need = steps * local_batch_size
             self._dropped = sum(max(0, x - need) for x in loads)
@@ -773,8 +787,17 @@ class TrainStream:
             logging.INFO if rank == 0 else logging.DEBUG,
             "train stream rank %d/%d: split=%s, %d samples in %d shards, %d steps of %d x %d, "
             "%d dropped per epoch, seed %d, %d loader workers",
-            rank, world_size, mode, n, len(counts), steps, world_size, local_batch_size,
-            self._dropped, seed, num_workers,
+            rank,
+            world_size,
+            mode,
+            n,
+            len(counts),
+            steps,
+            world_size,
+            local_batch_size,
+            self._dropped,
+            seed,
+            num_workers,
         )
 
     @property
@@ -912,7 +935,8 @@ class EvalStream:
         self.lo, self.hi = n * rank // world_size, n * (rank + 1) // world_size
         self._decoder = _Decoder(transform, getattr(transform, "channels", 3))
         self._shards = [
-            i for i, s in enumerate(manifest.shards)
+            i
+            for i, s in enumerate(manifest.shards)
             if s.first_index < self.hi and s.first_index + s.count > self.lo
         ]
         self._bad = _BadRegistry(f"{manifest.split or 'eval'} rank {rank}")
@@ -937,8 +961,10 @@ class EvalStream:
         urls, shards = self.manifest.urls, self.manifest.shards
         sink: list[tuple[str, str]] = []
         raws = _read_raw(
-            [(urls[i], shards[i].count) for i in self._shards], self.manifest.image_ext,
-            self.manifest.num_samples, sink,
+            [(urls[i], shards[i].count) for i in self._shards],
+            self.manifest.image_ext,
+            self.manifest.num_samples,
+            sink,
         )
         images: list[torch.Tensor] = []
         indices: list[int] = []

@@ -4,7 +4,7 @@ A method is a loss, the per-sample fields it declares in the store, and epoch ho
 knows about Ray or ranks: the trainer hands it the store, and the store handles sharing.
 """
 
-from distnoisy.methods.base import METHODS, Method, StepOutput
 from distnoisy.methods import ce, elr  # noqa: F401  (register the methods)
+from distnoisy.methods.base import METHODS, Method, StepOutput
 
 __all__ = ["METHODS", "Method", "StepOutput"]
