@@ -27,20 +27,20 @@ from distnoisy.config import load_config
 from distnoisy.errors import DistnoisyError
 from distnoisy.train import train
 
+# (summary key, column title, scale, decimals)
 COLUMNS = (
-    ("test_acc", "final test acc", 100.0),
-    ("best_test_acc", "best test acc", 100.0),
-    ("memorized", "memorized", 100.0),
-    ("label_issue_auroc", "label-issue AUROC", 1.0),
-    ("wall_s", "wall s", 1.0),
+    ("test_acc", "final test acc", 100.0, 1),
+    ("best_test_acc", "best test acc", 100.0, 1),
+    ("memorized", "memorized", 100.0, 1),
+    ("label_issue_auroc", "label-issue AUROC", 1.0, 3),
+    ("wall_s", "wall s", 1.0, 0),
 )
 
 
-def _mean_std(values: list[float], scale: float) -> str:
+def _mean_std(values: list[float], scale: float, digits: int) -> str:
     vals = [v * scale for v in values if v is not None]
     if not vals:
         return "n/a"
-    digits = 1 if scale == 100.0 else 3
     if len(vals) == 1:
         return f"{vals[0]:.{digits}f}"
     return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
@@ -85,13 +85,14 @@ def markdown_table(results: dict[str, list[dict[str, Any]]], command: str) -> st
         f"`{first['noise_kind']}` (realised rate "
         f"{100 * (first['noise_rate_realised'] or 0):.1f}%), "
         f"{first['epochs']} epochs, {first['num_workers']} worker(s); mean ± std over "
-        f"{len(runs_of_first)} seed(s). Accuracies and memorized in %.",
+        f"{len(runs_of_first)} seed(s) (the seed sets model initialisation and data order; the "
+        f"noise realisation is fixed by `noise.seed`). Accuracies and memorized in %.",
         "",
-        "| method | " + " | ".join(label for _, label, _ in COLUMNS) + " |",
+        "| method | " + " | ".join(c[1] for c in COLUMNS) + " |",
         "|---|" + "---|" * len(COLUMNS),
     ]
     for method, runs in results.items():
-        cells = [_mean_std([r.get(key) for r in runs], scale) for key, _, scale in COLUMNS]
+        cells = [_mean_std([r.get(k) for r in runs], scale, d) for k, _, scale, d in COLUMNS]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="ce,elr", help="comma-separated method names")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--out", type=Path, help="markdown file to write the table to")
+    parser.add_argument(
+        "--section", help="with --out: write the table as this '## ' section, keeping the others"
+    )
     parser.add_argument("--runs", type=Path, default=Path("runs/compare"), help="run dirs root")
     parser.add_argument("overrides", nargs="*", help="key=value for all runs, method:key=value")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -138,8 +142,32 @@ def main(argv: list[str] | None = None) -> int:
     (out_root / "results.json").write_text(json.dumps(results, indent=2, default=str))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+        text = table
+        if args.section:
+            old = args.out.read_text() if args.out.exists() else ""
+            text = replace_section(old, args.section, table)
+        args.out.write_text(text)
     return 0
+
+
+def replace_section(document: str, title: str, body: str) -> str:
+    """Put ``body`` under the heading ``## title``, replacing that section if present."""
+    heading = f"## {title}"
+    lines = document.splitlines()
+    if heading in lines:
+        start = lines.index(heading)
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        lines = lines[:start] + lines[end:]
+        insert_at = start
+    else:
+        insert_at = len(lines)
+    section = [heading, "", *body.rstrip("\n").splitlines(), ""]
+    if insert_at == len(lines) and lines and lines[-1] != "":
+        section.insert(0, "")
+    lines[insert_at:insert_at] = section
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 if __name__ == "__main__":

@@ -205,7 +205,11 @@ def _write_outputs(
 
 
 def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
-    """Train one rank. ``job`` = {"config": dict, "data": DataSpec dict, "tracking": {...}}."""
+    """Train one rank.
+
+    ``job`` = {"config": dict, "data": DataSpec dict, "tracking": {"uri", "run_id"} | None,
+    "resources": the method's driver-side resources (JSON-able) | None}.
+    """
     from distnoisy.data.shards import read_manifest
     from distnoisy.data.stream import EvalStream, TrainStream, make_transform
 
@@ -231,7 +235,11 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
     store.declare("train_pred", FieldSpec(dtype=torch.int64, fill=-1))
     store.declare("final_prob", FieldSpec(shape=(num_classes,)))
     method: Method = METHODS.get(cfg.method.name)(
-        cfg.method, num_samples=n, num_classes=num_classes, epochs=epochs
+        cfg.method,
+        num_samples=n,
+        num_classes=num_classes,
+        epochs=epochs,
+        resources=job.get("resources"),
     )
     method.attach(store)
     opt = _optimizer(cfg, net.parameters())

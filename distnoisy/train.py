@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,29 @@ def _dry_build(cfg: Config, num_classes: int, in_channels: int) -> None:
     )
 
 
+def _reference_trainer(
+    cfg: Config, run_dir: Path, parent_run_id: str | None
+) -> Callable[[str], Path]:
+    """``train_reference(method) -> output dir``: the same job with another method, trained once
+    into ``run_dir/reference-<method>`` (reused if it already finished, e.g. on resume)."""
+    from distnoisy.config import from_dict
+
+    def train_reference(method: str) -> Path:
+        out = run_dir / f"reference-{method}"
+        if (out / "summary.json").exists() and (out / "sample_stats.parquet").exists():
+            return out
+        data = to_dict(cfg)
+        data["method"] = {"name": method}
+        data.update(output_dir=str(out), name=None, resume=(out / "run.json").exists())
+        data["tracking"]["run_name"] = f"{cfg.tracking.run_name or run_dir.name}-reference-{method}"
+        ref_cfg = from_dict(data)
+        log.info("training the reference %s run for %s into %s", method, cfg.method.name, out)
+        train(ref_cfg, parent_run_id=parent_run_id)
+        return out
+
+    return train_reference
+
+
 def _publish(final_ckpt: Path, run_dir: Path) -> None:
     """Copy the finished run's outputs from its final checkpoint into the run dir, atomically."""
     src = final_ckpt / "outputs"
@@ -64,7 +88,7 @@ def _publish(final_ckpt: Path, run_dir: Path) -> None:
         os.replace(tmp, run_dir / name)
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config, parent_run_id: str | None = None) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns the summary (also in summary.json).
 
     Raises
@@ -97,6 +121,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 cfg.tracking.run_name or run_dir.name,
                 flat_params(cfg),
                 tags={"distnoisy.output_dir": str(run_dir), "distnoisy.method": cfg.method.name},
+                parent_run_id=parent_run_id,
             )
         else:
             tracking._client(uri).update_run(run_id, status="RUNNING")
@@ -118,6 +143,20 @@ def train(cfg: Config) -> dict[str, Any]:
                 (run_dir / "noise_transition.json").write_text(
                     json.dumps({"classes": spec.classes, "transition": spec.transition})
                 )
+        from distnoisy.methods import METHODS, PrepareContext
+
+        context = PrepareContext(
+            num_classes=spec.num_classes,
+            noise_transition=spec.transition,
+            run_dir=run_dir,
+            train_reference=_reference_trainer(cfg, run_dir, run_id),
+        )
+        resources = METHODS.get(cfg.method.name).prepare_resources(cfg.method, context)
+        if resources:
+            job["resources"] = resources
+            tmp = run_dir / ".method_resources.json.tmp"
+            tmp.write_text(json.dumps(resources, indent=2))
+            os.replace(tmp, run_dir / "method_resources.json")
         final_ckpt = launch(job, cfg, run_dir)
         _publish(final_ckpt, run_dir)
         summary = json.loads((run_dir / "summary.json").read_text())

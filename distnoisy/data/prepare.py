@@ -72,14 +72,12 @@ def _train_features(manifest_dir: Path) -> np.ndarray:
     stream = EvalStream(
         manifest, rank=0, world_size=1, batch_size=256, transform=make_transform("raw", None, None)
     )
-    feats = np.zeros((manifest.num_samples, 0), dtype=np.float32)
     rows: dict[int, np.ndarray] = {}
     for batch in stream.batches():
         flat = batch["image"].reshape(len(batch["index"]), -1).float().numpy()
         for i, f in zip(batch["index"].tolist(), flat, strict=True):
             rows[i] = f
-    feats = np.stack([rows[i] for i in range(manifest.num_samples)])
-    return feats
+    return np.stack([rows[i] for i in range(manifest.num_samples)])
 
 
 def prepare_data(cfg: Config) -> DataSpec:

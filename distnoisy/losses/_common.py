@@ -59,6 +59,15 @@ def check_range(
     return value
 
 
+def check_loss_weights(alpha: float, beta: float) -> tuple[float, float]:
+    """Validate the two non-negative weights of a combined loss (not both zero)."""
+    alpha = check_range("alpha", alpha, low=0.0)
+    beta = check_range("beta", beta, low=0.0)
+    if alpha == 0.0 and beta == 0.0:
+        raise ConfigError("alpha and beta must not both be 0 (the loss would be constant)")
+    return alpha, beta
+
+
 def check_int(name: str, value: int, low: int) -> int:
     """Return ``value`` as an int, or raise :class:`ConfigError` unless it is an integer >= low."""
     try:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distnoisy.errors import ConfigError
 from distnoisy.losses._common import (
     check_inputs,
+    check_loss_weights,
     check_num_classes,
-    check_range,
     gather_label,
     reverse_ce,
 )
@@ -50,10 +49,7 @@ class NCERCELoss(nn.Module):
     def __init__(self, num_classes: int, alpha: float = 1.0, beta: float = 1.0) -> None:
         super().__init__()
         self.num_classes = check_num_classes(num_classes)
-        self.alpha = check_range("alpha", alpha, low=0.0)
-        self.beta = check_range("beta", beta, low=0.0)
-        if self.alpha == 0.0 and self.beta == 0.0:
-            raise ConfigError("alpha and beta must not both be 0 (the loss would be constant)")
+        self.alpha, self.beta = check_loss_weights(alpha, beta)
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Return the mean NCE+RCE of ``logits`` ``[B, C]`` against ``labels`` ``[B]``."""

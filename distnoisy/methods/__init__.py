@@ -5,6 +5,6 @@ knows about Ray or ranks: the trainer hands it the store, and the store handles 
 """
 
 from distnoisy.methods import ce, elr  # noqa: F401  (register the methods)
-from distnoisy.methods.base import METHODS, Method, StepOutput
+from distnoisy.methods.base import METHODS, Method, PrepareContext, StepOutput
 
-__all__ = ["METHODS", "Method", "StepOutput"]
+__all__ = ["METHODS", "Method", "PrepareContext", "StepOutput"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -13,6 +15,31 @@ from distnoisy.registry import Registry
 from distnoisy.store import FieldSpec, SampleStore
 
 METHODS: Registry[type[Method]] = Registry("method")
+
+
+@dataclass
+class PrepareContext:
+    """What a method may use in the driver, before training, to build its resources.
+
+    Attributes
+    ----------
+    num_classes
+        C.
+    noise_transition
+        The realised noise transition matrix (C x C, rows = clean class) when clean labels are
+        known, else None.
+    run_dir
+        The run's output directory (for files a method wants to keep beside the run).
+    train_reference
+        ``train_reference(method_name) -> Path``: trains a reference run with the same data,
+        noise, model and schedule but another method (e.g. ``"ce"``) into a sub-directory of
+        ``run_dir`` and returns its output directory (holding ``sample_stats.parquet``).
+    """
+
+    num_classes: int
+    noise_transition: list[list[float]] | None
+    run_dir: Path
+    train_reference: Callable[[str], Path] = field(repr=False)
 
 
 @dataclass
@@ -38,16 +65,37 @@ class Method:
     #: One line on how :meth:`label_issue_scores` ranks samples (written into the outputs).
     score_description: ClassVar[str] = "mean training loss on the given label over all epochs"
 
-    def __init__(self, params: Any, *, num_samples: int, num_classes: int, epochs: int) -> None:
+    def __init__(
+        self,
+        params: Any,
+        *,
+        num_samples: int,
+        num_classes: int,
+        epochs: int,
+        resources: dict[str, Any] | None = None,
+    ) -> None:
         self.params = params
         self.num_samples = num_samples
         self.num_classes = num_classes
         self.epochs = epochs
+        self.resources = dict(resources or {})
         self.store: SampleStore | None = None
 
     @classmethod
     def validate_params(cls, params: Any) -> None:
-        """Raise :class:`~distnoisy.errors.ConfigError` for invalid ``method.*`` values."""
+        """Raise :class:`~distnoisy.errors.ConfigError` for invalid ``method.*`` values.
+
+        Called when the config is loaded, before anything runs.
+        """
+
+    @classmethod
+    def prepare_resources(cls, params: Any, context: PrepareContext) -> dict[str, Any]:
+        """Driver-side preparation (e.g. estimate a transition matrix from a reference run).
+
+        The result must be JSON-able: it travels to every worker and is passed to the
+        constructor as ``resources``. Default: nothing.
+        """
+        return {}
 
     def fields(self) -> dict[str, FieldSpec]:
         """Per-sample fields this method keeps in the store."""
