@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -36,8 +37,10 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
+            close = difflib.get_close_matches(str(name), self.names(), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}.{hint} Valid choices: {', '.join(self.names())}"
             ) from None
 
     def names(self) -> list[str]:

@@ -37,7 +37,10 @@ def test_file_then_overrides_later_wins(tmp_path) -> None:
             "unknown config key 'method.lamb' for method 'elr'. Did you mean 'method.lam'?",
         ),
         (["method.name=ce", "method.lam=1"], "unknown config key 'method.lam' for method 'ce'"),
-        (["method.name=elr_pls"], "unknown method 'elr_pls'; valid choices: ce, elr"),
+        (
+            ["method.name=elr_pls"],
+            "unknown method 'elr_pls'. Did you mean 'elr'? Valid choices: backward, bootstrap, ce",
+        ),
         (["train.epochs=ten"], "invalid value for 'train.epochs'"),
         (["noise.kind=gauss"], "valid choices: none, symmetric, pair, instance, file"),
         (["method.beta=1.5"], "method.beta=1.5 must be in [0, 1)"),

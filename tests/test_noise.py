@@ -47,7 +47,7 @@ def clean20k() -> np.ndarray:
 
 def test_registry_kinds() -> None:
     assert NOISE.names() == ["instance", "pair", "symmetric"]
-    with pytest.raises(ConfigError, match="valid choices: instance, pair, symmetric"):
+    with pytest.raises(ConfigError, match="Valid choices: instance, pair, symmetric"):
         make_noisy_labels(np.zeros(4, dtype=np.int64), C, "gaussian", 0.2, 0)
 
 

@@ -4,7 +4,19 @@ A method is a loss, the per-sample fields it declares in the store, and epoch ho
 knows about Ray or ranks: the trainer hands it the store, and the store handles sharing.
 """
 
-from distnoisy.methods import ce, elr  # noqa: F401  (register the methods)
+from distnoisy.methods import (  # noqa: F401  (register the methods)
+    apl,
+    bootstrap,
+    ce,
+    correction,
+    dal,
+    elr,
+    gce,
+    label_smoothing,
+    mae,
+    peer,
+    sce,
+)
 from distnoisy.methods.base import METHODS, Method, PrepareContext, StepOutput
 
 __all__ = ["METHODS", "Method", "PrepareContext", "StepOutput"]

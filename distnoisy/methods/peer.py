@@ -1,0 +1,98 @@
+"""Peer loss (Liu & Guo, ICML 2020), METHODS.md §7."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from distnoisy.config import MethodParams
+from distnoisy.losses import PeerLoss
+from distnoisy.losses._common import check_int
+from distnoisy.methods.base import METHODS, StepOutput
+from distnoisy.methods.loss_method import LossMethod
+
+
+def peer_seed(epoch: int, step: int, index: torch.Tensor) -> int:
+    """Seed of the peer draw of one step: a hash of ``(epoch, step, the batch's indices)``.
+
+    The batch's global sample indices differ between ranks and between steps, so every rank
+    draws different peers without knowing its rank, and a re-run (or a resumed run) with the same
+    data order draws the same ones. ``step`` tells apart a batch repeated within an epoch.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(np.asarray([epoch, step], dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(index.detach().cpu().numpy(), dtype="<i8").tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def peer_alpha(epoch: int, alpha: float, ramp_epochs: int) -> float:
+    """Peer weight at 0-based ``epoch``: ``α · min(1, epoch / R)``, or ``α`` when ``R = 0``.
+
+    A linear ramp from 0 at epoch 0 to ``α`` at epoch ``R``, constant afterwards; the early
+    epochs then fit like CE before the peer term starts penalising agreement with the label
+    marginal (METHODS.md §7: "α ∈ [0, 1], often ramped").
+    """
+    if ramp_epochs <= 0:
+        return alpha
+    return alpha * min(1.0, epoch / ramp_epochs)
+
+
+@dataclass
+class PeerParams(MethodParams):
+    # Weight of the peer term (METHODS.md §7: alpha in [0, 1]); 1.0 = the paper's plain form.
+    alpha: float = 1.0
+    # Ramp alpha linearly from 0 over this many epochs (0 = constant alpha from the start).
+    alpha_ramp_epochs: int = 0
+
+
+@METHODS.register("peer")
+class Peer(LossMethod):
+    r"""Peer loss: ``L = mean_n CE(z_n, ỹ_n) - α_t · mean_n CE(z_{n₁(n)}, ỹ_{n₂(n)})``.
+
+    METHODS.md §7 (module :class:`~distnoisy.losses.PeerLoss`). ``n₁`` and ``n₂`` are two
+    independent random permutations of the **local** batch (the usual mini-batch approximation of
+    the paper's draws from the whole training set). The draw uses a ``torch.Generator`` seeded by
+    :func:`peer_seed` from ``(epoch, step within the epoch, the batch's sample indices)``, so a
+    run is reproducible without the method knowing its rank. ``α_t = α · min(1, t / R)``
+    (:func:`peer_alpha`) is returned by :meth:`on_epoch_start` as ``peer_alpha`` for logging.
+
+    Keys (defaults)
+        ``method.alpha = 1.0`` (the paper's unweighted peer term; METHODS.md gives the range
+        ``[0, 1]``). Valid: ``α >= 0`` (``α = 0`` is CE; ``> 1`` is accepted for experiments).
+        ``method.alpha_ramp_epochs = 0`` (no ramp). Valid: an integer ``>= 0``.
+
+    Label-issue score: mean training CE on the given label over epochs (METHODS.md §10).
+    """
+
+    Params = PeerParams
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.epoch = 0
+        self.step = 0  # within the epoch: reset at every epoch start, so resume reproduces it
+
+    @classmethod
+    def check_params(cls, params: Any) -> None:
+        PeerLoss(alpha=params.alpha)
+        check_int("alpha_ramp_epochs", params.alpha_ramp_epochs, 0)
+
+    def build_loss(self) -> nn.Module:
+        return PeerLoss(alpha=peer_alpha(0, self.params.alpha, self.params.alpha_ramp_epochs))
+
+    def on_epoch_start(self, epoch: int) -> dict[str, float]:
+        criterion = self.require_criterion()
+        assert isinstance(criterion, PeerLoss)
+        self.epoch, self.step = epoch, 0
+        criterion.alpha = peer_alpha(epoch, self.params.alpha, self.params.alpha_ramp_epochs)
+        return {"peer_alpha": criterion.alpha}
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
+        criterion = self.require_criterion()
+        generator = torch.Generator().manual_seed(peer_seed(self.epoch, self.step, index))
+        self.step += 1
+        return StepOutput(criterion(logits, labels, generator=generator))
