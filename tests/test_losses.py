@@ -840,3 +840,15 @@ def test_registry_and_shape_errors() -> None:
         SCELoss(4)(torch.tensor(Z3), lab(Y3))
     with pytest.raises(ValueError, match="labels"):
         CELoss()(torch.tensor(Z3), lab([0, 1]))
+
+
+def test_truncated_gce_with_paper_weights_by_hand() -> None:
+    # Sample 0 kept: (1 - p^0.7)/0.7 with p = e^2/(e^2 + 2); sample 1 pruned: (1 - 0.5^0.7)/0.7.
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([0, 1])
+    p = math.exp(2) / (math.exp(2) + 2)
+    expected = ((1 - p**0.7) / 0.7 + (1 - 0.5**0.7) / 0.7) / 2
+    loss = TruncatedGCELoss(q=0.7, k=0.5)(logits, labels, torch.tensor([1.0, 0.0]))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert logits.grad[1].abs().max() == 0 and logits.grad[0].abs().max() > 0

@@ -100,7 +100,10 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     [
         (["method.name=gce"], {"q": 0.7}),
         (["method.name=gce", "method.q=0.5"], {"q": 0.5}),
-        (["method.name=tgce", "method.k=0.3"], {"q": 0.7, "k": 0.3}),
+        (
+            ["method.name=tgce", "method.k=0.3"],
+            {"q": 0.7, "k": 0.3, "prune_start": 40, "prune_every": 10},
+        ),
         (
             ["method.name=dal", "method.q_start=0.5"],
             {"q_start": 0.5, "q_end": 1.5, "bootstrap": "soft"},
@@ -220,7 +223,6 @@ def test_transition_true_survives_yaml_boolean_parsing():
     ("argv", "module"),
     [
         (["method.name=gce", "method.q=0.4"], GCELoss(q=0.4)),
-        (["method.name=tgce"], TruncatedGCELoss(q=0.7, k=0.5)),
         (["method.name=mae"], MAELoss()),
         (["method.name=sce", "method.alpha=0.5", "method.beta=2"], SCELoss(C, 0.5, 2.0)),
         (["method.name=nce_rce"], NCERCELoss(C, 1.0, 1.0)),
@@ -239,6 +241,34 @@ def test_loss_equals_its_module(argv, module, batch):
     got = method.loss(logits, labels, index).loss
     assert torch.equal(got, module(logits, labels))
     assert got.dim() == 0
+
+
+def test_tgce_is_gce_until_pruning_then_prunes_low_confidence_samples(batch):
+    logits, labels, index = batch
+    cfg = load_config(["method.name=tgce", "method.prune_start=2", "method.prune_every=3"]).method
+    method = _build(cfg)
+    store = SampleStore(100)
+    method.attach(store)
+    method.on_epoch_start(1)  # before pruning: every weight is 1, the loss is plain GCE
+    assert torch.allclose(method.loss(logits, labels, index).loss, GCELoss(q=0.7)(logits, labels))
+    store.flush()
+    assert store["tgce_keep"].eq(1).all()
+    assert [method.is_pruning_epoch(e) for e in range(9)] == [0, 0, 1, 0, 0, 1, 0, 0, 1]
+
+    method.on_epoch_start(2)  # a pruning epoch: weights become [p_y > k] before the loss
+    leaf = logits.clone().requires_grad_(True)
+    out = method.loss(leaf, labels, index).loss
+    out.backward()
+    store.flush()
+    p_label = torch.softmax(logits, 1).gather(1, labels[:, None])[:, 0]
+    expected_keep = (p_label > 0.5).float()
+    assert torch.equal(store.get("tgce_keep", index), expected_keep)
+    assert 0 < expected_keep.sum() < len(expected_keep)  # the batch has both kinds
+    pruned = expected_keep == 0
+    assert leaf.grad[pruned].abs().max() == 0  # pruned samples: constant loss, no gradient
+    assert leaf.grad[~pruned].abs().max() > 0
+    module = TruncatedGCELoss(q=0.7, k=0.5)
+    assert torch.allclose(out, module(logits, labels, expected_keep))
 
 
 def test_dal_loss_equals_its_module_at_a_late_epoch(batch):

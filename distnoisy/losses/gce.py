@@ -54,19 +54,19 @@ class GCELoss(nn.Module):
 
 
 class TruncatedGCELoss(nn.Module):
-    r"""Truncated GCE in its simple cap form, mean over the batch.
+    r"""Truncated GCE (Zhang & Sabuncu 2018), mean over the batch.
 
-    .. math:: L_i = \begin{cases} (1 - p_{\tilde y}^{\,q})/q & p_{\tilde y} > k \\
-                                  (1 - k^q)/q & p_{\tilde y} \le k \end{cases}
-              \;=\; \frac{1 - \max(p_{\tilde y}, k)^q}{q}
+    .. math:: L_i = w_i \,\frac{1 - p_{\tilde y}^{\,q}}{q} + (1 - w_i)\,\frac{1 - k^q}{q}
 
-    METHODS.md §7 ("the truncated variant caps the loss at (1 - k^q)/q when p_ỹ ≤ k"). Samples
-    with ``p_y <= k`` get a constant loss and therefore **zero gradient**: they are pruned.
+    with per-sample weights ``w_i`` in {0, 1}. The paper starts with ``w = 1`` (plain GCE) and,
+    from a pruning epoch on, periodically sets ``w_i = [p_{i,ỹ} > k]``: a pruned sample
+    contributes the constant ``(1 - k^q)/q`` and no gradient. Pass the weights as ``keep``
+    (the trainer keeps them in the per-sample store, see ``distnoisy.methods.gce``).
 
-    The official truncated Lq loss prunes differently: it keeps a per-sample weight ``v_i ∈ {0, 1}``
-    in a per-sample store, updates it periodically (every few epochs, from a full pass over the
-    training set) to ``[p_y > k]``, and uses ``v_i · (1 - p_y^q)/q + (1 - v_i)(1 - k^q)/q``. This
-    module is the stateless cap form, which prunes with the *current* ``p_y`` at every step.
+    Without ``keep`` the module applies the stateless cap of METHODS.md §7,
+    ``(1 - max(p_ỹ, k)^q)/q``, i.e. it prunes with the *current* ``p_ỹ``. Do not train from
+    scratch with that form: at initialisation every ``p_ỹ ≈ 1/C <= k``, so every gradient is zero
+    and the network never learns (measured on digits: chance accuracy after 60 epochs).
 
     Parameters
     ----------
@@ -82,11 +82,17 @@ class TruncatedGCELoss(nn.Module):
         self.q = check_range("q", q, low=0.0, low_inclusive=False)
         self.k = check_range("k", k, low=0.0, high=1.0, high_inclusive=False)
 
-    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Return the mean truncated GCE of ``logits`` ``[B, C]`` against ``labels`` ``[B]``."""
+    def forward(self, logits: Tensor, labels: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Mean truncated GCE of ``logits`` ``[B, C]`` against ``labels`` ``[B]``; ``keep``
+        ``[B]`` holds the weights ``w_i`` (1 = kept, 0 = pruned)."""
         check_inputs(logits, labels)
-        # Clamping p_y from below at k is exactly the cap, and gives zero gradient below it.
-        return gce_per_sample(logits, labels, self.q, floor=max(self.k, DAL_EPS)).mean()
+        if keep is None:
+            # Clamping p_y from below at k is exactly the cap, and gives zero gradient below it.
+            return gce_per_sample(logits, labels, self.q, floor=max(self.k, DAL_EPS)).mean()
+        keep = keep.to(logits.device, logits.dtype)
+        pruned_value = (1.0 - self.k**self.q) / self.q
+        per_sample = gce_per_sample(logits, labels, self.q)
+        return (keep * per_sample + (1.0 - keep) * pruned_value).mean()
 
     def extra_repr(self) -> str:
         return f"q={self.q:g}, k={self.k:g}"
