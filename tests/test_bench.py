@@ -1,0 +1,149 @@
+"""Smoke test of ``python -m distnoisy.bench steps`` on a tiny model (no timing assertions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distnoisy.bench import (
+    DOC_HEADER,
+    SECTION_TITLE,
+    StepBenchSettings,
+    default_transition,
+    main,
+    run_step_bench,
+    write_section,
+)
+
+TINY = [
+    "steps",
+    "--model",
+    "small_cnn",
+    "--image",
+    "8",
+    "--classes",
+    "10",
+    "--batch",
+    "16",
+    "--rounds",
+    "2",
+    "--steps",
+    "1",
+    "--warmup",
+    "1",
+    "--loss-rounds",
+    "2",
+    "--loss-reps",
+    "5",
+    "--threads",
+    "1",
+]
+
+
+def test_default_transition_is_row_stochastic() -> None:
+    t = np.asarray(default_transition(10))
+    assert t.shape == (10, 10)
+    np.testing.assert_allclose(t.sum(axis=1), 1.0)
+    np.testing.assert_allclose(np.diag(t), 0.6)
+    assert (t > 0).all()
+
+
+def test_steps_writes_section_and_keeps_others(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "benchmarks.md"
+    out.write_text(
+        "# bench\n\n## Store flush cost\n\nkeep me\n\n"
+        f"{SECTION_TITLE}\n\nstale table\n\n## Data loading\n\nkeep me too\n"
+    )
+    note = "Measured while nothing else ran."
+    argv = [*TINY, "--methods", "ce,elr,not_a_method", "--out", str(out), "--note", note]
+    report = main(argv)
+
+    assert list(report.methods) == ["ce", "elr"]  # CE first, then the requested ones
+    assert "not_a_method" in report.skipped
+    ce = report.methods["ce"]
+    assert ce.ratio == 1.0
+    assert ce.loss_extra_us == 0.0
+    for t in report.methods.values():
+        assert t.step_ms > 0 and t.loss_us > 0 and t.loss_p10_us > 0
+        assert t.ratio > 0 and t.ratio_lo <= t.ratio_hi
+        assert len(t.rounds_ms) == 2
+        assert t.step_min_ms <= t.step_ms <= t.step_max_ms
+    assert report.machine["torch_threads"] == "1"
+
+    text = out.read_text()
+    assert "stale table" not in text
+    assert text.count(SECTION_TITLE) == 1
+    assert "keep me\n" in text and "## Data loading\n\nkeep me too\n" in text
+    assert text.index("## Store flush cost") < text.index(SECTION_TITLE)
+    assert text.index(SECTION_TITLE) < text.index("## Data loading")
+    section = text[text.index(SECTION_TITLE) : text.index("## Data loading")]
+    assert "| ce |" in section and "| elr |" in section
+    assert "python -m distnoisy.bench steps --model small_cnn" in section
+    assert "torch " in section and "logical CPUs" in section
+    assert section.rstrip().endswith(note) and "--note" not in section
+    assert "| ce |" in capsys.readouterr().out
+
+
+def test_write_section_creates_file_and_replaces_in_place(tmp_path: Path) -> None:
+    out = tmp_path / "docs" / "benchmarks.md"
+    write_section(out, f"{SECTION_TITLE}\n\nfirst\n")
+    assert out.read_text().startswith(DOC_HEADER)
+    with out.open("a") as f:
+        f.write("\n## Later section\n\nstays\n")
+    write_section(out, f"{SECTION_TITLE}\n\nsecond\n")
+    text = out.read_text()
+    assert "first" not in text and "second" in text
+    assert text.endswith("## Later section\n\nstays\n")
+    assert text.count(SECTION_TITLE) == 1
+
+
+def test_all_registered_methods_build_or_are_skipped_with_a_reason() -> None:
+    from distnoisy.methods import METHODS
+
+    report = run_step_bench(
+        StepBenchSettings(
+            model="small_cnn",
+            batch=8,
+            image=4,
+            classes=3,
+            rounds=1,
+            warmup=0,
+            steps=1,
+            threads=1,
+            loss_rounds=1,
+            loss_reps=2,
+        ),
+        log=lambda _: None,
+        profile_over_budget=False,
+    )
+    assert set(report.methods) | set(report.skipped) == set(METHODS.names())
+    assert all(report.skipped.values())
+
+
+def test_bad_option_is_rejected() -> None:
+    with pytest.raises(SystemExit):
+        main([*TINY, "--rounds", "0"])
+
+
+def test_thread_count_is_restored() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    settings = StepBenchSettings(
+        model="small_cnn",
+        batch=4,
+        image=4,
+        classes=3,
+        rounds=1,
+        warmup=0,
+        steps=1,
+        methods=["ce"],
+        threads=1 if before != 1 else 2,
+        loss_rounds=1,
+        loss_reps=1,
+    )
+    report = run_step_bench(settings, log=lambda _: None)
+    assert report.machine["torch_threads"] == str(settings.threads)
+    assert torch.get_num_threads() == before
