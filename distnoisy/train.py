@@ -187,6 +187,7 @@ def train(cfg: Config, parent_run_id: str | None = None) -> dict[str, Any]:
                         "summary.json",
                         "label_issues.parquet",
                         "noise_transition.json",
+                        "method_resources.json",
                     )
                 ],
             )

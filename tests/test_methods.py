@@ -451,7 +451,9 @@ def test_transition_file_loads(form, tmp_path, batch):
 
 
 # -- end to end ---------------------------------------------------------------------------------
-def _train(tmp_path: Path, digits_root: Path, *overrides: str) -> tuple[dict[str, Any], Path]:
+def _train(
+    tmp_path: Path, digits_root: Path, *overrides: str, tracking_uri: str | None = None
+) -> tuple[dict[str, Any], Path]:
     from distnoisy.train import train
 
     run_dir = tmp_path / "run"
@@ -460,7 +462,11 @@ def _train(tmp_path: Path, digits_root: Path, *overrides: str) -> tuple[dict[str
             *overrides,
             "scaling.launcher=local",
             "scaling.num_workers=1",
-            "tracking.enabled=false",
+            *(
+                ["tracking.enabled=false"]
+                if tracking_uri is None
+                else [f"tracking.uri={tracking_uri}"]
+            ),
             f"data.root={digits_root}",
             f"output_dir={run_dir}",
         ]
@@ -469,14 +475,25 @@ def _train(tmp_path: Path, digits_root: Path, *overrides: str) -> tuple[dict[str
 
 
 @pytest.mark.slow
-def test_end_to_end_forward_estimate_and_dal(tmp_path, digits_root):
+def test_end_to_end_forward_estimate_and_dal(tmp_path, digits_root, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
     summary, run_dir = _train(
         tmp_path / "forward",
         digits_root,
         "method.name=forward",
         "method.transition=estimate",
         "train.epochs=3",
+        tracking_uri=mlflow_uri,
     )
+    client = MlflowClient(mlflow_uri)
+    reference_id = json.loads((run_dir / "reference-ce" / "run.json").read_text())["mlflow_run_id"]
+    reference = client.get_run(reference_id)
+    # The CE reference run is nested under the forward run in the MLflow UI.
+    assert reference.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"]
+    assert reference.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
+    assert "method_resources.json" in artifacts
     assert summary["method"] == "forward" and summary["epochs"] == 3
     assert (run_dir / "reference-ce" / "summary.json").is_file()
     assert json.loads((run_dir / "reference-ce" / "summary.json").read_text())["method"] == "ce"
@@ -490,7 +507,12 @@ def test_end_to_end_forward_estimate_and_dal(tmp_path, digits_root):
     stats = pq.read_table(run_dir / "reference-ce" / "sample_stats.parquet", columns=["final_prob"])
     assert len(stats) == summary["num_train"]
 
-    summary, _ = _train(tmp_path / "dal", digits_root, "method.name=dal", "train.epochs=4")
+    summary, _ = _train(
+        tmp_path / "dal", digits_root, "method.name=dal", "train.epochs=4", tracking_uri=mlflow_uri
+    )
+    logged = client.get_metric_history(summary["mlflow_run_id"], "dal_q")
+    assert [m.step for m in logged] == [0, 1, 2, 3]  # the schedule is a per-epoch MLflow curve
+    assert [m.value for m in logged] == pytest.approx([dal_q(t, 0.6, 1.5, 4) for t in range(4)])
     q = [h["dal_q"] for h in summary["history"]]
     lam = [h["dal_lambda"] for h in summary["history"]]
     assert q == pytest.approx([dal_q(t, 0.6, 1.5, 4) for t in range(4)])
