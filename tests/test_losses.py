@@ -139,10 +139,14 @@ def ref_backward(z: Tensor, y: Tensor, t_inv: Tensor) -> Tensor:
     return torch.stack([(t_inv[y[i]] * losses[i]).sum() for i in range(z.shape[0])]).mean()
 
 
-def ref_peer(z: Tensor, y: Tensor, alpha: float, n1: Tensor, n2: Tensor) -> Tensor:
-    lp = log_sm(z)
-    peer = torch.stack([-lp[n1[i], y[n2[i]]] for i in range(z.shape[0])]).mean()
-    return ref_ce(z, y) - alpha * peer
+def ref_peer(
+    z: Tensor, y: Tensor, alpha: float, n1: Tensor, n2: Tensor, eps: float = 1e-8
+) -> Tensor:
+    # The official stable CE, -log(p_y + eps), in both terms.
+    p = sm(z)
+    ce = torch.stack([-torch.log(p[i, y[i]] + eps) for i in range(z.shape[0])]).mean()
+    peer = torch.stack([-torch.log(p[n1[i], y[n2[i]]] + eps) for i in range(z.shape[0])]).mean()
+    return ce - alpha * peer
 
 
 def ref_dal(z: Tensor, y: Tensor, q: float, lam: float, c: int, hard: bool = False) -> Tensor:
@@ -522,7 +526,18 @@ def test_estimate_transition_matrix_matches_reference_code() -> None:
 
 def test_peer_loss_alpha_zero_is_ce() -> None:
     z, y = torch.tensor(Z3), lab(Y3)
-    assert PeerLoss(0.0)(z, y).item() == pytest.approx(CELoss()(z, y).item(), abs=1e-7)
+    assert PeerLoss(0.0, eps=0.0)(z, y).item() == pytest.approx(CELoss()(z, y).item(), abs=1e-7)
+    # The stable CE differs from CE only through eps (relative change ~ eps / p_y).
+    assert PeerLoss(0.0)(z, y).item() == pytest.approx(CELoss()(z, y).item(), abs=1e-6)
+
+
+def test_peer_term_is_bounded_by_the_stable_ce() -> None:
+    # A confident wrong peer pairing: plain CE grows with the logit scale, stable CE saturates at
+    # -log(eps) ~ 18.42, so -alpha * peer cannot run to minus infinity.
+    z = torch.tensor([[1000.0, 0.0], [0.0, 1000.0]])
+    y = lab([1, 0])  # both samples confidently wrong: CE ~ 1000 each
+    assert PeerLoss(0.0, eps=0.0)(z, y).item() == pytest.approx(1000.0, rel=1e-6)
+    assert PeerLoss(0.0)(z, y).item() == pytest.approx(-math.log(1e-8), rel=1e-6)
 
 
 def test_peer_loss_fixed_generator_matches_hand_formula() -> None:

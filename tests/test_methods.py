@@ -519,3 +519,13 @@ def test_end_to_end_forward_estimate_and_dal(tmp_path, digits_root, mlflow_uri):
     assert np.all(np.diff(q) > 0)
     assert lam == pytest.approx([dal_lambda(t, 0.6, 1.5, 4) for t in range(4)])
     assert lam[0] == 0.0 and lam[-1] > 0.0  # q passes 1 at t0 = 1.78
+
+
+def test_peer_alpha_warmup_then_ramp() -> None:
+    from distnoisy.methods.peer import peer_alpha
+
+    # 3 CE warm-up epochs, then alpha ramps 0 -> 0.8 over 2 epochs.
+    got = [peer_alpha(e, 0.8, ramp_epochs=2, warmup_epochs=3) for e in range(7)]
+    assert got == pytest.approx([0.0, 0.0, 0.0, 0.0, 0.4, 0.8, 0.8])
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        load_config(["method.name=peer", "method.warmup_epochs=-1"])

@@ -30,16 +30,18 @@ def peer_seed(epoch: int, step: int, index: torch.Tensor) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def peer_alpha(epoch: int, alpha: float, ramp_epochs: int) -> float:
-    """Peer weight at 0-based ``epoch``: ``α · min(1, epoch / R)``, or ``α`` when ``R = 0``.
+def peer_alpha(epoch: int, alpha: float, ramp_epochs: int, warmup_epochs: int = 0) -> float:
+    """Peer weight at 0-based ``epoch``.
 
-    A linear ramp from 0 at epoch 0 to ``α`` at epoch ``R``, constant afterwards; the early
-    epochs then fit like CE before the peer term starts penalising agreement with the label
-    marginal (METHODS.md §7: "α ∈ [0, 1], often ramped").
+    0 during the ``W = warmup_epochs`` CE warm-up epochs (the official code trains a CE stage
+    first), then a linear ramp ``α · min(1, (epoch - W) / R)`` over ``R = ramp_epochs`` epochs
+    (``α`` at once when ``R = 0``), constant afterwards (METHODS.md §7: "often ramped").
     """
+    if epoch < warmup_epochs:
+        return 0.0
     if ramp_epochs <= 0:
         return alpha
-    return alpha * min(1.0, epoch / ramp_epochs)
+    return alpha * min(1.0, (epoch - warmup_epochs) / ramp_epochs)
 
 
 @dataclass
@@ -48,6 +50,10 @@ class PeerParams(MethodParams):
     alpha: float = 1.0
     # Ramp alpha linearly from 0 over this many epochs (0 = constant alpha from the start).
     alpha_ramp_epochs: int = 0
+    # Epochs of plain CE before the peer term starts (the official code's warm-up stage).
+    warmup_epochs: int = 0
+    # Stable CE: -log(softmax + eps) in both terms (official CrossEntropyLossStable).
+    eps: float = 1e-8
 
 
 @METHODS.register("peer")
@@ -64,7 +70,9 @@ class Peer(LossMethod):
     Keys (defaults)
         ``method.alpha = 1.0`` (the paper's unweighted peer term; METHODS.md gives the range
         ``[0, 1]``). Valid: ``α >= 0`` (``α = 0`` is CE; ``> 1`` is accepted for experiments).
-        ``method.alpha_ramp_epochs = 0`` (no ramp). Valid: an integer ``>= 0``.
+        ``method.alpha_ramp_epochs = 0`` (no ramp), ``method.warmup_epochs = 0`` (CE epochs
+        before the peer term; integers ``>= 0``), ``method.eps = 1e-8`` (stable CE of the
+        official code, see :class:`~distnoisy.losses.PeerLoss`).
 
     Label-issue score: mean training CE on the given label over epochs (METHODS.md §10).
     """
@@ -80,15 +88,21 @@ class Peer(LossMethod):
     def check_params(cls, params: Any) -> None:
         PeerLoss(alpha=params.alpha)
         check_int("alpha_ramp_epochs", params.alpha_ramp_epochs, 0)
+        check_int("warmup_epochs", params.warmup_epochs, 0)
+        PeerLoss(alpha=params.alpha, eps=params.eps)
 
     def build_loss(self) -> nn.Module:
-        return PeerLoss(alpha=peer_alpha(0, self.params.alpha, self.params.alpha_ramp_epochs))
+        p = self.params
+        return PeerLoss(
+            alpha=peer_alpha(0, p.alpha, p.alpha_ramp_epochs, p.warmup_epochs), eps=p.eps
+        )
 
     def on_epoch_start(self, epoch: int) -> dict[str, float]:
         criterion = self.require_criterion()
         assert isinstance(criterion, PeerLoss)
         self.epoch, self.step = epoch, 0
-        criterion.alpha = peer_alpha(epoch, self.params.alpha, self.params.alpha_ramp_epochs)
+        p = self.params
+        criterion.alpha = peer_alpha(epoch, p.alpha, p.alpha_ramp_epochs, p.warmup_epochs)
         return {"peer_alpha": criterion.alpha}
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
