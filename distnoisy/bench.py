@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from distnoisy.loop import train_step
 from distnoisy.methods import METHODS, Method
 from distnoisy.models import build_model
 from distnoisy.store import FieldSpec, SampleStore
@@ -244,22 +244,8 @@ def _train_step(
     y: torch.Tensor,
     index: torch.Tensor,
 ) -> None:
-    """One training step, line for line the per-batch body of :func:`~distnoisy.loop.run_worker`
-    (epoch 0)."""
-    store = subject.store
-    logits = model(x)
-    out = subject.method.loss(logits, y, index)
-    opt.zero_grad(set_to_none=True)
-    out.loss.backward()
-    opt.step()
-    with torch.no_grad():
-        ce = F.cross_entropy(logits.detach().float(), y, reduction="none")
-        pred = logits.detach().argmax(1)
-        store.stage("loss_hist", index, ce, column=0)
-        store.stage("train_pred", index, pred)
-        store.flush()
-        # The loop also accumulates epoch sums; float(out.loss) is the sync it implies.
-        _ = float(out.loss), float((pred == y).sum())
+    """One training step: :func:`distnoisy.loop.train_step`, exactly what the trainer runs."""
+    train_step(model, subject.method, opt, subject.store, x, y, index, epoch=0)
 
 
 def _loss_only(subject: _Subject, z: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> None:

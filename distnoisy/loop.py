@@ -204,6 +204,34 @@ def _write_outputs(
     return summary
 
 
+def train_step(
+    net: torch.nn.Module,
+    method: Method,
+    opt: torch.optim.Optimizer,
+    store: SampleStore,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    index: torch.Tensor,
+    epoch: int,
+) -> tuple[float, int]:
+    """One optimisation step and its per-sample bookkeeping (a collective: ``store.flush``).
+
+    Returns the batch loss and the number of predictions equal to the given labels.
+    """
+    logits = net(x)
+    out = method.loss(logits, y, index)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    opt.step()
+    with torch.no_grad():
+        ce = F.cross_entropy(logits.detach().float(), y, reduction="none")
+        pred = logits.detach().argmax(1)
+        store.stage("loss_hist", index, ce, column=epoch)
+        store.stage("train_pred", index, pred)
+        store.flush()
+        return float(out.loss), int((pred == y).sum())
+
+
 def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
     """Train one rank.
 
@@ -294,18 +322,8 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
             x = batch["image"].to(device, non_blocking=True)
             index = batch["index"]
             y = given[index].to(device, non_blocking=True)
-            logits = net(x)
-            out = method.loss(logits, y, index)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-            with torch.no_grad():
-                ce = F.cross_entropy(logits.detach().float(), y, reduction="none")
-                pred = logits.detach().argmax(1)
-                store.stage("loss_hist", index, ce, column=epoch)
-                store.stage("train_pred", index, pred)
-                store.flush()
-                sums += torch.tensor([float(out.loss) * len(y), float((pred == y).sum()), len(y)])
+            loss_value, correct = train_step(net, method, opt, store, x, y, index, epoch)
+            sums += torch.tensor([loss_value * len(y), correct, len(y)])
         sched.step()
         totals = dist.all_reduce_sum(sums.to(comm_device)).cpu()
         metrics["train_loss"] = float(totals[0] / totals[2])

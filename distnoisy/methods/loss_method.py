@@ -40,22 +40,8 @@ class LossMethod(Method):
     default (mean training CE on the given label over epochs, METHODS.md §10).
     """
 
-    def __init__(
-        self,
-        params: Any,
-        *,
-        num_samples: int,
-        num_classes: int,
-        epochs: int,
-        resources: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            num_samples=num_samples,
-            num_classes=num_classes,
-            epochs=epochs,
-            resources=resources,
-        )
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
         with param_errors(params.name):
             self.criterion: nn.Module | None = self.build_loss()
 
