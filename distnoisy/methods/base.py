@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ class StepOutput:
     loss: torch.Tensor  # the scalar to backpropagate (mean over the local batch)
 
 
-class Method:
+class Method(ABC):
     """Base class of a training method.
 
     Subclasses set ``Params`` (a dataclass of their ``method.*`` keys), implement :meth:`loss`,
@@ -81,7 +82,7 @@ class Method:
         self.resources = dict(resources or {})
         self.store: SampleStore | None = None
 
-    @classmethod
+    @classmethod  # noqa: B027 (an optional hook: no checks by default)
     def validate_params(cls, params: Any) -> None:
         """Raise :class:`~distnoisy.errors.ConfigError` for invalid ``method.*`` values.
 
@@ -110,8 +111,10 @@ class Method:
         """Called before each epoch; returns values to log (e.g. a schedule)."""
         return {}
 
+    @abstractmethod
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
-        raise NotImplementedError
+        """The scalar loss of one local batch (``index`` = the samples' global indices); may
+        stage per-sample writes in ``self.store``."""
 
     def label_issue_scores(
         self, given: np.ndarray, probs: np.ndarray, loss_history: np.ndarray
@@ -133,5 +136,5 @@ class Method:
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """Restore what :meth:`state_dict` returned (methods with state override both)."""

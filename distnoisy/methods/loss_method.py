@@ -4,6 +4,7 @@ state (GCE, DAL, MAE, SCE, NCE+RCE, LS, bootstrapping, forward/backward correcti
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -54,9 +55,9 @@ class LossMethod(Method):
     def check_params(cls, params: Any) -> None:
         """Raise :class:`ConfigError` for invalid ``method.*`` values (no sizes known yet)."""
 
+    @abstractmethod
     def build_loss(self) -> nn.Module | None:
         """The loss module for this run (``None`` only when resources are still missing)."""
-        raise NotImplementedError
 
     def require_criterion(self) -> nn.Module:
         """The loss module; subclasses that may lack one override this to explain why."""

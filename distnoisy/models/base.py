@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from abc import ABC, abstractmethod
 from typing import Protocol
 
 import torch
@@ -13,7 +14,7 @@ from distnoisy.models.weights import load_pretrained
 from distnoisy.registry import Registry
 
 
-class FeatureClassifier(nn.Module):
+class FeatureClassifier(nn.Module, ABC):
     """Base class of every registered model: a feature extractor followed by one linear head.
 
     Subclasses set ``feature_dim`` and ``classifier`` (an ``nn.Linear(feature_dim, C)``) and
@@ -36,9 +37,9 @@ class FeatureClassifier(nn.Module):
     classifier: nn.Linear
     input_conv_key: str = "conv1.weight"
 
+    @abstractmethod
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the ``(B, feature_dim)`` penultimate features of images ``x``."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the ``(B, num_classes)`` logits of images ``x`` (``(B, C_in, H, W)``)."""
