@@ -112,6 +112,30 @@ def test_elr_targets_identical_for_one_and_two_workers(
     assert one["test_acc"] == pytest.approx(two["test_acc"], abs=1e-6)
 
 
+def _targets(run_dir: Path) -> np.ndarray:
+    table = pq.read_table(run_dir / "sample_stats.parquet")
+    return np.stack(table["elr_target"].to_numpy(zero_copy_only=False))
+
+
+def test_local_launcher_two_processes_matches_one(tmp_path, digits_root, mlflow_uri):
+    # The launcher for machines without Ray (e.g. a GPU box): spawned processes with a gloo group.
+    common = (
+        "train.epochs=2",
+        "data.split=sample",
+        "train.optimizer=sgd",
+        "train.lr=0.01",
+        "tracking.enabled=false",
+        "scaling.launcher=local",
+    )
+    one = train(_cfg(tmp_path / "a", digits_root, mlflow_uri, *common, "scaling.num_workers=1"))
+    two = train(_cfg(tmp_path / "b", digits_root, mlflow_uri, *common, "scaling.num_workers=2"))
+    assert two["num_workers"] == 2
+    assert np.abs(_targets(tmp_path / "a/run") - _targets(tmp_path / "b/run")).max() < 1e-4
+    assert one["test_acc"] == pytest.approx(two["test_acc"], abs=1e-6)
+    ckpts = sorted(p.name for p in (tmp_path / "b/run/checkpoints").iterdir())
+    assert ckpts == ["epoch=0000", "epoch=0001"]
+
+
 def test_elr_beats_ce_where_ce_memorizes(tmp_path, digits_root, mlflow_uri):
     # The direction of the README's headline result on a shorter, single-process run.
     common = (
