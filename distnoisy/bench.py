@@ -28,7 +28,6 @@ import gc
 import os
 import platform
 import random
-import re
 import shlex
 import sys
 import time
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distnoisy import reporting
 from distnoisy.loop import train_step
 from distnoisy.methods import METHODS, Method
 from distnoisy.models import build_model
@@ -590,25 +590,11 @@ def format_section(report: StepBenchReport, command: str, note: str | None = Non
 
 
 def write_section(path: Path, section: str, title: str = SECTION_TITLE) -> None:
-    """Write ``section`` (starting with the ``title`` line) into the Markdown file ``path``.
-
-    An existing section with the same title is replaced up to the next heading of level 1 or 2;
-    everything else is kept. A missing file is created with :data:`DOC_HEADER`.
-    """
-    path = Path(path)
-    text = path.read_text() if path.exists() else DOC_HEADER
-    section = section.rstrip("\n") + "\n"
-    pattern = re.compile(rf"^{re.escape(title)}[ \t]*\n.*?(?=^#{{1,2}} |\Z)", re.M | re.S)
-    match = pattern.search(text)
-    if match is not None:
-        rest = text[match.end() :]
-        new = text[: match.start()] + section + ("\n" + rest if rest else "")
-    else:
-        new = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    """Write ``section`` (starting with the ``title`` line) into the Markdown file ``path``,
+    replacing the section of that title and keeping the others (a new file starts with
+    :data:`DOC_HEADER`)."""
+    body = section.rstrip("\n").removeprefix(title).lstrip("\n")
+    reporting.write_section(path, title.removeprefix("## "), body, header=DOC_HEADER)
 
 
 # -- command line -----------------------------------------------------------------------------

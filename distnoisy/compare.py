@@ -25,6 +25,7 @@ from typing import Any
 
 from distnoisy.config import load_config
 from distnoisy.errors import DistnoisyError
+from distnoisy.reporting import write_section
 from distnoisy.train import train
 
 # (summary key, column title, scale, decimals)
@@ -141,33 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     (out_root / "results.json").write_text(json.dumps(results, indent=2, default=str))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        text = table
         if args.section:
-            old = args.out.read_text() if args.out.exists() else ""
-            text = replace_section(old, args.section, table)
-        args.out.write_text(text)
+            write_section(args.out, args.section, table)
+        else:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(table)
     return 0
-
-
-def replace_section(document: str, title: str, body: str) -> str:
-    """Put ``body`` under the heading ``## title``, replacing that section if present."""
-    heading = f"## {title}"
-    lines = document.splitlines()
-    if heading in lines:
-        start = lines.index(heading)
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        lines = lines[:start] + lines[end:]
-        insert_at = start
-    else:
-        insert_at = len(lines)
-    section = [heading, "", *body.rstrip("\n").splitlines(), ""]
-    if insert_at == len(lines) and lines and lines[-1] != "":
-        section.insert(0, "")
-    lines[insert_at:insert_at] = section
-    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 if __name__ == "__main__":

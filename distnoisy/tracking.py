@@ -79,6 +79,11 @@ def end_run(uri: str, run_id: str, status: str) -> None:
         log.warning("could not mark MLflow run %s as %s: %s", run_id, status, e)
 
 
+def reopen_run(uri: str, run_id: str) -> None:
+    """Mark a resumed run RUNNING again (it ended KILLED or FAILED)."""
+    _client(uri).update_run(run_id, status="RUNNING")
+
+
 def log_artifacts(uri: str, run_id: str, paths: list[Path]) -> None:
     client = _client(uri)
     for p in paths:

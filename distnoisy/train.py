@@ -124,7 +124,7 @@ def train(cfg: Config, parent_run_id: str | None = None) -> dict[str, Any]:
                 parent_run_id=parent_run_id,
             )
         else:
-            tracking._client(uri).update_run(run_id, status="RUNNING")
+            tracking.reopen_run(uri, run_id)
     tmp_info = run_info_path.with_suffix(".tmp")
     tmp_info.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
     os.replace(tmp_info, run_info_path)

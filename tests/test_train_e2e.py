@@ -96,16 +96,7 @@ def test_elr_targets_identical_for_one_and_two_workers(
         )
     )
     two = train(_cfg(tmp_path / "b", digits_root, mlflow_uri, *common, "scaling.num_workers=2"))
-    t1 = np.stack(
-        pq.read_table(tmp_path / "a/run/sample_stats.parquet")["elr_target"].to_numpy(
-            zero_copy_only=False
-        )
-    )
-    t2 = np.stack(
-        pq.read_table(tmp_path / "b/run/sample_stats.parquet")["elr_target"].to_numpy(
-            zero_copy_only=False
-        )
-    )
+    t1, t2 = _targets(tmp_path / "a/run"), _targets(tmp_path / "b/run")
     assert np.abs(t1 - t2).max() < 1e-4
     # Each epoch uses floor(1437 / 64) * 64 = 1408 samples: most samples were visited 3 times.
     assert np.mean(np.abs(t1.sum(1) - (1 - 0.7**3)) < 1e-5) > 0.9
