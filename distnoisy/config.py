@@ -39,6 +39,9 @@ class DataConfig:
     # of workers; "shard" = each rank reads only its own shards (scales to large data).
     split: str = "shard"
     test_fraction: float = 0.2
+    # digits: fraction of the non-test images held out as a clean validation split (val_acc,
+    # model selection, sweeps); 0 = none. ``shards``: a ``val/`` set beside train/ is used.
+    val_fraction: float = 0.0
     shard_size: int = 256
     num_workers: int = 0
     shuffle_buffer: int = 1000

@@ -171,6 +171,8 @@ def _write_outputs(
     store.export_parquet(out / "sample_stats.parquet", extra=extra)
 
     test_accs = [h["test_acc"] for h in history if h.get("test_acc") is not None]
+    val_accs = [h.get("val_acc", float("nan")) for h in history]
+    best_val = int(np.nanargmax(val_accs)) if np.isfinite(val_accs).any() else None
     summary: dict[str, Any] = {
         "method": cfg.method.name,
         "dataset": spec.dataset,
@@ -183,6 +185,14 @@ def _write_outputs(
         "test_acc": history[-1].get("test_acc") if history else None,
         "best_test_acc": max(test_accs) if test_accs else None,
         "best_epoch": int(np.argmax(test_accs)) if test_accs else None,
+        # Model selection on the validation set (the protocol): the epoch with the best val_acc
+        # and the test accuracy at that epoch.
+        "val_acc": history[-1].get("val_acc") if history else None,
+        "best_val_acc": val_accs[best_val] if best_val is not None else None,
+        "best_val_epoch": best_val,
+        "test_acc_at_best_val": (
+            history[best_val].get("test_acc") if best_val is not None else None
+        ),
         "train_acc_given": float((pred == given).mean()),
         "memorized": None,
         "clean_train_acc": None,
@@ -301,15 +311,21 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
         num_workers=cfg.data.num_workers,
     )
     eval_tf = make_transform(spec.eval_transform, spec.mean, spec.std)
-    test_stream = test_labels = None
-    if spec.test_dir is not None:
+
+    def eval_set(directory: str | None) -> tuple[Any, torch.Tensor | None]:
+        if directory is None:
+            return None, None
         from distnoisy.data.shards import read_labels
 
-        test_manifest = read_manifest(spec.test_dir)
-        test_labels = torch.from_numpy(np.asarray(read_labels(test_manifest)[0], dtype=np.int64))
-        test_stream = EvalStream(
-            test_manifest, rank=rank, world_size=world, batch_size=256, transform=eval_tf
+        manifest = read_manifest(directory)
+        labels = torch.from_numpy(np.asarray(read_labels(manifest)[0], dtype=np.int64))
+        stream = EvalStream(
+            manifest, rank=rank, world_size=world, batch_size=256, transform=eval_tf
         )
+        return stream, labels
+
+    test_stream, test_labels = eval_set(spec.test_dir)
+    val_stream, val_labels = eval_set(spec.val_dir)
     corrupted = torch.from_numpy(clean_np != given_np) if clean_np is not None else None
     logger = RunLogger(tracking.get("uri"), tracking.get("run_id"), rank)
 
@@ -328,6 +344,8 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
         totals = dist.all_reduce_sum(sums.to(comm_device)).cpu()
         metrics["train_loss"] = float(totals[0] / totals[2])
         metrics["train_acc_given"] = float(totals[1] / totals[2])
+        if val_stream is not None:
+            metrics["val_acc"] = _accuracy(model, val_stream, val_labels, device)
         if test_stream is not None:
             metrics["test_acc"] = _accuracy(model, test_stream, test_labels, device)
         if corrupted is not None and corrupted.any():
@@ -363,7 +381,7 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
             )
             index, probs = predict(model, train_eval, device)
             store.set("final_prob", index, probs)
-            bad = train_stream.num_bad_samples + train_eval_bad(train_eval, test_stream)
+            bad = train_stream.num_bad_samples + train_eval_bad(train_eval, test_stream, val_stream)
             num_bad = int(dist.all_reduce_sum(torch.tensor([bad], device=comm_device)).item())
 
         ckpt_dir = None

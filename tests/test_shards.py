@@ -268,6 +268,23 @@ def test_digits_split(digits_dir: Path) -> None:
     assert te_labels[7] == digits.target[j]
 
 
+def test_digits_validation_split(tmp_path: Path) -> None:
+    from distnoisy.data.digits import prepare_digits
+
+    prepare_digits(tmp_path, val_fraction=0.1)
+    train, val, test = (read_manifest(tmp_path / s) for s in ("train", "val", "test"))
+    assert test.num_samples == 360  # the test split does not depend on the validation split
+    assert val.num_samples == 144 and train.num_samples == 1797 - 360 - 144
+    assert train.params["val_fraction"] == 0.1
+    keys = [k for m in (train, val, test) for k in read_labels(m)[2]]
+    assert len(set(keys)) == 1797  # disjoint splits covering every image
+    val_labels, val_clean, _ = read_labels(val)
+    assert np.array_equal(val_labels, val_clean)  # a clean validation set
+    assert (np.bincount(val_labels, minlength=10) > 10).all()  # stratified
+    with pytest.raises(ConfigError, match=r"data.val_fraction must be in \[0, 1\)"):
+        prepare_digits(tmp_path / "bad", val_fraction=1.0)
+
+
 def test_digits_constants_match_the_data() -> None:
     from sklearn.datasets import load_digits
 

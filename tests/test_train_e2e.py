@@ -165,6 +165,27 @@ def test_resume_continues_exactly(tmp_path, digits_root, mlflow_uri):
     assert run.info.status == "FINISHED"
 
 
+def test_validation_split_selects_the_reported_epoch(tmp_path, digits_root, mlflow_uri):
+    cfg = _cfg(
+        tmp_path,
+        digits_root,
+        mlflow_uri,
+        "train.epochs=3",
+        "data.val_fraction=0.1",
+        "scaling.launcher=local",
+        "scaling.num_workers=1",
+    )
+    summary = train(cfg)
+    val = [h["val_acc"] for h in summary["history"]]
+    assert all(0.0 <= v <= 1.0 for v in val)
+    best = int(np.argmax(val))
+    assert summary["best_val_epoch"] == best and summary["best_val_acc"] == val[best]
+    assert summary["test_acc_at_best_val"] == summary["history"][best]["test_acc"]
+    assert summary["num_train"] == 1797 - 360 - 144  # the validation images left training
+    metrics = MlflowClient(mlflow_uri).get_metric_history(summary["mlflow_run_id"], "val_acc")
+    assert [m.value for m in sorted(metrics, key=lambda m: m.step)] == pytest.approx(val)
+
+
 def test_crash_marks_run_failed_and_leaves_no_outputs(
     tmp_path, digits_root, mlflow_uri, monkeypatch
 ):

@@ -33,14 +33,19 @@ DIGITS_CLASSES = [str(c) for c in range(10)]
 _DIGITS_VERSION = 1
 
 
-def _params(test_fraction: float, seed: int, shard_size: int) -> dict[str, Any]:
-    return {
+def _params(
+    test_fraction: float, seed: int, shard_size: int, val_fraction: float = 0.0
+) -> dict[str, Any]:
+    params = {
         "source": "sklearn.datasets.load_digits",
         "version": _DIGITS_VERSION,
         "test_fraction": float(test_fraction),
         "seed": int(seed),
         "shard_size": int(shard_size),
     }
+    if val_fraction > 0:  # only when used, so caches made before val splits stay valid
+        params["val_fraction"] = float(val_fraction)
+    return params
 
 
 def _cached(directory: Path, split: str, params: dict[str, Any]) -> Manifest | None:
@@ -102,9 +107,14 @@ def _install(tmp_split: Path, final: Path, split: str, params: dict[str, Any]) -
 
 
 def prepare_digits(
-    root: Path, *, test_fraction: float = 0.2, seed: int = 0, shard_size: int = 256
+    root: Path,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    shard_size: int = 256,
+    val_fraction: float = 0.0,
 ) -> tuple[Path, Path]:
-    """Write (or reuse) the digits train/test shard sets under ``root``.
+    """Write (or reuse) the digits train/test (and optional validation) shard sets under ``root``.
 
     The split is stratified and depends only on ``seed``; clean labels equal the labels (the
     dataset is clean; noise is added separately). Keys are ``digits/{original index}``; global
@@ -120,6 +130,9 @@ def prepare_digits(
         Seed of the stratified split.
     shard_size
         Samples per shard.
+    val_fraction
+        Fraction of the non-test images held out (stratified) as a clean validation split in
+        ``root/val``, for model selection and sweeps; 0 = no validation split.
 
     Returns
     -------
@@ -139,10 +152,13 @@ def prepare_digits(
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
     if shard_size < 1:
         raise ConfigError(f"data.shard_size must be at least 1, got {shard_size}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     root = Path(root).expanduser()
-    params = _params(test_fraction, seed, shard_size)
+    params = _params(test_fraction, seed, shard_size, val_fraction)
     train_dir, test_dir = root / "train", root / "test"
-    if _cached(train_dir, "train", params) and _cached(test_dir, "test", params):
+    splits = ["train", "test"] + (["val"] if val_fraction > 0 else [])
+    if all(_cached(root / split, split, params) for split in splits):
         log.debug("digits shards cached in %s", root)
         return train_dir, test_dir
 
@@ -154,10 +170,16 @@ def prepare_digits(
     train_idx, test_idx = train_test_split(
         all_idx, test_size=test_fraction, random_state=seed, stratify=targets
     )
+    parts = {"train": train_idx, "test": test_idx}
+    if val_fraction > 0:
+        parts["train"], parts["val"] = train_test_split(
+            train_idx, test_size=val_fraction, random_state=seed, stratify=targets[train_idx]
+        )
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".digits-tmp-{os.getpid()}-{uuid.uuid4().hex}"
     try:
-        for split, idx in (("train", np.sort(train_idx)), ("test", np.sort(test_idx))):
+        for split, idx in parts.items():
+            idx = np.sort(idx)
             write_shards(
                 _samples(images, targets, idx),
                 tmp / split,
@@ -168,9 +190,10 @@ def prepare_digits(
                 dataset="digits",
                 params=params,
             )
-        _install(tmp / "train", train_dir, "train", params)
-        _install(tmp / "test", test_dir, "test", params)
+        for split in parts:
+            _install(tmp / split, root / split, split, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("digits: %d train / %d test images written to %s", len(train_idx), len(test_idx), root)
+    sizes = " / ".join(f"{len(idx)} {split}" for split, idx in parts.items())
+    log.info("digits: %s images written to %s", sizes, root)
     return train_dir, test_dir

@@ -39,6 +39,8 @@ class DataSpec:
     has_clean_labels: bool
     noise_rate: float | None
     transition: list[list[float]] | None
+    # Validation shards (model selection, sweeps); their own ``cls`` labels are the val labels.
+    val_dir: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,15 +97,23 @@ def prepare_data(cfg: Config) -> DataSpec:
         from distnoisy.data.digits import DIGITS_MEAN, DIGITS_STD, prepare_digits
 
         root = Path(cfg.data.root).expanduser() if cfg.data.root else default_root("digits")
+        if cfg.data.val_fraction > 0:  # its own cache: splits with and without val coexist
+            root = root / f"val-{cfg.data.val_fraction:g}"
         train_dir, test_dir = prepare_digits(
-            root, test_fraction=cfg.data.test_fraction, seed=0, shard_size=cfg.data.shard_size
+            root,
+            test_fraction=cfg.data.test_fraction,
+            seed=0,
+            shard_size=cfg.data.shard_size,
+            val_fraction=cfg.data.val_fraction,
         )
+        val_dir = root / "val" if cfg.data.val_fraction > 0 else None
         in_channels, train_tf, eval_tf = 1, "digits", "digits"
         mean, std = [DIGITS_MEAN], [DIGITS_STD]
     elif cfg.data.name == "shards":
         base = Path(str(cfg.data.urls)).expanduser()
         train_dir = base / "train" if (base / "train" / "manifest.json").exists() else base
         test_dir = base / "test" if (base / "test" / "manifest.json").exists() else None
+        val_dir = base / "val" if (base / "val" / "manifest.json").exists() else None
         in_channels, family = _image_info(train_dir)
         train_tf, eval_tf = f"{family}_train", f"{family}_eval"
         mean, std = [0.5] * in_channels, [0.25] * in_channels
@@ -116,11 +126,10 @@ def prepare_data(cfg: Config) -> DataSpec:
     manifest = read_manifest(train_dir)
     labels, clean, _keys = read_labels(manifest)
     num_classes = manifest.num_classes
-    if test_dir is not None:
-        test_manifest = read_manifest(test_dir)
-        if test_manifest.num_classes != num_classes:
+    for what, other in (("test", test_dir), ("validation", val_dir)):
+        if other is not None and read_manifest(other).num_classes != num_classes:
             raise DataError(
-                f"test shards in {test_dir} have {test_manifest.num_classes} classes, "
+                f"{what} shards in {other} have {read_manifest(other).num_classes} classes, "
                 f"train shards {num_classes}"
             )
 
@@ -171,4 +180,5 @@ def prepare_data(cfg: Config) -> DataSpec:
         has_clean_labels=clean is not None,
         noise_rate=noise_rate,
         transition=transition,
+        val_dir=str(Path(val_dir).resolve()) if val_dir is not None else None,
     )
