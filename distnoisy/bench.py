@@ -42,6 +42,7 @@ import torch
 from distnoisy import reporting
 from distnoisy.loop import train_step
 from distnoisy.methods import METHODS, Method
+from distnoisy.methods.base import StepInput
 from distnoisy.models import build_model
 from distnoisy.store import FieldSpec, SampleStore
 
@@ -245,7 +246,8 @@ def _train_step(
     index: torch.Tensor,
 ) -> None:
     """One training step: :func:`distnoisy.loop.train_step`, exactly what the trainer runs."""
-    train_step(model, subject.method, opt, subject.store, x, y, index, epoch=0)
+    batch = StepInput(x, y, index, epoch=0, step=0, steps_per_epoch=1)
+    train_step(subject.method, {"model": model}, {"model": opt}, subject.store, batch)
 
 
 def _loss_only(subject: _Subject, z: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> None:

@@ -22,12 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distnoisy import dist
 from distnoisy.config import Config, from_dict
 from distnoisy.data.prepare import DataSpec
 from distnoisy.methods import METHODS, Method
+from distnoisy.methods.base import Networks, Optimizers, StepInput
 from distnoisy.metrics import auroc
 from distnoisy.models import build_model
 from distnoisy.store import FieldSpec, SampleStore
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
 OUTPUTS_DIR = "outputs"
+WEIGHTS_FILE = "weights.pt"
 
 
 @dataclass
@@ -93,24 +96,28 @@ def _scheduler(cfg: Config, opt: torch.optim.Optimizer) -> torch.optim.lr_schedu
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, stream: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(index, probs) of this rank's share of an eval stream."""
-    model.eval()
+def predict(
+    method: Method, nets: Networks, stream: Any, device: torch.device
+) -> tuple[Tensor, ...]:
+    """(index, probs) of this rank's share of an eval stream, from the method's prediction."""
+    for net in nets.values():
+        net.eval()
     idx, probs = [], []
     for batch in stream.batches():
-        logits = model(batch["image"].to(device, non_blocking=True))
+        logits = method.predict(nets, batch["image"].to(device, non_blocking=True))
         idx.append(batch["index"])
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
-    model.train()
+    for net in nets.values():
+        net.train()
     if not idx:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
     return torch.cat(idx), torch.cat(probs)
 
 
 def _accuracy(
-    model: torch.nn.Module, stream: Any, labels: torch.Tensor, device: torch.device
+    method: Method, nets: Networks, stream: Any, labels: Tensor, device: torch.device
 ) -> float:
-    index, probs = predict(model, stream, device)
+    index, probs = predict(method, nets, stream, device)
     correct = (probs.argmax(1) == labels[index]).sum() if len(index) else torch.tensor(0)
     totals = dist.all_reduce_sum(torch.tensor([float(correct), float(len(index))], device=device))
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
@@ -215,31 +222,25 @@ def _write_outputs(
 
 
 def train_step(
-    net: torch.nn.Module,
     method: Method,
-    opt: torch.optim.Optimizer,
+    nets: Networks,
+    opts: Optimizers,
     store: SampleStore,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    index: torch.Tensor,
-    epoch: int,
+    batch: StepInput,
 ) -> tuple[float, int]:
     """One optimisation step and its per-sample bookkeeping (a collective: ``store.flush``).
 
     Returns the batch loss and the number of predictions equal to the given labels.
     """
-    logits = net(x)
-    out = method.loss(logits, y, index)
-    opt.zero_grad(set_to_none=True)
-    out.loss.backward()
-    opt.step()
+    result = method.train_step(batch, nets, opts)
     with torch.no_grad():
-        ce = F.cross_entropy(logits.detach().float(), y, reduction="none")
-        pred = logits.detach().argmax(1)
-        store.stage("loss_hist", index, ce, column=epoch)
-        store.stage("train_pred", index, pred)
+        logits = result.logits.float()
+        ce = F.cross_entropy(logits, batch.y, reduction="none")
+        pred = logits.argmax(1)
+        store.stage("loss_hist", batch.index, ce, column=batch.epoch)
+        store.stage("train_pred", batch.index, pred)
         store.flush()
-        return float(out.loss), int((pred == y).sum())
+        return result.loss, int((pred == batch.y).sum())
 
 
 def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
@@ -249,7 +250,7 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
     "resources": the method's driver-side resources (JSON-able) | None}.
     """
     from distnoisy.data.shards import read_manifest
-    from distnoisy.data.stream import EvalStream, TrainStream, make_transform
+    from distnoisy.data.stream import EvalStream, TrainStream, make_transform, mix_seed
 
     cfg = from_dict(job["config"])
     spec = DataSpec(**job["data"])
@@ -262,16 +263,6 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
     given = torch.from_numpy(given_np)
     n, num_classes, epochs = spec.num_train, spec.num_classes, cfg.train.epochs
 
-    model = build_model(cfg.model.name, num_classes, spec.in_channels, cfg.model.weights).to(device)
-    net: torch.nn.Module = model
-    if world > 1:
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    comm_device = device if device.type == "cuda" else torch.device("cpu")
-    store = SampleStore(n, comm_device=comm_device)
-    store.declare("loss_hist", FieldSpec(shape=(epochs,), fill=float("nan")))
-    store.declare("train_pred", FieldSpec(dtype=torch.int64, fill=-1))
-    store.declare("final_prob", FieldSpec(shape=(num_classes,)))
     method: Method = METHODS.get(cfg.method.name)(
         cfg.method,
         num_samples=n,
@@ -279,9 +270,24 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
         epochs=epochs,
         resources=job.get("resources"),
     )
+    models = method.build_networks(
+        lambda: build_model(cfg.model.name, num_classes, spec.in_channels, cfg.model.weights)
+    )
+    models = {name: m.to(device) for name, m in models.items()}
+    method.setup(models, device)
+    nets: Networks = dict(models)  # what the steps run: DDP-wrapped on several ranks
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        nets = {name: DDP(m, device_ids=ids) for name, m in models.items()}
+
+    comm_device = device if device.type == "cuda" else torch.device("cpu")
+    store = SampleStore(n, comm_device=comm_device)
+    store.declare("loss_hist", FieldSpec(shape=(epochs,), fill=float("nan")))
+    store.declare("train_pred", FieldSpec(dtype=torch.int64, fill=-1))
+    store.declare("final_prob", FieldSpec(shape=(num_classes,)))
     method.attach(store)
-    opt = _optimizer(cfg, net.parameters())
-    sched = _scheduler(cfg, opt)
+    opts = method.build_optimizers(nets, lambda params: _optimizer(cfg, params))
+    scheds = {name: _scheduler(cfg, opt) for name, opt in opts.items()}
 
     start_epoch, history = 0, []
     with ctx.restore() as ckpt_dir:
@@ -289,9 +295,11 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
             state = torch.load(
                 Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True
             )
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
+            for name, m in models.items():
+                m.load_state_dict(state["networks"][name])
+            for name, opt in opts.items():
+                opt.load_state_dict(state["optimizers"][name])
+                scheds[name].load_state_dict(state["schedulers"][name])
             store.load_state_dict(state["store"])
             method.load_state_dict(state["method"])
             start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
@@ -299,17 +307,25 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
                 log.info("resumed from %s at epoch %d", ckpt_dir, start_epoch)
 
     local_bs = cfg.train.batch_size // world
-    train_stream = TrainStream(
-        read_manifest(spec.train_dir),
-        rank=rank,
-        world_size=world,
-        local_batch_size=local_bs,
-        seed=cfg.seed,
-        split=cfg.data.split,
-        transform=make_transform(spec.train_transform, spec.mean, spec.std, seed=cfg.seed),
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        num_workers=cfg.data.num_workers,
-    )
+    train_manifest = read_manifest(spec.train_dir)
+
+    def train_stream_for(phase: int) -> TrainStream:
+        # Each phase (ELR+: each network) has its own shuffling and augmentation draws.
+        seed = cfg.seed if phase == 0 else mix_seed(cfg.seed, phase)
+        return TrainStream(
+            train_manifest,
+            rank=rank,
+            world_size=world,
+            local_batch_size=local_bs,
+            seed=seed,
+            split=cfg.data.split,
+            transform=make_transform(spec.train_transform, spec.mean, spec.std, seed=seed),
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            num_workers=cfg.data.num_workers,
+        )
+
+    phases = method.phases()
+    train_streams = {phase: train_stream_for(k) for k, phase in enumerate(phases)}
     eval_tf = make_transform(spec.eval_transform, spec.mean, spec.std)
 
     def eval_set(directory: str | None) -> tuple[Any, torch.Tensor | None]:
@@ -332,27 +348,32 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         metrics: dict[str, float] = dict(method.on_epoch_start(epoch))
-        net.train()
+        for m in models.values():
+            m.train()
         sums = torch.zeros(3, dtype=torch.float64)  # loss*b, correct on given labels, b
-        for batch in train_stream.epoch_batches(epoch):
-            x = batch["image"].to(device, non_blocking=True)
-            index = batch["index"]
-            y = given[index].to(device, non_blocking=True)
-            loss_value, correct = train_step(net, method, opt, store, x, y, index, epoch)
-            sums += torch.tensor([loss_value * len(y), correct, len(y)])
-        sched.step()
+        for phase, stream in train_streams.items():
+            steps = stream.steps_per_epoch
+            for step, batch in enumerate(stream.epoch_batches(epoch)):
+                index = batch["index"]
+                x = batch["image"].to(device, non_blocking=True)
+                y = given[index].to(device, non_blocking=True)
+                inp = StepInput(x, y, index, epoch, step, steps, phase)
+                loss_value, correct = train_step(method, nets, opts, store, inp)
+                sums += torch.tensor([loss_value * len(y), correct, len(y)])
+        for sched in scheds.values():
+            sched.step()
         totals = dist.all_reduce_sum(sums.to(comm_device)).cpu()
         metrics["train_loss"] = float(totals[0] / totals[2])
         metrics["train_acc_given"] = float(totals[1] / totals[2])
         if val_stream is not None:
-            metrics["val_acc"] = _accuracy(model, val_stream, val_labels, device)
+            metrics["val_acc"] = _accuracy(method, models, val_stream, val_labels, device)
         if test_stream is not None:
-            metrics["test_acc"] = _accuracy(model, test_stream, test_labels, device)
+            metrics["test_acc"] = _accuracy(method, models, test_stream, test_labels, device)
         if corrupted is not None and corrupted.any():
             seen = store["train_pred"] >= 0
             mask = corrupted & seen
             metrics["memorized"] = float((store["train_pred"][mask] == given[mask]).float().mean())
-        metrics["lr"] = float(opt.param_groups[0]["lr"])
+        metrics["lr"] = float(next(iter(opts.values())).param_groups[0]["lr"])
         metrics["epoch_time_s"] = time.perf_counter() - t0
         metrics["epoch"] = epoch
         history.append(metrics)
@@ -379,18 +400,19 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
                 batch_size=256,
                 transform=eval_tf,
             )
-            index, probs = predict(model, train_eval, device)
+            index, probs = predict(method, models, train_eval, device)
             store.set("final_prob", index, probs)
-            bad = train_stream.num_bad_samples + train_eval_bad(train_eval, test_stream, val_stream)
+            bad = sum(s.num_bad_samples for s in train_streams.values())
+            bad += train_eval_bad(train_eval, test_stream, val_stream)
             num_bad = int(dist.all_reduce_sum(torch.tensor([bad], device=comm_device)).item())
 
         ckpt_dir = None
         if rank == 0:
             ckpt_dir = Path(tempfile.mkdtemp(prefix="distnoisy-ckpt-"))
             state = {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
+                "networks": {name: m.state_dict() for name, m in models.items()},
+                "optimizers": {name: opt.state_dict() for name, opt in opts.items()},
+                "schedulers": {name: sch.state_dict() for name, sch in scheds.items()},
                 "store": store.state_dict(),
                 "method": method.state_dict(),
                 "epoch": epoch,
@@ -398,6 +420,10 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
             }
             _save_state(ckpt_dir / CHECKPOINT_FILE, state)
             if last:
+                (ckpt_dir / OUTPUTS_DIR).mkdir()
+                # Final weights of every network, loadable with weights_only=True (LIMIT's
+                # q_init, fine-tuning, analysis).
+                _save_state(ckpt_dir / OUTPUTS_DIR / WEIGHTS_FILE, state["networks"])
                 _write_outputs(
                     ckpt_dir / OUTPUTS_DIR,
                     method,

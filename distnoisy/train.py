@@ -24,7 +24,7 @@ from distnoisy.errors import ConfigError, DistnoisyError
 
 log = logging.getLogger("distnoisy")
 
-OUTPUT_FILES = ("summary.json", "label_issues.parquet", "sample_stats.parquet")
+OUTPUT_FILES = ("summary.json", "label_issues.parquet", "sample_stats.parquet", "weights.pt")
 
 
 def resolve_run_dir(cfg: Config) -> Path:
@@ -50,9 +50,12 @@ def _dry_build(cfg: Config, num_classes: int, in_channels: int) -> None:
     from distnoisy.methods import METHODS
     from distnoisy.models import build_model
 
-    build_model(cfg.model.name, num_classes, in_channels, cfg.model.weights)
-    METHODS.get(cfg.method.name)(
+    method = METHODS.get(cfg.method.name)(
         cfg.method, num_samples=1, num_classes=num_classes, epochs=cfg.train.epochs
+    )
+    # The method builds its networks as the workers will (LIMIT checks its q-network here).
+    method.build_networks(
+        lambda: build_model(cfg.model.name, num_classes, in_channels, cfg.model.weights)
     )
 
 

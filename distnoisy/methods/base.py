@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from distnoisy.config import MethodParams
 from distnoisy.registry import Registry
@@ -46,6 +47,43 @@ class PrepareContext:
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # the scalar to backpropagate (mean over the local batch)
+
+
+@dataclass
+class StepInput:
+    """One local batch and where it sits in training.
+
+    ``step`` counts this phase's batches within the epoch (0-based), so the global iteration is
+    ``epoch * steps_per_epoch + step``: a pure function of the position, identical after resume.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor  # global sample indices (CPU)
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    phase: str = "model"
+
+    @property
+    def iteration(self) -> int:
+        return self.epoch * self.steps_per_epoch + self.step
+
+
+@dataclass
+class StepResult:
+    """What one training step reports to the trainer.
+
+    ``logits`` are detached per-sample logits on the *un-mixed* local batch; the trainer keeps
+    the per-epoch loss history and training predictions from them.
+    """
+
+    loss: float
+    logits: torch.Tensor
+
+
+Networks = dict[str, nn.Module]
+Optimizers = dict[str, torch.optim.Optimizer]
 
 
 class Method(ABC):
@@ -106,6 +144,45 @@ class Method(ABC):
         for name, spec in self.fields().items():
             store.declare(name, spec)
         self.store = store
+
+    # -- networks: one ``model`` trained by one optimizer, unless a method needs more ----------
+    def build_networks(self, build: Callable[[], nn.Module]) -> Networks:
+        """The networks this method trains, each from ``build()`` (the ``model.*`` config).
+
+        The trainer moves them to the device, calls :meth:`setup`, then wraps each in DDP.
+        """
+        return {"model": build()}
+
+    def setup(self, nets: Networks, device: torch.device) -> None:  # noqa: B027 (optional hook)
+        """Build method-owned state that depends on the networks (e.g. EMA copies)."""
+
+    def build_optimizers(
+        self, nets: Networks, make: Callable[[Any], torch.optim.Optimizer]
+    ) -> Optimizers:
+        """Optimizers from ``make(params)`` (the ``train.*`` optimizer); one per network."""
+        return {name: make(net.parameters()) for name, net in nets.items()}
+
+    def phases(self) -> tuple[str, ...]:
+        """The passes over the training data in one epoch, in order (ELR+: one per network)."""
+        return ("model",)
+
+    def train_step(self, batch: StepInput, nets: Networks, opts: Optimizers) -> StepResult:
+        """Forward, loss, backward and optimizer step of one local batch.
+
+        ``nets`` are the DDP-wrapped networks (the raw ones on a single process). The default
+        trains ``nets["model"]`` on :meth:`loss`.
+        """
+        logits = nets["model"](batch.x)
+        out = self.loss(logits, batch.y, batch.index)
+        opt = opts["model"]
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        return StepResult(float(out.loss.detach()), logits.detach())
+
+    def predict(self, nets: Networks, x: torch.Tensor) -> torch.Tensor:
+        """Logits used for evaluation and final predictions (networks in eval mode)."""
+        return nets["model"](x)
 
     def on_epoch_start(self, epoch: int) -> dict[str, float]:
         """Called before each epoch; returns values to log (e.g. a schedule)."""
