@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distnoisy import dist
@@ -75,6 +75,17 @@ def _labels(spec: DataSpec) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
         if lf.clean_labels is not None:
             clean = lf.clean_labels
     return np.asarray(labels, dtype=np.int64), clean, list(keys)
+
+
+def network_builder(cfg: Config, num_classes: int, in_channels: int) -> Callable[..., nn.Module]:
+    """``build(name=None, weights=None)``: ``model.name`` with ``model.weights`` by default."""
+
+    def build(name: str | None = None, weights: str | None = None) -> nn.Module:
+        if name is None:
+            name, weights = cfg.model.name, cfg.model.weights
+        return build_model(name, num_classes, in_channels, weights)
+
+    return build
 
 
 def _optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
@@ -269,10 +280,9 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
         num_classes=num_classes,
         epochs=epochs,
         resources=job.get("resources"),
+        seed=cfg.seed,
     )
-    models = method.build_networks(
-        lambda: build_model(cfg.model.name, num_classes, spec.in_channels, cfg.model.weights)
-    )
+    models = method.build_networks(network_builder(cfg, num_classes, spec.in_channels))
     models = {name: m.to(device) for name, m in models.items()}
     method.setup(models, device)
     nets: Networks = dict(models)  # what the steps run: DDP-wrapped on several ranks

@@ -47,16 +47,14 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
 
 def _dry_build(cfg: Config, num_classes: int, in_channels: int) -> None:
     """Instantiate the model and method once so that bad settings fail before the run starts."""
+    from distnoisy.loop import network_builder
     from distnoisy.methods import METHODS
-    from distnoisy.models import build_model
 
     method = METHODS.get(cfg.method.name)(
         cfg.method, num_samples=1, num_classes=num_classes, epochs=cfg.train.epochs
     )
     # The method builds its networks as the workers will (LIMIT checks its q-network here).
-    method.build_networks(
-        lambda: build_model(cfg.model.name, num_classes, in_channels, cfg.model.weights)
-    )
+    method.build_networks(network_builder(cfg, num_classes, in_channels))
 
 
 def _reference_trainer(

@@ -25,7 +25,7 @@ from distnoisy.losses.dal import DALLoss, dal_lambda, dal_q, dal_t0
 from distnoisy.losses.elr import ELRLoss, elr_loss, elr_regularizer, elr_target_update
 from distnoisy.losses.gce import GCELoss, TruncatedGCELoss, gce_per_sample
 from distnoisy.losses.label_smoothing import LabelSmoothingLoss
-from distnoisy.losses.limit import LIMITLoss, limit_terms
+from distnoisy.losses.limit import LIMITLoss, limit_terms, sample_grad_noise
 from distnoisy.losses.mae import MAELoss
 from distnoisy.losses.peer import PeerLoss
 from distnoisy.losses.sce import SCELoss
@@ -74,4 +74,5 @@ __all__ = [
     "gce_per_sample",
     "limit_terms",
     "nce_per_sample",
+    "sample_grad_noise",
 ]

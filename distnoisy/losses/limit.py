@@ -57,6 +57,7 @@ def limit_terms(
     labels: Tensor,
     variant: LimitVariant = "gaussian",
     grad_weight_decay: float = 0.0,
+    g_noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""The two parts of the LIMIT objective: ``(carrier, q_loss)``.
 
@@ -77,6 +78,10 @@ def limit_terms(
         ``"gaussian"`` (LIMIT_G) or ``"laplace"`` (LIMIT_L).
     grad_weight_decay
         ``L >= 0``.
+    g_noise
+        Optional ``[B, C]`` noise added to ``ĝ`` in the classifier's backward pass only (the
+        official ``sample_from_q``: a draw from the q-distribution around ``ĝ``, see
+        :func:`sample_grad_noise`). The q-loss is unchanged.
     """
     check_inputs(logits, labels)
     if q_logits.shape != logits.shape:
@@ -87,6 +92,8 @@ def limit_terms(
     p = F.softmax(logits.detach(), dim=1)  # sg(p): the q-terms must not move the classifier
     r = F.softmax(q_logits, dim=1)
     g_hat = p - r.detach().to(p.dtype)
+    if g_noise is not None:
+        g_hat = g_hat + g_noise.detach().to(g_hat.dtype)
     carrier = _PredictedGradCarrier.apply(logits, g_hat, labels)
 
     one_hot = F.one_hot(labels, logits.shape[1]).to(r.dtype)
@@ -98,6 +105,23 @@ def limit_terms(
         raise ValueError(f"variant must be 'gaussian' or 'laplace', got {variant!r}")
     q_loss = info + grad_weight_decay * ((p.to(r.dtype) - r) ** 2).sum(dim=1).mean()
     return carrier, q_loss
+
+
+def sample_grad_noise(
+    shape: torch.Size | tuple[int, ...],
+    variant: LimitVariant,
+    lamb: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Noise of the official ``sample_from_q`` (METHODS.md §3.1): Gaussian with std
+    ``sqrt(1 / (2·lamb))`` or Laplace with scale ``1 / lamb``."""
+    if lamb <= 0:
+        raise ConfigError(f"lamb must be > 0, got {lamb}")
+    if variant == "gaussian":
+        return torch.randn(shape, generator=generator).mul_((1.0 / (2.0 * lamb)) ** 0.5).to(device)
+    u = torch.rand(shape, generator=generator) - 0.5  # inverse CDF of Laplace(0, 1/lamb)
+    return (-(1.0 / lamb) * u.sign() * torch.log1p(-2.0 * u.abs())).to(device)
 
 
 class LIMITLoss(nn.Module):
@@ -132,7 +156,8 @@ class LIMITLoss(nn.Module):
 
     Notes
     -----
-    The optional noise on ``ĝ`` (official ``sample_from_q``, off by default) is not implemented.
+    The optional noise on ``ĝ`` (official ``sample_from_q``, off by default) is the ``g_noise``
+    argument of :func:`limit_terms` with :func:`sample_grad_noise`.
     """
 
     def __init__(

@@ -98,6 +98,10 @@ class Method(ABC):
         The method's parameter dataclass (``cfg.method``).
     num_samples, num_classes, epochs
         Training-set size N, number of classes C and the number of epochs E.
+    resources
+        What :meth:`prepare_resources` returned in the driver.
+    seed
+        The run's seed.
     """
 
     Params: ClassVar[type[MethodParams]] = MethodParams
@@ -112,11 +116,13 @@ class Method(ABC):
         num_classes: int,
         epochs: int,
         resources: dict[str, Any] | None = None,
+        seed: int = 0,
     ) -> None:
         self.params = params
         self.num_samples = num_samples
         self.num_classes = num_classes
         self.epochs = epochs
+        self.seed = seed  # the run's seed, for methods that draw random numbers (mixup)
         self.resources = dict(resources or {})
         self.store: SampleStore | None = None
 
@@ -146,8 +152,11 @@ class Method(ABC):
         self.store = store
 
     # -- networks: one ``model`` trained by one optimizer, unless a method needs more ----------
-    def build_networks(self, build: Callable[[], nn.Module]) -> Networks:
+    def build_networks(self, build: Callable[..., nn.Module]) -> Networks:
         """The networks this method trains, each from ``build()`` (the ``model.*`` config).
+
+        ``build(name=None, weights=None)`` builds registry model ``name`` instead, with the
+        given local pretrained weights (``model.weights`` applies only to ``model.name``).
 
         The trainer moves them to the device, calls :meth:`setup`, then wraps each in DDP.
         """
