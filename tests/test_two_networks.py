@@ -301,8 +301,11 @@ def _grads(net: torch.nn.Module) -> list[torch.Tensor]:
     return [p.grad.clone() if p.grad is not None else None for p in net.parameters()]
 
 
-def test_limit_classifier_gets_the_predicted_gradient_and_nothing_from_the_labels() -> None:
-    method, _, nets, opts = _limit("method.grad_weight_decay=0.5")
+@pytest.mark.parametrize("variant", ["gaussian", "laplace"])
+def test_limit_classifier_gets_the_predicted_gradient_and_nothing_from_the_labels(
+    variant: str,
+) -> None:
+    method, _, nets, opts = _limit(f"method.variant={variant}", "method.grad_weight_decay=0.5")
     cls, qnet = nets["classifier"], nets["qnet"]
     runs = []
     for labels in ([0, 1, 2, 3, 1, 0], [3, 3, 0, 1, 2, 2]):
@@ -321,12 +324,13 @@ def test_limit_classifier_gets_the_predicted_gradient_and_nothing_from_the_label
     expected = torch.autograd.grad((z * g_hat).sum() / B, list(cls.parameters()))
     for got, want in zip(runs[0][0], expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
-    # The q-network's gradient is that of its own loss (Brier + L‖sg(p) - r‖²).
+    # The q-network's gradient is that of its own loss (Brier or MAE + L‖sg(p) - r‖²).
     u = qnet(batch.x)
     p = torch.softmax(z.detach(), 1)
     r = torch.softmax(u, 1)
     e = F.one_hot(batch.y, C).double()
-    q_loss = ((r - e) ** 2).sum(1).mean() + 0.5 * ((p - r) ** 2).sum(1).mean()
+    fit = ((r - e) ** 2).sum(1) if variant == "gaussian" else 2 * (1 - r[torch.arange(B), batch.y])
+    q_loss = fit.mean() + 0.5 * ((p - r) ** 2).sum(1).mean()
     expected_q = torch.autograd.grad(q_loss, list(qnet.parameters()))
     for got, want in zip(runs[0][1], expected_q, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
@@ -437,28 +441,31 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("method", "fields"),
-    [("elr_plus", ["elr_target_net1", "elr_target_net2"]), ("limit", ["limit_q_prob"])],
+    ("method", "optimizer", "fields"),
+    [
+        # SGD: Adam divides tiny early gradients by their tiny running norms, which turns
+        # float summation-order differences (1e-8) into ~1e-3 within two epochs.
+        (
+            "elr_plus",
+            ("train.optimizer=sgd", "train.lr=0.01"),
+            {"elr_target_net1": 0.0, "elr_target_net2": 0.0},
+        ),
+        ("limit", ("train.optimizer=sgd", "train.lr=0.05"), {"limit_q_prob": 0.1}),
+    ],
 )
 def test_one_and_two_ray_workers_train_the_same(
-    method, fields, tmp_path, digits_root, ray_cluster
+    method, optimizer, fields, tmp_path, digits_root, ray_cluster
 ) -> None:
     # One global sample order and networks without batch statistics make 1 and 2 workers the
     # same computation up to float summation order; ELR+'s global mixup pairing keeps it so.
-    common = (
-        f"method.name={method}",
-        "train.epochs=2",
-        "data.split=sample",
-        "train.optimizer=sgd",
-        "train.lr=0.01",
-    )
+    common = (f"method.name={method}", "train.epochs=2", "data.split=sample", *optimizer)
     one = train(_cfg(tmp_path / "one", digits_root, *common, "scaling.num_workers=1"))
     two = train(_cfg(tmp_path / "two", digits_root, *common, "scaling.num_workers=2"))
     assert (one["num_workers"], two["num_workers"]) == (1, 2)
-    for name in fields:
+    for name, fill in fields.items():
         a, b = _column(tmp_path / "one", name), _column(tmp_path / "two", name)
         assert np.abs(a - b).max() < 1e-5, name
-        assert np.abs(a).max() > 0.1  # trained state, not the initial fill
+        assert np.abs(a - fill).max() > 0.01, name  # trained state, not the initial fill
     w1 = torch.load(tmp_path / "one/weights.pt", weights_only=True)
     w2 = torch.load(tmp_path / "two/weights.pt", weights_only=True)
     assert (
@@ -467,7 +474,9 @@ def test_one_and_two_ray_workers_train_the_same(
         == (["net1", "net2"] if method == "elr_plus" else ["classifier", "qnet"])
     )
     for net in w1:
-        assert _max_diff(w1[net], w2[net]) < 1e-5, net
+        # Weights of size ~0.2: SGD with momentum compounds rounding a little (LIMIT's q-net:
+        # 8e-5 after two epochs at lr 0.05, while its predictions agree to 1e-5).
+        assert _max_diff(w1[net], w2[net]) < 2e-4, net
     if method == "elr_plus":
         s1, s2 = _final_state(tmp_path / "one"), _final_state(tmp_path / "two")
         for net in ("net1", "net2"):
