@@ -621,6 +621,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("--out", type=Path, default=None, help="Markdown file to write the section to")
     s.add_argument("--note", default=None, help="a paragraph to append to the written section")
+    from distnoisy import bench_two_networks  # imports this module: import it late
+
+    bench_two_networks.add_parser(sub)
     return p
 
 
@@ -637,16 +640,21 @@ def _without_note(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> StepBenchReport:
-    """Run ``python -m distnoisy.bench steps ...``; print the table, optionally write ``--out``.
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Run ``python -m distnoisy.bench steps|two-networks ...``; print the results, optionally
+    write ``--out``.
 
     Returns
     -------
-    StepBenchReport
+    StepBenchReport or TwoNetworkReport
         The measured report (for tests and callers).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.bench == "two-networks":
+        from distnoisy import bench_two_networks
+
+        return bench_two_networks.main(args, argv)
     methods = None
     if args.methods.strip() != "all":
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -147,3 +147,27 @@ def test_thread_count_is_restored() -> None:
     report = run_step_bench(settings, log=lambda _: None)
     assert report.machine["torch_threads"] == str(settings.threads)
     assert torch.get_num_threads() == before
+
+
+def test_two_networks_bench_times_elr_plus_and_limit_against_two_ce(tmp_path: Path) -> None:
+    from distnoisy.bench_two_networks import SECTION_TITLE as TWO_TITLE
+    from distnoisy.bench_two_networks import SUBJECTS
+
+    out = tmp_path / "benchmarks.md"
+    out.write_text(f"{DOC_HEADER}\n## Other section\n\nkeep me\n")
+    argv = [
+        "two-networks",
+        *("--model", "small_cnn", "--image", "8", "--batch", "16", "--rounds", "2"),
+        *("--steps", "2", "--threads", "1", "--out", str(out), "--note", "tiny run"),
+    ]
+    report = main(argv)
+    assert set(report.rounds_ms) == set(SUBJECTS)
+    assert all(len(v) == 2 and min(v) > 0 for v in report.rounds_ms.values())
+    # A LIMIT step does the work of two networks' CE steps (forward and backward of each),
+    # an ELR+ iteration that and two more no-grad forwards: neither can be free.
+    assert report.ratios["limit"][0] > 0.3 and report.ratios["elr_plus"][0] > 0.5
+    for med, lo, hi in report.ratios.values():
+        assert lo <= med <= hi
+    text = out.read_text()
+    assert "keep me" in text and f"## {TWO_TITLE}" in text and "tiny run" in text
+    assert "--note" not in text.split(f"## {TWO_TITLE}")[1].split("\n")[2]
