@@ -53,6 +53,9 @@ class DataConfig:
     # Abort when more than this fraction of the training set turns out unreadable (corrupt
     # images, truncated tar members); they are skipped, counted and named up to that point.
     max_bad_fraction: float = 0.01
+    # Crop size of the ImageNet-style transforms (Clothing1M: resize 256 -> crop 224); the
+    # resize is image_size * 256 / 224. Lower it for cheap runs.
+    image_size: int = 224
 
 
 @dataclass
@@ -222,6 +225,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.name != "shards" or cfg.data.urls, "data.name=shards needs data.urls=DIR"),
         (cfg.data.balanced_batches >= 0, "data.balanced_batches must be >= 0 (0 = off)"),
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
+        (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
     ]
     for ok, message in checks:
         if not ok:

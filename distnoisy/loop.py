@@ -366,12 +366,14 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
         local_batch_size=local_bs,
         seed=cfg.seed,
         split=cfg.data.split,
-        transform=make_transform(spec.train_transform, spec.mean, spec.std, seed=cfg.seed),
+        transform=make_transform(
+            spec.train_transform, spec.mean, spec.std, seed=cfg.seed, size=cfg.data.image_size
+        ),
         shuffle_buffer=cfg.data.shuffle_buffer,
         num_workers=cfg.data.num_workers,
         balanced=balanced,
     )
-    eval_tf = make_transform(spec.eval_transform, spec.mean, spec.std)
+    eval_tf = make_transform(spec.eval_transform, spec.mean, spec.std, size=cfg.data.image_size)
 
     def eval_set(directory: str | None) -> tuple[Any, torch.Tensor | None]:
         if directory is None:

@@ -233,6 +233,7 @@ def test_elr_recipe_trains_on_converted_clothing1m_with_two_workers(
         "train.lr=0.01",
         "data.balanced_batches=4",
         "data.num_workers=0",
+        "data.image_size=32",
         "scaling.num_workers=2",
         "scaling.use_gpu=false",
         f"output_dir={tmp_path / 'run'}",
@@ -272,6 +273,7 @@ def test_max_bad_fraction_aborts_with_a_clear_message(converted, tmp_path, mlflo
             "train.batch_size=8",
             "data.balanced_batches=0",  # every sample in the epoch, the damaged one included
             "data.num_workers=0",
+            "data.image_size=32",
             "data.max_bad_fraction=0",
             "scaling.launcher=local",
             "scaling.num_workers=1",

@@ -139,6 +139,9 @@ class ImageTransform:
         images are decoded to (grey-scale or RGB). ``None`` only for ``raw``.
     seed
         Seed of the augmentation randomness (pass the run's seed).
+    size
+        ``imagenet_*`` crop size (224, the protocol); the resize is ``round(size * 256 / 224)``
+        (256). Smaller sizes give cheap runs (tests, quick experiments).
     """
 
     def __init__(
@@ -147,11 +150,16 @@ class ImageTransform:
         mean: Sequence[float] | None,
         std: Sequence[float] | None,
         seed: int = 0,
+        size: int = 224,
     ) -> None:
         if kind not in TRANSFORM_KINDS:
             raise ConfigError(f"unknown transform {kind!r}; choose one of {TRANSFORM_KINDS}")
+        if size < 1:
+            raise ConfigError(f"the crop size must be at least 1, got {size}")
         self.kind = kind
         self.seed = int(seed)
+        self.size = int(size)
+        self.resize = round(self.size * 256 / 224)
         if kind == "raw":
             self.mean = self.std = None
             self.channels: int | None = None
@@ -170,7 +178,10 @@ class ImageTransform:
         self.channels = len(self.mean)
 
     def __repr__(self) -> str:
-        return f"ImageTransform({self.kind!r}, mean={self.mean}, std={self.std}, seed={self.seed})"
+        return (
+            f"ImageTransform({self.kind!r}, mean={self.mean}, std={self.std}, seed={self.seed}, "
+            f"size={self.size})"
+        )
 
     def _generator(self, index: int, epoch: int) -> torch.Generator:
         seed = mix_seed(self.seed, epoch, index, _TAG_AUGMENT) & ((1 << 63) - 1)
@@ -188,28 +199,36 @@ class ImageTransform:
                 h, w = int(img.shape[-2]), int(img.shape[-1])
                 img = F.pad(img, [4, 4, 4, 4], fill=0)
             else:
-                img = F.resize(img, [256], antialias=True)
-                h = w = 224
+                if min(img.shape[-2:]) != self.resize:  # pre-resized shards: nothing to do
+                    img = F.resize(img, [self.resize], antialias=True)
+                h = w = self.size
             top = int(torch.randint(0, int(img.shape[-2]) - h + 1, (1,), generator=gen))
             left = int(torch.randint(0, int(img.shape[-1]) - w + 1, (1,), generator=gen))
             img = F.crop(img, top, left, h, w)
             if float(torch.rand(1, generator=gen)) < 0.5:
                 img = F.horizontal_flip(img)
         elif kind == "imagenet_eval":
-            img = F.center_crop(F.resize(img, [256], antialias=True), [224, 224])
+            if min(img.shape[-2:]) != self.resize:
+                img = F.resize(img, [self.resize], antialias=True)
+            img = F.center_crop(img, [self.size, self.size])
         x = img.to(torch.float32).div_(255.0)
         return F.normalize(x, list(self.mean or ()), list(self.std or ()), inplace=True)
 
 
 def make_transform(
-    kind: str, mean: Sequence[float] | None, std: Sequence[float] | None, *, seed: int = 0
+    kind: str,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    *,
+    seed: int = 0,
+    size: int = 224,
 ) -> ImageTransform:
     """Build the picklable per-sample transform ``f(img_uint8, index, epoch) -> Tensor``.
 
     See :class:`ImageTransform` for the kinds. Pass the run's ``seed`` so that augmentations
     change with it.
     """
-    return ImageTransform(kind, mean, std, seed=seed)
+    return ImageTransform(kind, mean, std, seed=seed, size=size)
 
 
 # --------------------------------------------------------------------------------------------
