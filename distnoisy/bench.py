@@ -1,5 +1,8 @@
 """Benchmarks, printing ratios measured side by side in one run (DESIGN.md §4).
 
+``python -m distnoisy.bench loader`` compares the shard input pipeline with torchvision's
+``ImageFolder`` + ``DataLoader`` (see :mod:`distnoisy.bench_loader`).
+
 ``python -m distnoisy.bench steps`` times one training step per registered method relative to
 plain cross-entropy, on the same model, batch and inputs, on the CPU::
 
@@ -619,6 +622,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("--out", type=Path, default=None, help="Markdown file to write the section to")
     s.add_argument("--note", default=None, help="a paragraph to append to the written section")
+    from distnoisy import bench_loader
+
+    bench_loader.add_parser(sub)
     return p
 
 
@@ -635,16 +641,20 @@ def _without_note(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> StepBenchReport:
-    """Run ``python -m distnoisy.bench steps ...``; print the table, optionally write ``--out``.
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Run ``python -m distnoisy.bench steps|loader ...``; print, optionally write ``--out``.
 
     Returns
     -------
-    StepBenchReport
+    StepBenchReport or distnoisy.bench_loader.LoaderReport
         The measured report (for tests and callers).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.bench == "loader":
+        from distnoisy import bench_loader
+
+        return bench_loader.main(args, _without_note(argv))
     methods = None
     if args.methods.strip() != "all":
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
