@@ -132,10 +132,12 @@ def _check_bad_samples(stream: Any, n: int, cfg: Config, comm_device: torch.devi
     if total > limit:
         from distnoisy.errors import DataError
 
-        first = "; ".join(f"{k}: {r}" for k, r in stream.bad_samples[:3])
+        # Every rank is here (same total): gather the names so each message shows them.
+        named = [b for part in dist.all_gather_object(stream.bad_samples[:3]) for b in part]
+        first = "; ".join(f"{k}: {r}" for k, r in named[:3])
         raise DataError(
             f"{total} unusable training samples, more than data.max_bad_fraction="
-            f"{cfg.data.max_bad_fraction:g} of {n}; first on rank {dist.rank()}: {first}. "
+            f"{cfg.data.max_bad_fraction:g} of {n}; first: {first}. "
             "Repair or re-convert the data, or raise data.max_bad_fraction"
         )
     return total

@@ -259,28 +259,34 @@ def test_elr_recipe_trains_on_converted_clothing1m_with_two_workers(
     assert issues["is_corrupted"].notna().sum() == OVERLAP
 
 
-def test_max_bad_fraction_aborts_with_a_clear_message(converted, tmp_path, mlflow_uri) -> None:
-    from distnoisy.train import train
+@pytest.mark.slow
+def test_max_bad_fraction_aborts_every_rank_with_one_line(
+    converted, tmp_path, mlflow_uri, ray_cluster, capsys
+) -> None:
+    """Past data.max_bad_fraction every rank stops together (no rank left in a collective) and
+    the CLI prints the worker's one-line message, not a Ray traceback."""
+    from distnoisy.train import main
 
     out, _ = converted
-    cfg = load_config(
-        [
-            "--config",
-            str(RECIPES / "clothing1m_ce.yaml"),
-            f"data.root={out}",
-            "model.name=small_cnn",
-            "train.epochs=1",
-            "train.batch_size=8",
-            "data.balanced_batches=0",  # every sample in the epoch, the damaged one included
-            "data.num_workers=0",
-            "data.image_size=32",
-            "data.max_bad_fraction=0",
-            "scaling.launcher=local",
-            "scaling.num_workers=1",
-            "scaling.use_gpu=false",
-            f"output_dir={tmp_path / 'run'}",
-            f"tracking.uri={mlflow_uri}",
-        ]
-    )
-    with pytest.raises(DataError, match=r"1 unusable training samples, more than data.max_bad"):
-        train(cfg)
+    argv = [
+        "--config",
+        str(RECIPES / "clothing1m_ce.yaml"),
+        f"data.root={out}",
+        "model.name=small_cnn",
+        "train.epochs=2",
+        "train.batch_size=8",
+        "data.balanced_batches=0",  # every sample in the epoch, the damaged one included
+        "data.split=sample",  # 280 = 35 x 8: no reserve, every sample is decoded
+        "data.num_workers=0",
+        "data.image_size=32",
+        "data.max_bad_fraction=0",
+        "scaling.num_workers=2",
+        "scaling.use_gpu=false",
+        f"output_dir={tmp_path / 'run'}",
+        f"tracking.uri={mlflow_uri}",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("distnoisy: error: 1 unusable training samples, more than data.max_bad")
+    assert f"{CORRUPT:09d}: corrupt image" in err
+    assert not (tmp_path / "run" / "summary.json").exists()
