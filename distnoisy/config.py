@@ -33,7 +33,8 @@ class DataConfig:
     name: str = "digits"
     # Where prepared shards live (digits: cache written on first use). None = ~/.cache/distnoisy.
     root: str | None = None
-    # Shard URLs/dir for ``name=shards`` (a directory holding manifest.json).
+    # Shard dir for ``name=shards`` (holding train/ [test/ val/] or a manifest.json); for
+    # clothing1m/cifar10/cifar100 an alternative to ``root`` (the converter's output dir).
     urls: str | None = None
     # How shards reach DDP ranks: "sample" = one global order, identical results for any number
     # of workers; "shard" = each rank reads only its own shards (scales to large data).

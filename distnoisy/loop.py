@@ -253,15 +253,21 @@ def _write_outputs(
         "num_clean_known": int(known.sum()) if known is not None else None,
         "history": history,
     }
+    # Class-balanced epochs may leave samples never trained on; their label-issue scores carry
+    # no training signal (e.g. ELR's target is still 0), so the ranking metrics skip them.
+    seen = store["train_pred"].numpy() >= 0
+    summary["num_train_seen"] = int(seen.sum())
     if is_noisy is not None and known.any():
-        k, m = int(is_noisy.sum()), int(known.sum())
         summary["clean_train_acc"] = float((pred[known] == clean[known]).mean())
-        if k:
+        if is_noisy.any():
             summary["memorized"] = float((pred[is_noisy] == given[is_noisy]).mean())
-            ranked = order[known[order]]  # the ranking restricted to the known subset
+        scored = known & seen
+        k, m = int(is_noisy[scored].sum()), int(scored.sum())
+        if k:
+            ranked = order[scored[order]]  # the ranking restricted to the scored subset
             summary["label_issue_precision_at_k"] = float(is_noisy[ranked[:k]].mean())
         if 0 < k < m:
-            summary["label_issue_auroc"] = auroc(score[known], is_noisy[known])
+            summary["label_issue_auroc"] = auroc(score[scored], is_noisy[scored])
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
 

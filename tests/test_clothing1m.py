@@ -251,6 +251,7 @@ def test_elr_recipe_trains_on_converted_clothing1m_with_two_workers(
     assert summary["num_clean_known"] == OVERLAP
     assert summary["noise_rate_realised"] == pytest.approx(doc["noise_rate_on_overlap"])
     assert summary["memorized"] is not None and summary["clean_train_acc"] is not None
+    assert 0 < summary["num_train_seen"] <= 2 * 64 < 280  # balanced epochs: 2 x 4 x 16
     assert f"measured on the {OVERLAP} of 280" in printed and "clean val accuracy" in printed
     # The damaged JPEG: skipped, counted and named (final pass over the training set).
     assert summary["bad_samples"] >= 1
