@@ -154,6 +154,74 @@ def test_clothing1m_rejects_synthetic_noise(converted) -> None:
     assert spec.train_transform == "imagenet_train" and spec.mean == list(c1m.MEAN)
 
 
+def test_truncated_shard_and_corrupt_jpeg_are_skipped_counted_and_named(converted, tmp_path):
+    """A cut tar member and a damaged JPEG: two ranks still run the same number of full
+    balanced batches, and both problems are recorded under their names."""
+    from distnoisy.data.stream import BalancedSubset, TrainStream, make_transform
+
+    out, _ = converted
+    shutil.copytree(out / "noisy_train", tmp_path / "nt")
+    m = read_manifest(tmp_path / "nt")
+    first = tmp_path / "nt" / m.shards[0].name  # holds the damaged JPEG (index 5)
+    cut = tmp_path / "nt" / m.shards[2].name
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    assert first.exists()
+    labels = read_labels(m)[0]
+    sub = BalancedSubset(labels, 10_000, seed=0)  # every sample: the cap exceeds each class
+    streams = [
+        TrainStream(
+            m,
+            rank=r,
+            world_size=2,
+            local_batch_size=8,
+            seed=0,
+            split="sample",
+            transform=make_transform("imagenet_train", c1m.MEAN, c1m.STD, size=16),
+            balanced=sub,
+        )
+        for r in range(2)
+    ]
+    per_rank = [list(s.epoch_batches(0)) for s in streams]
+    assert [len(b) for b in per_rank] == [280 // 16] * 2
+    assert all(b["image"].shape == (8, 3, 16, 16) for bs in per_rank for b in bs)
+    bad = dict(streams[0].bad_samples + streams[1].bad_samples)
+    assert "corrupt image" in bad.get(f"{CORRUPT:09d}", "")
+    assert "truncated" in bad[cut.name] or "unreadable" in bad[cut.name]
+
+
+def test_missing_weights_file_is_a_clear_error(converted, tmp_path) -> None:
+    from distnoisy.train import train
+
+    out, _ = converted
+    cfg = load_config(
+        [
+            "--config",
+            str(RECIPES / "clothing1m_ce.yaml"),
+            f"data.root={out}",
+            f"model.weights={tmp_path / 'resnet50.pth'}",
+            f"output_dir={tmp_path / 'run'}",
+        ]
+    )
+    with pytest.raises(ConfigError, match=r"resnet50.pth' does not exist; pass model.weights="):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("clothing1m_*.yaml")))
+def test_recipes_load(recipe: str) -> None:
+    import yaml
+
+    from distnoisy.methods import METHODS
+
+    name = yaml.safe_load((RECIPES / recipe).read_text())["method"]["name"]
+    if name not in METHODS:
+        pytest.skip(f"method {name!r} is not registered in this branch yet")
+    cfg = load_config(["--config", str(RECIPES / recipe)])
+    assert cfg.data.name == "clothing1m" and cfg.noise.kind == "none"
+    assert cfg.model.name == "resnet50" and cfg.train.epochs == 15
+    assert cfg.data.balanced_batches * cfg.train.batch_size == 192_000
+
+
 def _cifar_batches(root: Path, n_per_batch: int = 12) -> tuple[np.ndarray, np.ndarray]:
     """A miniature ``cifar-10-batches-py`` folder in the real format (pickled dicts)."""
     rng = np.random.default_rng(0)
