@@ -1,5 +1,8 @@
 """Benchmarks, printing ratios measured side by side in one run (DESIGN.md §4).
 
+``python -m distnoisy.bench loader`` compares the shard input pipeline with torchvision's
+``ImageFolder`` + ``DataLoader`` (see :mod:`distnoisy.bench_loader`).
+
 ``python -m distnoisy.bench steps`` times one training step per registered method relative to
 plain cross-entropy, on the same model, batch and inputs, on the CPU::
 
@@ -621,8 +624,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("--out", type=Path, default=None, help="Markdown file to write the section to")
     s.add_argument("--note", default=None, help="a paragraph to append to the written section")
-    from distnoisy import bench_two_networks  # imports this module: import it late
+    # Sub-commands in their own modules (they import this one: import them late).
+    from distnoisy import bench_loader, bench_two_networks
 
+    bench_loader.add_parser(sub)
     bench_two_networks.add_parser(sub)
     return p
 
@@ -641,16 +646,20 @@ def _without_note(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
-    """Run ``python -m distnoisy.bench steps|two-networks ...``; print the results, optionally
-    write ``--out``.
+    """Run ``python -m distnoisy.bench steps|loader|two-networks ...``; print the results,
+    optionally write ``--out``.
 
     Returns
     -------
-    StepBenchReport or TwoNetworkReport
+    StepBenchReport, distnoisy.bench_loader.LoaderReport or TwoNetworkReport
         The measured report (for tests and callers).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.bench == "loader":
+        from distnoisy import bench_loader
+
+        return bench_loader.main(args, _without_note(argv))
     if args.bench == "two-networks":
         from distnoisy import bench_two_networks
 

@@ -33,7 +33,8 @@ class DataConfig:
     name: str = "digits"
     # Where prepared shards live (digits: cache written on first use). None = ~/.cache/distnoisy.
     root: str | None = None
-    # Shard URLs/dir for ``name=shards`` (a directory holding manifest.json).
+    # Shard dir for ``name=shards`` (holding train/ [test/ val/] or a manifest.json); for
+    # clothing1m/cifar10/cifar100 an alternative to ``root`` (the converter's output dir).
     urls: str | None = None
     # How shards reach DDP ranks: "sample" = one global order, identical results for any number
     # of workers; "shard" = each rank reads only its own shards (scales to large data).
@@ -45,6 +46,17 @@ class DataConfig:
     shard_size: int = 256
     num_workers: int = 0
     shuffle_buffer: int = 1000
+    # Class-balanced epochs (the Clothing1M protocol): each epoch is this many global batches of
+    # noisy samples drawn with at most num_batches*batch_size/C per class; 0 = the whole set.
+    balanced_batches: int = 0
+    # Redraw the balanced subset every epoch (DivideMix), or draw it once (the ELR+ code).
+    balanced_resample: bool = True
+    # Abort when more than this fraction of the training set turns out unreadable (corrupt
+    # images, truncated tar members); they are skipped, counted and named up to that point.
+    max_bad_fraction: float = 0.01
+    # Crop size of the ImageNet-style transforms (Clothing1M: resize 256 -> crop 224); the
+    # resize is image_size * 256 / 224. Lower it for cheap runs.
+    image_size: int = 224
 
 
 @dataclass
@@ -212,6 +224,9 @@ def validate(cfg: Config) -> None:
         (cfg.data.shard_size >= 1, "data.shard_size must be >= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.data.name != "shards" or cfg.data.urls, "data.name=shards needs data.urls=DIR"),
+        (cfg.data.balanced_batches >= 0, "data.balanced_batches must be >= 0 (0 = off)"),
+        (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
+        (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
     ]
     for ok, message in checks:
         if not ok:

@@ -58,3 +58,12 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """``obj`` from every rank, in rank order (small picklable values: lists of bad keys)."""
+    if not is_distributed():
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -202,12 +202,30 @@ def launch_ray(job: dict[str, Any], cfg: Config, run_dir: Path) -> Path:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray raises the workers' errors wrapped: unwrap ours
+        user = _user_error(exc)
+        if user is exc:
+            raise
+        raise user from None
     if result.error is not None:
-        raise result.error
+        raise _user_error(result.error)
     if result.checkpoint is None:
         raise DistnoisyError("Ray Train finished without a checkpoint")
     return Path(result.checkpoint.path)
+
+
+def _user_error(err: BaseException) -> BaseException:
+    """The :class:`DistnoisyError` a worker raised (bad data found while training, e.g. past
+    ``data.max_bad_fraction``), so the CLI prints its one line; otherwise Ray's error."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for _, failure in sorted(failures.items()):
+        # Ray Train V2 wraps a worker's exception with its traceback text.
+        base = getattr(failure, "_base_exc", failure)
+        if isinstance(base, DistnoisyError):
+            return base
+    return err
 
 
 def launch(job: dict[str, Any], cfg: Config, run_dir: Path) -> Path:

@@ -38,6 +38,8 @@ from distnoisy.tracking import RunLogger
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
+# Skipped samples listed by name in summary.json (all are counted).
+MAX_LISTED_BAD = 1000
 OUTPUTS_DIR = "outputs"
 WEIGHTS_FILE = "weights.pt"
 
@@ -68,7 +70,8 @@ def _labels(spec: DataSpec) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     from distnoisy.data.noise import load_label_file
     from distnoisy.data.shards import read_labels, read_manifest
 
-    labels, clean, keys = read_labels(read_manifest(spec.train_dir))
+    # Clean labels may be known for a subset only (-1 elsewhere), e.g. Clothing1M's overlap.
+    labels, clean, keys = read_labels(read_manifest(spec.train_dir), partial_clean=True)
     if spec.label_file is not None:
         lf = load_label_file(Path(spec.label_file), spec.num_train, spec.num_classes)
         labels = lf.labels
@@ -134,6 +137,45 @@ def _accuracy(
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
 
 
+def _check_bad_samples(stream: Any, n: int, cfg: Config, comm_device: torch.device) -> int:
+    """Unusable training samples met so far (all ranks); abort past ``data.max_bad_fraction``.
+
+    Every rank gets the same total, so every rank raises together (no rank left waiting in a
+    collective). Tar-level problems in ``split=sample`` mode are seen by every rank and counted
+    once per rank: the count errs on the safe side.
+    """
+    local = torch.tensor([float(stream.num_bad_samples)], device=comm_device)
+    total = int(dist.all_reduce_sum(local).item())
+    limit = cfg.data.max_bad_fraction * n
+    if total > limit:
+        from distnoisy.errors import DataError
+
+        # Every rank is here (same total): gather the names so each message shows them.
+        named = [b for part in dist.all_gather_object(stream.bad_samples[:3]) for b in part]
+        first = "; ".join(f"{k}: {r}" for k, r in named[:3])
+        raise DataError(
+            f"{total} unusable training samples, more than data.max_bad_fraction="
+            f"{cfg.data.max_bad_fraction:g} of {n}; first: {first}. "
+            "Repair or re-convert the data, or raise data.max_bad_fraction"
+        )
+    return total
+
+
+def _bad_sample_list(*named: tuple[str, Any]) -> list[dict[str, str]]:
+    """Distinct skipped samples of every rank's streams (a collective: call on all ranks)."""
+    local = [
+        {"set": name, "key": key, "reason": reason}
+        for name, stream in named
+        if stream is not None
+        for key, reason in stream.bad_samples
+    ]
+    seen: dict[tuple[str, str, str], None] = {}
+    for part in dist.all_gather_object(local):
+        for item in part:  # type: ignore[attr-defined]
+            seen.setdefault((item["set"], item["key"], item["reason"]), None)
+    return [{"set": a, "key": b, "reason": c} for a, b, c in seen]
+
+
 def train_eval_bad(*streams: Any) -> int:
     """Corrupt or unreadable samples that eval streams skipped on this rank."""
     return sum(len(s.bad_samples) for s in streams if s is not None)
@@ -156,6 +198,7 @@ def _write_outputs(
     spec: DataSpec,
     cfg: Config,
     bad_samples: int = 0,
+    bad_sample_list: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Label-issue table, per-sample export and summary of the finished run (rank 0)."""
     import pyarrow as pa
@@ -166,7 +209,9 @@ def _write_outputs(
     probs = store["final_prob"].numpy()
     loss_hist = store["loss_hist"].numpy()
     score, suggested = method.label_issue_scores(given, probs, loss_hist)
-    is_noisy = (clean != given) if clean is not None else None
+    # Truth-based metrics use the samples whose clean label is known (all, or a subset).
+    known = (clean >= 0) if clean is not None else None
+    is_noisy = (clean != given) & known if clean is not None else None
     order = np.argsort(-score, kind="stable")
     table = {
         "index": np.arange(n)[order],
@@ -176,7 +221,8 @@ def _write_outputs(
         "score": np.asarray(score, dtype=np.float64)[order],
     }
     if is_noisy is not None:
-        table["is_corrupted"] = is_noisy[order]
+        # null where the clean label is unknown
+        table["is_corrupted"] = pa.array(is_noisy[order], mask=~known[order])
     pq.write_table(pa.table(table), out / "label_issues.parquet")
 
     pred = probs.argmax(1)
@@ -185,7 +231,7 @@ def _write_outputs(
     extra["final_pred"] = pred
     if clean is not None:
         extra["clean_label"] = clean
-        extra["is_corrupted"] = is_noisy
+        extra["is_corrupted"] = pa.array(is_noisy, mask=~known)
     store.export_parquet(out / "sample_stats.parquet", extra=extra)
 
     test_accs = [h["test_acc"] for h in history if h.get("test_acc") is not None]
@@ -218,16 +264,28 @@ def _write_outputs(
         "label_issue_precision_at_k": None,
         "label_issue_score": method.score_description,
         "bad_samples": bad_samples,
+        # The skipped samples by set, key (zero-padded index, or a shard file) and reason.
+        "bad_sample_list": (bad_sample_list or [])[:MAX_LISTED_BAD],
+        # How many training samples the truth-based metrics (noise rate, memorized, AUROC,
+        # clean_train_acc) are measured on: all of them, or those with a known clean label.
+        "num_clean_known": int(known.sum()) if known is not None else None,
         "history": history,
     }
-    if is_noisy is not None:
-        k = int(is_noisy.sum())
-        summary["clean_train_acc"] = float((pred == clean).mean())
-        if k:
+    # Class-balanced epochs may leave samples never trained on; their label-issue scores carry
+    # no training signal (e.g. ELR's target is still 0), so the ranking metrics skip them.
+    seen = store["train_pred"].numpy() >= 0
+    summary["num_train_seen"] = int(seen.sum())
+    if is_noisy is not None and known.any():
+        summary["clean_train_acc"] = float((pred[known] == clean[known]).mean())
+        if is_noisy.any():
             summary["memorized"] = float((pred[is_noisy] == given[is_noisy]).mean())
-            summary["label_issue_precision_at_k"] = float(is_noisy[order[:k]].mean())
-        if 0 < k < n:
-            summary["label_issue_auroc"] = auroc(score, is_noisy)
+        scored = known & seen
+        k, m = int(is_noisy[scored].sum()), int(scored.sum())
+        if k:
+            ranked = order[scored[order]]  # the ranking restricted to the scored subset
+            summary["label_issue_precision_at_k"] = float(is_noisy[ranked[:k]].mean())
+        if 0 < k < m:
+            summary["label_issue_auroc"] = auroc(score[scored], is_noisy[scored])
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
@@ -320,8 +378,19 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
     train_manifest = read_manifest(spec.train_dir)
 
     def train_stream_for(phase: int) -> TrainStream:
-        # Each phase (ELR+: each network) has its own shuffling and augmentation draws.
+        # Each phase (ELR+: each network) has its own shuffling, augmentation draws and, with
+        # class-balanced epochs, its own draw: the official ELR+ builds one loader per network.
         seed = cfg.seed if phase == 0 else mix_seed(cfg.seed, phase)
+        balanced = None
+        if cfg.data.balanced_batches > 0:
+            from distnoisy.data.stream import BalancedSubset
+
+            balanced = BalancedSubset(
+                given_np,
+                cfg.data.balanced_batches * cfg.train.batch_size,
+                seed=seed,
+                resample=cfg.data.balanced_resample,
+            )
         return TrainStream(
             train_manifest,
             rank=rank,
@@ -329,14 +398,19 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
             local_batch_size=local_bs,
             seed=seed,
             split=cfg.data.split,
-            transform=make_transform(spec.train_transform, spec.mean, spec.std, seed=seed),
+            transform=make_transform(
+                spec.train_transform, spec.mean, spec.std, seed=seed, size=cfg.data.image_size
+            ),
             shuffle_buffer=cfg.data.shuffle_buffer,
             num_workers=cfg.data.num_workers,
+            balanced=balanced,
         )
 
     phases = method.phases()
     train_streams = {phase: train_stream_for(k) for k, phase in enumerate(phases)}
-    eval_tf = make_transform(spec.eval_transform, spec.mean, spec.std)
+    # Every phase reads the same data: the first one's bad samples are the data's.
+    first_stream = train_streams[phases[0]]
+    eval_tf = make_transform(spec.eval_transform, spec.mean, spec.std, size=cfg.data.image_size)
 
     def eval_set(directory: str | None) -> tuple[Any, torch.Tensor | None]:
         if directory is None:
@@ -352,7 +426,9 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
 
     test_stream, test_labels = eval_set(spec.test_dir)
     val_stream, val_labels = eval_set(spec.val_dir)
-    corrupted = torch.from_numpy(clean_np != given_np) if clean_np is not None else None
+    corrupted = (
+        torch.from_numpy((clean_np != given_np) & (clean_np >= 0)) if clean_np is not None else None
+    )
     logger = RunLogger(tracking.get("uri"), tracking.get("run_id"), rank)
 
     for epoch in range(start_epoch, epochs):
@@ -372,6 +448,7 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
                 sums += torch.tensor([loss_value * len(y), correct, len(y)])
         for sched in scheds.values():
             sched.step()
+        metrics["bad_samples"] = _check_bad_samples(first_stream, n, cfg, comm_device)
         totals = dist.all_reduce_sum(sums.to(comm_device)).cpu()
         metrics["train_loss"] = float(totals[0] / totals[2])
         metrics["train_acc_given"] = float(totals[1] / totals[2])
@@ -412,9 +489,14 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
             )
             index, probs = predict(method, models, train_eval, device)
             store.set("final_prob", index, probs)
-            bad = sum(s.num_bad_samples for s in train_streams.values())
-            bad += train_eval_bad(train_eval, test_stream, val_stream)
+            bad = first_stream.num_bad_samples + train_eval_bad(train_eval, test_stream, val_stream)
             num_bad = int(dist.all_reduce_sum(torch.tensor([bad], device=comm_device)).item())
+            bad_list = _bad_sample_list(
+                ("train", first_stream),
+                ("train", train_eval),
+                ("val", val_stream),
+                ("test", test_stream),
+            )
 
         ckpt_dir = None
         if rank == 0:
@@ -445,6 +527,7 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
                     spec,
                     cfg,
                     bad_samples=num_bad,
+                    bad_sample_list=bad_list,
                 )
         try:
             ctx.report(metrics, ckpt_dir)

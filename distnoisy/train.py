@@ -228,8 +228,28 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  {summary['epochs']} epochs in {summary.get('wall_s')} s; outputs in "
         f"{summary.get('output_dir')}; MLflow run {summary.get('mlflow_run_id')}",
     ]
+    known, n = summary.get("num_clean_known"), summary["num_train"]
+    if known is not None and known < n:
+        lines.insert(
+            1,
+            f"  noise rate, memorized and AUROC measured on the {known} of {n} training samples "
+            "with a known clean label",
+        )
+    if summary.get("best_val_epoch") is not None:
+        lines.insert(
+            -1,
+            f"  clean val accuracy    {pct(summary.get('best_val_acc'))} best (epoch "
+            f"{summary['best_val_epoch']}); test accuracy there "
+            f"{pct(summary.get('test_acc_at_best_val'))} (the reported number)",
+        )
     if summary.get("bad_samples"):
-        lines.insert(-1, f"  skipped {summary['bad_samples']} corrupt or unreadable samples")
+        named = summary.get("bad_sample_list") or []
+        first = ", ".join(f"{b['set']}:{b['key']}" for b in named[:3])
+        lines.insert(
+            -1,
+            f"  skipped {summary['bad_samples']} corrupt or unreadable samples"
+            + (f" ({first}{', ...' if len(named) > 3 else ''}; see summary.json)" if first else ""),
+        )
     return "\n".join(lines)
 
 

@@ -171,3 +171,19 @@ def test_two_networks_bench_times_elr_plus_and_limit_against_two_ce(tmp_path: Pa
     text = out.read_text()
     assert "keep me" in text and f"## {TWO_TITLE}" in text and "tiny run" in text
     assert "--note" not in text.split(f"## {TWO_TITLE}")[1].split("\n")[2]
+
+
+def test_loader_bench_measures_both_pipelines_and_writes_its_section(tmp_path: Path) -> None:
+    from distnoisy.bench_loader import SECTION
+
+    out = tmp_path / "benchmarks.md"
+    out.write_text(f"# bench\n\n{SECTION_TITLE}\n\nkeep me\n")
+    argv = ["loader", "--images", "32", "--batch", "8", "--repeats", "2", "--workers", "0"]
+    report = main([*argv, "--out", str(out), "--note", "a note"])
+    assert len(report.shards_ips) == len(report.folder_ips) == 2
+    assert min(report.shards_ips) > 0 and min(report.folder_ips) > 0
+    assert report.ratio > 0 and report.convert_ips > 0 and report.cores == 1
+    text = out.read_text()
+    assert "keep me" in text and f"## {SECTION}" in text
+    assert "Ratio shards / ImageFolder" in text and "--note" not in text
+    assert text.rstrip().endswith("a note")

@@ -16,6 +16,7 @@ from PIL import Image
 
 from distnoisy.data.shards import Manifest, Sample, read_manifest, write_shards
 from distnoisy.data.stream import (
+    BalancedSubset,
     EvalStream,
     TrainStream,
     assign_shards,
@@ -73,6 +74,7 @@ def rank_batches(
     epoch: int = 0,
     seed: int = 0,
     shuffle_buffer: int = 4,
+    balanced: BalancedSubset | None = None,
 ) -> list[list[dict[str, torch.Tensor]]]:
     """Every rank's batches of one epoch, one stream per simulated rank."""
     streams = [
@@ -85,6 +87,7 @@ def rank_batches(
             split=split,
             transform=IDENTITY,
             shuffle_buffer=shuffle_buffer,
+            balanced=balanced,
         )
         for r in range(world)
     ]
@@ -438,3 +441,46 @@ def test_transforms() -> None:
         make_transform("mnist", [0.5], [0.5])
     with pytest.raises(ConfigError, match=r"1 .* or 3"):
         make_transform("digits", [0.5, 0.5], [0.5, 0.5])
+
+
+# --------------------------------------------------------------------------------------------
+# Class-balanced epochs (the Clothing1M protocol)
+
+
+def test_balanced_subset_caps_classes_and_is_deterministic() -> None:
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 4)  # class 2 is rarer than its cap
+    sub = BalancedSubset(labels, 30, seed=5)
+    assert sub.cap == 10 and sub.size == 24  # 10 + 10 + all 4 of class 2
+    a, b = sub.indices(0), sub.indices(1)
+    assert len(a) == len(np.unique(a)) == 24 and np.all(np.diff(a) > 0)
+    assert np.bincount(labels[a], minlength=3).tolist() == [10, 10, 4]
+    assert not np.array_equal(a, b)  # a fresh draw per epoch
+    assert np.array_equal(a, BalancedSubset(labels, 30, seed=5).indices(0))  # from the seed
+    assert not np.array_equal(a, BalancedSubset(labels, 30, seed=6).indices(0))
+    once = BalancedSubset(labels, 30, seed=5, resample=False)
+    assert np.array_equal(once.indices(0), once.indices(3))  # the ELR+ code: drawn once
+    assert BalancedSubset(labels, 12, seed=0).size == 12  # the total cap binds
+
+
+@pytest.mark.parametrize("split", ["sample", "shard"])
+@pytest.mark.parametrize("name,world", [("7-7-3", 2), ("7-7-3", 3), ("5-1", 3), ("6x8+2", 4)])
+def test_balanced_epochs_equal_steps_on_uneven_shards(
+    sets: dict[str, Manifest], split: str, name: str, world: int
+) -> None:
+    """Uneven shards, more ranks than shards: every rank yields the same number of full
+    batches, drawn only from the epoch's balanced subset, each sample at most once."""
+    m = sets[name]
+    labels = np.arange(m.num_samples) % 3
+    target = max(world * 2, m.num_samples // 2)
+    sub = BalancedSubset(labels, target, seed=1)
+    steps = sub.size // (world * 1)
+    for epoch in (0, 1):
+        per_rank = rank_batches(m, world, 1, split, epoch=epoch, balanced=sub)
+        assert [len(b) for b in per_rank] == [steps] * world
+        seen = torch.cat([b["index"] for batches in per_rank for b in batches]).tolist()
+        assert set(seen) <= set(sub.indices(epoch).tolist())
+        if split == "sample":
+            assert len(seen) == len(set(seen))  # one global order: no sample twice
+        for batches in per_rank:
+            for batch in batches:
+                assert_images_match(batch)

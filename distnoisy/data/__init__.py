@@ -10,4 +10,7 @@ Submodules (import them directly; this package imports nothing heavy on purpose)
   ``{"image", "index"}`` with exactly the same number of batches on every DDP rank, and the image
   transforms (``make_transform``).
 - :mod:`distnoisy.data.noise` -- synthetic label noise, saved as a label file keyed by sample index.
+- :mod:`distnoisy.data.clothing1m`, :mod:`distnoisy.data.cifar`, :mod:`distnoisy.data.folder` --
+  converters (``python -m ...``) from the distributed layouts to shard sets, built on
+  :mod:`distnoisy.data.convert` (parallel, resumable, progress).
 """

@@ -41,6 +41,9 @@ class DataSpec:
     transition: list[list[float]] | None
     # Validation shards (model selection, sweeps); their own ``cls`` labels are the val labels.
     val_dir: str | None = None
+    # Training samples with a known clean label (noise_rate/transition are measured on them);
+    # None = none known. Clothing1M: the ~25k noisy-train images that also have a clean label.
+    num_clean_known: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -117,6 +120,28 @@ def prepare_data(cfg: Config) -> DataSpec:
         in_channels, family = _image_info(train_dir)
         train_tf, eval_tf = f"{family}_train", f"{family}_eval"
         mean, std = [0.5] * in_channels, [0.25] * in_channels
+    elif cfg.data.name == "clothing1m":
+        from distnoisy.data import clothing1m as c1m
+
+        if cfg.noise.kind not in ("none", "file"):
+            raise ConfigError(
+                f"noise.kind={cfg.noise.kind!r} on Clothing1M: its labels are already noisy (real "
+                "noise); set noise.kind=none (or noise.kind=file for your own label file)"
+            )
+        base = _converted_root(cfg, "python -m distnoisy.data.clothing1m --root DIR --out DIR")
+        train_dir, val_dir, test_dir = base / "noisy_train", base / "clean_val", base / "clean_test"
+        in_channels, train_tf, eval_tf = 3, "imagenet_train", "imagenet_eval"
+        mean, std = list(c1m.MEAN), list(c1m.STD)
+    elif cfg.data.name in ("cifar10", "cifar100"):
+        from distnoisy.data import cifar
+
+        base = _converted_root(
+            cfg, f"python -m distnoisy.data.cifar --root DIR --out DIR --name {cfg.data.name}"
+        )
+        train_dir, test_dir = base / "train", base / "test"
+        val_dir = base / "val" if (base / "val" / "manifest.json").exists() else None
+        in_channels, train_tf, eval_tf = 3, "cifar_train", "cifar_eval"
+        mean, std = list(cifar.MEAN[cfg.data.name]), list(cifar.STD[cfg.data.name])
     else:
         raise ConfigError(
             f"data.name={cfg.data.name!r} has no converter yet; convert your data to shards and "
@@ -124,7 +149,7 @@ def prepare_data(cfg: Config) -> DataSpec:
         )
 
     manifest = read_manifest(train_dir)
-    labels, clean, _keys = read_labels(manifest)
+    labels, clean, _keys = read_labels(manifest, partial_clean=True)
     num_classes = manifest.num_classes
     for what, other in (("test", test_dir), ("validation", val_dir)):
         if other is not None and read_manifest(other).num_classes != num_classes:
@@ -144,7 +169,7 @@ def prepare_data(cfg: Config) -> DataSpec:
             clean = lf.clean_labels
     elif kind != "none":
         # Synthetic noise corrupts the dataset's own labels, which are then the clean ones.
-        clean = labels if clean is None else clean
+        clean = labels if clean is None or (clean < 0).any() else clean
         features = _train_features(Path(train_dir)) if kind == "instance" else None
         label_file = noise_mod.noisy_label_file(
             Path(train_dir).parent / "noise",
@@ -159,10 +184,25 @@ def prepare_data(cfg: Config) -> DataSpec:
         )
         given = noise_mod.load_label_file(label_file, manifest.num_samples, num_classes).labels
 
-    noise_rate = transition = None
+    noise_rate = transition = num_known = None
     if clean is not None:
-        noise_rate = float(noise_mod.realised_rate(clean, given))
-        transition = noise_mod.transition_matrix(clean, given, num_classes).tolist()
+        # Measured where the clean label is known (all samples, or e.g. Clothing1M's overlap).
+        known = clean >= 0
+        num_known = int(known.sum())
+        if num_known:
+            noise_rate = float(noise_mod.realised_rate(clean[known], given[known]))
+            transition = noise_mod.transition_matrix(
+                clean[known], given[known], num_classes
+            ).tolist()
+        if num_known < len(clean):
+            log.info(
+                "%s: clean labels known for %d of %d training samples; noise rate %s measured on "
+                "them",
+                cfg.data.name,
+                num_known,
+                len(clean),
+                f"{noise_rate:.3f}" if noise_rate is not None else "not",
+            )
 
     return DataSpec(
         dataset=cfg.data.name,
@@ -181,4 +221,16 @@ def prepare_data(cfg: Config) -> DataSpec:
         noise_rate=noise_rate,
         transition=transition,
         val_dir=str(Path(val_dir).resolve()) if val_dir is not None else None,
+        num_clean_known=num_known or None,
     )
+
+
+def _converted_root(cfg: Config, how: str) -> Path:
+    """The converter's output directory: ``data.root``, or ``data.urls`` naming a directory."""
+    where = cfg.data.root or cfg.data.urls
+    if not where:
+        raise ConfigError(f"data.name={cfg.data.name} needs data.root=DIR, the output of `{how}`")
+    base = Path(str(where)).expanduser()
+    if not base.is_dir():
+        raise DataError(f"data.root {base} is not a directory; create it with `{how}`")
+    return base

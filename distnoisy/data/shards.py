@@ -13,6 +13,13 @@ first dot of a file name, so dataset paths cannot be keys), the encoded image (`
 ``json`` member ``{"index", "key", "label", "clean_label"}`` with the dataset's own key. Nothing
 is ever pickled. Files appear under their final names only when complete (temp name, then
 ``os.replace``), so a reader never sees a half-written shard, label table or manifest.
+
+Two ways to write a set: :func:`write_shards` streams samples in one process; converters of
+large data sets use :func:`begin_shard_set`, :func:`write_shard` (one shard at a time, from any
+number of processes, each finished shard marked by a sidecar in ``.progress/``),
+:func:`finished_shard` (a re-run skips what is done) and :func:`finish_shard_set` (label table and
+manifest, last). Clean labels may be known for only some samples (``clean_label = -1`` elsewhere;
+``num_clean_labels`` in the manifest; :func:`read_labels` with ``partial_clean=True``).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -103,6 +111,8 @@ class Manifest:
     has_clean_labels: bool
     shards: tuple[ShardInfo, ...]
     params: dict[str, Any] | None = field(default=None, compare=False)
+    # Samples with a known clean label (all when ``has_clean_labels``; a subset is possible).
+    num_clean_labels: int = 0
 
     @property
     def urls(self) -> list[str]:
@@ -124,6 +134,7 @@ class Manifest:
             "classes": list(self.classes),
             "image_ext": self.image_ext,
             "has_clean_labels": self.has_clean_labels,
+            "num_clean_labels": self.num_clean_labels,
             "shards": [dataclasses.asdict(s) for s in self.shards],
         }
         if self.params is not None:
@@ -244,9 +255,6 @@ def write_shards(
     DataError
         A sample out of order or with a label outside 0..C-1; nothing is left under a final name.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if image_ext not in IMAGE_EXTS:
         raise ConfigError(f"image_ext must be one of {IMAGE_EXTS}, got {image_ext!r}")
     if shard_size < 1:
@@ -270,21 +278,7 @@ def write_shards(
     first_index = 0
     try:
         for expected, s in enumerate(samples):
-            if s.index != expected:
-                raise DataError(
-                    f"write_shards({split}): sample #{expected} has index {s.index}; samples must "
-                    "come in global index order 0..N-1"
-                )
-            if not 0 <= s.label < num_classes:
-                raise DataError(
-                    f"write_shards({split}): sample {s.index} ({s.key}) has label {s.label}, "
-                    f"outside 0..{num_classes - 1}"
-                )
-            if s.clean_label is not None and not 0 <= s.clean_label < num_classes:
-                raise DataError(
-                    f"write_shards({split}): sample {s.index} ({s.key}) has clean label "
-                    f"{s.clean_label}, outside 0..{num_classes - 1}"
-                )
+            _check_sample(s, expected, split, num_classes)
             if current is None:
                 current = _ShardFile(out_dir / shard_name(split, len(shards)))
                 first_index = s.index
@@ -313,6 +307,59 @@ def write_shards(
         if current is not None:
             current.abort()
 
+    return _finalize(
+        out_dir,
+        split=split,
+        classes=classes,
+        image_ext=image_ext,
+        dataset=dataset,
+        params=params,
+        shards=shards,
+        indices=indices,
+        keys=keys,
+        labels=labels,
+        cleans=cleans,
+    )
+
+
+def _check_sample(s: Sample, expected: int, split: str, num_classes: int) -> None:
+    """Index order and label range of one sample to write (``DataError`` naming it)."""
+    if s.index != expected:
+        raise DataError(
+            f"write_shards({split}): sample #{expected} has index {s.index}; samples must "
+            "come in global index order 0..N-1"
+        )
+    if not 0 <= s.label < num_classes:
+        raise DataError(
+            f"write_shards({split}): sample {s.index} ({s.key}) has label {s.label}, "
+            f"outside 0..{num_classes - 1}"
+        )
+    if s.clean_label is not None and not 0 <= s.clean_label < num_classes:
+        raise DataError(
+            f"write_shards({split}): sample {s.index} ({s.key}) has clean label "
+            f"{s.clean_label}, outside 0..{num_classes - 1}"
+        )
+
+
+def _finalize(
+    out_dir: Path,
+    *,
+    split: str,
+    classes: list[str],
+    image_ext: str,
+    dataset: str,
+    params: dict[str, Any] | None,
+    shards: list[ShardInfo],
+    indices: list[int],
+    keys: list[str],
+    labels: list[int],
+    cleans: list[int],
+) -> Manifest:
+    """Remove stale shards, then write ``labels.parquet`` and, last, ``manifest.json``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    num_classes = len(classes)
     # Shards left over from an earlier, larger set of the same split would never be read (the
     # manifest lists shards explicitly) but waste space and confuse a glob: remove them.
     written = {s.name for s in shards}
@@ -323,9 +370,10 @@ def write_shards(
     clean_known = [c >= 0 for c in cleans]
     has_clean = bool(cleans) and all(clean_known)
     if any(clean_known) and not has_clean:
-        log.warning(
-            "%s/%s: only %d of %d samples have a clean label; labels.parquet keeps them, but the "
-            "manifest reports clean labels as unknown",
+        # E.g. Clothing1M's noisy train set: ~25k of 1M images also have a verified label.
+        log.info(
+            "%s/%s: %d of %d samples have a clean label (labels.parquet keeps them, -1 = unknown; "
+            "read_labels(partial_clean=True) returns them)",
             dataset,
             split,
             sum(clean_known),
@@ -354,6 +402,7 @@ def write_shards(
         has_clean_labels=has_clean,
         shards=tuple(shards),
         params=params,
+        num_clean_labels=sum(clean_known),
     )
     doc = json.dumps(manifest.to_json(), indent=1, ensure_ascii=False).encode("utf-8")
     _atomic_write_bytes(out_dir / MANIFEST_NAME, doc)
@@ -365,6 +414,171 @@ def write_shards(
         len(shards),
         out_dir,
     )
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Resumable writing, one shard at a time (converters: parallel workers, re-runs skip done shards)
+
+PROGRESS_DIR = ".progress"
+
+
+def _sidecar(out_dir: Path, name: str) -> Path:
+    return out_dir / PROGRESS_DIR / f"{name}.json"
+
+
+def begin_shard_set(out_dir: Path | str, params: dict[str, Any] | None) -> bool:
+    """Prepare ``out_dir`` for :func:`write_shard` calls; ``True`` if the set is already complete.
+
+    A complete set (its manifest exists and records the same ``params``) needs no work. Otherwise
+    the manifest is removed first, so the directory is never a valid but mixed set, and shards
+    finished by an earlier, interrupted run with the same ``params`` are kept for
+    :func:`finished_shard`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / MANIFEST_NAME
+    if path.is_file():
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            doc = {}
+        if doc.get("format") == FORMAT and doc.get("params") == params:
+            return True
+        path.unlink()
+    return False
+
+
+def write_shard(
+    out_dir: Path | str,
+    samples: list[Sample],
+    *,
+    split: str,
+    number: int,
+    num_classes: int,
+    image_ext: str,
+    tag: Any = None,
+) -> ShardInfo:
+    """Write shard ``number`` of a set, plus a sidecar that marks it finished.
+
+    The shard holds ``samples`` (consecutive global indices); its labels go into a sidecar under
+    ``out_dir/.progress/``, written after the shard has its final name. A shard counts as
+    finished (:func:`finished_shard`) only when both exist, the tar has the recorded size and the
+    sidecar's ``tag`` equals the caller's (e.g. the conversion parameters). Safe to call from
+    several processes for different shard numbers.
+
+    Raises
+    ------
+    DataError
+        Non-consecutive indices or a label outside 0..C-1 (nothing is left under a final name).
+    """
+    out_dir = Path(out_dir)
+    if image_ext not in IMAGE_EXTS:
+        raise ConfigError(f"image_ext must be one of {IMAGE_EXTS}, got {image_ext!r}")
+    if not samples:
+        raise ConfigError(f"shard {number} of {split} has no samples")
+    first = samples[0].index
+    for i, sample in enumerate(samples):
+        _check_sample(sample, first + i, split, num_classes)
+    name = shard_name(split, number)
+    _sidecar(out_dir, name).unlink(missing_ok=True)
+    (out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    shard = _ShardFile(out_dir / name)
+    try:
+        for sample in samples:
+            shard.write(_member_dict(sample, image_ext))
+        shard.commit()
+    except BaseException:
+        shard.abort()
+        raise
+    doc = {
+        "name": name,
+        "count": len(samples),
+        "first_index": first,
+        "size": (out_dir / name).stat().st_size,
+        "tag": tag,
+        "keys": [x.key for x in samples],
+        "labels": [x.label for x in samples],
+        "clean_labels": [-1 if x.clean_label is None else x.clean_label for x in samples],
+    }
+    _atomic_write_bytes(_sidecar(out_dir, name), json.dumps(doc, ensure_ascii=False).encode())
+    return ShardInfo(name, len(samples), first)
+
+
+def _read_sidecar(out_dir: Path, split: str, number: int) -> dict[str, Any] | None:
+    name = shard_name(split, number)
+    try:
+        doc = json.loads(_sidecar(out_dir, name).read_text(encoding="utf-8"))
+        if (out_dir / name).stat().st_size != doc["size"]:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return doc
+
+
+def finished_shard(out_dir: Path | str, *, split: str, number: int, tag: Any = None) -> bool:
+    """Whether shard ``number`` was completely written by :func:`write_shard` with ``tag``."""
+    doc = _read_sidecar(Path(out_dir), split, number)
+    return doc is not None and doc.get("tag") == tag
+
+
+def finish_shard_set(
+    out_dir: Path | str,
+    *,
+    split: str,
+    num_shards: int,
+    classes: list[str],
+    image_ext: str,
+    dataset: str,
+    params: dict[str, Any] | None = None,
+) -> Manifest:
+    """Write ``labels.parquet`` and ``manifest.json`` of shards ``0..num_shards-1``.
+
+    Call it after every shard is finished. The sidecars are removed once the manifest exists
+    (a re-run then recognises the whole set by its manifest, see :func:`begin_shard_set`).
+
+    Raises
+    ------
+    DataError
+        A shard is missing or unfinished, or the shards do not continue each other's indices.
+    """
+    out_dir = Path(out_dir)
+    shards: list[ShardInfo] = []
+    indices: list[int] = []
+    keys: list[str] = []
+    labels: list[int] = []
+    cleans: list[int] = []
+    for number in range(num_shards):
+        doc = _read_sidecar(out_dir, split, number)
+        if doc is None:
+            raise DataError(
+                f"{out_dir}: shard {shard_name(split, number)} is missing or unfinished; re-run "
+                "the conversion (finished shards are kept)"
+            )
+        if doc["first_index"] != len(indices):
+            raise DataError(
+                f"{out_dir}: shard {doc['name']} starts at index {doc['first_index']}, expected "
+                f"{len(indices)}"
+            )
+        shards.append(ShardInfo(doc["name"], int(doc["count"]), int(doc["first_index"])))
+        indices.extend(range(len(indices), len(indices) + int(doc["count"])))
+        keys.extend(doc["keys"])
+        labels.extend(doc["labels"])
+        cleans.extend(doc["clean_labels"])
+    manifest = _finalize(
+        out_dir,
+        split=split,
+        classes=classes,
+        image_ext=image_ext,
+        dataset=dataset,
+        params=params,
+        shards=shards,
+        indices=indices,
+        keys=keys,
+        labels=labels,
+        cleans=cleans,
+    )
+    shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)
     return manifest
 
 
@@ -462,23 +676,32 @@ def read_manifest(directory: Path | str) -> Manifest:
         has_clean_labels=bool(doc.get("has_clean_labels", False)),
         shards=tuple(shards),
         params=doc.get("params"),
+        num_clean_labels=int(
+            doc.get("num_clean_labels", num_samples if doc.get("has_clean_labels") else 0)
+        ),
     )
 
 
-def read_labels(manifest: Manifest) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def read_labels(
+    manifest: Manifest, *, partial_clean: bool = False
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """All labels of a shard set from ``labels.parquet``, without decoding any image.
 
     Parameters
     ----------
     manifest
         The shard set (from :func:`read_manifest`).
+    partial_clean
+        Also return clean labels known for only some samples (``-1`` where unknown), e.g.
+        Clothing1M's noisy-train images that also have a verified label.
 
     Returns
     -------
     labels : numpy.ndarray of int64, shape (N,)
         The dataset's own labels, row ``i`` = global index ``i``.
     clean_labels : numpy.ndarray of int64, shape (N,), or None
-        Clean labels when the manifest says they are known, else ``None``.
+        Clean labels when the manifest says they are known (with ``partial_clean``: when any is
+        known, ``-1`` = unknown), else ``None``.
     keys : numpy.ndarray of str (object), shape (N,)
         The dataset's own keys.
 
@@ -528,6 +751,8 @@ def read_labels(manifest: Manifest) -> tuple[np.ndarray, np.ndarray | None, np.n
         raise DataError(
             f"{path}: index {i} has clean label {int(clean[i])}, outside 0..{c - 1} (-1 = unknown)"
         )
+    if partial_clean and (clean >= 0).any():
+        return labels, clean, keys
     if not manifest.has_clean_labels:
         return labels, None, keys
     if (clean < 0).any():
