@@ -10,8 +10,9 @@ position in the batches (the order CIFAR-10N/100N label files use). Train with
 ``worse_label``, ..., or CIFAR-100N ``noisy_label``) as ``noise.kind=file noise.file=LABELS``
 (``.npy``/``.csv``/``.parquet`` keyed by the same index, see :func:`write_human_label_file`).
 
-The batches are pickles (the only format CIFAR is distributed in): they are unpickled here, with
-``encoding="bytes"``, from files the user downloaded; the shards never hold pickles.
+The batches are pickles (the only format CIFAR is distributed in). They are read with a
+restricted unpickler that accepts only the numpy-array globals a CIFAR batch needs, so a
+tampered file cannot run code; the shards never hold pickles.
 """
 
 from __future__ import annotations
@@ -39,6 +40,27 @@ _META = {"cifar10": ("batches.meta", b"label_names"), "cifar100": ("meta", b"fin
 _LABELS = {"cifar10": b"labels", "cifar100": b"fine_labels"}
 
 
+# The only globals a CIFAR batch needs: numpy array reconstruction (old and numpy-2 paths).
+_ALLOWED_GLOBALS = {
+    (module, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes, numbers and numpy arrays, and nothing else: a file that
+    names any other global (the way a malicious pickle runs code) is refused."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise DataError(
+            f"refusing to unpickle {module}.{name}: a CIFAR batch holds only arrays, lists and "
+            "bytes; this file is not an original CIFAR batch"
+        )
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise DataError(
@@ -46,7 +68,10 @@ def _unpickle(path: Path) -> dict:
             "cifar-100-python.tar.gz) must be extracted into --root"
         )
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+        try:
+            return _BatchUnpickler(f, encoding="bytes").load()
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from None
 
 
 def read_cifar(root: Path | str, name: str) -> tuple[list[str], dict[str, tuple]]:
