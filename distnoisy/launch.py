@@ -179,7 +179,14 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
     )
 
 
-def launch_ray(job: dict[str, Any], cfg: Config, run_dir: Path) -> Path:
+def launch_ray(
+    job: dict[str, Any], cfg: Config, run_dir: Path, callbacks: list[Any] | None = None
+) -> Path:
+    """Run the job as a Ray Train run named ``train`` under ``run_dir/ray``.
+
+    ``callbacks`` are Ray Train ``UserCallback``s for the Train ``RunConfig`` (e.g. Tune's
+    ``TuneReportCallback``, which forwards every per-epoch report to a Tune trial).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -200,6 +207,7 @@ def launch_ray(job: dict[str, Any], cfg: Config, run_dir: Path) -> Path:
             storage_path=str((run_dir / "ray").resolve()),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            callbacks=list(callbacks or []),
         ),
     )
     result = trainer.fit()
@@ -210,7 +218,12 @@ def launch_ray(job: dict[str, Any], cfg: Config, run_dir: Path) -> Path:
     return Path(result.checkpoint.path)
 
 
-def launch(job: dict[str, Any], cfg: Config, run_dir: Path) -> Path:
+def launch(
+    job: dict[str, Any], cfg: Config, run_dir: Path, callbacks: list[Any] | None = None
+) -> Path:
+    """Run the job with the configured launcher; ``callbacks`` need the Ray launcher."""
     if cfg.scaling.launcher == "ray":
-        return launch_ray(job, cfg, run_dir)
+        return launch_ray(job, cfg, run_dir, callbacks)
+    if callbacks:
+        raise DistnoisyError("Ray Train callbacks need scaling.launcher=ray")
     return launch_local(job, cfg, run_dir)
