@@ -161,8 +161,8 @@ def load_spec(path: Path, argv: list[str]) -> SweepSpec:
         key = getattr(e, "full_key", "") or ""
         valid = ", ".join(SweepSpec.__dataclass_fields__)
         raise ConfigError(
-            f"search space {path}: invalid entry {key!r}: {str(e).splitlines()[0]}. "
-            f"Top-level keys: {valid}"
+            f"search space {path}: invalid entry {key!r}: "
+            f"{str(e).splitlines()[0].rstrip('.')}. Top-level keys: {valid}".replace("?.", "?")
         ) from None
     for arg in config_args:
         key, value = arg.split("=", 1)
@@ -424,6 +424,37 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     ray.tune.report(last)
 
 
+COMPLETIONS = "completions.jsonl"
+
+
+def _completion_recorder(sweep_dir: Path) -> Any:
+    """A Tune callback that appends each trial Tune *completed* to ``completions.jsonl``.
+
+    Tune calls ``on_trial_complete`` when a trial returns or the scheduler stops it, but not
+    when an interrupted sweep tears its trials down (it marks those TERMINATED too, in memory);
+    this record is how the driver tells an early-stopped trial from an interrupted one.
+    """
+    from ray.tune import Callback
+
+    class CompletionRecorder(Callback):
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            epochs = int((trial.last_result or {}).get(TIME_ATTR, 0))
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"trial_id": trial.trial_id, TIME_ATTR: epochs}) + "\n")
+
+    return CompletionRecorder(str(sweep_dir / COMPLETIONS))
+
+
+def _completed_trials(sweep_dir: Path) -> set[str]:
+    path = sweep_dir / COMPLETIONS
+    if not path.exists():
+        return set()
+    return {json.loads(line)["trial_id"] for line in path.read_text().splitlines() if line}
+
+
 def _trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
@@ -517,6 +548,7 @@ def _tuner(sweep: Sweep, sweep_dir: Path, parent_run_id: str, resume: bool) -> A
             name="tune",
             storage_path=str(sweep_dir),
             failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[_completion_recorder(sweep_dir)],
         ),
     )
 
@@ -537,6 +569,7 @@ class TrialRow:
 def collect(result_grid: Any, sweep: Sweep, sweep_dir: Path) -> list[TrialRow]:
     """One row per trial: its point, seed, how it ended, epochs run and last metric value."""
     epochs = int(sweep.base["train"]["epochs"])
+    completed = _completed_trials(sweep_dir)
     rows = []
     # The ResultGrid's Results carry no trial status; its analysis object has the trials.
     for trial in result_grid._experiment_analysis.trials:
@@ -547,8 +580,8 @@ def collect(result_grid: Any, sweep: Sweep, sweep_dir: Path) -> list[TrialRow]:
         done = int(metrics.get(TIME_ATTR, 0))
         if trial.status == "ERROR":
             status = "failed"
-        elif trial.status != "TERMINATED":
-            status = "unfinished"
+        elif trial.status != "TERMINATED" or trial.trial_id not in completed:
+            status = "unfinished"  # pending, or torn down by an interrupted sweep
         elif done >= epochs and (run_dir / "summary.json").exists():
             status = "completed"
         else:

@@ -69,13 +69,13 @@ def test_bad_sweep_settings(tmp_path) -> None:
     path = _space(tmp_path, {"method.lam": [1.0]}, scheduler={"name": "hyperband"})
     with pytest.raises(ConfigError, match=r"scheduler\.name='hyperband'; valid: asha, fifo"):
         plan(load_spec(path, []), "x")
-    with pytest.raises(ConfigError, match="invalid entry 'scheduler.grace'"):
+    with pytest.raises(ConfigError, match=r"invalid entry 'scheduler\.grace'"):
         load_spec(path, ["scheduler.grace=2"])
     with pytest.raises(ConfigError, match="unknown config key 'num_sample'"):
         plan(load_spec(path, ["num_sample=3", "scheduler.name=asha"]), "x")  # a config key
     typo = tmp_path / "typo.yaml"
     typo.write_text("space: {method.lam: [1.0]}\nseed: [0, 1]\n")
-    with pytest.raises(ConfigError, match="invalid entry 'seed'.*Top-level keys: config"):
+    with pytest.raises(ConfigError, match=r"'seed'.*Did you mean: 'seeds'\? Top-level keys: co"):
         load_spec(typo, [])
     grid_with_range = _space(tmp_path, {"train.lr": {"uniform": [1e-4, 1e-2]}})
     with pytest.raises(ConfigError, match=r"use search\.algorithm=random"):
