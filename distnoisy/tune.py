@@ -405,17 +405,21 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     run_dir = Path(sweep["dir"]) / "trials" / trial_id
     if run_dir.exists() and not (run_dir / "run.json").exists():
         shutil.rmtree(run_dir)  # killed before the run started: nothing to keep
-    point, seed = config["point"], config["seed"]
-    data = to_dict(trial_config(sweep["base"], point, seed))
-    data.update(output_dir=str(run_dir), name=None, resume=(run_dir / "run.json").exists())
-    data["tracking"]["run_name"] = f"{sweep['name']}/{_point_label(point)},seed={seed}"
-    cfg = from_dict(data)
-    summary = train(
-        cfg,
-        parent_run_id=sweep["parent_run_id"],
-        train_callbacks=[_report_callback(cfg.train.epochs)],
-        tags={"distnoisy.trial_id": trial_id, "distnoisy.sweep": sweep["name"]},
-    )
+    if (run_dir / "summary.json").exists():
+        # The run finished but the sweep was interrupted before Tune recorded it: report only.
+        summary = json.loads((run_dir / "summary.json").read_text())
+    else:
+        point, seed = config["point"], config["seed"]
+        data = to_dict(trial_config(sweep["base"], point, seed))
+        data.update(output_dir=str(run_dir), name=None, resume=(run_dir / "run.json").exists())
+        data["tracking"]["run_name"] = f"{sweep['name']}/{_point_label(point)},seed={seed}"
+        cfg = from_dict(data)
+        summary = train(
+            cfg,
+            parent_run_id=sweep["parent_run_id"],
+            train_callbacks=[_report_callback(cfg.train.epochs)],
+            tags={"distnoisy.trial_id": trial_id, "distnoisy.sweep": sweep["name"]},
+        )
     last = dict(summary["history"][-1])
     last[TIME_ATTR] = int(last["epoch"]) + 1
     for key in ("best_val_acc", "best_val_epoch", "test_acc_at_best_val", "label_issue_auroc"):

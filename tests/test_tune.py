@@ -149,6 +149,14 @@ def test_best_config_is_the_best_mean_over_complete_seeds(tmp_path) -> None:
 
 
 # -- a real sweep on digits -------------------------------------------------------------------
+def _finished_trials(out: Path) -> set[str]:
+    """Trials Tune recorded as complete whose run wrote its summary (ran all epochs)."""
+    record = out / "completions.jsonl"
+    lines = record.read_text().splitlines() if record.exists() else []
+    ids = {json.loads(line)["trial_id"] for line in lines if line.endswith("}")}
+    return {t for t in ids if (out / "trials" / t / "summary.json").exists()}
+
+
 @pytest.mark.slow
 def test_sweep_asha_mlflow_resume_and_best_config(tmp_path, digits_root, mlflow_uri, ray_cluster):
     """ELR lam in {0.3, 3, 30} x 2 seeds, 4 epochs, ASHA (grace 1, factor 2) on digits with 40%
@@ -172,13 +180,12 @@ def test_sweep_asha_mlflow_resume_and_best_config(tmp_path, digits_root, mlflow_
         text=True,
     )
     deadline = time.monotonic() + 400
-    while not list(out.glob("trials/*/summary.json")):
+    # Interrupt once Tune has recorded a trial that ran all its epochs.
+    while not (finished := _finished_trials(out)):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no trial finished"
-        time.sleep(1)
-    finished_before = {
-        p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/summary.json")
-    }
+        time.sleep(0.5)
+    tune_results = {t: (out / "tune" / t / "result.json").read_text() for t in finished}
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
@@ -189,9 +196,11 @@ def test_sweep_asha_mlflow_resume_and_best_config(tmp_path, digits_root, mlflow_
     trials = report["trials"]
     assert len(trials) == 6
     assert {t["point"]["method.lam"] for t in trials} == {0.3, 3.0, 30.0}
-    # The trials that had finished before the interruption did not run again.
-    for trial_id, mtime in finished_before.items():
-        assert (out / "trials" / trial_id / "summary.json").stat().st_mtime_ns == mtime
+    # The trials that had finished before the interruption did not run again (Tune appends
+    # every report of a trial to its result.json), and some ran only after the resume.
+    for trial_id, text in tune_results.items():
+        assert (out / "tune" / trial_id / "result.json").read_text() == text
+    assert len(_finished_trials(out)) > len(finished)
     # ASHA stopped some trials early; the rest ran all 4 epochs.
     stopped = [t for t in trials if t["status"] == "stopped"]
     completed = [t for t in trials if t["status"] == "completed"]
