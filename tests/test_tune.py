@@ -149,12 +149,16 @@ def test_best_config_is_the_best_mean_over_complete_seeds(tmp_path) -> None:
 
 
 # -- a real sweep on digits -------------------------------------------------------------------
-def _finished_trials(out: Path) -> set[str]:
-    """Trials Tune recorded as complete whose run wrote its summary (ran all epochs)."""
+def _completed(out: Path) -> set[str]:
+    """Trials Tune recorded as complete (returned, or stopped by the scheduler)."""
     record = out / "completions.jsonl"
     lines = record.read_text().splitlines() if record.exists() else []
-    ids = {json.loads(line)["trial_id"] for line in lines if line.endswith("}")}
-    return {t for t in ids if (out / "trials" / t / "summary.json").exists()}
+    return {json.loads(line)["trial_id"] for line in lines if line.endswith("}")}
+
+
+def _finished_trials(out: Path) -> set[str]:
+    """Completed trials whose run wrote its summary (ran all epochs)."""
+    return {t for t in _completed(out) if (out / "trials" / t / "summary.json").exists()}
 
 
 @pytest.mark.slow
@@ -181,15 +185,17 @@ def test_sweep_asha_mlflow_resume_and_best_config(tmp_path, digits_root, mlflow_
     )
     deadline = time.monotonic() + 400
     # Interrupt once Tune has recorded a trial that ran all its epochs.
-    while not (finished := _finished_trials(out)):
+    while not _finished_trials(out):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no trial finished"
         time.sleep(0.5)
-    tune_results = {t: (out / "tune" / t / "result.json").read_text() for t in finished}
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "--resume" in err
+    done_before = _completed(out)
+    assert done_before and len(done_before) < 6
+    tune_results = {t: (out / "tune" / t / "result.json").read_text() for t in done_before}
 
     report = run_sweep(path, [], out, resume=True)
 
@@ -200,7 +206,7 @@ def test_sweep_asha_mlflow_resume_and_best_config(tmp_path, digits_root, mlflow_
     # every report of a trial to its result.json), and some ran only after the resume.
     for trial_id, text in tune_results.items():
         assert (out / "tune" / trial_id / "result.json").read_text() == text
-    assert len(_finished_trials(out)) > len(finished)
+    assert len(_completed(out)) == 6
     # ASHA stopped some trials early; the rest ran all 4 epochs.
     stopped = [t for t in trials if t["status"] == "stopped"]
     completed = [t for t in trials if t["status"] == "completed"]
