@@ -608,7 +608,11 @@ def collect(result_grid: Any, sweep: Sweep, sweep_dir: Path) -> list[TrialRow]:
 
 
 def close_orphaned_runs(uri: str, rows: list[TrialRow], max_epochs: int) -> int:
-    """Mark trial runs that Tune stopped mid-fit (so ``train()`` never ended them) KILLED."""
+    """Mark the MLflow runs of trials the scheduler stopped KILLED, with the epochs they ran.
+
+    Stopping a trial kills its actor mid-``fit()``: ``train()`` either never ends the run (left
+    RUNNING) or sees the teardown as an error (FAILED). Tune knows better: it stopped them.
+    """
     from distnoisy import tracking
 
     client = tracking._client(uri)
@@ -616,7 +620,8 @@ def close_orphaned_runs(uri: str, rows: list[TrialRow], max_epochs: int) -> int:
     for row in rows:
         if row.mlflow_run_id is None or row.status not in ("stopped", "failed"):
             continue
-        if tracking.run_status(uri, row.mlflow_run_id) != "RUNNING":
+        current = tracking.run_status(uri, row.mlflow_run_id)
+        if current == "FINISHED" or (row.status == "failed" and current != "RUNNING"):
             continue
         reason = (
             f"stopped early by the scheduler after {row.epochs} of {max_epochs} epochs"
