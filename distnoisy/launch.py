@@ -158,13 +158,23 @@ def _ray_worker(job: dict[str, Any]) -> None:
     run_worker(job, ctx)
 
 
+def ray_runtime_env() -> dict[str, Any]:
+    """The job-level runtime environment of distnoisy's Ray jobs (also used by the tests)."""
+    return {
+        "env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"},
+        # Lets Ray Train clean up placement groups of stopped runs when several Ray clusters
+        # share a machine (see distnoisy.ray_setup).
+        "worker_process_setup_hook": "distnoisy.ray_setup.pin_ray_address",
+    }
+
+
 def ensure_ray(address: str | None, num_workers: int) -> None:
     """Connect to a Ray cluster, starting a local one (bound to 127.0.0.1) when there is none."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}}
+    env = ray_runtime_env()
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
         return
