@@ -597,8 +597,15 @@ def collect(result_grid: Any, sweep: Sweep, sweep_dir: Path) -> list[TrialRow]:
                 mlflow_run_id=run_id,
             )
         )
-    rows.sort(key=lambda r: (_point_label(r.point), r.seed))
+    rows.sort(key=lambda r: (_point_order(r.point), r.seed))
     return rows
+
+
+def _point_order(point: dict[str, Any]) -> tuple:
+    """Sort key: numbers by value (0.3 < 3 < 30), then anything else by its text."""
+    return tuple(
+        (0, v, "") if isinstance(v, int | float) else (1, 0, str(v)) for v in point.values()
+    )
 
 
 def close_orphaned_runs(uri: str, rows: list[TrialRow], max_epochs: int) -> int:
@@ -709,11 +716,14 @@ def results_markdown(sweep: Sweep, rows: list[TrialRow], groups: list[Group]) ->
         "|" + "---|" * (len(keys) + 3),
     ]
     sign = 1.0 if spec.mode == "max" else -1.0
-    for g in sorted(groups, key=lambda g: -sign * (g.mean() if g.mean() is not None else -1e9)):
+    ranked = sorted(groups, key=lambda g: (g.mean() is None, -sign * (g.mean() or 0.0)))
+    for g in ranked:
         mean, std = g.mean(), g.std()
         cell = _pct(mean) + (f" ± {std:.4f}" if std is not None else "")
         trials = ", ".join(
-            f"{r.status}@{r.epochs}" if r.status != "completed" else "completed" for r in g.rows
+            ("completed" if r.status == "completed" else f"{r.status}@{r.epochs}")
+            + f" {_pct(r.score)}"
+            for r in g.rows
         )
         lines.append(
             "| "
@@ -722,8 +732,9 @@ def results_markdown(sweep: Sweep, rows: list[TrialRow], groups: list[Group]) ->
         )
     lines += [
         "",
-        f"Mean ± std over seeds of trials that ran all epochs; `stopped@k`: stopped early by "
-        f"the scheduler after k epochs. {len(rows)} trials.",
+        f"Mean ± std over seeds of trials that ran all epochs; `trials`: each seed's end and "
+        f"last {spec.metric} (`stopped@k`: stopped early by the scheduler after k epochs). "
+        f"{len(rows)} trials.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -785,7 +796,18 @@ def plot(sweep: Sweep, groups: list[Group], path: Path) -> bool:
     elif len(keys) == 1 and numeric:
         order = sorted(done, key=lambda g: g.point[keys[0]])
         x = [g.point[keys[0]] for g in order]
-        ax.errorbar(x, [g.mean() for g in order], yerr=[g.std() or 0 for g in order], marker="o")
+        ax.errorbar(
+            x, [g.mean() for g in order], yerr=[g.std() or 0 for g in order], marker="o",
+            label="ran all epochs (mean ± std)",
+        )  # fmt: skip
+        early = [r for g in groups for r in g.rows if r.status == "stopped" and r.score is not None]
+        if early:
+            ax.scatter(
+                [r.point[keys[0]] for r in early], [r.score for r in early], color="grey",
+                marker="x", label="stopped early (last value)",
+            )  # fmt: skip
+            x = x + [r.point[keys[0]] for r in early]
+        ax.legend(fontsize=8)
         if min(x) > 0 and max(x) / min(x) >= 10:
             ax.set_xscale("log")
         ax.set_xlabel(keys[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -243,8 +244,16 @@ def test_sweep_asha_mlflow_resume_and_best_config(tmp_path, digits_root, mlflow_
             assert run.data.metrics["epochs_run"] == t["epochs"]
 
     # Mean ± std per configuration, and the best config re-runs to the reported score.
+    for config in report["configs"]:
+        same = [t for t in trials if t["point"] == config["point"]]
+        scores = [t["score"] for t in same if t["status"] == "completed"]
+        assert config["n"] == len(scores)
+        if len(scores) >= 2:
+            assert config["mean"] == pytest.approx(statistics.mean(scores))
+            assert config["std"] == pytest.approx(statistics.stdev(scores))
     table = (out / "results.md").read_text()
-    assert "±" in table and "stopped@" in table
+    assert table.count("| 0.3 |") == table.count("| 3 |") == table.count("| 30 |") == 1
+    assert "stopped@" in table
     best = report["best"]
     assert best["mean"] > 0.5 and best["point"]["method.lam"] != 30.0
     rerun = tmp_path / "rerun"
