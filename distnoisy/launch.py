@@ -158,13 +158,23 @@ def _ray_worker(job: dict[str, Any]) -> None:
     run_worker(job, ctx)
 
 
+def ray_runtime_env() -> dict[str, Any]:
+    """The job-level runtime environment of distnoisy's Ray jobs (also used by the tests)."""
+    return {
+        "env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"},
+        # Lets Ray Train clean up placement groups of stopped runs when several Ray clusters
+        # share a machine (see distnoisy.ray_setup).
+        "worker_process_setup_hook": "distnoisy.ray_setup.pin_ray_address",
+    }
+
+
 def ensure_ray(address: str | None, num_workers: int) -> None:
     """Connect to a Ray cluster, starting a local one (bound to 127.0.0.1) when there is none."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}}
+    env = ray_runtime_env()
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
         return
@@ -179,7 +189,14 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
     )
 
 
-def launch_ray(job: dict[str, Any], cfg: Config, run_dir: Path) -> Path:
+def launch_ray(
+    job: dict[str, Any], cfg: Config, run_dir: Path, callbacks: list[Any] | None = None
+) -> Path:
+    """Run the job as a Ray Train run named ``train`` under ``run_dir/ray``.
+
+    ``callbacks`` are Ray Train ``UserCallback``s for the Train ``RunConfig`` (e.g. Tune's
+    ``TuneReportCallback``, which forwards every per-epoch report to a Tune trial).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -200,6 +217,7 @@ def launch_ray(job: dict[str, Any], cfg: Config, run_dir: Path) -> Path:
             storage_path=str((run_dir / "ray").resolve()),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            callbacks=list(callbacks or []),
         ),
     )
     try:
@@ -228,7 +246,12 @@ def _user_error(err: BaseException) -> BaseException:
     return err
 
 
-def launch(job: dict[str, Any], cfg: Config, run_dir: Path) -> Path:
+def launch(
+    job: dict[str, Any], cfg: Config, run_dir: Path, callbacks: list[Any] | None = None
+) -> Path:
+    """Run the job with the configured launcher; ``callbacks`` need the Ray launcher."""
     if cfg.scaling.launcher == "ray":
-        return launch_ray(job, cfg, run_dir)
+        return launch_ray(job, cfg, run_dir, callbacks)
+    if callbacks:
+        raise DistnoisyError("Ray Train callbacks need scaling.launcher=ray")
     return launch_local(job, cfg, run_dir)

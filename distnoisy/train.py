@@ -89,8 +89,25 @@ def _publish(final_ckpt: Path, run_dir: Path) -> None:
         os.replace(tmp, run_dir / name)
 
 
-def train(cfg: Config, parent_run_id: str | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    parent_run_id: str | None = None,
+    train_callbacks: list[Any] | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns the summary (also in summary.json).
+
+    Parameters
+    ----------
+    cfg
+        The resolved run config.
+    parent_run_id
+        MLflow run to nest this run under (a sweep or a comparison).
+    train_callbacks
+        Ray Train ``UserCallback``s passed to the Train ``RunConfig`` (``scaling.launcher=ray``
+        only); :mod:`distnoisy.tune` forwards per-epoch metrics to Tune this way.
+    tags
+        Extra MLflow tags for the run (e.g. the Tune trial id).
 
     Raises
     ------
@@ -121,7 +138,11 @@ def train(cfg: Config, parent_run_id: str | None = None) -> dict[str, Any]:
                 cfg.tracking.experiment,
                 cfg.tracking.run_name or run_dir.name,
                 flat_params(cfg),
-                tags={"distnoisy.output_dir": str(run_dir), "distnoisy.method": cfg.method.name},
+                tags={
+                    "distnoisy.output_dir": str(run_dir),
+                    "distnoisy.method": cfg.method.name,
+                    **(tags or {}),
+                },
                 parent_run_id=parent_run_id,
             )
         else:
@@ -158,7 +179,7 @@ def train(cfg: Config, parent_run_id: str | None = None) -> dict[str, Any]:
             tmp = run_dir / ".method_resources.json.tmp"
             tmp.write_text(json.dumps(resources, indent=2))
             os.replace(tmp, run_dir / "method_resources.json")
-        final_ckpt = launch(job, cfg, run_dir)
+        final_ckpt = launch(job, cfg, run_dir, train_callbacks)
         _publish(final_ckpt, run_dir)
         summary = json.loads((run_dir / "summary.json").read_text())
         summary.update(

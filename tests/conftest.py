@@ -17,11 +17,9 @@ def ray_cluster():
     """A local Ray cluster (4 logical CPUs on a 2-core machine), started once (~20-30 s)."""
     import ray
 
-    ray.init(
-        num_cpus=4,
-        dashboard_host="127.0.0.1",
-        runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}},
-    )
+    from distnoisy.launch import ray_runtime_env
+
+    ray.init(num_cpus=4, dashboard_host="127.0.0.1", runtime_env=ray_runtime_env())
     yield ray
     ray.shutdown()
 
