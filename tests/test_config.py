@@ -38,8 +38,9 @@ def test_file_then_overrides_later_wins(tmp_path) -> None:
         ),
         (["method.name=ce", "method.lam=1"], "unknown config key 'method.lam' for method 'ce'"),
         (
-            ["method.name=elr_pls"],
-            "unknown method 'elr_pls'. Did you mean 'elr'? Valid choices: backward, bootstrap, ce",
+            ["method.name=elr_pluss"],
+            "unknown method 'elr_pluss'. Did you mean 'elr_plus'? Valid choices: backward, "
+            "bootstrap, ce",
         ),
         (["train.epochs=ten"], "invalid value for 'train.epochs'"),
         (["noise.kind=gauss"], "valid choices: none, symmetric, pair, instance, file"),

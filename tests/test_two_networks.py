@@ -525,3 +525,31 @@ def test_two_network_bad_input_fails_before_the_run(tmp_path, digits_root, capsy
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "outputs 5 values per sample but the classifier has 10" in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_limit_q_init_from_a_finished_ce_run(tmp_path, digits_root, monkeypatch) -> None:
+    # The official "loaded" variant: q starts as a CE-trained classifier. A relative run path
+    # works from the driver's directory (it is made absolute before workers start).
+    monkeypatch.chdir(tmp_path)
+    args = ("train.epochs=1", "scaling.launcher=local", "scaling.num_workers=1")
+    train(_cfg(Path("ce-run"), digits_root, "method.name=ce", *args))
+    ce = torch.load(tmp_path / "ce-run/weights.pt", weights_only=True)["model"]
+    # SGD with a vanishing lr: the q-network must still hold the CE weights after one epoch.
+    train(
+        _cfg(
+            Path("limit-run"),
+            digits_root,
+            "method.name=limit",
+            "method.q_init=ce-run",
+            "train.optimizer=sgd",
+            "train.momentum=0",
+            "train.lr=1e-12",
+            *args,
+        )
+    )
+    limit = torch.load(tmp_path / "limit-run/weights.pt", weights_only=True)
+    assert _max_diff(limit["qnet"], ce) < 1e-9
+    assert _max_diff(limit["classifier"], ce) > 1e-3  # the classifier started elsewhere
+    resources = (tmp_path / "limit-run/method_resources.json").read_text()
+    assert str(tmp_path / "ce-run") in resources

@@ -40,6 +40,7 @@ from distnoisy.methods.base import (
     Method,
     Networks,
     Optimizers,
+    PrepareContext,
     StepInput,
     StepOutput,
     StepResult,
@@ -134,6 +135,13 @@ class LIMIT(Method):
         if p.sample_from_q and p.lamb <= 0:
             raise ConfigError(f"method.lamb={p.lamb} must be > 0 with method.sample_from_q=true")
 
+    @classmethod
+    def prepare_resources(cls, params: Any, context: PrepareContext) -> dict[str, Any]:
+        # Workers may run in another directory (Ray, Tune trials): pass an absolute path.
+        if params.q_init is None:
+            return {}
+        return {"q_init": str(Path(params.q_init).expanduser().resolve())}
+
     def fields(self) -> dict[str, FieldSpec]:
         c = self.num_classes
         return {
@@ -145,8 +153,9 @@ class LIMIT(Method):
         classifier = build()
         qnet = build() if self.params.q_model is None else build(self.params.q_model)
         c_out, q_out = _out_features(classifier), _out_features(qnet)
-        if self.params.q_init is not None:
-            state, what = load_q_init(self.params.q_init)
+        q_init = self.resources.get("q_init", self.params.q_init)
+        if q_init is not None:
+            state, what = load_q_init(q_init)
             head = state.get("classifier.weight")
             if head is not None and c_out is not None and head.shape[0] != c_out:
                 q_out = int(head.shape[0])
