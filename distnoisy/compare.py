@@ -109,9 +109,9 @@ def markdown_table(results: dict[str, list[dict[str, Any]]], command: str) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("mlflow", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from distnoisy.train import setup_cli
+
+    setup_cli()
     parser = argparse.ArgumentParser(prog="python -m distnoisy.compare", description=__doc__)
     parser.add_argument("--methods", default="ce,elr", help="comma-separated method names")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")

@@ -280,11 +280,16 @@ def _terminate_as_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def setup_cli() -> None:
+    """Logging and signal handling of the command-line drivers (train, tune, compare)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     for noisy in ("mlflow", "alembic", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_cli()
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         summary = train(cfg)

@@ -39,7 +39,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -1023,15 +1022,10 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _terminate_as_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    for noisy in ("mlflow", "alembic", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from distnoisy.train import setup_cli
+
+    setup_cli()  # SIGTERM -> KeyboardInterrupt: the sweep ends like Ctrl-C, resumable
     parser = argparse.ArgumentParser(
         prog="python -m distnoisy.tune", description=__doc__.split("\n\n")[0]
     )
