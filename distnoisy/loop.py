@@ -131,10 +131,19 @@ def predict(
 def _accuracy(
     method: Method, nets: Networks, stream: Any, labels: Tensor, device: torch.device
 ) -> float:
+    return _accuracies(method, nets, stream, [labels], device)[0]
+
+
+def _accuracies(
+    method: Method, nets: Networks, stream: Any, labels: list[Tensor], device: torch.device
+) -> list[float]:
+    """Accuracy against each label vector, from one prediction pass (all ranks)."""
     index, probs = predict(method, nets, stream, device)
-    correct = (probs.argmax(1) == labels[index]).sum() if len(index) else torch.tensor(0)
-    totals = dist.all_reduce_sum(torch.tensor([float(correct), float(len(index))], device=device))
-    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    pred = probs.argmax(1) if len(index) else torch.zeros(0, dtype=torch.long)
+    counts = [float((pred == lab[index]).sum()) for lab in labels] + [float(len(index))]
+    totals = dist.all_reduce_sum(torch.tensor(counts, device=device))
+    n = totals[-1]
+    return [float(t / n) if n > 0 else float("nan") for t in totals[:-1]]
 
 
 def _check_bad_samples(stream: Any, n: int, cfg: Config, comm_device: torch.device) -> int:
@@ -426,6 +435,12 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
 
     test_stream, test_labels = eval_set(spec.test_dir)
     val_stream, val_labels = eval_set(spec.val_dir)
+    val_noisy = None
+    if val_stream is not None and spec.val_label_file is not None:
+        from distnoisy.data.noise import load_label_file
+
+        noisy = load_label_file(Path(spec.val_label_file), len(val_labels), num_classes).labels
+        val_noisy = torch.from_numpy(np.asarray(noisy, dtype=np.int64))
     corrupted = (
         torch.from_numpy((clean_np != given_np) & (clean_np >= 0)) if clean_np is not None else None
     )
@@ -452,7 +467,11 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
         totals = dist.all_reduce_sum(sums.to(comm_device)).cpu()
         metrics["train_loss"] = float(totals[0] / totals[2])
         metrics["train_acc_given"] = float(totals[1] / totals[2])
-        if val_stream is not None:
+        if val_stream is not None and val_noisy is not None:
+            metrics["val_acc"], metrics["val_acc_noisy"] = _accuracies(
+                method, models, val_stream, [val_labels, val_noisy], device
+            )
+        elif val_stream is not None:
             metrics["val_acc"] = _accuracy(method, models, val_stream, val_labels, device)
         if test_stream is not None:
             metrics["test_acc"] = _accuracy(method, models, test_stream, test_labels, device)

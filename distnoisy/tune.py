@@ -92,8 +92,8 @@ class SweepSpec:
     config: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     space: dict[str, Any] = field(default_factory=dict)
-    # Clean validation accuracy; datasets without a clean validation set have no val_acc (see
-    # README "Sweeps"): choose another metric there.
+    # Clean validation accuracy; val_acc_noisy: the validation labels corrupted by the run's
+    # synthetic noise (the papers' selection when no clean set exists; README "Sweeps").
     metric: str = "val_acc"
     mode: str = "max"
     search: SearchSettings = field(default_factory=SearchSettings)
@@ -354,13 +354,20 @@ def plan(spec: SweepSpec, where: str) -> Sweep:
         except ConfigError as e:
             raise ConfigError(f"{where}: point {point} of the space is invalid: {e}") from None
     cfg = from_dict(base)
-    if spec.metric == "val_acc":
+    if spec.metric in ("val_acc", "val_acc_noisy"):
         from distnoisy.data.prepare import prepare_data
 
-        if prepare_data(cfg).val_dir is None:  # also prepares the data once for all trials
+        data = prepare_data(cfg)  # also prepares the data once for all trials
+        if data.val_dir is None:
             raise ConfigError(
-                f"{where}: metric val_acc needs a validation set: set data.val_fraction=0.1 "
-                "(digits) or put a val/ set beside the shards, or choose another metric"
+                f"{where}: metric {spec.metric} needs a validation set: set "
+                "data.val_fraction=0.1 (digits) or put a val/ set beside the shards, or choose "
+                "another metric"
+            )
+        if spec.metric == "val_acc_noisy" and data.val_label_file is None:
+            raise ConfigError(
+                f"{where}: metric val_acc_noisy needs synthetic noise (noise.kind symmetric, "
+                "pair or instance) to corrupt the validation labels; use val_acc"
             )
     return Sweep(spec, base, dims, points)
 

@@ -184,6 +184,16 @@ def test_validation_split_selects_the_reported_epoch(tmp_path, digits_root, mlfl
     assert summary["num_train"] == 1797 - 360 - 144  # the validation images left training
     metrics = MlflowClient(mlflow_uri).get_metric_history(summary["mlflow_run_id"], "val_acc")
     assert [m.value for m in sorted(metrics, key=lambda m: m.step)] == pytest.approx(val)
+    # The papers' noisy validation: the same noise process on the validation labels.
+    from distnoisy.data.noise import load_label_file
+
+    val_dir = digits_root / "val-0.1" / "val"
+    noisy = load_label_file(next((val_dir.parent / "noise").glob("noise-digits-val-*")), 144, 10)
+    rate = float((noisy.labels != noisy.clean_labels).mean())
+    assert rate == pytest.approx(0.4, abs=0.1)
+    last = summary["history"][-1]
+    # A model that learned the clean signal agrees with the noisy val labels less often.
+    assert 0.0 < last["val_acc_noisy"] < last["val_acc"]
 
 
 def test_crash_marks_run_failed_and_leaves_no_outputs(

@@ -87,6 +87,11 @@ def test_val_metric_needs_a_validation_set(tmp_path, digits_root) -> None:
     path = _space(tmp_path, {"method.lam": [1.0]})
     with pytest.raises(ConfigError, match="metric val_acc needs a validation set"):
         plan(load_spec(path, [f"data.root={digits_root}", "data.val_fraction=0"]), "x")
+    root = f"data.root={digits_root}"
+    noisy = ["metric=val_acc_noisy", root, "data.val_fraction=0.1"]
+    assert plan(load_spec(path, noisy), "x").spec.metric == "val_acc_noisy"
+    with pytest.raises(ConfigError, match="val_acc_noisy needs synthetic noise"):
+        plan(load_spec(path, [*noisy, "noise.kind=none"]), "x")
 
 
 def test_tpe_without_optuna_is_a_clear_error(tmp_path) -> None:

@@ -41,6 +41,8 @@ class DataSpec:
     transition: list[list[float]] | None
     # Validation shards (model selection, sweeps); their own ``cls`` labels are the val labels.
     val_dir: str | None = None
+    # With synthetic noise: the validation labels corrupted the same way (val_acc_noisy).
+    val_label_file: str | None = None
     # Training samples with a known clean label (noise_rate/transition are measured on them);
     # None = none known. Clothing1M: the ~25k noisy-train images that also have a clean label.
     num_clean_known: int | None = None
@@ -160,6 +162,7 @@ def prepare_data(cfg: Config) -> DataSpec:
 
     kind = cfg.noise.kind
     label_file: Path | None = None
+    val_label_file: Path | None = None
     given = labels
     if kind == "file":
         label_file = Path(str(cfg.noise.file)).expanduser()
@@ -183,6 +186,22 @@ def prepare_data(cfg: Config) -> DataSpec:
             include_true_class=cfg.noise.include_true_class,
         )
         given = noise_mod.load_label_file(label_file, manifest.num_samples, num_classes).labels
+        if val_dir is not None:
+            # The papers' protocol when no clean validation set exists: a validation split
+            # corrupted by the same noise process (reported as val_acc_noisy beside val_acc).
+            val_manifest = read_manifest(val_dir)
+            val_clean = read_labels(val_manifest)[0]
+            val_label_file = noise_mod.noisy_label_file(
+                Path(val_dir).parent / "noise",
+                f"{val_manifest.dataset}-{val_manifest.split}",
+                val_clean,
+                num_classes,
+                kind,
+                cfg.noise.rate,
+                cfg.noise.seed,
+                features=_train_features(Path(val_dir)) if kind == "instance" else None,
+                include_true_class=cfg.noise.include_true_class,
+            )
 
     noise_rate = transition = num_known = None
     if clean is not None:
@@ -221,6 +240,7 @@ def prepare_data(cfg: Config) -> DataSpec:
         noise_rate=noise_rate,
         transition=transition,
         val_dir=str(Path(val_dir).resolve()) if val_dir is not None else None,
+        val_label_file=str(val_label_file.resolve()) if val_label_file is not None else None,
         num_clean_known=num_known or None,
     )
 
