@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from distnoisy import reporting
-from distnoisy.bench import DOC_HEADER, machine_info
+from distnoisy.bench import DOC_HEADER, _without_note, machine_info
 from distnoisy.config import load_config
 from distnoisy.loop import train_step
 from distnoisy.methods import METHODS
@@ -328,7 +328,7 @@ def main(args: argparse.Namespace, argv: list[str]) -> TwoNetworkReport:
         seed=args.seed,
     )
     report = run_two_network_bench(settings)
-    kept = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
+    kept = _without_note(argv)
     section = format_section(report, "python -m distnoisy.bench " + shlex.join(kept), args.note)
     print(section)
     if args.out is not None:

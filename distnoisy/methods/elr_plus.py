@@ -146,9 +146,6 @@ class ELRPlus(Method):
     def predict(self, nets: Networks, x: torch.Tensor) -> torch.Tensor:
         return (nets["net1"](x) + nets["net2"](x)) / 2
 
-    def on_epoch_start(self, epoch: int) -> dict[str, float]:
-        return {}
-
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         raise TypeError("ELR+ trains two networks through train_step, not a single loss")
 
