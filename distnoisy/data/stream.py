@@ -22,10 +22,10 @@ Two ways of splitting the data over ranks (``split=``):
     local_batch_size``), global batch ``g`` is the next ``B`` positions and rank ``r`` takes the
     ``r``-th contiguous chunk of ``local_batch_size`` of it. Only the selected samples are
     decoded. Hence the concatenation over ranks of batch ``g`` equals batch ``g`` of a single
-    process with batch size ``B``. Every rank reads (but does not decode) every shard, about
-    10k samples/s per process for small images, so this mode suits data sets a rank can read
-    each epoch (digits, CIFAR); for full-size JPEGs reading costs ~5% of decoding, but the I/O
-    grows with the number of ranks: use ``"shard"`` for Clothing1M/ImageNet-size data.
+    process with batch size ``B``. Every rank walks every shard's samples (reading only the
+    bytes of the samples it decodes when the shards are local files, see below), so this mode
+    suits data sets a rank can walk each epoch (digits, CIFAR); from object storage every rank
+    downloads every shard: use ``"shard"`` for Clothing1M/ImageNet-size data.
 ``"shard"`` (scales: a rank reads only its shards)
     Shards permuted by ``(seed, epoch)`` and assigned greedily by sample count (largest first,
     to the least-loaded rank); a rank shuffles its own samples (seed ``(seed, epoch, rank)``).
@@ -53,8 +53,12 @@ Worker processes
 ``forkserver`` context (Ray's advice for processes inside actors) and persistent workers. Every
 loader worker reads the same stream as the rank and decodes only the batches with
 ``batch_no % num_workers == worker``; the DataLoader collects workers round-robin in order, so
-the batches, and their order, are those of ``num_workers=0``. Each loader worker reads the
-rank's whole stream (cheap next to decoding; see above). Everything a worker runs is a
+the batches, and their order, are those of ``num_workers=0``. Each loader worker walks the
+rank's whole stream. For local shard files that costs almost nothing: the first pass over a
+shard builds an index of its image members (one tar-header pass, kept per process), later
+passes walk the index, and a worker reads only the bytes of the samples it decodes (a
+positioned read each). Shards given as URLs are streamed through webdataset, every byte by
+every loader worker. Everything a worker runs is a
 module-level object, so it pickles; a script that starts streams with workers needs the usual
 ``if __name__ == "__main__":`` guard (forkserver re-imports the main module).
 """
