@@ -391,13 +391,21 @@ class _LocalMember:
 
 @dataclass(frozen=True)
 class _ShardIndex:
-    """Where the image members of one local shard are (one header pass, cached per process)."""
+    """Where the image members of one local shard are (one header pass, cached per process).
 
-    keys: list[str]  # the samples' __key__ in file order
+    About 20 bytes per sample (Clothing1M's 1M images: 20 MB per process); the keys are kept
+    only where they are not the zero-padded global index.
+    """
+
+    indices: np.ndarray  # int64 global index of each image member, -1 = key not an index
     offsets: np.ndarray  # int64 byte offset of each image member's data
-    sizes: np.ndarray  # int64 size of each image member
-    problems: list[tuple[str, str]]  # (shard name, reason) met while indexing
-    odd: list[tuple[str, str]]  # (key, reason): image members under another name
+    sizes: np.ndarray  # int32 size of each image member
+    odd_keys: dict[int, str]  # member position -> __key__, where it is not f"{index:09d}"
+    records: list[tuple[str, str]]  # (key or shard name, reason) met while indexing
+    num_misnamed: int  # samples whose image member has another extension ("x.y.jpg")
+
+    def key(self, position: int) -> str:
+        return self.odd_keys.get(position) or f"{int(self.indices[position]):09d}"
 
 
 # (path, size, mtime) -> index; a shard rewritten under the same name is indexed again.
@@ -415,11 +423,12 @@ def _index_shard(path: str, image_ext: str) -> _ShardIndex:
     from webdataset.tariterators import base_plus_ext
 
     name = Path(path).name
-    keys: list[str] = []
+    indices: list[int] = []
     offsets: list[int] = []
     sizes: list[int] = []
-    problems: list[tuple[str, str]] = []
-    odd: list[tuple[str, str]] = []
+    odd_keys: dict[int, str] = {}
+    records: list[tuple[str, str]] = []
+    misnamed = 0
     suffix = "." + image_ext
     try:
         file_size = os.stat(path).st_size
@@ -433,9 +442,16 @@ def _index_shard(path: str, image_ext: str) -> _ShardIndex:
                 if member.offset_data + member.size > file_size:
                     raise tarfile.ReadError("unexpected end of data")
                 if ext != image_ext:
-                    odd.append((key, f"no {image_ext} member (in {name})"))
+                    records.append((key, f"no {image_ext} member (in {name})"))
+                    misnamed += 1
                     continue
-                keys.append(key)
+                try:
+                    index = int(key)
+                except ValueError:
+                    index = -1
+                if index < 0 or key != f"{index:09d}":
+                    odd_keys[len(indices)] = key
+                indices.append(index)
                 offsets.append(member.offset_data)
                 sizes.append(member.size)
     except (OSError, tarfile.TarError) as exc:
@@ -443,9 +459,14 @@ def _index_shard(path: str, image_ext: str) -> _ShardIndex:
             reason = f"[Errno {exc.errno}] {exc.strerror}"
         else:
             reason = str(exc.args[0]) if exc.args else ""
-        problems.append((name, f"unreadable tar data: {type(exc).__name__}: {reason}"[:200]))
+        records.append((name, f"unreadable tar data: {type(exc).__name__}: {reason}"[:200]))
     return _ShardIndex(
-        keys, np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), problems, odd
+        np.asarray(indices, np.int64),
+        np.asarray(offsets, np.int64),
+        np.asarray(sizes, np.int32),
+        odd_keys,
+        records,
+        misnamed,
     )
 
 
@@ -472,25 +493,23 @@ def _read_indexed(
     for path, expected in shards:
         shard = Path(path).name
         index = _shard_index(path, image_ext)
-        sink.extend(index.problems)
-        sink.extend(index.odd)
-        for key, offset, size in zip(
-            index.keys, index.offsets.tolist(), index.sizes.tolist(), strict=True
-        ):
-            try:
-                i = int(key)
-            except ValueError:
+        sink.extend(index.records)
+        ids, sizes = index.indices, index.sizes
+        valid = (ids >= 0) & (ids < num_samples)
+        for pos in np.flatnonzero(~valid).tolist():
+            key = index.key(pos)
+            if ids[pos] < 0:
                 sink.append((key, f"key is not a global index (in {shard})"))
-                continue
-            if not 0 <= i < num_samples:
-                sink.append((key, f"index outside 0..{num_samples - 1} (in {shard})"))
-            elif keep is not None and not keep[i]:
-                continue  # not drawn this epoch
-            elif size == 0:
-                sink.append((key, f"no {image_ext} member (in {shard})"))
             else:
-                yield i, _LocalMember(path, offset, size), key, shard
-        seen = len(index.keys) + len(index.odd)
+                sink.append((key, f"index outside 0..{num_samples - 1} (in {shard})"))
+        use = valid if keep is None else valid & keep[np.where(valid, ids, 0)]
+        for pos in np.flatnonzero(use & (sizes == 0)).tolist():
+            sink.append((index.key(pos), f"no {image_ext} member (in {shard})"))
+        # Vectorised selection: a balanced epoch (Clothing1M: 19% of the set) walks only its draw.
+        for pos in np.flatnonzero(use & (sizes > 0)).tolist():
+            offset, size = int(index.offsets[pos]), int(sizes[pos])
+            yield int(ids[pos]), _LocalMember(path, offset, size), index.key(pos), shard
+        seen = len(ids) + index.num_misnamed  # samples, as webdataset's reader counts them
         if seen < expected:
             sink.append(
                 (shard, f"shard yielded {seen} of {expected} samples (truncated or unreadable)")
