@@ -3,7 +3,10 @@
 Submodules (import them directly; this package imports nothing heavy on purpose):
 
 - :mod:`distnoisy.data.shards` -- write a shard set (``write_shards``), read its ``manifest.json``
-  (``read_manifest``) and its label table ``labels.parquet`` (``read_labels``).
+  (``read_manifest``) and its label table ``labels.parquet`` (``read_labels``), locally or from
+  a URL.
+- :mod:`distnoisy.data.fs` -- local paths and fsspec URLs (``s3://``, ``gs://``, ``https://``,
+  ...) behind one set of functions: open, read, list, brace patterns, one-line errors.
 - :mod:`distnoisy.data.digits` -- the bundled scikit-learn digits as a train/test shard set
   (``prepare_digits``), the default dataset of ``python -m distnoisy.train``.
 - :mod:`distnoisy.data.stream` -- ``TrainStream`` / ``EvalStream``: decoded, augmented batches
