@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from distnoisy.data import fs
 from distnoisy.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -98,10 +100,11 @@ class Manifest:
     """The description of a shard set (``manifest.json``) plus the directory it was read from.
 
     Shard ``i`` holds the samples with global indices
-    ``first_index .. first_index + count - 1``, in that order.
+    ``first_index .. first_index + count - 1``, in that order. ``root`` is that directory: an
+    absolute local path, or a URL (``s3://...``, ``https://...``) for a remote set.
     """
 
-    root: Path
+    root: str
     dataset: str
     split: str
     num_samples: int
@@ -116,12 +119,12 @@ class Manifest:
 
     @property
     def urls(self) -> list[str]:
-        """Absolute paths of the shards, in manifest (= index) order."""
-        return [str((self.root / s.name).resolve()) for s in self.shards]
+        """Absolute paths (or URLs) of the shards, in manifest (= index) order."""
+        return [fs.join(self.root, s.name) for s in self.shards]
 
     @property
-    def labels_path(self) -> Path:
-        return self.root / LABELS_NAME
+    def labels_path(self) -> str:
+        return fs.join(self.root, LABELS_NAME)
 
     def to_json(self) -> dict[str, Any]:
         """The ``manifest.json`` document (without the local ``root``)."""
@@ -392,7 +395,7 @@ def _finalize(
     _atomic_write_bytes(out_dir / LABELS_NAME, buf.getvalue())
 
     manifest = Manifest(
-        root=out_dir,
+        root=str(out_dir.resolve()),
         dataset=dataset,
         split=split,
         num_samples=len(indices),
@@ -582,7 +585,7 @@ def finish_shard_set(
     return manifest
 
 
-def _require(doc: dict[str, Any], name: str, kind: type | tuple[type, ...], path: Path) -> Any:
+def _require(doc: dict[str, Any], name: str, kind: type | tuple[type, ...], path: str) -> Any:
     if name not in doc:
         raise DataError(f"{path}: manifest has no {name!r} field")
     value = doc[name]
@@ -591,13 +594,20 @@ def _require(doc: dict[str, Any], name: str, kind: type | tuple[type, ...], path
     return value
 
 
-def read_manifest(directory: Path | str) -> Manifest:
+def _some(names: list[str]) -> str:
+    """The first three names, and how many more."""
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f"{', '.join(names[:3])}{more}"
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
     """Read and check ``directory/manifest.json``.
 
     Parameters
     ----------
     directory
-        A shard-set directory (or the path of its ``manifest.json``).
+        A shard-set directory (or the path of its ``manifest.json``): a local path or a URL
+        (``s3://bucket/c1m-wds/noisy_train``, ``https://...``; see :mod:`distnoisy.data.fs`).
 
     Returns
     -------
@@ -607,23 +617,55 @@ def read_manifest(directory: Path | str) -> Manifest:
     ------
     DataError
         The directory or manifest is missing (the message says how to create shards), the manifest
-        is not valid JSON or has another format version, its counts do not add up, or a shard it
-        lists is missing.
+        is not valid JSON or has another format version, its counts do not add up, a shard it
+        lists is missing, or a URL cannot be reached.
+    ConfigError
+        A URL whose fsspec backend is not installed.
     """
-    directory = Path(directory).expanduser()
-    if directory.name == MANIFEST_NAME:
-        directory = directory.parent
-    path = directory / MANIFEST_NAME
-    if not directory.is_dir():
-        raise DataError(f"shard directory {directory} does not exist; {_HOW_TO_CREATE}")
-    if not path.is_file():
+    if fs.is_url(directory):
+        root = str(directory).rstrip("/")
+        if fs.basename(root) == MANIFEST_NAME:
+            root = fs.parent(root)
+        path = fs.join(root, MANIFEST_NAME)
+        try:
+            raw = fs.read_bytes(path)
+        except FileNotFoundError:
+            raise DataError(
+                f"no {MANIFEST_NAME} at {root} (a wrong URL, not a shard set, or its upload did "
+                f"not finish: upload a converter's whole output); {_HOW_TO_CREATE}"
+            ) from None
+    else:
+        local = Path(directory).expanduser()
+        if local.name == MANIFEST_NAME:
+            local = local.parent
+        path = str(local / MANIFEST_NAME)
+        if not local.is_dir():
+            raise DataError(f"shard directory {local} does not exist; {_HOW_TO_CREATE}")
+        if not Path(path).is_file():
+            raise DataError(
+                f"no {MANIFEST_NAME} in {local} (not a shard set, or its writing did not finish); "
+                f"{_HOW_TO_CREATE}"
+            )
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read the manifest ({exc})") from exc
+        root = str(local.resolve())
+    manifest = _parse_manifest(raw, root, path)
+    missing = _missing_shards(manifest)
+    if missing:
         raise DataError(
-            f"no {MANIFEST_NAME} in {directory} (not a shard set, or its writing did not finish); "
-            f"{_HOW_TO_CREATE}"
+            f"{path}: shard file(s) listed in the manifest are missing: "
+            f"{_some([fs.join(root, m) for m in missing])}"
         )
+    return manifest
+
+
+def _parse_manifest(raw: bytes, root: str, path: str) -> Manifest:
+    """Check a ``manifest.json`` document (read from ``path``) and build its :class:`Manifest`."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        doc = json.loads(raw)
+    except ValueError as exc:
         raise DataError(f"{path}: cannot read the manifest ({exc})") from exc
     if not isinstance(doc, dict):
         raise DataError(f"{path}: the manifest is not a JSON object")
@@ -658,15 +700,8 @@ def read_manifest(directory: Path | str) -> Manifest:
         shards.append(info)
     if next_index != num_samples:
         raise DataError(f"{path}: shards hold {next_index} samples but num_samples={num_samples}")
-    missing = [s.name for s in shards if not (directory / s.name).is_file()]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise DataError(
-            f"{path}: shard file(s) listed in the manifest are missing: "
-            f"{', '.join(str(directory / m) for m in missing[:3])}{more}"
-        )
     return Manifest(
-        root=directory.resolve(),
+        root=root,
         dataset=str(doc.get("dataset", "")),
         split=str(doc.get("split", "")),
         num_samples=num_samples,
@@ -680,6 +715,81 @@ def read_manifest(directory: Path | str) -> Manifest:
             doc.get("num_clean_labels", num_samples if doc.get("has_clean_labels") else 0)
         ),
     )
+
+
+def _missing_shards(manifest: Manifest) -> list[str]:
+    """Names of the manifest's shards that are not there; one listing for a remote set."""
+    if not fs.is_url(manifest.root):
+        return [s.name for s in manifest.shards if not (Path(manifest.root) / s.name).is_file()]
+    try:
+        names = fs.list_names(manifest.root)
+    except (FileNotFoundError, DataError) as exc:
+        names, why = set(), fs.describe(exc)
+    else:
+        why = f"no {MANIFEST_NAME} in its listing"
+    if MANIFEST_NAME not in names:  # e.g. a web server without directory indexes
+        log.info(
+            "cannot list %s (%s): its shards are not checked before reading; a missing one is "
+            "recorded as bad data when read",
+            manifest.root,
+            why,
+        )
+        return []
+    return [s.name for s in manifest.shards if s.name not in names]
+
+
+def shard_list_dir(shards: list[str], what: str) -> str:
+    """The directory of a shard set named by its shards, checked against its manifest.
+
+    Parameters
+    ----------
+    shards
+        Shard paths or URLs, e.g. a brace pattern expanded by :func:`distnoisy.data.fs.expand`.
+        They must be exactly the shards of the ``manifest.json`` in their directory, in any
+        order: a subset would leave global sample indices without samples.
+    what
+        How the user named them, for messages (``data.urls=...``).
+
+    Returns
+    -------
+    str
+        The set's directory (``Manifest.root``).
+
+    Raises
+    ------
+    DataError
+        A name that is not a ``.tar`` shard, shards in several directories, or a list that is not
+        the manifest's (the message names what is missing, extra or repeated).
+    """
+    shards = [s if fs.is_url(s) else str(Path(s).expanduser().resolve()) for s in shards]
+    odd = [s for s in shards if not s.endswith(".tar")]
+    if odd:
+        raise DataError(f"{what}: {odd[0]} is not a .tar shard; name a directory or .tar shards")
+    dirs = sorted({fs.parent(s) for s in shards})
+    if len(dirs) > 1:
+        raise DataError(
+            f"{what}: these shards lie in {len(dirs)} directories ({_some(dirs)}); name the "
+            "shards of one set, or its directory"
+        )
+    manifest = read_manifest(dirs[0])
+    listed = Counter(fs.basename(s) for s in shards)
+    expected = [s.name for s in manifest.shards]
+    problems = [
+        f"{label}: {_some(names)}"
+        for label, names in (
+            ("missing", [n for n in expected if n not in listed]),
+            ("not in the manifest", sorted(set(listed) - set(expected))),
+            ("listed twice", sorted(n for n, k in listed.items() if k > 1)),
+        )
+        if names
+    ]
+    if problems:
+        raise DataError(
+            f"{what} must name exactly the {len(expected)} shards of "
+            f"{fs.join(manifest.root, MANIFEST_NAME)} (a subset would break the global sample "
+            f"index); {'; '.join(problems)}; give the directory instead: {manifest.root}"
+        )
+    return manifest.root
 
 
 def read_labels(
@@ -709,15 +819,23 @@ def read_labels(
     ------
     DataError
         The file is missing or unreadable, lacks a column, its indices do not cover 0..N-1 exactly
-        once, or a label lies outside 0..C-1 (the message names the index and the value).
+        once, or a label lies outside 0..C-1 (the message names the index and the value); a URL
+        cannot be reached.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = manifest.labels_path
-    if not path.is_file():
-        raise DataError(f"label table {path} is missing; {_HOW_TO_CREATE}")
+    source: str | pa.BufferReader = path
     try:
-        table = pq.read_table(path)
+        if fs.is_url(path):
+            source = pa.BufferReader(fs.read_bytes(path))  # one GET; pyarrow needs random access
+        elif not Path(path).is_file():
+            raise FileNotFoundError(path)
+    except FileNotFoundError:
+        raise DataError(f"label table {path} is missing; {_HOW_TO_CREATE}") from None
+    try:
+        table = pq.read_table(source)
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise DataError(f"{path}: cannot read the label table ({exc})") from exc
     for col in ("index", "key", "label", "clean_label"):
