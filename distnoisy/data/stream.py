@@ -81,6 +81,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from distnoisy.data import fs
 from distnoisy.data.shards import Manifest
 from distnoisy.errors import ConfigError, DataError
 
@@ -313,16 +314,6 @@ def _short(exc: BaseException, limit: int = 160) -> str:
 # Reading tar shards through webdataset
 
 
-def _keep_all_shards(src: Iterable[Any]) -> Iterable[Any]:
-    """Node/worker splitter that keeps every shard.
-
-    Which rank and which loader worker reads what is decided by the stream's plan (see the module
-    docstring), so webdataset must not split on its own; its default ``single_node_only``
-    raises under DDP.
-    """
-    return src
-
-
 class _EndsWith:
     """``select_files`` predicate: read only the image member (labels come from the table)."""
 
@@ -336,33 +327,48 @@ class _EndsWith:
 class _ErrorRecorder:
     """webdataset ``handler=``: record a tar-level error as a bad sample and keep going.
 
-    The record's key is the shard's file name (webdataset appends the url or the open file to
-    ``exn.args``).
+    The record's key is the file name of the shard being read, which :func:`_open_shards` sets
+    before opening it (webdataset's messages name the shard inconsistently, or not at all).
     """
 
-    def __init__(self, sink: list[tuple[str, str]], urls: Sequence[str]) -> None:
+    def __init__(self, sink: list[tuple[str, str]]) -> None:
         self.sink = sink
-        self.urls = list(urls)
+        self.shard = "?"
 
     def __call__(self, exn: BaseException) -> bool:
         args = getattr(exn, "args", ())
-        text = " ".join(str(a) for a in (*args, getattr(exn, "filename", None)))
-        where = next((Path(u).name for u in self.urls if u in text), "?")
-        if isinstance(exn, OSError) and not isinstance(exn, tarfile.TarError):
+        if isinstance(exn, OSError) and exn.errno is not None:
             first = f"[Errno {exn.errno}] {exn.strerror}"
         else:
             first = str(args[0]) if args else ""
             first = first.split(" @ <", 1)[0]  # tarfile appends " @ <file object>"
-        self.sink.append((where, f"unreadable tar data: {type(exn).__name__}: {first}"[:200]))
+        self.sink.append((self.shard, f"unreadable tar data: {type(exn).__name__}: {first}"[:200]))
         return True
+
+
+def _open_shards(urls: Iterable[str], recorder: _ErrorRecorder) -> Iterator[dict[str, Any]]:
+    """``{"url", "stream"}`` per shard, for webdataset's ``tar_file_expander``.
+
+    Local paths are opened with ``open``, URLs through fsspec (:func:`fs.open_binary`), one at a
+    time; a shard that cannot be opened (missing, a 404, an unreachable host) is recorded and
+    skipped. Each stream is closed as soon as the next one is asked for (or the reader stops),
+    so remote connections do not pile up.
+    """
+    for url in urls:
+        recorder.shard = fs.basename(url)
+        try:
+            stream = fs.open_binary(url)
+        except Exception as exn:  # recorded as bad data, like an unreadable tar
+            recorder(exn)
+            continue
+        try:
+            yield {"url": url, "stream": stream}
+        finally:
+            stream.close()
 
 
 # --------------------------------------------------------------------------------------------
 # Reading local shards through a member index
-
-
-def _is_url(location: str) -> bool:
-    return "://" in location
 
 
 class _LocalMember:
@@ -535,7 +541,7 @@ def _read_raw(
     (:func:`_read_indexed`: the bytes are read only when a sample is decoded), URLs through
     webdataset's streaming reader; both yield the same samples and records.
     """
-    if all(not _is_url(u) for u, _ in shards):
+    if not any(fs.is_url(u) for u, _ in shards):
         return _read_indexed(shards, image_ext, num_samples, sink, keep)
     return _read_webdataset(shards, image_ext, num_samples, sink, keep)
 
@@ -547,18 +553,17 @@ def _read_webdataset(
     sink: list[tuple[str, str]],
     keep: np.ndarray | None = None,
 ) -> Iterator[Raw]:
-    """:func:`_read_raw` through webdataset's streaming tar reader (URLs)."""
-    import webdataset as wds
+    """:func:`_read_raw` through webdataset's streaming tar reader (URLs, any fsspec protocol)."""
+    # webdataset's own tar iteration (the stages wds.WebDataset chains: tar_file_expander, then
+    # group_by_keys) behind our opener. WebDataset's opener hands URLs to gopen, which shells
+    # out to curl/gsutil and knows no s3://; ours reads any fsspec URL in-process, and the
+    # chain needs no node/worker splitters (the stream's plan decides who reads which shard).
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     urls = [u for u, _ in shards]
-    ds = wds.WebDataset(
-        urls,
-        handler=_ErrorRecorder(sink, urls),
-        shardshuffle=False,
-        nodesplitter=_keep_all_shards,
-        workersplitter=_keep_all_shards,
-        select_files=_EndsWith("." + image_ext),
-        empty_check=False,
+    recorder = _ErrorRecorder(sink)
+    files = tar_file_expander(
+        _open_shards(urls, recorder), handler=recorder, select_files=_EndsWith("." + image_ext)
     )
     position = {u: i for i, u in enumerate(urls)}
     seen = [0] * len(shards)
@@ -571,16 +576,16 @@ def _read_webdataset(
             if seen[i] < expected:
                 sink.append(
                     (
-                        Path(url).name,
+                        fs.basename(url),
                         f"shard yielded {seen[i]} of {expected} samples (truncated or unreadable)",
                     )
                 )
         checked = max(checked, stop)
 
-    for sample in ds:
+    for sample in group_by_keys(files, handler=recorder):
         key = str(sample.get("__key__", "?"))
         url = str(sample.get("__url__", "?"))
-        shard = Path(url).name
+        shard = fs.basename(url)
         i = position.get(url)
         if i is not None:
             check_until(i)
