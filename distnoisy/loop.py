@@ -73,7 +73,7 @@ def _labels(spec: DataSpec) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     # Clean labels may be known for a subset only (-1 elsewhere), e.g. Clothing1M's overlap.
     labels, clean, keys = read_labels(read_manifest(spec.train_dir), partial_clean=True)
     if spec.label_file is not None:
-        lf = load_label_file(Path(spec.label_file), spec.num_train, spec.num_classes)
+        lf = load_label_file(spec.label_file, spec.num_train, spec.num_classes)
         labels = lf.labels
         if lf.clean_labels is not None:
             clean = lf.clean_labels
@@ -439,7 +439,7 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
     if val_stream is not None and spec.val_label_file is not None:
         from distnoisy.data.noise import load_label_file
 
-        noisy = load_label_file(Path(spec.val_label_file), len(val_labels), num_classes).labels
+        noisy = load_label_file(spec.val_label_file, len(val_labels), num_classes).labels
         val_noisy = torch.from_numpy(np.asarray(noisy, dtype=np.int64))
     corrupted = (
         torch.from_numpy((clean_np != given_np) & (clean_np >= 0)) if clean_np is not None else None
