@@ -32,9 +32,14 @@ SPLITS = ("sample", "shard")
 class DataConfig:
     name: str = "digits"
     # Where prepared shards live (digits: cache written on first use). None = ~/.cache/distnoisy.
+    # clothing1m/cifar: the converter's output dir, a local path or a URL (s3://, gs://,
+    # http(s)://, any fsspec protocol). With a remote ``urls``, a local ``root`` holds the
+    # derived files (noise label files).
     root: str | None = None
-    # Shard dir for ``name=shards`` (holding train/ [test/ val/] or a manifest.json); for
-    # clothing1m/cifar10/cifar100 an alternative to ``root`` (the converter's output dir).
+    # Shards for ``name=shards``: a dir (holding train/ [test/ val/], or a manifest.json) or URL;
+    # or the training shards of one set, whole, as a brace pattern (.../train-{000000..000199}.tar)
+    # or a comma-separated list. For clothing1m/cifar10/cifar100 the same forms name the
+    # converter's output (takes precedence over ``root``).
     urls: str | None = None
     # How shards reach DDP ranks: "sample" = one global order, identical results for any number
     # of workers; "shard" = each rank reads only its own shards (scales to large data).
@@ -223,7 +228,10 @@ def validate(cfg: Config) -> None:
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)"),
         (cfg.data.shard_size >= 1, "data.shard_size must be >= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
-        (cfg.data.name != "shards" or cfg.data.urls, "data.name=shards needs data.urls=DIR"),
+        (
+            cfg.data.name != "shards" or cfg.data.urls,
+            "data.name=shards needs data.urls=DIR (a local path or a URL such as s3://bucket/set)",
+        ),
         (cfg.data.balanced_batches >= 0, "data.balanced_batches must be >= 0 (0 = off)"),
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
         (cfg.data.image_size >= 8, "data.image_size must be >= 8"),

@@ -7,13 +7,16 @@ atomically written files. All input validation happens here, before a run direct
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from distnoisy.config import Config
+from distnoisy.data import fs
 from distnoisy.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -21,7 +24,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataSpec:
-    """What a worker needs to read the data (plain values: it travels to Ray workers)."""
+    """What a worker needs to read the data (plain values: it travels to Ray workers).
+
+    Set directories and label files are absolute local paths or URLs.
+    """
 
     dataset: str
     train_dir: str
@@ -55,7 +61,7 @@ def default_root(name: str) -> Path:
     return Path.home() / ".cache" / "distnoisy" / name
 
 
-def _image_info(manifest_dir: Path) -> tuple[int, str]:
+def _image_info(manifest_dir: str | os.PathLike[str]) -> tuple[int, str]:
     """(channels, transform family) of a shard set, from its first decoded image."""
     from distnoisy.data.shards import read_manifest
     from distnoisy.data.stream import EvalStream, make_transform
@@ -70,7 +76,7 @@ def _image_info(manifest_dir: Path) -> tuple[int, str]:
     return channels, family
 
 
-def _train_features(manifest_dir: Path) -> np.ndarray:
+def _train_features(manifest_dir: str | os.PathLike[str]) -> np.ndarray:
     """Flattened raw pixels of every training image, in index order (instance noise input)."""
     from distnoisy.data.shards import read_manifest
     from distnoisy.data.stream import EvalStream, make_transform
@@ -98,9 +104,21 @@ def prepare_data(cfg: Config) -> DataSpec:
     from distnoisy.data import noise as noise_mod
     from distnoisy.data.shards import read_labels, read_manifest
 
+    for key, value in (
+        ("data.urls", cfg.data.urls),
+        ("data.root", cfg.data.root),
+        ("noise.file", cfg.noise.file),
+    ):
+        if value:
+            fs.check_backend(value, key)
     if cfg.data.name == "digits":
         from distnoisy.data.digits import DIGITS_MEAN, DIGITS_STD, prepare_digits
 
+        if cfg.data.root and fs.is_url(cfg.data.root):
+            raise ConfigError(
+                f"data.root={cfg.data.root}: digits shards are written to a local cache; give a "
+                "local directory (or upload them and use data.name=shards data.urls=URL)"
+            )
         root = Path(cfg.data.root).expanduser() if cfg.data.root else default_root("digits")
         if cfg.data.val_fraction > 0:  # its own cache: splits with and without val coexist
             root = root / f"val-{cfg.data.val_fraction:g}"
@@ -115,10 +133,11 @@ def prepare_data(cfg: Config) -> DataSpec:
         in_channels, train_tf, eval_tf = 1, "digits", "digits"
         mean, std = [DIGITS_MEAN], [DIGITS_STD]
     elif cfg.data.name == "shards":
-        base = Path(str(cfg.data.urls)).expanduser()
-        train_dir = base / "train" if (base / "train" / "manifest.json").exists() else base
-        test_dir = base / "test" if (base / "test" / "manifest.json").exists() else None
-        val_dir = base / "val" if (base / "val" / "manifest.json").exists() else None
+        base, train_dir = _base_and_train(str(cfg.data.urls), "data.urls", "train")
+        if not _is_set(train_dir):  # data.urls is the training set itself
+            train_dir = base
+        test_dir = _optional_set(base, "test")
+        val_dir = _optional_set(base, "val")
         in_channels, family = _image_info(train_dir)
         train_tf, eval_tf = f"{family}_train", f"{family}_eval"
         mean, std = [0.5] * in_channels, [0.25] * in_channels
@@ -130,18 +149,21 @@ def prepare_data(cfg: Config) -> DataSpec:
                 f"noise.kind={cfg.noise.kind!r} on Clothing1M: its labels are already noisy (real "
                 "noise); set noise.kind=none (or noise.kind=file for your own label file)"
             )
-        base = _converted_root(cfg, "python -m distnoisy.data.clothing1m --root DIR --out DIR")
-        train_dir, val_dir, test_dir = base / "noisy_train", base / "clean_val", base / "clean_test"
+        base, train_dir = _converted_root(
+            cfg, "noisy_train", "python -m distnoisy.data.clothing1m --root DIR --out DIR"
+        )
+        val_dir, test_dir = fs.join(base, "clean_val"), fs.join(base, "clean_test")
         in_channels, train_tf, eval_tf = 3, "imagenet_train", "imagenet_eval"
         mean, std = list(c1m.MEAN), list(c1m.STD)
     elif cfg.data.name in ("cifar10", "cifar100"):
         from distnoisy.data import cifar
 
-        base = _converted_root(
-            cfg, f"python -m distnoisy.data.cifar --root DIR --out DIR --name {cfg.data.name}"
+        base, train_dir = _converted_root(
+            cfg,
+            "train",
+            f"python -m distnoisy.data.cifar --root DIR --out DIR --name {cfg.data.name}",
         )
-        train_dir, test_dir = base / "train", base / "test"
-        val_dir = base / "val" if (base / "val" / "manifest.json").exists() else None
+        test_dir, val_dir = fs.join(base, "test"), _optional_set(base, "val")
         in_channels, train_tf, eval_tf = 3, "cifar_train", "cifar_eval"
         mean, std = list(cifar.MEAN[cfg.data.name]), list(cifar.STD[cfg.data.name])
     else:
@@ -161,11 +183,11 @@ def prepare_data(cfg: Config) -> DataSpec:
             )
 
     kind = cfg.noise.kind
-    label_file: Path | None = None
+    label_file: str | Path | None = None
     val_label_file: Path | None = None
     given = labels
     if kind == "file":
-        label_file = Path(str(cfg.noise.file)).expanduser()
+        label_file = _local_or_url(str(cfg.noise.file))
         lf = noise_mod.load_label_file(label_file, manifest.num_samples, num_classes)
         given = lf.labels
         if clean is None:
@@ -173,9 +195,9 @@ def prepare_data(cfg: Config) -> DataSpec:
     elif kind != "none":
         # Synthetic noise corrupts the dataset's own labels, which are then the clean ones.
         clean = labels if clean is None or (clean < 0).any() else clean
-        features = _train_features(Path(train_dir)) if kind == "instance" else None
+        features = _train_features(train_dir) if kind == "instance" else None
         label_file = noise_mod.noisy_label_file(
-            Path(train_dir).parent / "noise",
+            _noise_dir(cfg, train_dir),
             f"{manifest.dataset}-{manifest.split}",
             clean,
             num_classes,
@@ -192,14 +214,14 @@ def prepare_data(cfg: Config) -> DataSpec:
             val_manifest = read_manifest(val_dir)
             val_clean = read_labels(val_manifest)[0]
             val_label_file = noise_mod.noisy_label_file(
-                Path(val_dir).parent / "noise",
+                _noise_dir(cfg, val_dir),
                 f"{val_manifest.dataset}-{val_manifest.split}",
                 val_clean,
                 num_classes,
                 kind,
                 cfg.noise.rate,
                 cfg.noise.seed,
-                features=_train_features(Path(val_dir)) if kind == "instance" else None,
+                features=_train_features(val_dir) if kind == "instance" else None,
                 include_true_class=cfg.noise.include_true_class,
             )
 
@@ -225,8 +247,8 @@ def prepare_data(cfg: Config) -> DataSpec:
 
     return DataSpec(
         dataset=cfg.data.name,
-        train_dir=str(Path(train_dir).resolve()),
-        test_dir=str(Path(test_dir).resolve()) if test_dir is not None else None,
+        train_dir=_absolute(train_dir),
+        test_dir=_absolute(test_dir) if test_dir is not None else None,
         num_train=manifest.num_samples,
         num_classes=num_classes,
         classes=list(manifest.classes),
@@ -235,22 +257,87 @@ def prepare_data(cfg: Config) -> DataSpec:
         eval_transform=eval_tf,
         mean=mean,
         std=std,
-        label_file=str(label_file.resolve()) if label_file is not None else None,
+        label_file=_absolute(label_file) if label_file is not None else None,
         has_clean_labels=clean is not None,
         noise_rate=noise_rate,
         transition=transition,
-        val_dir=str(Path(val_dir).resolve()) if val_dir is not None else None,
-        val_label_file=str(val_label_file.resolve()) if val_label_file is not None else None,
+        val_dir=_absolute(val_dir) if val_dir is not None else None,
+        val_label_file=_absolute(val_label_file) if val_label_file is not None else None,
         num_clean_known=num_known or None,
     )
 
 
-def _converted_root(cfg: Config, how: str) -> Path:
-    """The converter's output directory: ``data.root``, or ``data.urls`` naming a directory."""
-    where = cfg.data.root or cfg.data.urls
+def _converted_root(cfg: Config, train: str, how: str) -> tuple[str, str]:
+    """(converter output dir, training set dir) from ``data.urls``, else ``data.root``."""
+    key = "data.urls" if cfg.data.urls else "data.root"
+    where = cfg.data.urls or cfg.data.root
     if not where:
         raise ConfigError(f"data.name={cfg.data.name} needs data.root=DIR, the output of `{how}`")
-    base = Path(str(where)).expanduser()
-    if not base.is_dir():
-        raise DataError(f"data.root {base} is not a directory; create it with `{how}`")
-    return base
+    base, train_dir = _base_and_train(str(where), key, train)
+    if not fs.is_url(base) and not Path(base).is_dir():
+        raise DataError(f"{key} {base} is not a directory; create it with `{how}`")
+    return base, train_dir
+
+
+def _base_and_train(where: str, key: str, train: str) -> tuple[str, str]:
+    """(converter output dir, training set dir) named by ``where``.
+
+    ``where`` is the output directory (a local path or a URL; the training set is its ``train``
+    subdirectory) or the training set's shards as a brace pattern or comma-separated list. Those
+    must be the whole set (checked against its manifest), and the other splits are then the
+    siblings of their directory, as the converters write them.
+    """
+    items = fs.expand(where)
+    if not items:
+        raise ConfigError(f"{key} is empty; give a shard directory or the shards of one set")
+    if len(items) == 1 and not items[0].endswith(".tar"):
+        base = _local_or_url(items[0])
+        return base, fs.join(base, train)
+    from distnoisy.data.shards import shard_list_dir
+
+    train_dir = shard_list_dir(items, f"{key}={where}")
+    return fs.parent(train_dir), train_dir
+
+
+def _local_or_url(location: str) -> str:
+    return location.rstrip("/") if fs.is_url(location) else str(Path(location).expanduser())
+
+
+def _absolute(location: str | os.PathLike[str]) -> str:
+    return str(location) if fs.is_url(location) else str(Path(location).resolve())
+
+
+def _is_set(directory: str | os.PathLike[str]) -> bool:
+    from distnoisy.data.shards import MANIFEST_NAME
+
+    return fs.is_file(fs.join(directory, MANIFEST_NAME))
+
+
+def _optional_set(base: str | os.PathLike[str], split: str) -> str | None:
+    """``base/split`` when it holds a shard set, else None."""
+    directory = fs.join(base, split)
+    return directory if _is_set(directory) else None
+
+
+def _noise_dir(cfg: Config, set_dir: str | os.PathLike[str]) -> Path:
+    """Where synthetic noise label files of a shard set go: always a local directory.
+
+    Beside a local set, as always. A remote set is never written to: its files go to
+    ``data.root/noise`` when ``data.root`` is a local directory, else to a cache keyed by the
+    set's location. Ray workers read them from there, so on a multi-node cluster that directory
+    must be on storage every node sees (like ``output_dir``).
+    """
+    if not fs.is_url(set_dir):
+        return Path(set_dir).parent / "noise"
+    if cfg.data.root and not fs.is_url(cfg.data.root):
+        where = Path(cfg.data.root).expanduser() / "noise"
+    else:
+        digest = hashlib.sha256(fs.parent(set_dir).encode()).hexdigest()[:12]
+        where = default_root("remote") / digest / "noise"
+    log.info(
+        "%s is remote: its noise label files go to %s (on a multi-node cluster this must be "
+        "storage every node sees: data.root=DIR chooses it)",
+        set_dir,
+        where,
+    )
+    return where
