@@ -100,7 +100,9 @@ def test_elr_targets_identical_for_one_and_two_workers(
     assert np.abs(t1 - t2).max() < 1e-4
     # Each epoch uses floor(1437 / 64) * 64 = 1408 samples: most samples were visited 3 times.
     assert np.mean(np.abs(t1.sum(1) - (1 - 0.7**3)) < 1e-5) > 0.9
-    assert one["test_acc"] == pytest.approx(two["test_acc"], abs=1e-6)
+    # Weights that differ by rounding can flip a test prediction that sits on a near-tie (the
+    # model is mid-training here): at most one of the 360 test images.
+    assert abs(one["test_acc"] - two["test_acc"]) <= 1 / 360 + 1e-6
 
 
 def _targets(run_dir: Path) -> np.ndarray:
@@ -122,7 +124,9 @@ def test_local_launcher_two_processes_matches_one(tmp_path, digits_root, mlflow_
     two = train(_cfg(tmp_path / "b", digits_root, mlflow_uri, *common, "scaling.num_workers=2"))
     assert two["num_workers"] == 2
     assert np.abs(_targets(tmp_path / "a/run") - _targets(tmp_path / "b/run")).max() < 1e-4
-    assert one["test_acc"] == pytest.approx(two["test_acc"], abs=1e-6)
+    # Weights that differ by rounding can flip a test prediction that sits on a near-tie (the
+    # model is mid-training here): at most one of the 360 test images.
+    assert abs(one["test_acc"] - two["test_acc"]) <= 1 / 360 + 1e-6
     ckpts = sorted(p.name for p in (tmp_path / "b/run/checkpoints").iterdir())
     assert ckpts == ["epoch=0000", "epoch=0001"]
 
