@@ -324,6 +324,16 @@ class _EndsWith:
         return fname.endswith(self.suffix)
 
 
+def _unreadable_tar(exn: BaseException) -> str:
+    """The record's reason for a tar-level error, the same from either reader."""
+    if isinstance(exn, OSError) and exn.errno is not None:
+        first = f"[Errno {exn.errno}] {exn.strerror}"
+    else:
+        first = str(exn.args[0]) if exn.args else ""
+        first = first.split(" @ <", 1)[0]  # tarfile appends " @ <file object>"
+    return f"unreadable tar data: {type(exn).__name__}: {first}"[:200]
+
+
 class _ErrorRecorder:
     """webdataset ``handler=``: record a tar-level error as a bad sample and keep going.
 
@@ -336,13 +346,7 @@ class _ErrorRecorder:
         self.shard = "?"
 
     def __call__(self, exn: BaseException) -> bool:
-        args = getattr(exn, "args", ())
-        if isinstance(exn, OSError) and exn.errno is not None:
-            first = f"[Errno {exn.errno}] {exn.strerror}"
-        else:
-            first = str(args[0]) if args else ""
-            first = first.split(" @ <", 1)[0]  # tarfile appends " @ <file object>"
-        self.sink.append((self.shard, f"unreadable tar data: {type(exn).__name__}: {first}"[:200]))
+        self.sink.append((self.shard, _unreadable_tar(exn)))
         return True
 
 
@@ -461,11 +465,7 @@ def _index_shard(path: str, image_ext: str) -> _ShardIndex:
                 offsets.append(member.offset_data)
                 sizes.append(member.size)
     except (OSError, tarfile.TarError) as exc:
-        if isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError):
-            reason = f"[Errno {exc.errno}] {exc.strerror}"
-        else:
-            reason = str(exc.args[0]) if exc.args else ""
-        records.append((name, f"unreadable tar data: {type(exc).__name__}: {reason}"[:200]))
+        records.append((name, _unreadable_tar(exc)))
     return _ShardIndex(
         np.asarray(indices, np.int64),
         np.asarray(offsets, np.int64),
