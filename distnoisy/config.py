@@ -51,6 +51,9 @@ class DataConfig:
     shard_size: int = 256
     num_workers: int = 0
     shuffle_buffer: int = 1000
+    # Shards read at once, their samples interleaved at random before the shuffle buffer: with
+    # the shard order shuffled every pass, this mixes sets whose shards each hold few classes.
+    open_shards: int = 4
     # Class-balanced epochs (the Clothing1M protocol): each epoch is this many global batches of
     # noisy samples drawn with at most num_batches*batch_size/C per class; 0 = the whole set.
     balanced_batches: int = 0
@@ -228,6 +231,7 @@ def validate(cfg: Config) -> None:
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)"),
         (cfg.data.shard_size >= 1, "data.shard_size must be >= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.data.open_shards >= 1, "data.open_shards must be >= 1 (1 = one shard at a time)"),
         (
             cfg.data.name != "shards" or cfg.data.urls,
             "data.name=shards needs data.urls=DIR (a local path or a URL such as s3://bucket/set)",

@@ -27,6 +27,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distnoisy import dist
 from distnoisy.config import Config, from_dict
+from distnoisy.data.mixing import (
+    POOR_MIX,
+    distinct_classes,
+    expected_distinct_classes,
+    poor_mix_message,
+)
 from distnoisy.data.prepare import DataSpec
 from distnoisy.methods import METHODS, Method
 from distnoisy.methods.base import Networks, Optimizers, StepInput
@@ -168,6 +174,24 @@ def _check_bad_samples(stream: Any, n: int, cfg: Config, comm_device: torch.devi
             "Repair or re-convert the data, or raise data.max_bad_fraction"
         )
     return total
+
+
+def _check_class_mix(
+    mean_distinct: float, class_counts: np.ndarray, batch_size: int, cfg: Config, *, warn: bool
+) -> float:
+    """``batch_class_mix`` of an epoch's batches; warns (once) when the stream cannot mix."""
+    expected = expected_distinct_classes(class_counts, batch_size)
+    if warn and mean_distinct < POOR_MIX * expected:
+        log.warning(
+            poor_mix_message(
+                mean_distinct,
+                expected,
+                batch_size=batch_size,
+                open_shards=cfg.data.open_shards,
+                buffer=cfg.data.shuffle_buffer,
+            )
+        )
+    return mean_distinct / expected
 
 
 def _bad_sample_list(*named: tuple[str, Any]) -> list[dict[str, str]]:
@@ -411,10 +435,15 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
                 spec.train_transform, spec.mean, spec.std, seed=seed, size=cfg.data.image_size
             ),
             shuffle_buffer=cfg.data.shuffle_buffer,
+            open_shards=cfg.data.open_shards,
             num_workers=cfg.data.num_workers,
             balanced=balanced,
         )
 
+    # The class mix is measured on the data's own labels: synthetic noise would hide a
+    # class-ordered stream (40% random labels make any batch look mixed).
+    mix_labels = given_np if clean_np is None else np.where(clean_np >= 0, clean_np, given_np)
+    class_counts = np.bincount(mix_labels, minlength=num_classes)
     phases = method.phases()
     train_streams = {phase: train_stream_for(k) for k, phase in enumerate(phases)}
     # Every phase reads the same data: the first one's bad samples are the data's.
@@ -451,7 +480,8 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
         metrics: dict[str, float] = dict(method.on_epoch_start(epoch))
         for m in models.values():
             m.train()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss*b, correct on given labels, b
+        # loss*b, correct on given labels, b, distinct labels per batch (summed), batches
+        sums = torch.zeros(5, dtype=torch.float64)
         for phase, stream in train_streams.items():
             steps = stream.steps_per_epoch
             for step, batch in enumerate(stream.epoch_batches(epoch)):
@@ -460,13 +490,21 @@ def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
                 y = given[index].to(device, non_blocking=True)
                 inp = StepInput(x, y, index, epoch, step, steps, phase)
                 loss_value, correct = train_step(method, nets, opts, store, inp)
-                sums += torch.tensor([loss_value * len(y), correct, len(y)])
+                mix = distinct_classes(mix_labels[index.numpy()])
+                sums += torch.tensor([loss_value * len(y), correct, len(y), mix, 1])
         for sched in scheds.values():
             sched.step()
         metrics["bad_samples"] = _check_bad_samples(first_stream, n, cfg, comm_device)
         totals = dist.all_reduce_sum(sums.to(comm_device)).cpu()
         metrics["train_loss"] = float(totals[0] / totals[2])
         metrics["train_acc_given"] = float(totals[1] / totals[2])
+        metrics["batch_class_mix"] = _check_class_mix(
+            float(totals[3] / totals[4]),
+            class_counts,
+            local_bs,
+            cfg,
+            warn=rank == 0 and epoch == start_epoch,
+        )
         if val_stream is not None and val_noisy is not None:
             metrics["val_acc"], metrics["val_acc_noisy"] = _accuracies(
                 method, models, val_stream, [val_labels, val_noisy], device

@@ -291,10 +291,15 @@ def test_image_folder(tmp_path: Path) -> None:
         (tmp_path / "src" / c).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (20, 30), (colour, i, 0)).save(tmp_path / "src" / c / f"{i}.jpg")
-    m = folder.convert(tmp_path / "src", tmp_path / "out", resize=16, shard_size=4)
+    m = folder.convert(tmp_path / "src", tmp_path / "out", resize=16, shard_size=4, seed=None)
     assert (m.num_samples, m.classes, len(m.shards)) == (6, ("cat", "dog"), 2)
     labels, _, keys = read_labels(m)
     assert labels.tolist() == [0, 0, 0, 1, 1, 1] and keys[3] == "dog/0.jpg"
+    # The default order is a seeded shuffle of the same listing: same pairs, other positions.
+    m = folder.convert(tmp_path / "src", tmp_path / "shuffled", resize=16, shard_size=4)
+    labels2, _, keys2 = read_labels(m)
+    assert sorted(zip(keys2, labels2, strict=True)) == sorted(zip(keys, labels, strict=True))
+    assert list(keys2) != list(keys)
 
 
 @pytest.mark.slow

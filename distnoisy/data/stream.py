@@ -16,8 +16,9 @@ so uneven shards, more ranks than shards, unreadable tar members or corrupt imag
 Two ways of splitting the data over ranks (``split=``):
 
 ``"sample"`` (exact; results do not depend on the number of ranks)
-    Every rank reads the same global stream: shard order permuted by ``(seed, epoch)``, then a
-    shuffle buffer whose RNG is seeded by ``(seed, epoch)`` on every rank. After the first
+    Every rank reads the same global stream: shard order permuted by ``(seed, epoch)``,
+    ``open_shards`` shards read at once and interleaved at random, then a shuffle buffer; every
+    RNG is seeded by ``(seed, epoch)``, the same on every rank. After the first
     ``T = N - steps * B`` positions (the *reserve*, see below; ``B = world_size *
     local_batch_size``), global batch ``g`` is the next ``B`` positions and rank ``r`` takes the
     ``r``-th contiguous chunk of ``local_batch_size`` of it. Only the selected samples are
@@ -29,9 +30,19 @@ Two ways of splitting the data over ranks (``split=``):
 ``"shard"`` (scales: a rank reads only its shards)
     Shards permuted by ``(seed, epoch)`` and assigned greedily by sample count (largest first,
     to the least-loaded rank); a rank shuffles its own samples (seed ``(seed, epoch, rank)``).
-    A rank with more than ``steps * local_batch_size`` samples does not use the excess (its
-    reserve); a rank with fewer reads its shards again. With fewer shards than ranks the stream
+    Its ``open_shards`` are interleaved as in ``"sample"`` mode. A rank with more than
+    ``steps * local_batch_size`` samples does not use the excess (its reserve); a rank with
+    fewer reads its shards again. With fewer shards than ranks the stream
     falls back to ``"sample"`` (logged).
+
+Mixing
+------
+A shard set converted from a class-ordered source (an image folder in listing order) holds one or
+two classes per shard. Three things mix it: the shard order is shuffled every pass, ``open_shards``
+shards are read at once with their samples interleaved at random (:func:`_interleave`), and the
+shuffle buffer reorders what the interleave yields. The converters also write samples into shards
+in a shuffled order, so their sets are mixed already; the training loop measures the class mix of
+its batches (:mod:`distnoisy.data.mixing`) and warns when it is poor.
 
 The reserve and bad samples
 ---------------------------
@@ -65,6 +76,7 @@ module-level object, so it pickles; a script that starts streams with workers ne
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import logging
@@ -94,6 +106,7 @@ _TAG_SHARD_ORDER = 1
 _TAG_BUFFER = 2
 _TAG_AUGMENT = 3
 _TAG_BALANCED = 4
+_TAG_INTERLEAVE = 5
 _MASK64 = (1 << 64) - 1
 # "decode_png, /__w/vision/.../decode_png.cpp:62, " in torchvision messages: noise for users.
 _SOURCE_LOCATION = re.compile(r"([\w()]+, )?\S+\.(cpp|cu|h|hpp):\d+,? ?")
@@ -607,6 +620,48 @@ def _read_webdataset(
     check_until(len(shards))
 
 
+def _interleave(
+    readers: Sequence[Callable[[], Iterator[Raw]]],
+    expected: Sequence[int],
+    width: int,
+    rng: random.Random,
+) -> Iterator[Raw]:
+    """Samples of ``width`` shards at a time, mixed at random; a function of ``rng``'s seed.
+
+    ``readers[i]()`` opens shard ``i`` (in this pass's order); ``expected[i]`` is how many samples
+    it should yield. The next sample comes from an open shard chosen with probability
+    proportional to the samples it has left, so the open shards drain together and their
+    samples are spread evenly over the stream; a finished shard is replaced by the next one.
+    This is what lets a stream mix a set whose shards each hold few classes: the shuffle buffer
+    behind it only reorders what it is fed, and fed one shard at a time it cannot mix more than
+    ``shuffle_buffer`` samples of consecutive shards. ``width <= 1`` reads the shards one
+    after the other (the same samples, in the same order, as reading them as one list).
+    """
+    pending = iter(range(len(readers)))
+    slots: list[Iterator[Raw]] = []
+    left: list[int] = []
+
+    def open_next() -> bool:
+        i = next(pending, None)
+        if i is None:
+            return False
+        slots.append(readers[i]())
+        left.append(max(int(expected[i]), 1))
+        return True
+
+    while len(slots) < max(width, 1) and open_next():
+        pass
+    while slots:
+        j = 0 if len(slots) == 1 else rng.choices(range(len(slots)), weights=left)[0]
+        item = next(slots[j], None)
+        if item is None:  # finished (or cut short: the reader records why)
+            del slots[j], left[j]
+            open_next()
+            continue
+        left[j] = max(left[j] - 1, 1)  # a shard longer than its count stays drawable
+        yield item
+
+
 def _buffer_shuffle(items: Iterable[Raw], size: int, rng: random.Random) -> Iterator[Raw]:
     """Shuffle with a buffer of ``size`` items; a deterministic function of ``rng``'s seed."""
     if size <= 1:
@@ -911,9 +966,11 @@ class _TrainSource(IterableDataset):
         transform: Transform,
         channels: int | None,
         shuffle_buffer: int,
+        open_shards: int = 1,
         subset: BalancedSubset | None = None,
     ) -> None:
         self.urls = urls
+        self.open_shards = open_shards
         self.subset = subset
         self.counts = counts
         self.image_ext = image_ext
@@ -972,13 +1029,7 @@ class _TrainSource(IterableDataset):
                     order
                 )
             rng = random.Random(mix_seed(self.seed, epoch, pass_no, who, _TAG_BUFFER))
-            raws = _read_raw(
-                [(self.urls[i], self.counts[i]) for i in order],
-                self.image_ext,
-                self.num_samples,
-                sink,
-                plan.keep,
-            )
+            raws = self._read_pass(order, plan.keep, sink, epoch, pass_no, who)
             n = 0
             for raw in _buffer_shuffle(raws, self.shuffle_buffer, rng):
                 n += 1
@@ -989,6 +1040,31 @@ class _TrainSource(IterableDataset):
                     f"problems: {sink[-3:]}"
                 )
             log.debug("rank %d epoch %d: pass %d read %d samples", self.rank, epoch, pass_no, n)
+
+    def _read_pass(
+        self,
+        order: list[int],
+        keep: np.ndarray | None,
+        sink: list[tuple[str, str]],
+        epoch: int,
+        pass_no: int,
+        who: int,
+    ) -> Iterator[Raw]:
+        """One pass over the shards ``order``: ``open_shards`` of them at a time, interleaved."""
+        shards = [(self.urls[i], self.counts[i]) for i in order]
+        if self.open_shards <= 1 or len(order) <= 1:
+            return _read_raw(shards, self.image_ext, self.num_samples, sink, keep)
+        readers = [
+            functools.partial(_read_raw, [shard], self.image_ext, self.num_samples, sink, keep)
+            for shard in shards
+        ]
+        counts = self.counts
+        if keep is not None:  # class-balanced epoch: only the drawn members are read
+            starts = np.cumsum([0, *self.counts[:-1]])
+            counts = np.add.reduceat(keep.astype(np.int64), starts).tolist()
+        expected = [counts[i] for i in order]
+        rng = random.Random(mix_seed(self.seed, epoch, pass_no, who, _TAG_INTERLEAVE))
+        return _interleave(readers, expected, self.open_shards, rng)
 
     def batches(
         self, epoch: int, worker: int, num_workers: int, sink: list[tuple[str, str]]
@@ -1079,8 +1155,13 @@ class TrainStream:
         ``channels`` attribute (1 or 3) sets the channels images are decoded to (``None``: the
         file's own); without one, RGB.
     shuffle_buffer
-        Samples held by the shuffle buffer (raw bytes, per process); 0 or 1 = no shuffling
-        beyond the shard order.
+        Samples held by the shuffle buffer (references to their bytes, per process); 0 or 1 =
+        no shuffling beyond the shard order and the interleave.
+    open_shards
+        Shards read at once, their samples interleaved at random before the shuffle buffer
+        (1 = one shard after the other). Together with the shard order (shuffled every pass)
+        and the buffer this mixes a set whose shards each hold few classes, as WebDataset
+        pipelines do; a class-ordered set needs about as many open shards as it has classes.
     num_workers
         Loader worker processes (0 = decode in this process).
     balanced
@@ -1107,6 +1188,7 @@ class TrainStream:
         split: str = "sample",
         transform: Transform,
         shuffle_buffer: int = 1000,
+        open_shards: int = 4,
         num_workers: int = 0,
         balanced: BalancedSubset | None = None,
     ) -> None:
@@ -1117,6 +1199,8 @@ class TrainStream:
             raise ConfigError(f"the local batch size must be at least 1, got {local_batch_size}")
         if num_workers < 0 or shuffle_buffer < 0:
             raise ConfigError("num_workers and shuffle_buffer must not be negative")
+        if open_shards < 1:
+            raise ConfigError(f"data.open_shards must be at least 1, got {open_shards}")
         n = manifest.num_samples
         big_b = world_size * local_batch_size
         per_epoch = balanced.size if balanced is not None else n
@@ -1160,6 +1244,7 @@ class TrainStream:
             transform=transform,
             channels=channels,
             shuffle_buffer=shuffle_buffer,
+            open_shards=open_shards,
             subset=balanced,
         )
         self._bad = _BadRegistry(f"{manifest.split or 'train'} rank {rank}")
