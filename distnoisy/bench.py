@@ -50,10 +50,7 @@ from distnoisy.models import build_model
 from distnoisy.store import FieldSpec, SampleStore
 
 SECTION_TITLE = "## Training step time per method"
-DOC_HEADER = (
-    "# distnoisy benchmarks — figures measured by `python -m distnoisy.bench`, "
-    "ratios side by side in one run\n"
-)
+DOC_HEADER = reporting.BENCHMARKS_HEADER
 #: A method whose loss adds more than this fraction of CE's step time is flagged.
 LOSS_BUDGET = 0.03
 BASELINE = "ce"
@@ -625,10 +622,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=None, help="Markdown file to write the section to")
     s.add_argument("--note", default=None, help="a paragraph to append to the written section")
     # Sub-commands in their own modules (they import this one: import them late).
-    from distnoisy import bench_loader, bench_two_networks
+    from distnoisy import bench_loader, bench_plain_loop, bench_two_networks
 
     bench_loader.add_parser(sub)
     bench_two_networks.add_parser(sub)
+    bench_plain_loop.add_parser(sub)
     return p
 
 
@@ -660,6 +658,10 @@ def main(argv: Sequence[str] | None = None) -> Any:
         from distnoisy import bench_loader
 
         return bench_loader.main(args, _without_note(argv))
+    if args.bench == "plain-loop":
+        from distnoisy import bench_plain_loop
+
+        return bench_plain_loop.main(args, argv)
     if args.bench == "two-networks":
         from distnoisy import bench_two_networks
 

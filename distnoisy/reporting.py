@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+#: The first line of docs/benchmarks.md (written when the file does not exist yet).
+BENCHMARKS_HEADER = (
+    "# distnoisy benchmarks — figures measured by `python -m distnoisy.bench`, "
+    "ratios side by side in one run\n"
+)
+
 
 def replace_section(document: str, title: str, body: str) -> str:
     """Put ``body`` under the heading ``## title``, replacing that section if present."""
