@@ -30,6 +30,8 @@ from distnoisy.train import train
 
 # (summary key, column title, scale, decimals)
 COLUMNS = (
+    # Selected by clean validation accuracy (with a validation set; "n/a" without one).
+    ("test_acc_at_best_val", "val-selected test acc", 100.0, 1),
     ("test_acc", "final test acc", 100.0, 1),
     ("best_test_acc", "best test acc", 100.0, 1),
     ("memorized", "memorized", 100.0, 1),
@@ -97,6 +99,8 @@ def markdown_table(results: dict[str, list[dict[str, Any]]], command: str) -> st
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += [
         "",
+        "`val-selected test acc`: clean test accuracy at the epoch of the best clean validation "
+        "accuracy (runs with a validation set). "
         "`memorized`: fraction of training samples whose label was corrupted for which the final "
         "model predicts the corrupted label. `label-issue AUROC`: how well the method's "
         "label-issue score separates corrupted from clean training labels.",
