@@ -11,8 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from distnoisy.config import INSTANCE_FEATURES as CONFIG_INSTANCE_FEATURES
 from distnoisy.data.noise import (
     CIFAR10_PAIR_MAP,
+    GENERATOR_VERSION,
+    INSTANCE_FEATURES,
     NOISE,
     LabelFile,
     default_pair_map,
@@ -204,9 +207,14 @@ def test_instance_depends_on_features() -> None:
     flipped = (a != clean) & (b != clean)
     assert flipped.sum() > 1_000
     assert np.mean(a[flipped] != b[flipped]) > 0.5
-    # Standardisation makes the result invariant to a per-feature affine rescaling.
+    # Standardisation makes the result invariant to a per-feature affine rescaling; the raw
+    # projection (the default) is not: an offset adds the same vector to every score.
+    std = {"instance_features": "standardized"}
+    a_std = make_noisy_labels(clean, C, "instance", 0.4, 0, features=feats_a, **std)
+    c_std = make_noisy_labels(clean, C, "instance", 0.4, 0, features=feats_a * 3.0 + 5.0, **std)
+    assert np.mean(a_std != c_std) < 0.001
     c = make_noisy_labels(clean, C, "instance", 0.4, 0, features=feats_a * 3.0 + 5.0)
-    assert np.mean(a != c) < 0.001
+    assert np.mean(a[flipped] != c[flipped]) > 0.3
 
 
 def test_instance_needs_features() -> None:
@@ -214,6 +222,69 @@ def test_instance_needs_features() -> None:
         make_noisy_labels(balanced_labels(100), C, "instance", 0.2, 0)
     with pytest.raises(DataError, match="N=100"):
         make_noisy_labels(balanced_labels(100), C, "instance", 0.2, 0, features=np.ones((9, 3)))
+    nan = np.ones((100, 3))
+    nan[7, 1] = np.nan
+    # 1e308 is finite, but its raw projection overflows.
+    for feats, law in ((nan, "raw"), (nan, "standardized"), (np.full((100, 64), 1e308), "raw")):
+        with pytest.raises(DataError, match="needs finite features"):
+            make_noisy_labels(
+                balanced_labels(100), C, "instance", 0.2, 0, features=feats, instance_features=law
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# Instance noise: the two feature maps
+# ------------------------------------------------------------------------------------------------
+
+
+def test_instance_features_choice_is_validated(tmp_path: Path) -> None:
+    clean, feats = balanced_labels(100), np.ones((100, 4))
+    expected = r"^invalid noise.instance_features='pca'; valid choices: raw, standardized$"
+    with pytest.raises(ConfigError, match=expected):
+        make_noisy_labels(clean, C, "instance", 0.2, 0, features=feats, instance_features="pca")
+    with pytest.raises(ConfigError, match=expected):
+        noisy_label_file(
+            tmp_path, "toy", clean, C, "instance", 0.2, 0, features=feats, instance_features="pca"
+        )
+    assert not list(tmp_path.iterdir())
+    assert CONFIG_INSTANCE_FEATURES == INSTANCE_FEATURES  # the config's copy of the choices
+
+
+def test_noisy_label_file_keeps_instance_laws_apart(tmp_path: Path) -> None:
+    clean = balanced_labels(2_000)
+    feats = np.random.default_rng(0).integers(0, 256, size=(2_000, 16)).astype(np.uint8)
+    raw = noisy_label_file(tmp_path, "toy", clean, C, "instance", 0.3, 1, features=feats)
+    std = noisy_label_file(
+        tmp_path,
+        "toy",
+        clean,
+        C,
+        "instance",
+        0.3,
+        1,
+        features=feats,
+        instance_features="standardized",
+    )
+    assert (raw.name, std.name) == (
+        "noise-toy-instance-0.3-1.parquet",
+        "noise-toy-instance-0.3-1-std.parquet",
+    )
+    for path, law in ((raw, "raw"), (std, "standardized")):
+        lf = load_label_file(path, 2_000, C)
+        assert lf.meta["instance_features"] == law
+        assert lf.meta["generator_version"] == GENERATOR_VERSION == 2
+        expected = make_noisy_labels(
+            clean, C, "instance", 0.3, 1, features=feats, instance_features=law
+        )
+        np.testing.assert_array_equal(lf.labels, expected)
+    # A file from generator version 1 (standardised labels, no instance_features key) sitting
+    # at the raw law's name is regenerated, not served as raw.
+    old = load_label_file(std, 2_000, C)
+    meta_v1 = {k: v for k, v in old.meta.items() if k not in ("instance_features", "realised_rate")}
+    save_label_file(raw, old.labels, clean, dict(meta_v1, generator_version=1))
+    noisy_label_file(tmp_path, "toy", clean, C, "instance", 0.3, 1, features=feats)
+    again = load_label_file(raw, 2_000, C)
+    assert again.meta["instance_features"] == "raw" and not np.array_equal(again.labels, old.labels)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -420,7 +491,8 @@ def test_noisy_label_file_regenerates_stale_or_corrupt(tmp_path: Path) -> None:
     save_label_file(path, clean, clean, {"kind": "symmetric", "rate": 0.2, "seed": 0})
     noisy_label_file(tmp_path, "digits", clean, C, "symmetric", 0.2, 0, include_true_class=True)
     lf = load_label_file(path, 200, C)
-    assert lf.meta["include_true_class"] is True and lf.meta["generator_version"] == 1
+    assert lf.meta["include_true_class"] is True
+    assert lf.meta["generator_version"] == GENERATOR_VERSION
     assert realised_rate(clean, lf.labels) > 0.1
 
     path.write_bytes(b"not parquet")
