@@ -22,6 +22,9 @@ from distnoisy.errors import ConfigError
 
 DATASETS = ("digits", "cifar10", "cifar100", "clothing1m", "shards")
 NOISE_KINDS = ("none", "symmetric", "pair", "instance", "file")
+# Feature maps of noise.kind=instance; the same tuple as distnoisy.data.noise.INSTANCE_FEATURES
+# (not imported: config stays free of the numpy/pyarrow imports of the data package).
+INSTANCE_FEATURES = ("raw", "standardized")
 LAUNCHERS = ("ray", "local")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULERS = ("none", "cosine", "multistep")
@@ -76,6 +79,10 @@ class NoiseConfig:
     include_true_class: bool = False
     # Label file for ``kind=file`` (parquet/csv/npy keyed by global sample index).
     file: str | None = None
+    # ``kind=instance`` only: what the random projection sees. "raw" = the pixel values as
+    # stored (0..255), like the authors' generator; "standardized" = per-feature z-scores (the
+    # law of distnoisy's earlier label files; flips spread over more classes).
+    instance_features: str = "raw"
 
 
 @dataclass
@@ -212,6 +219,7 @@ def validate(cfg: Config) -> None:
     _choose(cfg.data.name, DATASETS, "data.name")
     _choose(cfg.data.split, SPLITS, "data.split")
     _choose(cfg.noise.kind, NOISE_KINDS, "noise.kind")
+    _choose(cfg.noise.instance_features, INSTANCE_FEATURES, "noise.instance_features")
     _choose(cfg.scaling.launcher, LAUNCHERS, "scaling.launcher")
     _choose(cfg.train.optimizer, OPTIMIZERS, "train.optimizer")
     _choose(cfg.train.scheduler, SCHEDULERS, "train.scheduler")

@@ -18,6 +18,7 @@ def test_defaults_are_the_documented_job() -> None:
     )
     assert (cfg.scaling.launcher, cfg.scaling.num_workers, cfg.scaling.use_gpu) == ("ray", 2, False)
     assert (cfg.method.beta, cfg.method.lam) == (0.7, 3.0)
+    assert cfg.noise.instance_features == "raw"  # the authors' instance-noise law
 
 
 def test_file_then_overrides_later_wins(tmp_path) -> None:
@@ -44,6 +45,10 @@ def test_file_then_overrides_later_wins(tmp_path) -> None:
         ),
         (["train.epochs=ten"], "invalid value for 'train.epochs'"),
         (["noise.kind=gauss"], "valid choices: none, symmetric, pair, instance, file"),
+        (
+            ["noise.instance_features=pca"],
+            "invalid noise.instance_features='pca'; valid choices: raw, standardized",
+        ),
         (["method.beta=1.5"], "method.beta=1.5 must be in [0, 1)"),
         (["train.batch_size=65"], "must be divisible by scaling.num_workers=2"),
         (["noise.kind=file"], "noise.kind=file needs noise.file=PATH"),

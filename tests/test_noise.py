@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,10 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from distnoisy.config import INSTANCE_FEATURES as CONFIG_INSTANCE_FEATURES
 from distnoisy.data.noise import (
     CIFAR10_PAIR_MAP,
+    GENERATOR_VERSION,
+    INSTANCE_FEATURES,
     NOISE,
     LabelFile,
+    _instance_draws,  # the q and W that produced a label vector
     default_pair_map,
     load_label_file,
     make_noisy_labels,
@@ -204,9 +210,14 @@ def test_instance_depends_on_features() -> None:
     flipped = (a != clean) & (b != clean)
     assert flipped.sum() > 1_000
     assert np.mean(a[flipped] != b[flipped]) > 0.5
-    # Standardisation makes the result invariant to a per-feature affine rescaling.
+    # Standardisation makes the result invariant to a per-feature affine rescaling; the raw
+    # projection (the default) is not: an offset adds the same vector to every score.
+    std = {"instance_features": "standardized"}
+    a_std = make_noisy_labels(clean, C, "instance", 0.4, 0, features=feats_a, **std)
+    c_std = make_noisy_labels(clean, C, "instance", 0.4, 0, features=feats_a * 3.0 + 5.0, **std)
+    assert np.mean(a_std != c_std) < 0.001
     c = make_noisy_labels(clean, C, "instance", 0.4, 0, features=feats_a * 3.0 + 5.0)
-    assert np.mean(a != c) < 0.001
+    assert np.mean(a[flipped] != c[flipped]) > 0.3
 
 
 def test_instance_needs_features() -> None:
@@ -214,6 +225,270 @@ def test_instance_needs_features() -> None:
         make_noisy_labels(balanced_labels(100), C, "instance", 0.2, 0)
     with pytest.raises(DataError, match="N=100"):
         make_noisy_labels(balanced_labels(100), C, "instance", 0.2, 0, features=np.ones((9, 3)))
+    nan = np.ones((100, 3))
+    nan[7, 1] = np.nan
+    # 1e308 is finite, but its raw projection overflows.
+    for feats, law in ((nan, "raw"), (nan, "standardized"), (np.full((100, 64), 1e308), "raw")):
+        with pytest.raises(DataError, match="needs finite features"):
+            make_noisy_labels(
+                balanced_labels(100), C, "instance", 0.2, 0, features=feats, instance_features=law
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# Instance noise against the authors' generator (Xia et al. 2020), on real images
+# ------------------------------------------------------------------------------------------------
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# A subset keeps the per-sample reference loop fast; ~600 images per class.
+FMNIST_SUBSET = 6_000
+RATE = 0.4
+
+
+@pytest.fixture(scope="module")
+def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 digits as (N, 64) uint8 pixels on 0..255, and their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # The quantisation of the digits shards (distnoisy.data.digits): 0..16 -> 0..255.
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    return pixels.reshape(len(pixels), -1), digits.target.astype(np.int64)
+
+
+def _read_idx(path: Path, magic: int, count: int, item_size: int) -> np.ndarray:
+    """The first ``count`` items of a gzipped IDX file (big-endian header, then uint8 data)."""
+    with gzip.open(path) as fh:
+        dims = magic & 0xFF
+        header = np.frombuffer(fh.read(4 + 4 * dims), dtype=">u4")
+        assert header[0] == magic and header[1] >= count, (path, header)
+        return np.frombuffer(fh.read(count * item_size), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def fmnist_uint8() -> tuple[np.ndarray, np.ndarray]:
+    """The first FMNIST_SUBSET Fashion-MNIST training images (N, 784) uint8, and their labels."""
+    images = FMNIST_DIR / "train-images-idx3-ubyte.gz"
+    labels = FMNIST_DIR / "train-labels-idx1-ubyte.gz"
+    if not (images.is_file() and labels.is_file()):
+        pytest.skip(f"Fashion-MNIST training files not found in {FMNIST_DIR}")
+    x = _read_idx(images, 0x803, FMNIST_SUBSET, 28 * 28).reshape(FMNIST_SUBSET, -1)
+    y = _read_idx(labels, 0x801, FMNIST_SUBSET, 1).astype(np.int64)
+    return x, y
+
+
+@pytest.fixture(params=["digits", "fmnist"])
+def real_images(request: pytest.FixtureRequest) -> tuple[np.ndarray, np.ndarray]:
+    return request.getfixturevalue(f"{request.param}_uint8")
+
+
+def official_instance_labels(
+    x: np.ndarray,
+    y: np.ndarray,
+    rate: float,
+    rng: np.random.RandomState,
+    q: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The authors' part-dependent generator, re-written one sample at a time in float64.
+
+    Per-sample flip rate q_i ~ N(rate, 0.1) truncated to [0, 1]; one d x C standard-normal
+    matrix per true class (``weights[y]``); scores = the raw pixel row @ weights[y], the true
+    class set to -inf; label ~ (1 - q_i) * onehot(y) + q_i * softmax(scores). ``q`` and
+    ``weights`` may be given, to share them with distnoisy's draw. Returns the labels and each
+    sample's label distribution.
+    """
+    from scipy import stats
+
+    n, d = x.shape
+    if q is None:
+        q = stats.truncnorm(-rate / 0.1, (1 - rate) / 0.1, loc=rate, scale=0.1).rvs(
+            n, random_state=rng
+        )
+    if weights is None:
+        weights = rng.standard_normal((C, d, C))
+    labels = np.empty(n, dtype=np.int64)
+    probs = np.empty((n, C))
+    for i in range(n):
+        scores = x[i].astype(np.float64) @ weights[y[i]]
+        scores[y[i]] = -np.inf
+        e = np.exp(scores - scores.max())
+        probs[i] = q[i] * e / e.sum()
+        probs[i, y[i]] += 1.0 - q[i]
+        labels[i] = rng.choice(C, p=probs[i])
+    return labels, probs
+
+
+def counts(clean: np.ndarray, noisy: np.ndarray) -> np.ndarray:
+    """C x C matrix of (clean, noisy) label counts."""
+    out = np.zeros((C, C))
+    np.add.at(out, (clean, noisy), 1)
+    return out
+
+
+def top1_flip_share(clean: np.ndarray, noisy: np.ndarray) -> np.ndarray:
+    """Per class: the share of its flips that go to its most common wrong class."""
+    off = counts(clean, noisy)
+    np.fill_diagonal(off, 0)
+    return off.max(axis=1) / off.sum(axis=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_instance_raw_transition_matrix_matches_official(
+    real_images: tuple[np.ndarray, np.ndarray], seed: int
+) -> None:
+    # Given the flip rates q and the matrices W, the law of each label is fixed, so distnoisy's
+    # realised transition matrix and the reference's (its own uniforms) must agree cell by cell
+    # up to sampling error. instance_noise takes q and W first from default_rng(seed).
+    x, y = real_images
+    ours = make_noisy_labels(y, C, "instance", RATE, seed, features=x)
+    q, weights, _, _ = _instance_draws(np.random.default_rng(seed), RATE, *x.shape, C)
+    rng = np.random.RandomState(1000 + seed)
+    ref, probs = official_instance_labels(x, y, RATE, rng, q=q, weights=np.stack(weights))
+    n_c = np.bincount(y, minlength=C)[:, None]
+    # Tolerance: a cell is (count of Bernoulli(p_ik) over the class's samples) / n_c, so the
+    # difference of two independent realisations has variance 2 * sum_i p_ik (1 - p_ik) / n_c^2.
+    # Allow 5 standard errors (two-sided p ~ 6e-7 per cell, < 1e-3 over the 600 cells of the
+    # parametrisation) plus 2 samples' worth, which covers the discrete, Poisson-like tails of
+    # cells with expected counts below ~1, where the normal approximation is too thin.
+    var = np.zeros((C, C))
+    np.add.at(var, y, probs * (1.0 - probs))
+    tol = 5.0 * np.sqrt(2.0 * var) / n_c + 2.0 / n_c
+    deviation = np.abs(counts(y, ours) - counts(y, ref)) / n_c
+    worst = float(np.max(deviation / tol))
+    assert worst <= 1.0, f"a cell is {worst:.2f} x its tolerance off the official law"
+    # The same bound rejects the standardised law (same q and W): the test can tell them apart.
+    std = make_noisy_labels(
+        y, C, "instance", RATE, seed, features=x, instance_features="standardized"
+    )
+    assert np.sum(np.abs(counts(y, std) - counts(y, ref)) / n_c > tol) >= 10
+
+
+def test_instance_raw_statistics_match_official_over_seeds(
+    real_images: tuple[np.ndarray, np.ndarray],
+) -> None:
+    # Fully independent draws (the reference's own q and W): the statistics that do not depend
+    # on which wrong class W favours must agree across seeds.
+    from scipy import stats
+
+    x, y = real_images
+    seeds = range(12)
+    flips: dict[str, list[np.ndarray]] = {"ours": [], "ref": []}
+    shares: dict[str, list[np.ndarray]] = {"ours": [], "ref": []}
+    for seed in seeds:
+        ours = make_noisy_labels(y, C, "instance", RATE, seed, features=x)
+        ref, _ = official_instance_labels(x, y, RATE, np.random.RandomState(1000 + seed))
+        for name, noisy in (("ours", ours), ("ref", ref)):
+            flips[name].append(noisy != y)
+            shares[name].append(top1_flip_share(y, noisy))
+    # Each label flips with probability m = E[q] independently of W, so rates are binomial.
+    m = stats.truncnorm(-RATE / 0.1, (1 - RATE) / 0.1, loc=RATE, scale=0.1).mean()
+    total = len(seeds) * len(y)
+    rate_ours, rate_ref = np.mean(flips["ours"]), np.mean(flips["ref"])
+    se = np.sqrt(m * (1 - m) / total)
+    assert abs(rate_ours - m) < 5 * se and abs(rate_ref - m) < 5 * se, (rate_ours, rate_ref, m)
+    n_c = len(seeds) * np.bincount(y, minlength=C)
+    per_class = {
+        k: np.sum([np.bincount(y[f], minlength=C) for f in v], 0) / n_c for k, v in flips.items()
+    }
+    se_c = np.sqrt(2 * m * (1 - m) / n_c)  # difference of two binomial proportions
+    assert np.all(np.abs(per_class["ours"] - per_class["ref"]) < 5 * se_c)
+    # The top-1 flip share depends on W (a new draw per seed and class), so its spread is
+    # measured, not binomial: 4 standard errors of the difference of the two means.
+    a, b = np.ravel(shares["ours"]), np.ravel(shares["ref"])
+    se_share = np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
+    assert abs(a.mean() - b.mean()) < 4 * se_share, (a.mean(), b.mean(), se_share)
+    assert 0.55 < b.mean() < 0.8  # the official law piles most flips onto one class
+
+
+def test_instance_standardized_reproduces_version_1_files(
+    digits_uint8: tuple[np.ndarray, np.ndarray],
+) -> None:
+    # SHA-256 of the labels (int64, little-endian) that the generator wrote before the raw law
+    # became the default (GENERATOR_VERSION 1, the only law then): label files made with it stay
+    # valid as noise.instance_features=standardized. The last case spans two chunks.
+    x, y = digits_uint8
+    rng = np.random.default_rng(11)
+    feats, labels = rng.normal(size=(10_000, 3)), rng.integers(0, C, size=10_000)
+    cases = [
+        (y, x, 0.4, 0, "c9c4eb73bf6f7160515504fdbc25299c5262f2a13687275b0d7fd074f2efafce"),
+        (y, x, 0.4, 1, "cb73b94c94f2feeaa88e6653cd51733f199543a38800d6de23c5184bfc35b443"),
+        (y, x, 0.4, 2, "40ff9a98b46e38756c8b87ee0b5b2ca4c731808ca9579dd41737d2bf110f2ec4"),
+        (labels, feats, 0.3, 5, "8bffbce9cdaa3293286195d31dc147d72f74e60485b50e82b643a06bcc3d3251"),
+    ]
+    for clean, f, rate, seed, digest in cases:
+        noisy = make_noisy_labels(
+            clean, C, "instance", rate, seed, features=f, instance_features="standardized"
+        )
+        assert hashlib.sha256(noisy.astype("<i8").tobytes()).hexdigest() == digest, seed
+
+
+def test_instance_raw_and_standardized_laws_differ(
+    digits_uint8: tuple[np.ndarray, np.ndarray],
+) -> None:
+    # Measured on digits at rate 0.4, mean over classes of the top-1 flip share:
+    # raw 0.664 / 0.614 / 0.686, standardized 0.377 / 0.408 / 0.409 (seeds 0, 1, 2).
+    x, y = digits_uint8
+    for seed in (0, 1, 2):
+        raw = make_noisy_labels(y, C, "instance", RATE, seed, features=x)
+        std = make_noisy_labels(
+            y, C, "instance", RATE, seed, features=x, instance_features="standardized"
+        )
+        # One draw order for both maps: the same samples flip, only their targets differ.
+        np.testing.assert_array_equal(raw != y, std != y)
+        share_raw, share_std = top1_flip_share(y, raw).mean(), top1_flip_share(y, std).mean()
+        assert share_raw > 0.55 and share_std < 0.45, (seed, share_raw, share_std)
+        assert share_raw - share_std > 0.15, (seed, share_raw, share_std)
+
+
+def test_instance_features_choice_is_validated(tmp_path: Path) -> None:
+    clean, feats = balanced_labels(100), np.ones((100, 4))
+    expected = r"^invalid noise.instance_features='pca'; valid choices: raw, standardized$"
+    with pytest.raises(ConfigError, match=expected):
+        make_noisy_labels(clean, C, "instance", 0.2, 0, features=feats, instance_features="pca")
+    with pytest.raises(ConfigError, match=expected):
+        noisy_label_file(
+            tmp_path, "toy", clean, C, "instance", 0.2, 0, features=feats, instance_features="pca"
+        )
+    assert not list(tmp_path.iterdir())
+    assert CONFIG_INSTANCE_FEATURES == INSTANCE_FEATURES  # the config's copy of the choices
+
+
+def test_noisy_label_file_keeps_instance_laws_apart(tmp_path: Path) -> None:
+    clean = balanced_labels(2_000)
+    feats = np.random.default_rng(0).integers(0, 256, size=(2_000, 16)).astype(np.uint8)
+    raw = noisy_label_file(tmp_path, "toy", clean, C, "instance", 0.3, 1, features=feats)
+    std = noisy_label_file(
+        tmp_path,
+        "toy",
+        clean,
+        C,
+        "instance",
+        0.3,
+        1,
+        features=feats,
+        instance_features="standardized",
+    )
+    assert (raw.name, std.name) == (
+        "noise-toy-instance-0.3-1.parquet",
+        "noise-toy-instance-0.3-1-std.parquet",
+    )
+    for path, law in ((raw, "raw"), (std, "standardized")):
+        lf = load_label_file(path, 2_000, C)
+        assert lf.meta["instance_features"] == law
+        assert lf.meta["generator_version"] == GENERATOR_VERSION == 2
+        expected = make_noisy_labels(
+            clean, C, "instance", 0.3, 1, features=feats, instance_features=law
+        )
+        np.testing.assert_array_equal(lf.labels, expected)
+    # A file from generator version 1 (standardised labels, no instance_features key) sitting
+    # at the raw law's name is regenerated, not served as raw.
+    old = load_label_file(std, 2_000, C)
+    meta_v1 = {k: v for k, v in old.meta.items() if k not in ("instance_features", "realised_rate")}
+    save_label_file(raw, old.labels, clean, dict(meta_v1, generator_version=1))
+    noisy_label_file(tmp_path, "toy", clean, C, "instance", 0.3, 1, features=feats)
+    again = load_label_file(raw, 2_000, C)
+    assert again.meta["instance_features"] == "raw" and not np.array_equal(again.labels, old.labels)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -420,7 +695,8 @@ def test_noisy_label_file_regenerates_stale_or_corrupt(tmp_path: Path) -> None:
     save_label_file(path, clean, clean, {"kind": "symmetric", "rate": 0.2, "seed": 0})
     noisy_label_file(tmp_path, "digits", clean, C, "symmetric", 0.2, 0, include_true_class=True)
     lf = load_label_file(path, 200, C)
-    assert lf.meta["include_true_class"] is True and lf.meta["generator_version"] == 1
+    assert lf.meta["include_true_class"] is True
+    assert lf.meta["generator_version"] == GENERATOR_VERSION
     assert realised_rate(clean, lf.labels) > 0.1
 
     path.write_bytes(b"not parquet")

@@ -15,7 +15,12 @@ Noise kinds (registered in :data:`NOISE`):
     never flip. Default map: c -> (c + 1) mod C. :data:`CIFAR10_PAIR_MAP` is the standard CIFAR-10
     map and :func:`default_pair_map` picks it for ``dataset="cifar10"``.
 ``instance``
-    Xia et al. 2020 part-dependent generator; see :func:`instance_noise`.
+    The part-dependent generator of Xia et al. (2020): each sample flips with its own rate
+    q_i ~ N(rate, 0.1) truncated to [0, 1], to a wrong class drawn from the softmax of a random
+    per-class projection of its features. ``instance_features="raw"`` (default) projects the
+    features as given (0..255 pixels, as the authors' generator does); ``"standardized"``
+    z-scores each feature first (distnoisy's law before :data:`GENERATOR_VERSION` 2; flips
+    spread over more classes). See :func:`instance_noise`.
 
 The label file (:func:`save_label_file` / :func:`load_label_file`) is Parquet with int64 columns
 ``index``, ``label`` and ``clean_label`` (-1 if unknown) plus JSON metadata; ``.csv`` and ``.npy``
@@ -50,6 +55,7 @@ from distnoisy.registry import Registry
 __all__ = [
     "CIFAR10_PAIR_MAP",
     "GENERATOR_VERSION",
+    "INSTANCE_FEATURES",
     "NOISE",
     "LabelFile",
     "NoiseGenerator",
@@ -70,7 +76,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever a generator's output for the same inputs changes, so cached files are remade.
-GENERATOR_VERSION = 1
+#: 2: ``instance`` projects the raw features by default (``instance_features="raw"``).
+GENERATOR_VERSION = 2
+
+#: Feature maps of the instance generator (``noise.instance_features``); the first is the default.
+INSTANCE_FEATURES = ("raw", "standardized")
 
 #: Key of the JSON metadata in the Parquet file's key/value metadata.
 _META_KEY = b"distnoisy"
@@ -90,6 +100,8 @@ class NoiseGenerator(Protocol):
     """Signature of a function registered in :data:`NOISE`.
 
     Generators receive already-validated inputs and must draw all randomness from ``rng``.
+    Options that do not concern a generator (``features``, ``instance_features`` for the
+    class-conditional kinds) are passed anyway and ignored.
     """
 
     def __call__(
@@ -102,6 +114,7 @@ class NoiseGenerator(Protocol):
         features: np.ndarray | None,
         include_true_class: bool,
         pair_map: Mapping[int, int] | None,
+        instance_features: str,
     ) -> np.ndarray: ...
 
 
@@ -193,12 +206,13 @@ def symmetric_noise(
     features: np.ndarray | None = None,
     include_true_class: bool = False,
     pair_map: Mapping[int, int] | None = None,
+    instance_features: str = "raw",
 ) -> np.ndarray:
     """Symmetric (uniform) noise.
 
     Each sample is selected independently with probability ``rate``; a selected sample gets a
     label drawn uniformly from the other C - 1 classes (or from all C classes when
-    ``include_true_class``). ``features`` is ignored.
+    ``include_true_class``). ``features`` and ``instance_features`` are ignored.
 
     Notes
     -----
@@ -227,12 +241,13 @@ def pair_noise(
     features: np.ndarray | None = None,
     include_true_class: bool = False,
     pair_map: Mapping[int, int] | None = None,
+    instance_features: str = "raw",
 ) -> np.ndarray:
     """Pair (asymmetric, class-conditional) noise.
 
     A sample of class c flips to ``pair_map[c]`` with probability ``rate``; classes that are not
     keys of ``pair_map`` never flip. ``pair_map=None`` means c -> (c + 1) mod C.
-    ``features`` is ignored.
+    ``features`` and ``instance_features`` are ignored.
     """
     if include_true_class:
         raise ConfigError("include_true_class only applies to noise.kind='symmetric', not 'pair'")
@@ -290,43 +305,23 @@ def _column_stats(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-@NOISE.register("instance")
-def instance_noise(
+def _check_instance_features(instance_features: Any) -> str:
+    """Return ``instance_features`` if it names a feature map, else raise :class:`ConfigError`."""
+    if instance_features not in INSTANCE_FEATURES:
+        raise ConfigError(
+            f"invalid noise.instance_features={instance_features!r}; valid choices: "
+            f"{', '.join(INSTANCE_FEATURES)}"
+        )
+    return str(instance_features)
+
+
+def _instance_inputs(
     clean: np.ndarray,
-    num_classes: int,
-    rate: float,
-    rng: np.random.Generator,
-    *,
-    features: np.ndarray | None = None,
-    include_true_class: bool = False,
-    pair_map: Mapping[int, int] | None = None,
+    features: np.ndarray | None,
+    include_true_class: bool,
+    pair_map: Mapping[int, int] | None,
 ) -> np.ndarray:
-    """Instance-dependent noise: the part-dependent generator of Xia et al. (2020).
-
-    For sample i with true class y and flattened features x_i:
-
-    1. a flip rate q_i ~ N(rate, 0.1) truncated to [0, 1] (exact truncation by resampling);
-    2. scores s_i = z_i @ W_y, where z_i is x_i standardised per feature (zero mean, unit std
-       over the whole dataset; constant features become 0) and W_y is a d x C standard-normal
-       matrix drawn once per true class y;
-    3. s_i[y] = -inf; the sample keeps y with probability 1 - q_i and otherwise flips to
-       k != y with probability softmax(s_i)[k].
-
-    Parameters
-    ----------
-    features
-        Array of shape (N, ...) (e.g. images N x H x W x C); each row is flattened. Required.
-
-    Notes
-    -----
-    - The overall realised rate is E[q_i], which exceeds ``rate`` slightly for small rates
-      because the truncation at 0 removes the left tail (about +0.006 at rate 0.2).
-      ``rate == 0`` returns the clean labels unchanged rather than a ~0.04 noise floor.
-    - As in Xia et al., the scores are not scaled by 1/sqrt(d): for image-sized d the softmax is
-      nearly one-hot, so each sample has one preferred wrong class that depends on its features.
-    - The keep/flip decision and the choice of target use separate uniforms, which is the same
-      law as sampling the mixture q_i * softmax + (1 - q_i) * e_y directly.
-    """
+    """The features as an (N, d) view, one row per label, after checking the options."""
     if features is None:
         raise ConfigError(
             "noise.kind='instance' needs the training features (array of shape (N, ...)); "
@@ -347,46 +342,146 @@ def instance_noise(
         )
     if not (np.issubdtype(feats.dtype, np.number) or feats.dtype == np.bool_):
         raise DataError(f"instance noise needs numeric features, got dtype {feats.dtype}")
-    if rate == 0.0:
-        return clean.copy()
-    flat = feats.reshape(n, -1)
+    return feats.reshape(n, -1)
+
+
+def _feature_map(flat: np.ndarray, instance_features: str) -> tuple[np.ndarray, np.ndarray]:
+    """(shift, scale) with z = (x - shift) * scale: the features the projection sees.
+
+    ``raw`` is the identity (the official generator projects the pixel values themselves);
+    ``standardized`` is the per-feature z-score, with constant features mapped to 0.
+    """
     d = flat.shape[1]
+    if instance_features == "raw":
+        return np.zeros(d), np.ones(d)
     mean, std = _column_stats(flat)
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
         raise DataError("instance noise needs finite features; found NaN or inf")
-    inv_std = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
+    return mean, np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
 
-    # Draw order is part of the format (GENERATOR_VERSION): q, then W_0..W_{C-1}, then uniforms.
+
+def _instance_draws(
+    rng: np.random.Generator, rate: float, n: int, d: int, num_classes: int
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
+    """All the randomness of :func:`instance_noise`: (q, W_0..W_{C-1}, u_flip, u_target).
+
+    The draw order is part of the file format (:data:`GENERATOR_VERSION`), and it is the same
+    for both feature maps, so with one seed they flip the same samples (only the targets move).
+    """
     q = _truncated_normal(rng, rate, _INSTANCE_RATE_STD, n, 0.0, 1.0)
     weights = [rng.standard_normal((d, num_classes)) for _ in range(num_classes)]
-    u_flip = rng.random(n)
-    u_target = rng.random(n)
+    return q, weights, rng.random(n), rng.random(n)
 
-    noisy = clean.copy()
-    for start in range(0, n, _CHUNK_ROWS):
-        stop = min(start + _CHUNK_ROWS, n)
-        z = (flat[start:stop].astype(np.float64) - mean) * inv_std
-        y = clean[start:stop]
-        scores = np.empty((stop - start, num_classes))
+
+def _softmax_targets(
+    z: np.ndarray, y: np.ndarray, weights: list[np.ndarray], u: np.ndarray
+) -> np.ndarray:
+    """Draw k != y_i with probability softmax(z_i @ W_{y_i} with entry y_i set to -inf)[k].
+
+    An inverse-CDF draw with one uniform ``u_i`` per row of ``z``.
+    """
+    m, num_classes = z.shape[0], weights[0].shape[1]
+    scores = np.empty((m, num_classes))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
         for c in np.unique(y):
             rows = y == c
             scores[rows] = z[rows] @ weights[c]
-        rows_idx = np.arange(stop - start)
-        scores[rows_idx, y] = -np.inf
-        # Softmax over the other classes (max-subtracted; the true class has probability 0).
-        scores -= scores.max(axis=1, keepdims=True)
-        probs = np.exp(scores)
-        probs /= probs.sum(axis=1, keepdims=True)
-        cdf = np.cumsum(probs, axis=1)
-        # Inverse-CDF draw; the clip guards against u landing above a cdf that sums to 1 - ulp.
-        target = np.minimum((cdf < u_target[start:stop, None]).sum(axis=1), num_classes - 1)
-        # Rounding could in principle pick a zero-probability class at the end of the row;
-        # the true class has probability exactly 0, so fall back to the most likely class.
-        bad = target == y
-        if bad.any():
-            target[bad] = probs[bad].argmax(axis=1)
-        flip = u_flip[start:stop] < q[start:stop]
-        noisy[start:stop] = np.where(flip, target, y)
+    if not np.all(np.isfinite(scores)):
+        # NaN/inf features, or (raw features only) values so large that the projection overflows.
+        raise DataError(
+            "instance noise needs finite features; found NaN or inf in the features or in their "
+            "projection"
+        )
+    rows_idx = np.arange(m)
+    scores[rows_idx, y] = -np.inf
+    # Softmax over the other classes (max-subtracted; the true class has probability 0). With raw
+    # pixels the scores span thousands, so most rows come out one-hot, as in the official code.
+    scores -= scores.max(axis=1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(probs, axis=1)
+    # The clip guards against u landing above a cdf that sums to 1 - ulp.
+    target = np.minimum((cdf < u[:, None]).sum(axis=1), num_classes - 1)
+    # Rounding could in principle pick a zero-probability class at the end of the row;
+    # the true class has probability exactly 0, so fall back to the most likely class.
+    bad = target == y
+    if bad.any():
+        target[bad] = probs[bad].argmax(axis=1)
+    return target
+
+
+@NOISE.register("instance")
+def instance_noise(
+    clean: np.ndarray,
+    num_classes: int,
+    rate: float,
+    rng: np.random.Generator,
+    *,
+    features: np.ndarray | None = None,
+    include_true_class: bool = False,
+    pair_map: Mapping[int, int] | None = None,
+    instance_features: str = "raw",
+) -> np.ndarray:
+    """Instance-dependent noise: the part-dependent generator of Xia et al. (2020).
+
+    For sample i with true class y and flattened features x_i (d values):
+
+    1. a flip rate q_i ~ N(rate, 0.1) truncated to [0, 1] (exact truncation by resampling);
+    2. scores s_i = z_i @ W_y, where W_y is a d x C matrix of independent standard normals
+       drawn once per true class y (C matrices in all), and z_i is
+
+       - ``raw`` (default, the authors' generator): x_i itself, unscaled. For images these
+         are the 0..255 pixel values, which is what the published benchmarks projected;
+       - ``standardized``: x_i standardised per feature (zero mean, unit std over the whole
+         dataset; constant features become 0). This was distnoisy's only law before
+         :data:`GENERATOR_VERSION` 2, and it still reproduces those files label for label;
+
+    3. s_i[y] = -inf; the sample keeps y with probability 1 - q_i and otherwise flips to
+       k != y with probability softmax(s_i)[k]. That is, its label is drawn from the mixture
+       (1 - q_i) * e_y + q_i * softmax(s_i).
+
+    Parameters
+    ----------
+    features
+        Array of shape (N, ...) (e.g. images N x C x H x W); each row is flattened. Required.
+        With ``raw`` the scale matters: give pixels on the 0..255 scale to match the official
+        law (on a 0..1 scale the softmax is flatter and the flips less concentrated).
+    instance_features
+        ``"raw"`` or ``"standardized"``: the feature map z above.
+
+    Notes
+    -----
+    - The two maps give very different noise. Raw pixels are non-negative, so the images of a
+      class share a large common component (about the class's mean image) whose projection
+      favours the same wrong class for most of them; and the scores are in the hundreds or
+      thousands, so the softmax is one-hot for almost every sample. Standardising removes the
+      dataset mean and scales to unit variance, so what is left of each image is more its own
+      and the flips spread over more classes. On scikit-learn's digits at rate 0.4, the share of
+      a class's flips that go to its most common wrong class (mean over classes) is
+      0.664 / 0.614 / 0.686 raw and 0.377 / 0.408 / 0.409 standardized for seeds 0 / 1 / 2
+      (seed 0: score std 880 vs 8; 99% vs 28% of samples with a softmax maximum above 0.99).
+    - The overall realised rate is E[q_i], which exceeds ``rate`` slightly for small rates
+      because the truncation at 0 removes the left tail (about +0.006 at rate 0.2).
+      ``rate == 0`` returns the clean labels unchanged rather than a ~0.04 noise floor.
+    - As in Xia et al., the scores are not scaled by 1/sqrt(d).
+    - The keep/flip decision and the choice of target use separate uniforms, which is the same
+      law as sampling the mixture directly. The random numbers are distnoisy's own (see
+      :func:`make_noisy_labels`), so the labels are not those of the authors' code for the same
+      seed; their distribution is.
+    """
+    flat = _instance_inputs(clean, features, include_true_class, pair_map)
+    if rate == 0.0:
+        return clean.copy()
+    n, d = flat.shape
+    shift, scale = _feature_map(flat, instance_features)
+    q, weights, u_flip, u_target = _instance_draws(rng, rate, n, d, num_classes)
+    noisy = clean.copy()
+    for start in range(0, n, _CHUNK_ROWS):
+        stop = min(start + _CHUNK_ROWS, n)
+        y = clean[start:stop]
+        z = (flat[start:stop].astype(np.float64) - shift) * scale
+        target = _softmax_targets(z, y, weights, u_target[start:stop])
+        noisy[start:stop] = np.where(u_flip[start:stop] < q[start:stop], target, y)
     return noisy
 
 
@@ -419,6 +514,7 @@ def make_noisy_labels(
     features: np.ndarray | None = None,
     include_true_class: bool = False,
     pair_map: Mapping[int, int] | None = None,
+    instance_features: str = "raw",
 ) -> np.ndarray:
     """Generate a synthetic noisy label vector.
 
@@ -440,6 +536,10 @@ def make_noisy_labels(
         ``"symmetric"`` only: draw the replacement from all C classes (ELR/DAL convention).
     pair_map
         ``"pair"`` only: source class -> target class; ``None`` means c -> c + 1 mod C.
+    instance_features
+        ``"instance"`` only (ignored by the other kinds): ``"raw"`` projects the features as
+        given, like the authors' generator; ``"standardized"`` z-scores each feature first (the
+        law of distnoisy before :data:`GENERATOR_VERSION` 2). See :func:`instance_noise`.
 
     Returns
     -------
@@ -449,8 +549,8 @@ def make_noisy_labels(
     Raises
     ------
     ConfigError
-        Unknown kind, or rate/seed/num_classes/pair_map out of range, or an option that does
-        not apply to ``kind``.
+        Unknown kind or ``instance_features``, or rate/seed/num_classes/pair_map out of range,
+        or an option that does not apply to ``kind``.
     DataError
         Clean labels or features malformed or out of range.
 
@@ -466,6 +566,7 @@ def make_noisy_labels(
     rate = _check_rate(rate, kind)
     seed = _check_seed(seed)
     clean = _check_labels(clean, num_classes)
+    instance_features = _check_instance_features(instance_features)
     rng = np.random.default_rng(seed)
     noisy = generator(
         clean,
@@ -475,6 +576,7 @@ def make_noisy_labels(
         features=features,
         include_true_class=bool(include_true_class),
         pair_map=pair_map,
+        instance_features=instance_features,
     )
     return np.asarray(noisy, dtype=np.int64)
 
@@ -870,10 +972,21 @@ _DATASET_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
 def noise_file_name(
-    dataset: str, kind: str, rate: float, seed: int, include_true_class: bool
+    dataset: str,
+    kind: str,
+    rate: float,
+    seed: int,
+    include_true_class: bool,
+    instance_features: str = "raw",
 ) -> str:
-    """File name of a cached noise file: ``noise-{dataset}-{kind}-{rate}-{seed}[-incl].parquet``."""
+    """File name of a cached noise file: ``noise-{dataset}-{kind}-{rate}-{seed}{suffix}.parquet``.
+
+    The suffix is ``-incl`` with ``include_true_class`` and ``-std`` for instance noise on
+    standardised features, so the files of the two instance laws live side by side.
+    """
     suffix = "-incl" if include_true_class else ""
+    if kind == "instance" and instance_features == "standardized":
+        suffix += "-std"
     return f"noise-{dataset}-{kind}-{float(rate)}-{int(seed)}{suffix}.parquet"
 
 
@@ -897,6 +1010,7 @@ def noisy_label_file(
     include_true_class: bool = False,
     *,
     pair_map: Mapping[int, int] | None = None,
+    instance_features: str = "raw",
 ) -> Path:
     """Return the path of the noise file for this setting, generating it on first use.
 
@@ -910,8 +1024,9 @@ def noisy_label_file(
         Directory for noise files; created if missing.
     dataset
         Dataset name, used in the file name (letters, digits, ``_ . + -``).
-    clean, num_classes, kind, rate, seed, features, include_true_class
-        As for :func:`make_noisy_labels`.
+    clean, num_classes, kind, rate, seed, features, include_true_class, instance_features
+        As for :func:`make_noisy_labels`. ``instance_features`` is recorded (and is part of the
+        file name) for ``"instance"`` only.
     pair_map
         ``"pair"`` only; ``None`` means :func:`default_pair_map` for ``dataset`` (the CIFAR-10
         map for ``"cifar10"``, else c -> c + 1 mod C).
@@ -931,6 +1046,7 @@ def noisy_label_file(
     seed = _check_seed(seed)
     clean = _check_labels(clean, num_classes)
     include_true_class = bool(include_true_class)
+    instance_features = _check_instance_features(instance_features)
     if kind == "pair" and pair_map is None:
         pair_map = default_pair_map(dataset, num_classes)
     if pair_map is not None:
@@ -950,9 +1066,11 @@ def noisy_label_file(
         "features_sha256": features_digest(features)
         if kind == "instance" and features is not None
         else None,
+        # The feature map is part of the instance law; a file of one map never serves the other.
+        "instance_features": instance_features if kind == "instance" else None,
     }
     cache = Path(cache_dir)
-    path = cache / noise_file_name(dataset, kind, rate, seed, include_true_class)
+    path = cache / noise_file_name(dataset, kind, rate, seed, include_true_class, instance_features)
     if path.exists():
         try:
             found = load_label_file(path, clean.shape[0], num_classes)
@@ -974,6 +1092,7 @@ def noisy_label_file(
         features=features,
         include_true_class=include_true_class,
         pair_map=pair_map,
+        instance_features=instance_features,
     )
     meta = dict(wanted, realised_rate=realised_rate(clean, noisy))
     cache.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,12 @@ def _image_info(manifest_dir: str | os.PathLike[str]) -> tuple[int, str]:
 
 
 def _train_features(manifest_dir: str | os.PathLike[str]) -> np.ndarray:
-    """Flattened raw pixels of every training image, in index order (instance noise input)."""
+    """Flattened raw pixels of every training image, in index order (instance noise input).
+
+    The values are the decoded uint8 pixels (0..255, C x H x W order) as float32, which holds
+    them exactly: the scale the official instance generator projects. Digits shards store the
+    sklearn images quantised to 0..255, so they are on that scale too.
+    """
     from distnoisy.data.shards import read_manifest
     from distnoisy.data.stream import EvalStream, make_transform
 
@@ -206,6 +211,7 @@ def prepare_data(cfg: Config) -> DataSpec:
             cfg.noise.seed,
             features=features,
             include_true_class=cfg.noise.include_true_class,
+            instance_features=cfg.noise.instance_features,
         )
         given = noise_mod.load_label_file(label_file, manifest.num_samples, num_classes).labels
         if val_dir is not None:
@@ -223,6 +229,7 @@ def prepare_data(cfg: Config) -> DataSpec:
                 cfg.noise.seed,
                 features=_train_features(val_dir) if kind == "instance" else None,
                 include_true_class=cfg.noise.include_true_class,
+                instance_features=cfg.noise.instance_features,
             )
 
     noise_rate = transition = num_known = None
