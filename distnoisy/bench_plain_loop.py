@@ -181,7 +181,7 @@ def run(
     import pyarrow.parquet as pq
 
     given = pq.read_table(work / "run" / "label_issues.parquet").to_pandas()
-    noisy = given.sort_values("index")["given_label"].to_numpy()
+    noisy = given.sort_values("index")["given_label"].to_numpy().astype(np.int64)
     train_keys = read_labels(read_manifest(work / "shards" / "train"))[2]
     test_keys = read_labels(read_manifest(work / "shards" / "test"))[2]
     test_rows = _rows_of(list(test_keys))
