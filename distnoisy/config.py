@@ -20,7 +20,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from distnoisy.errors import ConfigError
 
-DATASETS = ("digits", "cifar10", "cifar100", "clothing1m", "shards")
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "clothing1m", "shards")
 NOISE_KINDS = ("none", "symmetric", "pair", "instance", "file")
 # Feature maps of noise.kind=instance; the same tuple as distnoisy.data.noise.INSTANCE_FEATURES
 # (not imported: config stays free of the numpy/pyarrow imports of the data package).
@@ -37,12 +37,13 @@ class DataConfig:
     # Where prepared shards live (digits: cache written on first use). None = ~/.cache/distnoisy.
     # clothing1m/cifar: the converter's output dir, a local path or a URL (s3://, gs://,
     # http(s)://, any fsspec protocol). With a remote ``urls``, a local ``root`` holds the
-    # derived files (noise label files).
+    # derived files (noise label files). fashion_mnist: the directory of the four idx files
+    # (None = /usr/share/datasets/fashion-mnist); the shards are cached in ~/.cache/distnoisy.
     root: str | None = None
     # Shards for ``name=shards``: a dir (holding train/ [test/ val/], or a manifest.json) or URL;
     # or the training shards of one set, whole, as a brace pattern (.../train-{000000..000199}.tar)
-    # or a comma-separated list. For clothing1m/cifar10/cifar100 the same forms name the
-    # converter's output (takes precedence over ``root``).
+    # or a comma-separated list. For clothing1m/cifar10/cifar100/fashion_mnist the same forms
+    # name the converter's output (takes precedence over ``root``).
     urls: str | None = None
     # How shards reach DDP ranks: "sample" = one global order, identical results for any number
     # of workers; "shard" = each rank reads only its own shards (scales to large data).
@@ -51,6 +52,10 @@ class DataConfig:
     # digits: fraction of the non-test images held out as a clean validation split (val_acc,
     # model selection, sweeps); 0 = none. ``shards``: a ``val/`` set beside train/ is used.
     val_fraction: float = 0.0
+    # fashion_mnist: train on a class-balanced random subset of this many of the 60,000 training
+    # images (seed 0, so every run seed sees the same images; validation comes out of them);
+    # 0 = all. For cheap CPU runs; the test set stays whole.
+    train_size: int = 0
     shard_size: int = 256
     num_workers: int = 0
     shuffle_buffer: int = 1000
@@ -238,6 +243,12 @@ def validate(cfg: Config) -> None:
         ),
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)"),
         (cfg.data.shard_size >= 1, "data.shard_size must be >= 1"),
+        (cfg.data.train_size >= 0, "data.train_size must be >= 0 (0 = all training images)"),
+        (
+            cfg.data.train_size == 0 or (cfg.data.name == "fashion_mnist" and not cfg.data.urls),
+            "data.train_size applies to data.name=fashion_mnist converted on first use (no "
+            "data.urls; a converted set has the size it was written with: --train-size)",
+        ),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.data.open_shards >= 1, "data.open_shards must be >= 1 (1 = one shard at a time)"),
         (

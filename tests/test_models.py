@@ -15,6 +15,7 @@ from distnoisy.models import MODELS, FeatureClassifier, build_model
 
 EXPECTED_MODELS = {
     "small_cnn",
+    "lenet",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -23,8 +24,8 @@ EXPECTED_MODELS = {
     "preact_resnet18",
 }
 # Inputs for the shape checks, and smaller ones for the backward pass (keeps the file fast).
-INPUT_SIZE = {"small_cnn": 8, "resnet50": 64}
-BACKWARD_SIZE = {"small_cnn": 8, "resnet50": 32}
+INPUT_SIZE = {"small_cnn": 8, "lenet": 28, "resnet50": 64}
+BACKWARD_SIZE = {"small_cnn": 8, "lenet": 28, "resnet50": 32}
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +40,7 @@ def test_registry_holds_all_models() -> None:
 @pytest.mark.parametrize("name", sorted(EXPECTED_MODELS))
 def test_logits_features_and_head(name: str) -> None:
     num_classes, batch = 5, 3
-    in_channels = 1 if name == "small_cnn" else 3
+    in_channels = 1 if name in ("small_cnn", "lenet") else 3
     size = INPUT_SIZE.get(name, 32)
     model = build_model(name, num_classes=num_classes, in_channels=in_channels)
     assert isinstance(model, FeatureClassifier)
@@ -65,7 +66,9 @@ def test_logits_features_and_head(name: str) -> None:
     assert first.grad is not None and first.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18", "cifar_resnet18", "preact_resnet18"])
+@pytest.mark.parametrize(
+    "name", ["small_cnn", "lenet", "resnet18", "cifar_resnet18", "preact_resnet18"]
+)
 def test_other_input_channels(name: str) -> None:
     model = build_model(name, num_classes=4, in_channels=1).eval()
     with torch.no_grad():
@@ -204,3 +207,38 @@ def test_small_cnn_has_no_batch_dependence() -> None:
 def test_small_cnn_input_sizes(size: int) -> None:
     model = build_model("small_cnn", num_classes=3, in_channels=1)
     assert model(torch.randn(2, 1, size, size)).shape == (2, 3)
+
+
+def test_lenet_size_and_no_batch_dependent_layers() -> None:
+    model = build_model("lenet", num_classes=10, in_channels=1)
+    # conv 1->6 and 6->16 (5x5, with bias), Linear 16*7*7->120, Linear 120->10
+    expected = (25 * 6 + 6) + (25 * 6 * 16 + 16) + (784 * 120 + 120) + (120 * 10 + 10)
+    assert sum(p.numel() for p in model.parameters()) == expected == 97_982
+    assert model.feature_dim == 120
+    forbidden = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd, nn.GroupNorm)
+    assert not any(isinstance(m, forbidden) for m in model.modules())
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():  # training mode: a sample's output does not depend on its batch
+        torch.testing.assert_close(
+            model(x), torch.cat([model(x[:2]), model(x[2:])]), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_lenet_on_28x28_is_two_conv_pool_stages() -> None:
+    # The adaptive pooling is exactly LeNet's second 2x2 max-pool on 28x28 inputs.
+    model = build_model("lenet", num_classes=10, in_channels=1).eval()
+    conv1, conv2, fc = model.features[0], model.features[3], model.features[7]
+    x = torch.randn(3, 1, 28, 28)
+    f = torch.nn.functional
+    with torch.no_grad():
+        h = f.max_pool2d(f.relu(conv1(x)), 2)
+        h = f.max_pool2d(f.relu(conv2(h)), 2)
+        expected = f.relu(fc(h.flatten(1)))
+        torch.testing.assert_close(model.forward_features(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [1, 5, 8, 28, 32])
+def test_lenet_input_sizes(size: int) -> None:
+    model = build_model("lenet", num_classes=3, in_channels=1)
+    logits = model(torch.randn(2, 1, size, size))
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()

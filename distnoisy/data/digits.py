@@ -6,19 +6,16 @@ first run needs no download. :func:`prepare_digits` writes the shards once and r
 
 from __future__ import annotations
 
-import io
 import logging
-import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from distnoisy.data.shards import Manifest, Sample, read_manifest, write_shards
-from distnoisy.errors import ConfigError, DataError
+from distnoisy.data.cache import all_cached, encode_png, write_cached_sets
+from distnoisy.data.shards import Sample
+from distnoisy.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -48,62 +45,16 @@ def _params(
     return params
 
 
-def _cached(directory: Path, split: str, params: dict[str, Any]) -> Manifest | None:
-    """The manifest of ``directory`` if it is a complete digits set made with ``params``."""
-    if not (directory / "manifest.json").is_file():
-        return None
-    try:
-        manifest = read_manifest(directory)
-    except DataError as exc:
-        log.warning("ignoring the digits cache in %s: %s", directory, exc)
-        return None
-    if manifest.dataset != "digits" or manifest.split != split or manifest.params != params:
-        return None
-    return manifest
-
-
-def _encode_png(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")  # 2-D uint8 -> grey-scale ("L")
-    return buf.getvalue()
-
-
 def _samples(images: np.ndarray, targets: np.ndarray, orig: np.ndarray) -> Iterator[Sample]:
     for i, j in enumerate(orig):
         label = int(targets[j])
         yield Sample(
             index=i,
-            image=_encode_png(images[j]),
+            image=encode_png(images[j]),
             label=label,
             clean_label=label,
             key=f"digits/{int(j)}",
         )
-
-
-def _install(tmp_split: Path, final: Path, split: str, params: dict[str, Any]) -> None:
-    """Move a finished split into place; if another process got there first, keep theirs."""
-    if _cached(final, split, params) is not None:
-        return  # a concurrent process won the race with identical content
-    if final.exists():
-        # A stale set (other parameters, or a broken one): move it aside, then take its place.
-        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
-        try:
-            os.rename(final, trash)
-        except FileNotFoundError:
-            pass  # someone else moved it already
-        else:
-            shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.rename(tmp_split, final)
-    except OSError:
-        # Lost a race: a non-empty directory appeared at ``final`` in between. Use it if valid.
-        if _cached(final, split, params) is None:
-            raise DataError(
-                f"could not install digits shards at {final}: another process put something "
-                "else there; remove it and run again"
-            ) from None
 
 
 def prepare_digits(
@@ -158,7 +109,7 @@ def prepare_digits(
     params = _params(test_fraction, seed, shard_size, val_fraction)
     train_dir, test_dir = root / "train", root / "test"
     splits = ["train", "test"] + (["val"] if val_fraction > 0 else [])
-    if all(_cached(root / split, split, params) for split in splits):
+    if all_cached(root, "digits", splits, params):
         log.debug("digits shards cached in %s", root)
         return train_dir, test_dir
 
@@ -175,25 +126,14 @@ def prepare_digits(
         parts["train"], parts["val"] = train_test_split(
             train_idx, test_size=val_fraction, random_state=seed, stratify=targets[train_idx]
         )
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".digits-tmp-{os.getpid()}-{uuid.uuid4().hex}"
-    try:
-        for split, idx in parts.items():
-            idx = np.sort(idx)
-            write_shards(
-                _samples(images, targets, idx),
-                tmp / split,
-                split=split,
-                classes=DIGITS_CLASSES,
-                shard_size=shard_size,
-                image_ext="png",
-                dataset="digits",
-                params=params,
-            )
-        for split in parts:
-            _install(tmp / split, root / split, split, params)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_cached_sets(
+        root,
+        {split: _samples(images, targets, np.sort(idx)) for split, idx in parts.items()},
+        dataset="digits",
+        classes=DIGITS_CLASSES,
+        params=params,
+        shard_size=shard_size,
+    )
     sizes = " / ".join(f"{len(idx)} {split}" for split, idx in parts.items())
     log.info("digits: %s images written to %s", sizes, root)
     return train_dir, test_dir

@@ -137,6 +137,13 @@ def prepare_data(cfg: Config) -> DataSpec:
         val_dir = root / "val" if cfg.data.val_fraction > 0 else None
         in_channels, train_tf, eval_tf = 1, "digits", "digits"
         mean, std = [DIGITS_MEAN], [DIGITS_STD]
+    elif cfg.data.name == "fashion_mnist":
+        from distnoisy.data import fashion_mnist
+
+        train_dir, test_dir, val_dir = _fashion_mnist_sets(cfg)
+        # 28x28 grey images, no augmentation: the plain scale-and-normalise transform.
+        in_channels, train_tf, eval_tf = 1, "digits", "digits"
+        mean, std = [fashion_mnist.MEAN], [fashion_mnist.STD]
     elif cfg.data.name == "shards":
         base, train_dir = _base_and_train(str(cfg.data.urls), "data.urls", "train")
         if not _is_set(train_dir):  # data.urls is the training set itself
@@ -272,6 +279,38 @@ def prepare_data(cfg: Config) -> DataSpec:
         val_label_file=_absolute(val_label_file) if val_label_file is not None else None,
         num_clean_known=num_known or None,
     )
+
+
+def _fashion_mnist_sets(cfg: Config) -> tuple[str | Path, str | Path, str | Path | None]:
+    """(train, test, val or None) shard sets of Fashion-MNIST: converted ones from
+    ``data.urls``, else a local cache converted on first use from the idx files in
+    ``data.root`` (default: where the Debian package puts them)."""
+    from distnoisy.data import fashion_mnist
+
+    if cfg.data.urls:
+        base, train_dir = _base_and_train(str(cfg.data.urls), "data.urls", "train")
+        return train_dir, fs.join(base, "test"), _optional_set(base, "val")
+    if cfg.data.root and fs.is_url(cfg.data.root):
+        raise ConfigError(
+            f"data.root={cfg.data.root}: for fashion_mnist it is the local directory of the idx "
+            "files; converted shards at a URL go in data.urls"
+        )
+    source = Path(cfg.data.root).expanduser() if cfg.data.root else fashion_mnist.DEFAULT_SOURCE
+    # One cache directory per choice of subset and validation split, so runs with different
+    # choices can run at once without replacing each other's shards.
+    variant = f"train-{cfg.data.train_size}" if cfg.data.train_size else "train-all"
+    if cfg.data.val_fraction > 0:
+        variant += f"-val-{cfg.data.val_fraction:g}"
+    root = default_root("fashion_mnist") / variant
+    train_dir, test_dir = fashion_mnist.prepare_fashion_mnist(
+        root,
+        source=source,
+        train_size=cfg.data.train_size,
+        val_fraction=cfg.data.val_fraction,
+        seed=0,  # the data do not change with the run's seed (like the digits split)
+        shard_size=cfg.data.shard_size,
+    )
+    return train_dir, test_dir, root / "val" if cfg.data.val_fraction > 0 else None
 
 
 def _converted_root(cfg: Config, train: str, how: str) -> tuple[str, str]:

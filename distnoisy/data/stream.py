@@ -149,7 +149,8 @@ class ImageTransform:
     Parameters
     ----------
     kind
-        One of :data:`TRANSFORM_KINDS`. ``digits``: scale to 0..1 and normalise, nothing else.
+        One of :data:`TRANSFORM_KINDS`. ``digits``: scale to 0..1 and normalise, nothing else
+        (any image size: digits and Fashion-MNIST, each with its own mean/std).
         ``cifar_train``: pad 4 (zeros), random crop back to the input size, horizontal flip with
         p=0.5. ``cifar_eval``: none. ``imagenet_train``: resize the shorter side to 256, random
         crop 224, flip. ``imagenet_eval``: resize 256, centre crop 224. ``raw``: the decoded

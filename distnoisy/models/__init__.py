@@ -5,7 +5,7 @@ logits, ``model.forward_features(x)`` the ``(B, model.feature_dim)`` penultimate
 and ``model.classifier`` is the final ``nn.Linear`` mapping the second to the first.
 """
 
-from distnoisy.models import cifar_resnet, imagenet_resnet, small_cnn  # noqa: F401 (registers)
+from distnoisy.models import cifar_resnet, imagenet_resnet, lenet, small_cnn  # noqa: F401 (registers)
 from distnoisy.models.base import MODELS, FeatureClassifier, ModelBuilder, build_model
 from distnoisy.models.weights import adapt_input_conv, load_pretrained
 
