@@ -27,6 +27,16 @@ def test_markdown_table_mean_and_std() -> None:
     results = {"ce": [dict(base, test_acc=0.70), dict(base, test_acc=0.80)]}
     table = markdown_table(results, "python -m distnoisy.compare")
     row = next(line for line in table.splitlines() if line.startswith("| ce |"))
-    # mean 75.0, sample std of (70, 80) = 7.07
-    assert row.startswith("| ce | 75.0 ± 7.1 | 90.0 ± 0.0 | 50.0 ± 0.0 | 0.800 ± 0.000 |")
+    # No validation set: the val-selected column is n/a. Mean 75.0, sample std of (70, 80) = 7.07
+    assert row.startswith("| ce | n/a | 75.0 ± 7.1 | 90.0 ± 0.0 | 50.0 ± 0.0 | 0.800 ± 0.000 |")
+    # With one, the validation-selected test accuracy leads the row.
+    selected = [
+        dict(r, test_acc_at_best_val=v) for r, v in zip(results["ce"], (0.82, 0.84), strict=True)
+    ]
+    row = next(
+        line
+        for line in markdown_table({"ce": selected}, "cmd").splitlines()
+        if line.startswith("| ce |")
+    )
+    assert row.startswith("| ce | 83.0 ± 1.4 | 75.0 ± 7.1 |")
     assert "2 seed(s)" in table
