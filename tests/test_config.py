@@ -48,6 +48,12 @@ def test_file_then_overrides_later_wins(tmp_path) -> None:
         (["train.batch_size=65"], "must be divisible by scaling.num_workers=2"),
         (["noise.kind=file"], "noise.kind=file needs noise.file=PATH"),
         (["epochs"], "cannot parse argument 'epochs'"),
+        (["data.name=fashion_mnist", "data.train_size=-1"], "data.train_size must be >= 0"),
+        (["data.train_size=100"], "data.train_size applies to data.name=fashion_mnist"),
+        (
+            ["data.name=fashion_mnist", "data.urls=/sets/fm", "data.train_size=100"],
+            "a converted set has the size it was written with",
+        ),
     ],
 )
 def test_bad_config_is_one_clear_error(argv: list[str], expected: str) -> None:
