@@ -9,6 +9,10 @@ Submodules (import them directly; this package imports nothing heavy on purpose)
   ...) behind one set of functions: open, read, list, brace patterns, one-line errors.
 - :mod:`distnoisy.data.digits` -- the bundled scikit-learn digits as a train/test shard set
   (``prepare_digits``), the default dataset of ``python -m distnoisy.train``.
+- :mod:`distnoisy.data.fashion_mnist` -- Fashion-MNIST from its idx files (``read_idx``,
+  ``prepare_fashion_mnist``; also a converter CLI).
+- :mod:`distnoisy.data.cache` -- the cache both write into: sets reused while their parameters
+  are unchanged, installed atomically.
 - :mod:`distnoisy.data.stream` -- ``TrainStream`` / ``EvalStream``: decoded, augmented batches
   ``{"image", "index"}`` with exactly the same number of batches on every DDP rank, and the image
   transforms (``make_transform``).
