@@ -191,7 +191,7 @@ def test_elr_plus_step_targets_from_the_other_networks_ema() -> None:
             p.add_(0.05)
     old_t1 = torch.rand(N, C, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     store.set("elr_target_net1", torch.arange(N), old_t1.float())
-    batch = _batch(step=1)  # iteration 1: EMA coefficient min(1 - 1/2, α) = 0.5
+    batch = _batch(step=0)  # the first step (step number 1): EMA coefficient min(1 - 1/2, α) = 0.5
     ema1_before = [p.clone() for p in method.ema["net1"].parameters()]
     net2_before = [p.clone() for p in nets["net2"].parameters()]
     with torch.no_grad():

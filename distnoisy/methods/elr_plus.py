@@ -171,7 +171,11 @@ class ELRPlus(Method):
         k, other = batch.phase, _other(batch.phase)
         field = f"elr_target_{k}"
         x, y, index = batch.x, batch.y, batch.index
-        t = batch.iteration
+        # The ramps count steps from 1, as the official trainer does (its step number is
+        # incremented before use): at the first step the λ ramp is sigmoid_rampup(1, coef_step)
+        # and the EMA coefficient is min(1 - 1/2, α) = 0.5 or α·sigmoid_rampup(2, ema_step).
+        # The mixup generator stays keyed on the 0-based batch.iteration.
+        t = batch.iteration + 1
 
         with torch.no_grad():
             # Targets from the other network's EMA on the un-mixed batch, before the loss.
