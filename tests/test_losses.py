@@ -618,7 +618,7 @@ def test_elr_grad_matches_reference_and_closed_form() -> None:
 
     assert_matches_reference(module_fn, lambda zt: ref_elr(zt, y, t_new, lam), Z3)
 
-    # METHODS.md §2.1 closed form: (p_c - [c = y])/B + lam p_c (s - t_c)/((1 - s) B)
+    # docs/methods.md#elr closed form: (p_c - [c = y])/B + lam p_c (s - t_c)/((1 - s) B)
     z = torch.tensor(Z3, dtype=torch.float64, requires_grad=True)
     module_fn(z).backward()
     p = sm(z.detach())

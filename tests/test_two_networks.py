@@ -1,4 +1,4 @@
-"""ELR+ and LIMIT: the two-network methods (METHODS.md §2.4-2.8 and §3).
+"""ELR+ and LIMIT: the two-network methods (docs/methods.md#elr-two-networks and #limit).
 
 Unit tests check each rule against its formula on small float64 tensors and real (tiny)
 networks; the slow tests train on the real digits data with Ray Train (1 vs 2 workers), resume

@@ -22,7 +22,7 @@ class PeerLoss(nn.Module):
     .. math:: L = \frac{1}{B}\sum_n \mathrm{CE}(z_n, \tilde y_n)
                   - \alpha\,\frac{1}{B}\sum_n \mathrm{CE}(z_{n_1(n)}, \tilde y_{n_2(n)})
 
-    METHODS.md §7, row "Peer loss". The peer term pairs one sample's prediction with another,
+    docs/methods.md#peer-loss. The peer term pairs one sample's prediction with another,
     random sample's label, which penalises simply agreeing with the label marginal. ``n₁`` and
     ``n₂`` are two **independent uniformly random permutations of the batch** (so every
     prediction and every label is used exactly once in the peer term); the paper draws the two
@@ -39,7 +39,7 @@ class PeerLoss(nn.Module):
     Parameters
     ----------
     alpha
-        Weight of the peer term, default 1.0. METHODS.md gives ``α ∈ [0, 1]``, often ramped up
+        Weight of the peer term, default 1.0. The paper uses ``α ∈ [0, 1]``, often ramped up
         during training (assign ``.alpha`` per epoch); ``α = 0`` is CE. Valid: ``α >= 0``
         (values above 1 are accepted for experiments).
     eps

@@ -14,8 +14,8 @@ class SCELoss(nn.Module):
     .. math:: L = \frac{1}{B}\sum_i \Bigl[\alpha\,(-\log p_{i,\tilde y_i})
                   - \beta \sum_k \hat p_{ik} \log \mathrm{clamp}(e_{\tilde y_i}, 10^{-4}, 1)_k\Bigr]
 
-    METHODS.md §7, row "SCE". CE is taken on the raw logits (log-softmax). In the reverse CE,
-    ``p̂ = clamp(softmax(z), 1e-6, 1)`` (the DAL repository's clamp, which METHODS.md cites; the
+    docs/methods.md#sce. CE is taken on the raw logits (log-softmax). In the reverse CE,
+    ``p̂ = clamp(softmax(z), 1e-6, 1)`` (the DAL repository's clamp; the
     SCE authors' code uses 1e-7, a difference of at most ``9.21·C·1e-7`` in the loss) and the
     clamped one-hot makes ``RCE = -log(1e-4)·Σ_{k≠y} p̂_k ≈ 9.21·(1 - p_y)``.
 
