@@ -5,9 +5,12 @@ see ``docs/methods.md#label-issue-scores``). The functions here turn scores and 
 predicted probabilities into what a user acts on:
 
 - :func:`rank_by_score`: the review order (highest score first, ties by sample index);
-- :func:`estimate_num_label_issues`: how many samples are mislabelled, estimated with the
-  confident joint (:func:`confident_joint`) of the given labels and the predictions;
+- :func:`estimate_noise_rate`: the fraction of mislabelled samples, from the two clusters that
+  the scores form (a two-component Gaussian mixture);
 - :func:`is_label_issue`: a yes/no flag per sample, the estimated number of top-ranked samples;
+- :func:`estimate_num_label_issues`: the cleanlab-style count from the confident joint
+  (:func:`confident_joint`) of given labels and predicted probabilities, for predictions on
+  held-out samples;
 - :func:`precision_at_k` and :func:`auroc`: how well a ranking finds the known corrupted samples.
 
 All functions are pure: they do not modify their inputs and use no global state.
@@ -195,45 +198,104 @@ def estimate_num_label_issues(labels: np.ndarray, pred_probs: np.ndarray) -> int
     return int(joint.sum() - np.trace(joint))
 
 
+def estimate_noise_rate(score: np.ndarray, max_iter: int = 500, tol: float = 1e-10) -> float:
+    """Estimated fraction of mislabelled samples: the weight of the high-score component of a
+    two-component 1-D Gaussian mixture fitted to the label-issue scores.
+
+    A method's label-issue score (e.g. the mean training loss on the given label over epochs,
+    or ``1 -`` the ELR target's mass on it) is low for clean samples, which the network fits
+    early, and high for mislabelled ones, which it fits late or never. The scores then form two
+    clusters; the mixture's weight on the upper one estimates the noise rate. The fit is plain
+    EM, started from the scores' quartiles with equal weights and variances, so it is
+    deterministic.
+
+    Parameters
+    ----------
+    score : np.ndarray
+        ``[N]`` finite label-issue scores, higher = more likely mislabelled.
+    max_iter : int
+        Upper bound on EM iterations.
+    tol : float
+        Stop when the log-likelihood per sample improves by less than this.
+
+    Returns
+    -------
+    float
+        In ``[0, 1]``; 0 when all scores are equal (nothing separates two groups).
+    """
+    x = np.asarray(score, dtype=np.float64)
+    if len(x) < 2 or not np.isfinite(x).all():
+        raise ValueError("estimate_noise_rate needs at least two finite scores")
+    if np.ptp(x) == 0:
+        return 0.0
+    # Variances are floored so that a component collapsing onto tied scores stays finite.
+    floor = 1e-6 * x.var()
+    mu = np.quantile(x, [0.25, 0.75])
+    if mu[0] == mu[1]:
+        mu = np.array([x.min(), x.max()])
+    var = np.full(2, x.var())
+    weight = np.array([0.5, 0.5])
+    last = -np.inf
+    for _ in range(max_iter):
+        log_p = -0.5 * ((x[:, None] - mu) ** 2 / var + np.log(2 * np.pi * var)) + np.log(weight)
+        top = log_p.max(axis=1, keepdims=True)
+        log_lik = float((top[:, 0] + np.log(np.exp(log_p - top).sum(axis=1))).mean())
+        resp = np.exp(log_p - top)
+        resp /= resp.sum(axis=1, keepdims=True)
+        n_k = np.maximum(resp.sum(axis=0), 1e-12)
+        weight = n_k / len(x)
+        mu = (resp * x[:, None]).sum(axis=0) / n_k
+        var = np.maximum((resp * (x[:, None] - mu) ** 2).sum(axis=0) / n_k, floor)
+        if log_lik - last < tol:
+            break
+        last = log_lik
+    return float(weight[np.argmax(mu)])
+
+
 def is_label_issue(
     score: np.ndarray,
-    labels: np.ndarray,
-    pred_probs: np.ndarray,
     eligible: np.ndarray | None = None,
+    num_issues: int | None = None,
 ) -> np.ndarray:
     """Yes/no label-issue flag per sample: the top of the ranking, cut at the estimated count.
 
-    The count ``n`` is :func:`estimate_num_label_issues` on the eligible samples; the ``n``
-    eligible samples ranked first by :func:`rank_by_score` are flagged. The flags therefore
-    agree with the ranking (no flagged sample scores below an unflagged eligible one, up to
-    ties broken by index).
+    The ``num_issues`` eligible samples ranked first by :func:`rank_by_score` are flagged, so
+    the flags agree with the ranking (no flagged sample scores below an unflagged eligible one;
+    ties are broken by index). By default ``num_issues = round(ρ̂ · n)`` with ``n`` eligible
+    samples and ``ρ̂ = estimate_noise_rate(score[eligible])``.
+
+    The count could also come from :func:`estimate_num_label_issues` (the confident joint), but
+    only with predictions on samples the model did not train on: a run's own final predictions
+    on its training set follow the given labels once the network has memorised them, and the
+    confident joint then finds (almost) no issues (0 of 561 for CE on digits, see
+    ``docs/methods.md#flags``).
 
     Parameters
     ----------
     score : np.ndarray
         ``[N]`` label-issue scores, higher = more likely mislabelled.
-    labels : np.ndarray
-        ``[N]`` given labels.
-    pred_probs : np.ndarray
-        ``[N, C]`` the run's predicted probabilities on the training samples.
     eligible : np.ndarray, optional
         ``[N]`` bool, samples that may be flagged (e.g. those trained on at least once; a
         never-trained sample's score carries no signal). Default: all.
+    num_issues : int, optional
+        How many samples to flag; default: estimated as above.
 
     Returns
     -------
     np.ndarray
         ``[N]`` bool flags.
     """
-    labels, pred_probs = _check_labels_probs(labels, pred_probs)
     score = np.asarray(score, dtype=np.float64)
-    if len(score) != len(labels):
-        raise ValueError(f"score has {len(score)} entries, labels {len(labels)}")
-    eligible = np.ones(len(labels), bool) if eligible is None else np.asarray(eligible, bool)
-    flags = np.zeros(len(labels), dtype=bool)
-    if not eligible.any():
-        return flags
-    n = estimate_num_label_issues(labels[eligible], pred_probs[eligible])
+    eligible = np.ones(len(score), bool) if eligible is None else np.asarray(eligible, bool)
+    if eligible.shape != score.shape:
+        raise ValueError(f"eligible has shape {eligible.shape}, score {score.shape}")
+    flags = np.zeros(len(score), dtype=bool)
     positions = np.flatnonzero(eligible)
-    flags[positions[rank_by_score(score[eligible])[:n]]] = True
+    if len(positions) == 0:
+        return flags
+    if num_issues is None:
+        num_issues = round(estimate_noise_rate(score[positions]) * len(positions))
+    if not 0 <= num_issues <= len(positions):
+        raise ValueError(f"num_issues must be in [0, {len(positions)}], got {num_issues}")
+    flags[positions[rank_by_score(score[positions])[:num_issues]]] = True
     return flags

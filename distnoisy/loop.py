@@ -248,7 +248,7 @@ def _write_outputs(
     is_noisy = (clean != given) & known if clean is not None else None
     order = rank_by_score(score)
     # Flag the estimated number of issues among the samples trained on (docs/methods.md#flags).
-    flagged = is_label_issue(score, given, probs, store["train_pred"].numpy() >= 0)
+    flagged = is_label_issue(score, store["train_pred"].numpy() >= 0)
     table = {
         "index": np.arange(n)[order],
         "key": np.asarray(keys, dtype=object)[order],

@@ -12,6 +12,7 @@ from distnoisy.config import load_config
 from distnoisy.label_issues import (
     auroc,
     confident_joint,
+    estimate_noise_rate,
     estimate_num_label_issues,
     is_label_issue,
     per_class_thresholds,
@@ -88,18 +89,36 @@ def test_confident_joint_takes_the_largest_passing_class() -> None:
     assert estimate_num_label_issues(labels, probs) == 3
 
 
+def test_noise_rate_is_the_weight_of_the_high_score_cluster() -> None:
+    # 70 clean scores in [0, 1] and 30 mislabelled ones in [9, 10]: two well-separated
+    # clusters, so the mixture puts weight 0.3 on the upper one.
+    score = np.concatenate([np.linspace(0, 1, 70), np.linspace(9, 10, 30)])
+    assert estimate_noise_rate(score) == pytest.approx(0.3, abs=1e-9)
+    assert estimate_noise_rate(score[::-1]) == pytest.approx(0.3, abs=1e-9)  # order-free
+    assert estimate_noise_rate(np.full(5, 2.0)) == 0.0  # nothing separates two groups
+    with pytest.raises(ValueError, match="finite"):
+        estimate_noise_rate(np.array([0.0, np.nan]))
+
+
 def test_is_label_issue_flags_the_top_of_the_ranking() -> None:
-    score = 1.0 - PROBS[np.arange(6), LABELS]  # 0.2 0.4 0.9 0.3 0.5 0.4
-    assert is_label_issue(score, LABELS, PROBS).tolist() == [0, 0, 1, 0, 0, 0]
-    # The flag follows the method's score, not the joint's cell: here sample 4 ranks first.
-    other = np.array([0.0, 0.0, 0.5, 0.0, 0.9, 0.0])
-    assert np.flatnonzero(is_label_issue(other, LABELS, PROBS)).tolist() == [4]
-    # Without sample 2 the thresholds become 0.7, 0.6, 0.6 and nothing passes off-diagonal.
-    eligible = np.array([1, 1, 0, 1, 1, 1], bool)
-    assert not is_label_issue(score, LABELS, PROBS, eligible).any()
-    assert not is_label_issue(score, LABELS, PROBS, np.zeros(6, bool)).any()
-    with pytest.raises(ValueError, match="pred_probs"):
-        is_label_issue(score, LABELS, PROBS[:5])
+    score = np.array([0.2, 0.9, 0.9, 0.1, 0.5])
+    # ties at the cut go to the lower index
+    assert is_label_issue(score, num_issues=1).tolist() == [0, 1, 0, 0, 0]
+    assert is_label_issue(score, num_issues=3).tolist() == [0, 1, 1, 0, 1]
+    # ineligible samples are skipped: the next ones down the ranking are flagged instead
+    eligible = np.array([1, 0, 1, 1, 1], bool)
+    assert is_label_issue(score, eligible, num_issues=2).tolist() == [0, 0, 1, 0, 1]
+    assert not is_label_issue(score, np.zeros(5, bool)).any()
+    with pytest.raises(ValueError, match="num_issues"):
+        is_label_issue(score, eligible, num_issues=5)
+    # default count: round(0.3 * 100) from the mixture
+    clusters = np.concatenate([np.linspace(0, 1, 70), np.linspace(9, 10, 30)])
+    flags = is_label_issue(clusters)
+    assert flags.sum() == 30 and flags[70:].all()
+    # the confident joint's count can be passed in (one issue in the hand example)
+    own = 1.0 - PROBS[np.arange(6), LABELS]  # 0.2 0.4 0.9 0.3 0.5 0.4
+    n = estimate_num_label_issues(LABELS, PROBS)
+    assert is_label_issue(own, num_issues=n).tolist() == [0, 0, 1, 0, 0, 0]
 
 
 @pytest.mark.slow
