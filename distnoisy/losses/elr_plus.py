@@ -36,10 +36,12 @@ def sigmoid_rampup(current: float, length: float) -> float:
 
 
 def ema_decay(iteration: int, alpha: float, ramp: bool, ramp_length: int) -> float:
-    """The EMA coefficient ``a_t`` at global iteration ``t`` (docs/methods.md#elr-two-networks).
+    """The EMA coefficient ``a_t`` at step number ``t`` (docs/methods.md#elr-two-networks).
 
     ``ramp=True`` (CIFAR): ``alpha · sigmoid_rampup(t + 1, ramp_length)``; ``ramp=False``
-    (Clothing1M, WebVision): ``min(1 - 1/(t + 1), alpha)``.
+    (Clothing1M, WebVision): ``min(1 - 1/(t + 1), alpha)``. The official trainer, and
+    :class:`~distnoisy.methods.elr_plus.ELRPlus`, count steps from 1, so the first step uses
+    ``t = 1``: ``a = 0.5`` without the ramp, ``alpha · sigmoid_rampup(2, ramp_length)`` with it.
     """
     if ramp:
         return alpha * sigmoid_rampup(iteration + 1, ramp_length)
@@ -104,7 +106,11 @@ def elr_plus_loss(
     ramp
         ``r(t)`` of the λ ramp (1 when ``coef_step = 0``).
     reweight
-        The CIFAR-100 variant (§2.8 g): ``Y' = normalise(Y_mix ⊙ q)``; otherwise ``Y' = Y_mix``.
+        The CIFAR-100 variant: ``Y' = normalise(Y_mix ⊙ q)``; otherwise ``Y' = Y_mix``. A row
+        whose ``Y_mix ⊙ q`` sums to 0 (the mixed labels' classes have zero target mass, e.g.
+        targets still at their initial 0) is divided by the smallest positive float instead
+        of 0: its CE term is then 0 where the official code gives NaN
+        (docs/methods.md#elr-two-networks).
     """
     q = mixed_targets.detach().to(logits.dtype)
     y = mixed_labels.to(logits.dtype)

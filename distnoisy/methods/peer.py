@@ -52,7 +52,8 @@ class PeerParams(MethodParams):
     alpha_ramp_epochs: int = 0
     # Epochs of plain CE before the peer term starts (the official code's warm-up stage).
     warmup_epochs: int = 0
-    # Stable CE: -log(softmax + eps) in both terms (official CrossEntropyLossStable).
+    # Stable CE: -log(softmax + eps) in both terms. 1e-8 is the CAL repository's value; the
+    # peer-loss paper's code uses 1e-5 (docs/methods.md#peer-loss).
     eps: float = 1e-8
 
 
@@ -72,8 +73,8 @@ class Peer(LossMethod):
         ``method.alpha = 1.0`` (the paper's unweighted peer term; the paper uses the range
         ``[0, 1]``). Valid: ``α >= 0`` (``α = 0`` is CE; ``> 1`` is accepted for experiments).
         ``method.alpha_ramp_epochs = 0`` (no ramp), ``method.warmup_epochs = 0`` (CE epochs
-        before the peer term; integers ``>= 0``), ``method.eps = 1e-8`` (stable CE of the
-        official code, see :class:`~distnoisy.losses.PeerLoss`).
+        before the peer term; integers ``>= 0``), ``method.eps = 1e-8`` (stable CE; the CAL
+        repository's eps, the paper's code uses 1e-5; see :class:`~distnoisy.losses.PeerLoss`).
 
     Label-issue score: mean training CE on the given label over epochs
     (docs/methods.md#label-issue-scores).
