@@ -262,7 +262,7 @@ def is_label_issue(
     The ``num_issues`` eligible samples ranked first by :func:`rank_by_score` are flagged, so
     the flags agree with the ranking (no flagged sample scores below an unflagged eligible one;
     ties are broken by index). By default ``num_issues = round(ρ̂ · n)`` with ``n`` eligible
-    samples and ``ρ̂ = estimate_noise_rate(score[eligible])``.
+    samples and ``ρ̂ = estimate_noise_rate`` of their finite scores (0 with fewer than two).
 
     The count could also come from :func:`estimate_num_label_issues` (the confident joint), but
     only with predictions on samples the model did not train on: a run's own final predictions
@@ -294,7 +294,10 @@ def is_label_issue(
     if len(positions) == 0:
         return flags
     if num_issues is None:
-        num_issues = round(estimate_noise_rate(score[positions]) * len(positions))
+        # Non-finite scores (a diverged sample) are ranked (NaN last) but not fitted.
+        finite = score[positions][np.isfinite(score[positions])]
+        rate = estimate_noise_rate(finite) if len(finite) >= 2 else 0.0
+        num_issues = round(rate * len(positions))
     if not 0 <= num_issues <= len(positions):
         raise ValueError(f"num_issues must be in [0, {len(positions)}], got {num_issues}")
     flags[positions[rank_by_score(score[positions])[:num_issues]]] = True

@@ -115,6 +115,10 @@ def test_is_label_issue_flags_the_top_of_the_ranking() -> None:
     clusters = np.concatenate([np.linspace(0, 1, 70), np.linspace(9, 10, 30)])
     flags = is_label_issue(clusters)
     assert flags.sum() == 30 and flags[70:].all()
+    # a NaN score (a diverged sample) is not fitted and ranks last; too few finite scores: none
+    with_nan = np.concatenate([clusters, [np.nan]])
+    assert is_label_issue(with_nan).sum() == 30 and not is_label_issue(with_nan)[-1]
+    assert not is_label_issue(np.array([np.nan, 1.0])).any()
     # the confident joint's count can be passed in (one issue in the hand example)
     own = 1.0 - PROBS[np.arange(6), LABELS]  # 0.2 0.4 0.9 0.3 0.5 0.4
     n = estimate_num_label_issues(LABELS, PROBS)
