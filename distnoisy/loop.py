@@ -34,6 +34,7 @@ from distnoisy.data.mixing import (
     poor_mix_message,
 )
 from distnoisy.data.prepare import DataSpec
+from distnoisy.label_issues import is_label_issue, rank_by_score
 from distnoisy.methods import METHODS, Method
 from distnoisy.methods.base import Networks, Optimizers, StepInput
 from distnoisy.metrics import auroc
@@ -245,13 +246,16 @@ def _write_outputs(
     # Truth-based metrics use the samples whose clean label is known (all, or a subset).
     known = (clean >= 0) if clean is not None else None
     is_noisy = (clean != given) & known if clean is not None else None
-    order = np.argsort(-score, kind="stable")
+    order = rank_by_score(score)
+    # Flag the estimated number of issues among the samples trained on (docs/methods.md#flags).
+    flagged = is_label_issue(score, store["train_pred"].numpy() >= 0)
     table = {
         "index": np.arange(n)[order],
         "key": np.asarray(keys, dtype=object)[order],
         "given_label": given[order],
         "suggested_label": np.asarray(suggested, dtype=np.int64)[order],
         "score": np.asarray(score, dtype=np.float64)[order],
+        "is_label_issue": flagged[order],
     }
     if is_noisy is not None:
         # null where the clean label is unknown

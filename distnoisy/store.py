@@ -11,6 +11,10 @@ all-reduce. Memory: Clothing1M (N=1M, C=14, fp32) is 56 MB per replica.
 Rules that keep replicas identical:
 - every rank calls :meth:`flush` the same number of times (the trainer does it once per step,
   and every rank runs the same number of steps);
+- every rank stages the same entries (field, column) in the same order before a flush; only the
+  rows differ. :meth:`flush` checks this with the all-reduce it already makes (entry count and a
+  hash of the entry sequence, compared as max and min over ranks) and raises
+  :class:`~distnoisy.errors.DistnoisyError` on every rank rather than mixing up fields;
 - a sample written twice in one flush keeps the value of the last writer (highest rank, then
   latest position), so the merge is deterministic.
 
@@ -21,6 +25,7 @@ phases (post-training, analysis, label-issue reports).
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 
 from distnoisy import dist
+from distnoisy.errors import DistnoisyError
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,18 @@ def _last_occurrence(index: torch.Tensor) -> torch.Tensor:
         return torch.arange(len(idx))
     _, first_in_reversed = np.unique(idx[::-1], return_index=True)
     return torch.from_numpy(np.sort(len(idx) - 1 - first_in_reversed))
+
+
+def _entry_name(s: _Staged) -> str:
+    return s.name if s.column is None else f"{s.name}[:, {s.column}]"
+
+
+def _signature(staged: list[_Staged]) -> tuple[int, int]:
+    """``(count, crc32 of the entries' field and column sequence)`` of one rank's staged writes:
+    equal on all ranks exactly when they staged the same entries in the same order (up to a
+    hash collision)."""
+    text = "\x00".join(_entry_name(s) for s in staged)
+    return len(staged), zlib.crc32(text.encode())
 
 
 class SampleStore:
@@ -129,13 +147,23 @@ class SampleStore:
             vals = s.values.reshape(len(s.index), per_row).to(torch.float64)
             ids = torch.full((len(s.index), 1), float(entry_id), dtype=torch.float64)
             rows.append(torch.cat([ids, s.index.to(torch.float64).unsqueeze(1), vals], dim=1))
+        # One all-reduce (max) agrees on the padded width and checks the invariant that every
+        # rank staged the same entries in the same order: each rank contributes its entry count
+        # and a hash of the entries' (field, column) sequence, negated as well, so that max and
+        # min over ranks come back together and must be equal.
         width = max((r.shape[1] for r in rows), default=2)
-        width = int(dist.all_reduce_max(torch.tensor([width], device=self.comm_device)).item())
+        sig = _signature(staged)
+        agreed = dist.all_reduce_max(
+            torch.tensor([width, *sig, *(-v for v in sig)], device=self.comm_device)
+        ).tolist()
+        width = int(agreed[0])
+        if agreed[1:3] != [-v for v in agreed[3:5]]:
+            self._raise_mismatch(staged)
         local = torch.zeros((0, width), dtype=torch.float64)
         if rows:
             local = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows])
         gathered = dist.all_gather_cat(local.to(self.comm_device)).cpu()
-        # All ranks staged the same entries in the same order (same code path), so entry ids
+        # All ranks staged the same entries in the same order (checked above), so entry ids
         # refer to the same (name, column) everywhere; apply them in entry order.
         for entry_id, s in enumerate(staged):
             block = gathered[gathered[:, 0] == entry_id]
@@ -151,6 +179,28 @@ class SampleStore:
                 target[index] = values.reshape(len(index), *target.shape[1:]).to(target.dtype)
             else:
                 target[index, s.column] = values.reshape(len(index)).to(target.dtype)
+
+    @staticmethod
+    def _raise_mismatch(staged: list[_Staged]) -> None:
+        """Fail on every rank, naming each rank's staged entries (only after a mismatch was
+        seen by all ranks, so the extra collective here cannot hang)."""
+        names = [_entry_name(s) for s in staged]
+        per_rank = dist.all_gather_object(names)
+        described = "; ".join(
+            f"rank {r}: {len(e)} entries [{', '.join(e)}]" for r, e in enumerate(per_rank)
+        )
+        first = min(len(e) for e in per_rank)
+        diverge = next(
+            (i for i in range(first) if len({e[i] for e in per_rank}) > 1),
+            first,
+        )
+        fields = sorted({e[diverge] for e in per_rank if diverge < len(e)})
+        raise DistnoisyError(
+            f"SampleStore.flush: ranks staged different entries, first differing at entry "
+            f"{diverge} (field {' vs '.join(fields) or '(none)'}); {described}. Every rank must "
+            "stage the same fields, columns and order each step (only the rows may differ); "
+            "nothing was written"
+        )
 
     # -- persistence ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

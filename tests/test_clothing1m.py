@@ -69,7 +69,8 @@ def test_conversion_writes_every_split_with_overlap_clean_labels(tree, converted
         clean[k] for k in (tree / "clean_val_key_list.txt").read_text().split()
     ]
 
-    # The tar members of DESIGN.md section 3, the image resized to a shorter side of 40.
+    # The tar members (__key__ = global index, see the README's shard format), the image
+    # resized to a shorter side of 40.
     with tarfile.open(out / "noisy_train" / m.shards[0].name) as tf:
         members = {x.name: tf.extractfile(x).read() for x in tf.getmembers()}
     meta = json.loads(members["000000000.json"])

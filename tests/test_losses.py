@@ -370,6 +370,24 @@ def test_sce_rce_clamp() -> None:
     assert value == pytest.approx(-math.log(1e-4) * 2e-6, rel=1e-5)
 
 
+@pytest.mark.parametrize("c", [10, 100])
+def test_rce_clamp_difference_to_the_sce_code_is_within_the_stated_bound(c: int) -> None:
+    # The SCE authors clamp p at 1e-7, distnoisy at 1e-6: |difference| <= -log(1e-4)(C-1)9e-7,
+    # reached when every non-label probability is below 1e-7.
+    from distnoisy.losses._common import reverse_ce
+
+    bound = -math.log(1e-4) * (c - 1) * 9e-7
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for scale in (0.0, 3.0, 10.0, 30.0):
+        z = torch.randn(500, c, generator=g, dtype=torch.float64) * scale
+        y = z.argmax(1)
+        diff = (reverse_ce(z, y, p_floor=1e-6) - reverse_ce(z, y, p_floor=1e-7)).abs().max()
+        worst = max(worst, float(diff))
+    assert worst <= bound * (1 + 1e-12)
+    assert worst == pytest.approx(bound, rel=1e-9)  # the saturated rows reach it
+
+
 def test_forward_correction_clamp() -> None:
     # p_y underflows to 0, clamped to 1e-10; with T = I the loss is -log(1e-10) = 23.0258509
     z = torch.tensor([[-300.0, 300.0, 0.0]])
@@ -618,7 +636,7 @@ def test_elr_grad_matches_reference_and_closed_form() -> None:
 
     assert_matches_reference(module_fn, lambda zt: ref_elr(zt, y, t_new, lam), Z3)
 
-    # METHODS.md §2.1 closed form: (p_c - [c = y])/B + lam p_c (s - t_c)/((1 - s) B)
+    # docs/methods.md#elr closed form: (p_c - [c = y])/B + lam p_c (s - t_c)/((1 - s) B)
     z = torch.tensor(Z3, dtype=torch.float64, requires_grad=True)
     module_fn(z).backward()
     p = sm(z.detach())

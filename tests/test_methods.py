@@ -293,7 +293,7 @@ def test_dal_schedule_uses_the_run_epochs_and_is_logged():
             "dal_q": dal_q(epoch, 0.6, 1.5, epochs),
             "dal_lambda": dal_lambda(epoch, 0.6, 1.5, epochs),
         }
-    # The values the schedule should have (METHODS.md §4.1), spelled out.
+    # The values the schedule should have (docs/methods.md#dal), spelled out.
     assert method.on_epoch_start(0) == {"dal_q": 0.6, "dal_lambda": 0.0}
     assert method.on_epoch_start(crossing - 1)["dal_lambda"] == 0.0
     logged = method.on_epoch_start(crossing)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distnoisy.errors import DistnoisyError
 from distnoisy.store import FieldSpec, SampleStore
 
 
@@ -105,3 +107,54 @@ def test_replicas_identical_across_two_gloo_ranks(tmp_path) -> None:
     assert t[3].tolist() == [1.0, -1.0]  # rank 1's write wins
     assert t[2].tolist() == [7.0, 7.0] and t[4].tolist() == [0.0, 0.0]
     assert s0["h"][6].tolist() == [0.0, 11.0, 0.0]
+
+
+def _mismatch_worker(rank: int, world: int, port: int, out_dir: str, case: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    store = SampleStore(4)
+    store.declare("a", FieldSpec())
+    store.declare("b", FieldSpec())
+    store.declare("h", FieldSpec(shape=(2,)))
+    store.stage("a", torch.tensor([rank]), torch.tensor([1.0]))
+    if rank == 1 and case == "extra":
+        store.stage("b", torch.tensor([3]), torch.tensor([2.0]))
+    if case == "column":
+        store.stage("h", torch.tensor([rank]), torch.tensor([5.0]), column=rank)
+    message = "no error"
+    try:
+        store.flush()
+    except DistnoisyError as err:
+        message = str(err)
+    # Nothing was applied, and the group is still usable (no rank is stuck in a collective).
+    dist.barrier()
+    torch.save(store.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["extra", "column"])
+def test_flush_fails_clearly_when_ranks_stage_different_entries(tmp_path, case) -> None:
+    ctx = mp.spawn(
+        _mismatch_worker,
+        args=(2, _free_port(), str(tmp_path), case),
+        nprocs=2,
+        join=False,
+    )
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank hung in flush after a staging mismatch")
+    for rank in (0, 1):
+        msg = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "ranks staged different entries" in msg, msg
+        if case == "extra":
+            assert "entry 1 (field b)" in msg and "rank 0: 1 entries [a]" in msg
+            assert "rank 1: 2 entries [a, b]" in msg
+        else:
+            assert "field h[:, 0] vs h[:, 1]" in msg
+        state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert not any(t.any() for t in state.values())

@@ -1,4 +1,4 @@
-"""ELR+ and LIMIT: the two-network methods (METHODS.md §2.4-2.8 and §3).
+"""ELR+ and LIMIT: the two-network methods (docs/methods.md#elr-two-networks and #limit).
 
 Unit tests check each rule against its formula on small float64 tensors and real (tiny)
 networks; the slow tests train on the real digits data with Ray Train (1 vs 2 workers), resume
@@ -191,7 +191,7 @@ def test_elr_plus_step_targets_from_the_other_networks_ema() -> None:
             p.add_(0.05)
     old_t1 = torch.rand(N, C, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     store.set("elr_target_net1", torch.arange(N), old_t1.float())
-    batch = _batch(step=1)  # iteration 1: EMA coefficient min(1 - 1/2, α) = 0.5
+    batch = _batch(step=0)  # the first step (step number 1): EMA coefficient min(1 - 1/2, α) = 0.5
     ema1_before = [p.clone() for p in method.ema["net1"].parameters()]
     net2_before = [p.clone() for p in nets["net2"].parameters()]
     with torch.no_grad():

@@ -76,7 +76,7 @@ CLASSES = (
     "Vest",
     "Underwear",
 )
-#: Clothing1M channel statistics used by DivideMix and ELR (METHODS.md §2.6, ECOSYSTEM.md §5.3).
+#: Clothing1M channel statistics used by DivideMix and ELR (docs/methods.md#elr-two-networks).
 MEAN = (0.6959, 0.6537, 0.6371)
 STD = (0.3113, 0.3192, 0.3214)
 NAMES_FILE = "category_names_eng.txt"

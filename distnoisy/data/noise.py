@@ -1,8 +1,9 @@
-"""Synthetic label noise and the saved noisy-label file (METHODS.md §1 and §10).
+"""Synthetic label noise and the saved noisy-label file (docs/methods.md#noise-model).
 
 Noise in distnoisy is not applied on the fly: a noisy label vector, keyed by the global sample
 index, is generated once per (dataset, kind, rate, seed) and saved, so that every method trains on
-the *same* realisation and ``is_noisy = (label != clean_label)`` is exact (METHODS.md §10).
+the *same* realisation and ``is_noisy = (label != clean_label)`` is exact
+(docs/methods.md#noise-model).
 
 Noise kinds (registered in :data:`NOISE`):
 
@@ -86,7 +87,8 @@ INSTANCE_FEATURES = ("raw", "standardized")
 _META_KEY = b"distnoisy"
 
 #: Standard CIFAR-10 pair ("asymmetric") map: truck->automobile, bird->airplane, deer->horse,
-#: cat<->dog (ELR and DAL; LIMIT omits dog->cat, see METHODS.md §1). Treat as read-only.
+#: cat<->dog (ELR and DAL; LIMIT omits dog->cat, see docs/methods.md#noise-model).
+#: Treat as read-only.
 CIFAR10_PAIR_MAP: dict[int, int] = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
 
 #: Std of the per-sample flip rate in the instance generator (Xia et al. 2020).
@@ -491,7 +493,7 @@ def instance_noise(
 
 
 def default_pair_map(dataset: str, num_classes: int) -> dict[int, int] | None:
-    """The pair map METHODS.md §10 prescribes for ``dataset``.
+    """The pair map docs/methods.md#noise-model prescribes for ``dataset``.
 
     Returns a copy of :data:`CIFAR10_PAIR_MAP` for CIFAR-10 with 10 classes and ``None``
     (meaning c -> c + 1 mod C) otherwise. The name is matched up to its first ``- _ . +``, so

@@ -11,7 +11,8 @@ from torch import Tensor
 from distnoisy.errors import ConfigError
 
 # Clamp used by the DAL repository (``eps = 1e-6`` in ``utils/losses.py``) for GCE, RCE and DAL,
-# which METHODS.md §7 adopts for these baselines.
+# which distnoisy adopts for these baselines
+# (docs/methods.md#conventions).
 DAL_EPS = 1e-6
 
 # RCE clamps the one-hot label to [1e-4, 1]; log(1e-4) is the constant that multiplies (1 - p_y).

@@ -29,7 +29,7 @@ class NCERCELoss(nn.Module):
     .. math:: L = \frac{1}{B}\sum_i \Bigl[\alpha\,\frac{-\log p_{i,\tilde y_i}}
                   {-\sum_k \log p_{ik}} + \beta\,\mathrm{RCE}_i\Bigr]
 
-    METHODS.md §7, rows "NCE" and "APL". NCE is computed with ``log_softmax`` (as in the APL and
+    docs/methods.md#apl. NCE is computed with ``log_softmax`` (as in the APL and
     DAL repositories). RCE is the same term as in :class:`~distnoisy.losses.sce.SCELoss`:
     ``-Σ_k p̂_k log clamp(e_y, 1e-4, 1)_k`` with ``p̂ = clamp(softmax(z), 1e-6, 1)`` (DAL
     repository's clamp; the APL code uses 1e-7).

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from distnoisy.losses._common import check_inputs, check_range, soft_target_ce
 
-# Reed et al.'s values (METHODS.md §7): β = 0.95 for soft, 0.8 for hard bootstrapping.
+# Reed et al.'s values (docs/methods.md#bootstrapping): β = 0.95 soft, 0.8 hard.
 DEFAULT_BETA_SOFT = 0.95
 DEFAULT_BETA_HARD = 0.8
 
@@ -18,8 +18,8 @@ class BootstrapLoss(nn.Module):
     .. math:: L = \frac{1}{B}\sum_i -\sum_k \bigl[\beta\,[k=\tilde y_i]
                   + (1-\beta)\,a_{ik}\bigr]\log p_{ik}
 
-    with ``a = sg(p)`` (soft) or ``a = e_{argmax p}`` (hard). METHODS.md §7, row
-    "Bootstrapping"; computed with ``log_softmax``.
+    with ``a = sg(p)`` (soft) or ``a = e_{argmax p}`` (hard). docs/methods.md#bootstrapping;
+    computed with ``log_softmax``.
 
     The soft form **detaches** ``p`` in the target: the prediction acts as a pseudo-label, as in
     the commonly used PyTorch implementation of Reed et al. (the ``as_pseudo_label`` default).

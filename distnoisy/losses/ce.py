@@ -13,7 +13,7 @@ class CELoss(nn.Module):
 
     .. math:: L = \frac{1}{B}\sum_i -\log \mathrm{softmax}(z_i)_{\tilde y_i}
 
-    METHODS.md §7, row "CE". No hyperparameters. Computed with ``F.cross_entropy`` on the raw
+    docs/methods.md#ce. No hyperparameters. Computed with ``F.cross_entropy`` on the raw
     logits (log-softmax, so it is finite for any finite logits).
     """
 

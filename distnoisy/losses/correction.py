@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from distnoisy.errors import ConfigError
 from distnoisy.losses._common import check_inputs, check_range, gather_label
 
-# Forward correction clamps p into [1e-10, 1] before multiplying by T (METHODS.md §7).
+# Forward correction clamps p into [1e-10, 1] before multiplying by T
+# (docs/methods.md#forward-and-backward-correction).
 FORWARD_P_FLOOR = 1e-10
 # Tolerance on row sums of T: an estimated T is row-normalised in float32, user-supplied
 # matrices are often written with 3-4 decimals.
@@ -68,7 +69,7 @@ class ForwardCorrectionLoss(nn.Module):
               = \frac{1}{B}\sum_i -\log \sum_k \hat p_{ik} T_{k\tilde y_i},
               \qquad \hat p = \mathrm{clamp}(\mathrm{softmax}(z), 10^{-10}, 1)
 
-    METHODS.md §7, row "Forward correction" (the clamp is the LIMIT repository's baseline).
+    docs/methods.md#forward-and-backward-correction (the clamp is the LIMIT repository's baseline).
     ``T^T p`` is the model's predicted distribution of the *noisy* label, so the network's own
     softmax estimates the clean posterior. With ``T = I`` this is CE (up to the clamp).
 
@@ -111,9 +112,9 @@ class BackwardCorrectionLoss(nn.Module):
     .. math:: L = \frac{1}{B}\sum_i \bigl[T^{-1}\,\ell(p_i)\bigr]_{\tilde y_i},
               \qquad \ell(p) = (-\log p_1, \dots, -\log p_C)^\top
 
-    METHODS.md §7, row "Backward correction". It is an unbiased estimate of the clean-label CE,
-    but ``T^{-1}`` has negative entries, so the loss can go negative and training is unstable.
-    ``l`` is computed with ``log_softmax`` (no clamp; METHODS.md specifies none for this loss).
+    docs/methods.md#forward-and-backward-correction. It is an unbiased estimate of the clean-label
+    CE, but ``T^{-1}`` has negative entries, so the loss can go negative and training is unstable.
+    ``l`` is computed with ``log_softmax`` (no clamp; the paper specifies none for this loss).
 
     Parameters
     ----------
@@ -161,8 +162,9 @@ def estimate_transition_matrix(probs: Tensor, percentile: float = 97.0) -> Tenso
     vector becomes row ``j``. Finally every row is normalised to sum to 1.
 
     This follows the LIMIT repository's ``modules/baseline_utils.py::estimate_transition``
-    (adapted from Patrini et al.'s code), METHODS.md §7. One difference: that code zeroes the
-    discarded entries *in place* through a NumPy view of the prediction matrix, which also
+    (adapted from Patrini et al.'s code), docs/methods.md#forward-and-backward-correction. One
+    difference: that code zeroes the discarded entries *in place* through a NumPy view of the
+    prediction matrix, which also
     alters column ``j`` of the rows read for later classes; here ``probs`` is never modified.
 
     Parameters

@@ -17,7 +17,8 @@ from distnoisy.errors import ConfigError
 from distnoisy.losses._common import check_inputs, check_int, check_num_classes, check_range
 from distnoisy.losses.gce import gce_per_sample
 
-# ``+1e-6`` inside the entropy's log, as in the DAL repository's ``BS`` class (METHODS.md §4.5 b).
+# ``+1e-6`` inside the entropy's log, as in the DAL repository's ``BS`` class
+# (docs/methods.md#dal).
 ENTROPY_EPS = 1e-6
 
 
@@ -25,7 +26,7 @@ def dal_q(t: float, q_start: float, q_end: float, epochs: int) -> float:
     """GCE exponent at (0-based) epoch ``t``: ``q_t = q_s + (q_e - q_s) · t / E``.
 
     Linear, and it never quite reaches ``q_e``: the last epoch ``t = E - 1`` uses
-    ``q_s + (q_e - q_s)(E - 1)/E`` (METHODS.md §4.1).
+    ``q_s + (q_e - q_s)(E - 1)/E`` (docs/methods.md#dal).
     """
     return q_start + (q_end - q_start) * t / epochs
 
@@ -60,7 +61,7 @@ def dal_lambda(t: float, q_start: float, q_end: float, epochs: int) -> float:
 
 
 class DALLoss(nn.Module):
-    r"""Dynamics-Aware Loss, mean over the batch (METHODS.md §4.1).
+    r"""Dynamics-Aware Loss, mean over the batch (docs/methods.md#dal).
 
     At epoch ``t`` (0-based, constant within the epoch):
 
@@ -77,7 +78,8 @@ class DALLoss(nn.Module):
     ``bootstrap="hard"`` replaces ``H̄`` with ``mean_i CE(z_i, argmax_k p_ik)`` (the argmax is a
     constant; the gradient flows through the CE's logits), still divided by ``q_t ln C``. This is
     the form of the repository's first upload (commit e848776), before three commits on
-    2023-03-24 switched to the entropy form; which one the paper reports is open (METHODS.md §9).
+    2023-03-24 switched to the entropy form; which one the paper reports
+    is open (docs/methods.md#dal).
 
     Parameters
     ----------

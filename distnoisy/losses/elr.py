@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from distnoisy.losses._common import check_inputs, check_int, check_num_classes, check_range
 
 # The official ELR clamps the softmax into [1e-4, 1 - 1e-4] both for the target update and for
-# the regulariser (METHODS.md §2.1, §2.8 a).
+# the regulariser (docs/methods.md#elr).
 ELR_CLAMP = 1e-4
 
 
@@ -21,7 +21,7 @@ def elr_target_update(targets: Tensor, logits: Tensor, beta: float) -> Tensor:
     r"""Return the updated ELR targets for one batch: ``t ← β t + (1 - β) p̄``.
 
     ``p̄`` is the **detached** softmax of ``logits``, clamped into ``[1e-4, 1 - 1e-4]`` and then
-    renormalised to sum to 1 (METHODS.md §2.1 step 2). No gradient flows into the result.
+    renormalised to sum to 1 (docs/methods.md#elr). No gradient flows into the result.
 
     Parameters
     ----------
@@ -58,7 +58,7 @@ def elr_regularizer(logits: Tensor, targets: Tensor) -> Tensor:
 
     ``p̂ = clamp(softmax(z), 1e-4, 1 - 1e-4)``, not renormalised; ``t`` is detached. Exposed on its
     own for ELR+, which adds it (times ``r(t)·λ``) to a mixup soft-label CE with mixed targets
-    (METHODS.md §2.4 step 5).
+    (docs/methods.md#elr-two-networks).
 
     Parameters
     ----------
@@ -104,7 +104,7 @@ def elr_loss(logits: Tensor, labels: Tensor, targets: Tensor, lam: float) -> Ten
 class ELRLoss(nn.Module):
     r"""Early-Learning Regularization loss with its per-sample targets, mean over the batch.
 
-    Per call, in this order (METHODS.md §2.1):
+    Per call, in this order (docs/methods.md#elr):
 
     1. ``t_i ← β t_i + (1 - β) p̄_i`` for every ``i`` in ``index``, with ``p̄`` the detached softmax
        clamped into ``[1e-4, 1 - 1e-4]`` and renormalised (:func:`elr_target_update`);
@@ -122,10 +122,10 @@ class ELRLoss(nn.Module):
     num_classes
         ``C`` (≥ 2).
     beta
-        Target momentum, default 0.7; valid range ``[0, 1)``. METHODS.md §2.3: 0.7 for CIFAR-10
+        Target momentum, default 0.7; valid range ``[0, 1)``. docs/methods.md#elr: 0.7 for CIFAR-10
         symmetric noise, 0.9 for CIFAR-10 asymmetric and CIFAR-100 (official configs).
     lam
-        Regulariser weight λ, default 3.0; valid range ``λ ≥ 0``. METHODS.md §2.3: 3 for
+        Regulariser weight λ, default 3.0; valid range ``λ ≥ 0``. docs/methods.md#elr: 3 for
         CIFAR-10 symmetric, 1 for CIFAR-10 asymmetric, 7 for CIFAR-100.
 
     Attributes

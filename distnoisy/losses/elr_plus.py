@@ -1,4 +1,4 @@
-"""ELR+ building blocks (Liu et al., NeurIPS 2020), METHODS.md §2.4-2.8.
+"""ELR+ building blocks (Liu et al., NeurIPS 2020), docs/methods.md#elr-two-networks.
 
 ELR+ trains two networks. Each step of network k: update its targets from the *other* network's
 weight-averaged (EMA) copy on the un-mixed batch, mix the batch (one ``ℓ ≥ 0.5`` per batch),
@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from distnoisy.losses._common import check_range
 
-# The clamp of the official code (METHODS.md §2.8 a), on the regulariser's probabilities only:
+# The clamp of the official code (docs/methods.md#elr-two-networks), on the regulariser's
+# probabilities only:
 # the ELR+ target update uses the raw softmax.
 PROB_CLAMP = 1e-4
 
@@ -35,10 +36,12 @@ def sigmoid_rampup(current: float, length: float) -> float:
 
 
 def ema_decay(iteration: int, alpha: float, ramp: bool, ramp_length: int) -> float:
-    """The EMA coefficient ``a_t`` at global iteration ``t`` (METHODS.md §2.4 step 7, §2.8 h).
+    """The EMA coefficient ``a_t`` at step number ``t`` (docs/methods.md#elr-two-networks).
 
     ``ramp=True`` (CIFAR): ``alpha · sigmoid_rampup(t + 1, ramp_length)``; ``ramp=False``
-    (Clothing1M, WebVision): ``min(1 - 1/(t + 1), alpha)``.
+    (Clothing1M, WebVision): ``min(1 - 1/(t + 1), alpha)``. The official trainer, and
+    :class:`~distnoisy.methods.elr_plus.ELRPlus`, count steps from 1, so the first step uses
+    ``t = 1``: ``a = 0.5`` without the ramp, ``alpha · sigmoid_rampup(2, ramp_length)`` with it.
     """
     if ramp:
         return alpha * sigmoid_rampup(iteration + 1, ramp_length)
@@ -50,7 +53,7 @@ def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
     """``θ̃ ← a θ̃ + (1 - a) θ`` for every parameter; buffers are left alone.
 
     The official EMA networks run in train mode, so their BatchNorm statistics come from their
-    own forward passes and are not averaged (METHODS.md §2.8 e).
+    own forward passes and are not averaged (docs/methods.md#elr-two-networks).
     """
     for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
         p_ema.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
@@ -86,7 +89,7 @@ def elr_plus_loss(
     ramp: float = 1.0,
     reweight: bool = False,
 ) -> Tensor:
-    r"""The ELR+ loss of one mixed batch (METHODS.md §2.4 step 5), mean over the batch.
+    r"""The ELR+ loss of one mixed batch (docs/methods.md#elr-two-networks), mean over the batch.
 
     ``L = mean_i -<Y'_i, log_softmax(z_i)> + ramp · λ · mean_i log(1 - <q_i, clamp(p_i)>)``
 
@@ -103,7 +106,11 @@ def elr_plus_loss(
     ramp
         ``r(t)`` of the λ ramp (1 when ``coef_step = 0``).
     reweight
-        The CIFAR-100 variant (§2.8 g): ``Y' = normalise(Y_mix ⊙ q)``; otherwise ``Y' = Y_mix``.
+        The CIFAR-100 variant: ``Y' = normalise(Y_mix ⊙ q)``; otherwise ``Y' = Y_mix``. A row
+        whose ``Y_mix ⊙ q`` sums to 0 (the mixed labels' classes have zero target mass, e.g.
+        targets still at their initial 0) is divided by the smallest positive float instead
+        of 0: its CE term is then 0 where the official code gives NaN
+        (docs/methods.md#elr-two-networks).
     """
     q = mixed_targets.detach().to(logits.dtype)
     y = mixed_labels.to(logits.dtype)

@@ -24,7 +24,7 @@ class GCELoss(nn.Module):
     .. math:: L = \frac{1}{B}\sum_i \frac{1 - \hat p_{i,\tilde y_i}^{\,q}}{q},
               \qquad \hat p = \mathrm{clamp}(\mathrm{softmax}(z), 10^{-6}, 1)
 
-    METHODS.md §7, row "GCE". ``q → 0`` recovers CE and ``q = 1`` is MAE. The relative weight of a
+    docs/methods.md#gce. ``q → 0`` recovers CE and ``q = 1`` is MAE. The relative weight of a
     sample's CE gradient is ``p_y^q``, so larger ``q`` favours confident samples.
 
     Parameters
@@ -36,8 +36,8 @@ class GCELoss(nn.Module):
 
     Notes
     -----
-    ``p`` is clamped to ``≥ 1e-6`` as in the DAL repository (METHODS.md §7), so the loss is finite
-    and its gradient zero when the softmax underflows.
+    ``p`` is clamped to ``≥ 1e-6`` as in the DAL repository (docs/methods.md#gce), so the loss is
+    finite and its gradient zero when the softmax underflows.
     """
 
     def __init__(self, q: float = 0.7) -> None:
@@ -63,7 +63,7 @@ class TruncatedGCELoss(nn.Module):
     contributes the constant ``(1 - k^q)/q`` and no gradient. Pass the weights as ``keep``
     (the trainer keeps them in the per-sample store, see ``distnoisy.methods.gce``).
 
-    Without ``keep`` the module applies the stateless cap of METHODS.md §7,
+    Without ``keep`` the module applies the stateless cap of docs/methods.md#gce,
     ``(1 - max(p_ỹ, k)^q)/q``, i.e. it prunes with the *current* ``p_ỹ``. Do not train from
     scratch with that form: at initialisation every ``p_ỹ ≈ 1/C <= k``, so every gradient is zero
     and the network never learns (measured on digits: chance accuracy after 60 epochs).

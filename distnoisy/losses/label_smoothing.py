@@ -14,14 +14,14 @@ class LabelSmoothingLoss(nn.Module):
     .. math:: L = \frac{1}{B}\sum_i -\sum_k \Bigl[(1-\varepsilon)[k=\tilde y_i]
                   + \frac{\varepsilon}{C}\Bigr] \log p_{ik}
 
-    METHODS.md §7, row "Label smoothing"; computed with ``log_softmax`` (no clamp needed).
+    docs/methods.md#label-smoothing; computed with ``log_softmax`` (no clamp needed).
 
     Parameters
     ----------
     num_classes
         ``C`` (≥ 2).
     epsilon
-        Smoothing, default 0.1 (the common choice; METHODS.md gives none). Valid range
+        Smoothing, default 0.1 (the common choice; the papers give none). Valid range
         ``[-1, 1)``. ``ε = 1`` would ignore the label entirely. ``ε < 0`` is *negative* label
         smoothing (Wei et al. 2022, "To smooth or not?"): the target then has the negative
         entries ``ε/C`` off the label and ``1 - ε + ε/C > 1`` on it, so the gradient

@@ -27,7 +27,7 @@ class _PredictedGradCarrier(torch.autograd.Function):
     whose backward emits ``ĝ`` and ignores the incoming gradient of the CE computed after it. This
     is the same thing fused with that CE, with two deliberate differences:
 
-    - ``ĝ`` is divided by ``B`` (distnoisy's mean reduction, METHODS.md §3.5 c and §10);
+    - ``ĝ`` is divided by ``B`` (distnoisy's mean reduction, docs/methods.md#limit);
     - the incoming scalar gradient multiplies ``ĝ`` instead of being dropped, so scaling the loss
       (AMP's ``GradScaler``, gradient accumulation, a loss weight) scales the classifier's
       gradient like every other gradient. For a plain ``loss.backward()`` the upstream is 1 and
@@ -114,7 +114,7 @@ def sample_grad_noise(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """Noise of the official ``sample_from_q`` (METHODS.md §3.1): Gaussian with std
+    """Noise of the official ``sample_from_q`` (docs/methods.md#limit): Gaussian with std
     ``sqrt(1 / (2·lamb))`` or Laplace with scale ``1 / lamb``."""
     if lamb <= 0:
         raise ConfigError(f"lamb must be > 0, got {lamb}")
@@ -138,9 +138,9 @@ class LIMITLoss(nn.Module):
 
     The returned value is the carrier CE of the classifier (a metric: it is *not* what the
     classifier minimises) plus the q-network's loss. Use :func:`limit_terms` to log them apart.
-    METHODS.md §3.1 and §3.5: the classifier never sees a label-dependent gradient (a); ``p``
-    is detached in ``ĝ`` and in the ``L`` term (b); mean over the batch instead of the official
-    per-sample unscaled ``ĝ`` (c, §10); sums over classes, means over the batch (d).
+    See docs/methods.md#limit: the classifier never sees a label-dependent gradient; ``p`` is
+    detached in ``ĝ`` and in the ``L`` term; ``ĝ`` is averaged over the batch instead of the
+    official per-sample unscaled ``ĝ``; the q-loss sums over classes and averages over the batch.
 
     Parameters
     ----------
@@ -152,7 +152,7 @@ class LIMITLoss(nn.Module):
     grad_weight_decay
         ``L`` (the official ``-L`` flag), default 0.0; valid ``L >= 0``. Official grids: CIFAR-10
         {0, 0.1, 0.3, 1, 3, 10, 30}, CIFAR-100 {0.1, ..., 30}; the code's docstring advises
-        0.03-10 (METHODS.md §3.3).
+        0.03-10 (docs/methods.md#limit).
 
     Notes
     -----

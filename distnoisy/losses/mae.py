@@ -13,7 +13,7 @@ class MAELoss(nn.Module):
 
     .. math:: L = \frac{1}{B}\sum_i \left(1 - p_{i,\tilde y_i}\right),\quad p = \mathrm{softmax}(z)
 
-    This is ``½‖p - e_y‖₁`` (METHODS.md §7, row "MAE"; the DAL repository's ``MAE`` class uses the
+    This is ``½‖p - e_y‖₁`` (docs/methods.md#mae; the DAL repository's ``MAE`` class uses the
     same ``1 - p_y`` scale). It is symmetric, hence robust to uniform noise, but underfits on hard
     datasets. No hyperparameters; no clamp is needed since ``p_y`` enters linearly.
     """

@@ -22,7 +22,7 @@ class PeerLoss(nn.Module):
     .. math:: L = \frac{1}{B}\sum_n \mathrm{CE}(z_n, \tilde y_n)
                   - \alpha\,\frac{1}{B}\sum_n \mathrm{CE}(z_{n_1(n)}, \tilde y_{n_2(n)})
 
-    METHODS.md §7, row "Peer loss". The peer term pairs one sample's prediction with another,
+    docs/methods.md#peer-loss. The peer term pairs one sample's prediction with another,
     random sample's label, which penalises simply agreeing with the label marginal. ``n₁`` and
     ``n₂`` are two **independent uniformly random permutations of the batch** (so every
     prediction and every label is used exactly once in the peer term); the paper draws the two
@@ -30,20 +30,23 @@ class PeerLoss(nn.Module):
     usual mini-batch approximation. ``n₁(n) = n₂(n)`` can happen, as it can for independent
     draws.
 
-    Both terms use the official code's *stable* cross-entropy, ``-log(softmax(z)_y + eps)``
-    with ``eps = 1e-8`` (``CrossEntropyLossStable`` in Liu & Guo's repository, "as the original
-    CrossEntropyLoss is likely to blow up when used in the peer term"): the peer term is then
-    bounded by ``-log(eps) ≈ 18.4``. With plain CE it is unbounded below, and on digits Adam
-    drove the loss to -2e11 while accuracy fell to 18%. ``eps = 0`` gives plain CE.
+    Both terms use a *stable* cross-entropy, ``-log(softmax(z)_y + eps)``, as the peer-loss
+    code does (``CrossEntropyLossStable``, "as the original CrossEntropyLoss is likely to blow
+    up when used in the peer term"), so the peer term is bounded by ``-log(eps)``. With plain
+    CE it is unbounded below, and on digits Adam drove the loss to -2e11 while accuracy fell to
+    18%. ``eps = 0`` gives plain CE. The default ``eps = 1e-8`` (bound ≈ 18.4) is the value of
+    the later CAL repository's ``PeerLossOne``; Liu & Guo's own peer-loss scripts use
+    ``eps = 1e-5`` (bound ≈ 11.5). Pass ``eps=1e-5`` to match them (docs/methods.md#peer-loss).
 
     Parameters
     ----------
     alpha
-        Weight of the peer term, default 1.0. METHODS.md gives ``α ∈ [0, 1]``, often ramped up
+        Weight of the peer term, default 1.0. The paper uses ``α ∈ [0, 1]``, often ramped up
         during training (assign ``.alpha`` per epoch); ``α = 0`` is CE. Valid: ``α >= 0``
         (values above 1 are accepted for experiments).
     eps
-        Added to the softmax inside the log, default 1e-8 (official). Valid: ``0 <= eps < 1``.
+        Added to the softmax inside the log, default 1e-8 (the CAL repository's; the
+        peer-loss paper's code uses 1e-5). Valid: ``0 <= eps < 1``.
     """
 
     def __init__(self, alpha: float = 1.0, eps: float = 1e-8) -> None:

@@ -18,6 +18,7 @@ from distnoisy.methods import (  # noqa: F401  (register the methods)
     mae,
     peer,
     sce,
+    taylor_ce,
 )
 from distnoisy.methods.base import METHODS, Method, PrepareContext, StepOutput
 

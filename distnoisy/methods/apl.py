@@ -1,4 +1,4 @@
-"""Active-passive loss NCE+RCE (Ma et al., ICML 2020), METHODS.md §7."""
+"""Active-passive loss NCE+RCE (Ma et al., ICML 2020), docs/methods.md#apl."""
 
 from __future__ import annotations
 
@@ -25,13 +25,14 @@ class NCERCE(LossMethod):
     r"""NCE+RCE: ``L = mean_i [α·(-log p_{i,ỹ}) / (-Σ_k log p_{ik}) + β·RCE_i]``.
 
     The active term is the normalised CE and the passive one the reverse CE of SCE
-    (METHODS.md §7; module :class:`~distnoisy.losses.NCERCELoss`).
+    (docs/methods.md#apl; module :class:`~distnoisy.losses.NCERCELoss`).
 
     Keys (defaults)
         ``method.alpha = 1.0``, ``method.beta = 1.0`` (APL paper, CIFAR-10; CIFAR-100: 10 / 0.1;
         WebVision: 50 / 0.1, matching the DAL repository). Valid: both ``>= 0``, not both 0.
 
-    Label-issue score: mean training CE on the given label over epochs (METHODS.md §10).
+    Label-issue score: mean training CE on the given label over epochs
+    (docs/methods.md#label-issue-scores).
     """
 
     Params = NCERCEParams

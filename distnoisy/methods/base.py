@@ -207,8 +207,9 @@ class Method(ABC):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Score (higher = more likely mislabelled) and suggested label per training sample.
 
-        The default (METHODS.md §10) is the mean over epochs of the per-sample training loss on
-        the given label, with the final model's prediction as the suggestion. Epochs in which a
+        The default (docs/methods.md#label-issue-scores) is the mean over epochs of the per-sample
+        training loss on the given label, with the final model's prediction as the suggestion.
+        Epochs in which a
         sample was not drawn (``NaN``; shard-split streams drop a few per epoch) are skipped; a
         sample never drawn is scored by the final model's loss on its given label.
         """

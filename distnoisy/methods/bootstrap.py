@@ -1,4 +1,4 @@
-"""Bootstrapping (Reed et al., ICLR 2015 workshop), soft and hard, METHODS.md §7."""
+"""Bootstrapping (Reed et al., ICLR 2015 workshop), soft and hard, docs/methods.md#bootstrapping."""
 
 from __future__ import annotations
 
@@ -26,14 +26,15 @@ class Bootstrap(LossMethod):
     r"""Bootstrapping: CE against ``β e_ỹ + (1 - β) a`` with ``a = sg(p)`` (soft) or
     ``a = e_{argmax p}`` (hard).
 
-    METHODS.md §7 (module :class:`~distnoisy.losses.BootstrapLoss`); the soft form detaches
-    ``p`` in the target, so it acts as a moving pseudo-label, not an entropy regulariser.
+    docs/methods.md#bootstrapping (module :class:`~distnoisy.losses.BootstrapLoss`); the soft form
+    detaches ``p`` in the target, so it acts as a moving pseudo-label, not an entropy regulariser.
 
     Keys (defaults)
         ``method.beta = None``: Reed et al.'s 0.95 (soft) or 0.8 (hard). Valid: ``[0, 1]``
         (``β = 1`` is CE). ``method.hard = false`` (soft bootstrapping).
 
-    Label-issue score: mean training CE on the given label over epochs (METHODS.md §10).
+    Label-issue score: mean training CE on the given label over epochs
+    (docs/methods.md#label-issue-scores).
     """
 
     Params = BootstrapParams

@@ -10,7 +10,8 @@ from distnoisy.methods.base import METHODS, Method, StepOutput
 
 @METHODS.register("ce")
 class CrossEntropy(Method):
-    """Plain CE, mean over the batch. Label-issue score: mean loss history (METHODS.md §10)."""
+    """Plain CE, mean over the batch. Label-issue score: mean loss history
+    (docs/methods.md#label-issue-scores)."""
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         return StepOutput(F.cross_entropy(logits, labels))

@@ -1,4 +1,5 @@
-"""Forward and backward loss correction (Patrini et al., CVPR 2017), METHODS.md §7.
+"""Forward and backward loss correction (Patrini et al., CVPR 2017),
+docs/methods.md#forward-and-backward-correction.
 
 Both need the noise transition matrix ``T[j, k] = P(noisy label k | true label j)``. Where it
 comes from is ``method.transition``:
@@ -7,7 +8,8 @@ comes from is ``method.transition``:
   oracle, useful as an upper bound);
 - ``estimate``: trained first as a CE reference run (same data, noise, model and schedule), then
   estimated from its final softmax on the un-augmented training set by anchor points
-  (:func:`~distnoisy.losses.estimate_transition_matrix`, 97th percentile; METHODS.md §7);
+  (:func:`~distnoisy.losses.estimate_transition_matrix`, 97th percentile;
+  docs/methods.md#forward-and-backward-correction);
 - a path to a ``.json`` file (``{"transition": [[...], ...]}``, e.g. another run's
   ``noise_transition.json``, or a bare nested list) or a ``.npy`` file.
 
@@ -185,8 +187,9 @@ class TransitionMethod(LossMethod):
 class ForwardCorrection(TransitionMethod):
     r"""Forward correction: ``L = mean_i -log (Tᵀ p̂_i)_{ỹ_i}``, ``p̂ = clamp(p, 1e-10, 1)``.
 
-    METHODS.md §7 (module :class:`~distnoisy.losses.ForwardCorrectionLoss`): the network's
-    softmax models the clean posterior and ``Tᵀp`` the noisy-label distribution.
+    docs/methods.md#forward-and-backward-correction (module
+    :class:`~distnoisy.losses.ForwardCorrectionLoss`): the network's softmax models the clean
+    posterior and ``Tᵀp`` the noisy-label distribution.
 
     Keys (defaults)
         ``method.transition = "true"``: where ``T`` comes from (module docstring): ``true``
@@ -195,7 +198,8 @@ class ForwardCorrection(TransitionMethod):
         path. Valid: a square, non-negative, row-stochastic (rows sum to 1 within 1e-4) C x C
         matrix.
 
-    Label-issue score: mean training CE on the given label over epochs (METHODS.md §10).
+    Label-issue score: mean training CE on the given label over epochs
+    (docs/methods.md#label-issue-scores).
     """
 
     loss_class = ForwardCorrectionLoss
@@ -205,8 +209,9 @@ class ForwardCorrection(TransitionMethod):
 class BackwardCorrection(TransitionMethod):
     r"""Backward correction: ``L = mean_i [T⁻¹ ℓ(p_i)]_{ỹ_i}``, ``ℓ(p) = (-log p_1, …, -log p_C)``.
 
-    METHODS.md §7 (module :class:`~distnoisy.losses.BackwardCorrectionLoss`): unbiased for the
-    clean CE, but ``T⁻¹`` has negative entries, so the loss can go negative and training is
+    docs/methods.md#forward-and-backward-correction (module
+    :class:`~distnoisy.losses.BackwardCorrectionLoss`): unbiased for the clean CE, but ``T⁻¹`` has
+    negative entries, so the loss can go negative and training is
     unstable.
 
     Keys (defaults)
@@ -214,7 +219,8 @@ class BackwardCorrection(TransitionMethod):
         ``.json``/``.npy`` path). Valid: as for ``forward``, and invertible (condition number
         below 1e8; e.g. symmetric noise rate < (C-1)/C).
 
-    Label-issue score: mean training CE on the given label over epochs (METHODS.md §10).
+    Label-issue score: mean training CE on the given label over epochs
+    (docs/methods.md#label-issue-scores).
     """
 
     loss_class = BackwardCorrectionLoss

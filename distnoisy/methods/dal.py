@@ -1,4 +1,4 @@
-"""DAL: Dynamics-Aware Loss (Xiu-Chuan Li et al., arXiv 2303.11562), METHODS.md §4."""
+"""DAL: Dynamics-Aware Loss (Xiu-Chuan Li et al., arXiv 2303.11562), docs/methods.md#dal."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class DALParams(MethodParams):
 class DAL(LossMethod):
     r"""Dynamics-Aware Loss: GCE with a per-epoch growing ``q`` plus a bootstrapping term.
 
-    At 0-based epoch ``t`` of ``E = train.epochs`` (METHODS.md §4.1; module
+    At 0-based epoch ``t`` of ``E = train.epochs`` (docs/methods.md#dal; module
     :class:`~distnoisy.losses.DALLoss`):
 
     .. math:: L_t = \frac{1}{B}\sum_i \frac{1 - \hat p_{i,\tilde y_i}^{\,q_t}}{q_t}
@@ -46,8 +46,8 @@ class DAL(LossMethod):
         in the repository). Valid: ``q_start > 0``, ``q_end >= q_start``.
         ``method.bootstrap = "soft"`` (repository HEAD) or ``"hard"`` (its first upload).
 
-    Label-issue score: mean training CE on the given label over epochs (METHODS.md §10; DAL keeps
-    no per-sample state, §4.2).
+    Label-issue score: mean training CE on the given label over epochs
+    (docs/methods.md#label-issue-scores; DAL keeps no per-sample state, §4.2).
     """
 
     Params = DALParams

@@ -1,4 +1,4 @@
-"""ELR: early-learning regularisation (Liu et al., NeurIPS 2020), METHODS.md §2.1-2.3.
+"""ELR: early-learning regularisation (Liu et al., NeurIPS 2020), docs/methods.md#elr.
 
 The per-sample targets t_i (N x C, zeros at start) live in the shared store as ``elr_target``,
 so a sample's target is the same whichever worker visits it and is saved with checkpoints.
@@ -51,7 +51,7 @@ class ELR(Method):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         assert self.store is not None
         old = self.store.get("elr_target", index).to(logits.device)
-        # Update before the loss (METHODS.md §2.8 b): the loss sees the new target.
+        # Update before the loss (docs/methods.md#elr): the loss sees the new target.
         new = elr_target_update(old, logits, self.params.beta)
         self.store.stage("elr_target", index, new)
         return StepOutput(elr_loss(logits, labels, new, self.params.lam))

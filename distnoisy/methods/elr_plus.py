@@ -1,4 +1,4 @@
-"""ELR+: two networks, mixup, weight averaging and ELR targets (METHODS.md §2.4-2.8).
+"""ELR+: two networks, mixup, weight averaging and ELR targets (docs/methods.md#elr-two-networks).
 
 Each epoch trains ``net1`` for a whole pass over the data, then ``net2`` (the order of the
 official trainer). A step of network k:
@@ -63,8 +63,8 @@ PAIRINGS = ("global", "local")
 
 @dataclass
 class ELRPlusParams(MethodParams):
-    # Official CIFAR-10 symmetric-noise values (METHODS.md §2.6); Clothing1M: ema_alpha 0.9999,
-    # ema_ramp false; CIFAR-100: beta 0.9, lam 7, coef_step 40000.
+    # Official CIFAR-10 symmetric-noise values (docs/methods.md#elr-two-networks); Clothing1M:
+    # ema_alpha 0.9999, ema_ramp false; CIFAR-100: beta 0.9, lam 7, coef_step 40000.
     beta: float = 0.7
     lam: float = 3.0
     mixup_alpha: float = 1.0
@@ -137,7 +137,8 @@ class ELRPlus(Method):
 
     def setup(self, nets: Networks, device: torch.device) -> None:
         # EMA copies start as copies of the live networks: the official independently
-        # initialised EMAs converge to these within a few hundred steps (METHODS.md §2.8 k).
+        # initialised EMAs converge to these within a few hundred steps
+        # (docs/methods.md#elr-two-networks).
         self.ema = {k: copy.deepcopy(nets[k]).requires_grad_(False) for k in NETWORKS}
 
     def phases(self) -> tuple[str, ...]:
@@ -171,7 +172,11 @@ class ELRPlus(Method):
         k, other = batch.phase, _other(batch.phase)
         field = f"elr_target_{k}"
         x, y, index = batch.x, batch.y, batch.index
-        t = batch.iteration
+        # The ramps count steps from 1, as the official trainer does (its step number is
+        # incremented before use): at the first step the λ ramp is sigmoid_rampup(1, coef_step)
+        # and the EMA coefficient is min(1 - 1/2, α) = 0.5 or α·sigmoid_rampup(2, ema_step).
+        # The mixup generator stays keyed on the 0-based batch.iteration.
+        t = batch.iteration + 1
 
         with torch.no_grad():
             # Targets from the other network's EMA on the un-mixed batch, before the loss.

@@ -1,4 +1,4 @@
-"""GCE and truncated GCE (Zhang & Sabuncu, NeurIPS 2018), METHODS.md §7."""
+"""GCE and truncated GCE (Zhang & Sabuncu, NeurIPS 2018), docs/methods.md#gce."""
 
 from __future__ import annotations
 
@@ -26,13 +26,15 @@ class GCEParams(MethodParams):
 class GCE(LossMethod):
     r"""Generalised cross-entropy: ``L = mean_i (1 - p̂_{i,ỹ}^q) / q``, ``p̂ = clamp(p, 1e-6, 1)``.
 
-    METHODS.md §7 (module :class:`~distnoisy.losses.GCELoss`). ``q → 0`` is CE, ``q = 1`` is MAE.
+    docs/methods.md#gce (module :class:`~distnoisy.losses.GCELoss`). ``q → 0`` is CE, ``q = 1`` is
+    MAE.
 
     Keys (defaults)
         ``method.q = 0.7`` (Zhang & Sabuncu 2018; also the DAL repository's ``cifar.py``).
         Valid: ``q > 0`` (the paper uses ``(0, 1]``; ``q > 1`` is allowed, as in DAL).
 
-    Label-issue score: mean training CE on the given label over epochs (METHODS.md §10).
+    Label-issue score: mean training CE on the given label over epochs
+    (docs/methods.md#label-issue-scores).
     """
 
     Params = GCEParams
@@ -72,7 +74,8 @@ class TruncatedGCE(Method):
         ``method.prune_every = 10`` (Zhang & Sabuncu 2018). Valid: ``q > 0``, ``0 <= k < 1``,
         ``prune_start >= 0``, ``prune_every >= 1``.
 
-    Label-issue score: mean training CE on the given label over epochs (METHODS.md §10).
+    Label-issue score: mean training CE on the given label over epochs
+    (docs/methods.md#label-issue-scores).
     """
 
     Params = TGCEParams

@@ -1,4 +1,4 @@
-"""Label smoothing, positive or negative (Wei et al. 2022), METHODS.md §7."""
+"""Label smoothing, positive or negative (Wei et al. 2022), docs/methods.md#label-smoothing."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from distnoisy.methods.loss_method import LossMethod
 
 @dataclass
 class LSParams(MethodParams):
-    # Smoothing (the common choice; METHODS.md gives none). Negative = negative LS.
+    # Smoothing (the common choice; the papers give none). Negative = negative LS.
     epsilon: float = 0.1
 
 
@@ -23,15 +23,17 @@ class LSParams(MethodParams):
 class LabelSmoothing(LossMethod):
     r"""Label smoothing: CE against the target ``(1 - ε)e_ỹ + ε/C``.
 
-    METHODS.md §7 (module :class:`~distnoisy.losses.LabelSmoothingLoss`). ``ε < 0`` is negative
-    label smoothing (Wei et al. 2022): the loss is then unbounded below and goes negative as the
+    docs/methods.md#label-smoothing (module :class:`~distnoisy.losses.LabelSmoothingLoss`). ``ε <
+    0`` is negative label smoothing (Wei et al. 2022): the loss is then unbounded below and goes
+    negative as the
     model becomes confident.
 
     Keys (defaults)
-        ``method.epsilon = 0.1`` (common choice; METHODS.md gives no default).
+        ``method.epsilon = 0.1`` (common choice; the papers give no default).
         Valid: ``-1 <= ε < 1`` (``ε = 1`` would ignore the label).
 
-    Label-issue score: mean training CE on the given label over epochs (METHODS.md §10).
+    Label-issue score: mean training CE on the given label over epochs
+    (docs/methods.md#label-issue-scores).
     """
 
     Params = LSParams

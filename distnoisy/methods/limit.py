@@ -5,7 +5,7 @@ that sees only the inputs. One optimizer trains both on
 ``carrier(z; ĝ) + info(r, ỹ) + L·mean‖sg(p) - r‖²`` (:func:`~distnoisy.losses.limit.limit_terms`):
 the classifier's logits receive ``ĝ / B = (softmax(z) - softmax(u)) / B`` and nothing that
 depends on the labels; the q-network fits the noisy labels with the Brier (gaussian) or MAE
-(laplace) loss. METHODS.md §3.
+(laplace) loss. docs/methods.md#limit.
 
 - ``warmup_epochs``: the classifier is frozen for the first k epochs so the q-network learns
   first (official ``warm_up``).

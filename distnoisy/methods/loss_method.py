@@ -38,7 +38,7 @@ class LossMethod(Method):
     usually by building the loss module once with placeholder sizes: the loss classes validate
     their arguments). :meth:`loss` returns ``StepOutput(criterion(logits, labels))``, the mean
     over the local batch; DDP averages it across ranks. The label-issue score is the base
-    default (mean training CE on the given label over epochs, METHODS.md §10).
+    default (mean training CE on the given label over epochs, docs/methods.md#label-issue-scores).
     """
 
     def __init__(self, params: Any, **kwargs: Any) -> None:

@@ -1,4 +1,4 @@
-"""MAE: mean absolute error between the softmax and the one-hot label, METHODS.md §7."""
+"""MAE: mean absolute error between the softmax and the one-hot label, docs/methods.md#mae."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from distnoisy.methods.loss_method import LossMethod
 class MAE(LossMethod):
     r"""MAE: ``L = mean_i (1 - p_{i,ỹ})`` (``= ½‖p - e_ỹ‖₁``), ``p = softmax(z)``.
 
-    METHODS.md §7 (module :class:`~distnoisy.losses.MAELoss`). Symmetric, hence robust to uniform
-    noise, but it underfits on hard datasets.
+    docs/methods.md#mae (module :class:`~distnoisy.losses.MAELoss`). Symmetric, hence robust to
+    uniform noise, but it underfits on hard datasets.
 
     Keys: none besides ``method.name``.
 
-    Label-issue score: mean training CE on the given label over epochs (METHODS.md §10).
+    Label-issue score: mean training CE on the given label over epochs
+    (docs/methods.md#label-issue-scores).
     """
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Peer loss (Liu & Guo, ICML 2020), METHODS.md §7."""
+"""Peer loss (Liu & Guo, ICML 2020), docs/methods.md#peer-loss."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def peer_alpha(epoch: int, alpha: float, ramp_epochs: int, warmup_epochs: int = 
 
     0 during the ``W = warmup_epochs`` CE warm-up epochs (the official code trains a CE stage
     first), then a linear ramp ``α · min(1, (epoch - W) / R)`` over ``R = ramp_epochs`` epochs
-    (``α`` at once when ``R = 0``), constant afterwards (METHODS.md §7: "often ramped").
+    (``α`` at once when ``R = 0``), constant afterwards (docs/methods.md#peer-loss).
     """
     if epoch < warmup_epochs:
         return 0.0
@@ -46,13 +46,14 @@ def peer_alpha(epoch: int, alpha: float, ramp_epochs: int, warmup_epochs: int = 
 
 @dataclass
 class PeerParams(MethodParams):
-    # Weight of the peer term (METHODS.md §7: alpha in [0, 1]); 1.0 = the paper's plain form.
+    # Weight of the peer term (the paper: alpha in [0, 1]); 1.0 = the paper's plain form.
     alpha: float = 1.0
     # Ramp alpha linearly from 0 over this many epochs (0 = constant alpha from the start).
     alpha_ramp_epochs: int = 0
     # Epochs of plain CE before the peer term starts (the official code's warm-up stage).
     warmup_epochs: int = 0
-    # Stable CE: -log(softmax + eps) in both terms (official CrossEntropyLossStable).
+    # Stable CE: -log(softmax + eps) in both terms. 1e-8 is the CAL repository's value; the
+    # peer-loss paper's code uses 1e-5 (docs/methods.md#peer-loss).
     eps: float = 1e-8
 
 
@@ -60,21 +61,23 @@ class PeerParams(MethodParams):
 class Peer(LossMethod):
     r"""Peer loss: ``L = mean_n CE(z_n, ỹ_n) - α_t · mean_n CE(z_{n₁(n)}, ỹ_{n₂(n)})``.
 
-    METHODS.md §7 (module :class:`~distnoisy.losses.PeerLoss`). ``n₁`` and ``n₂`` are two
-    independent random permutations of the **local** batch (the usual mini-batch approximation of
+    docs/methods.md#peer-loss (module :class:`~distnoisy.losses.PeerLoss`). ``n₁`` and ``n₂`` are
+    two independent random permutations of the **local** batch (the usual mini-batch approximation
+    of
     the paper's draws from the whole training set). The draw uses a ``torch.Generator`` seeded by
     :func:`peer_seed` from ``(epoch, step within the epoch, the batch's sample indices)``, so a
     run is reproducible without the method knowing its rank. ``α_t = α · min(1, t / R)``
     (:func:`peer_alpha`) is returned by :meth:`on_epoch_start` as ``peer_alpha`` for logging.
 
     Keys (defaults)
-        ``method.alpha = 1.0`` (the paper's unweighted peer term; METHODS.md gives the range
+        ``method.alpha = 1.0`` (the paper's unweighted peer term; the paper uses the range
         ``[0, 1]``). Valid: ``α >= 0`` (``α = 0`` is CE; ``> 1`` is accepted for experiments).
         ``method.alpha_ramp_epochs = 0`` (no ramp), ``method.warmup_epochs = 0`` (CE epochs
-        before the peer term; integers ``>= 0``), ``method.eps = 1e-8`` (stable CE of the
-        official code, see :class:`~distnoisy.losses.PeerLoss`).
+        before the peer term; integers ``>= 0``), ``method.eps = 1e-8`` (stable CE; the CAL
+        repository's eps, the paper's code uses 1e-5; see :class:`~distnoisy.losses.PeerLoss`).
 
-    Label-issue score: mean training CE on the given label over epochs (METHODS.md §10).
+    Label-issue score: mean training CE on the given label over epochs
+    (docs/methods.md#label-issue-scores).
     """
 
     Params = PeerParams

@@ -1,4 +1,4 @@
-"""SCE: symmetric cross-entropy (Wang et al., ICCV 2019), METHODS.md §7."""
+"""SCE: symmetric cross-entropy (Wang et al., ICCV 2019), docs/methods.md#sce."""
 
 from __future__ import annotations
 
@@ -25,13 +25,15 @@ class SCE(LossMethod):
     r"""Symmetric CE: ``L = mean_i [α·CE_i + β·RCE_i]``.
 
     ``RCE_i = -Σ_k p̂_k log clamp(e_ỹ, 1e-4, 1)_k ≈ 9.21·(1 - p_ỹ)`` with
-    ``p̂ = clamp(softmax(z), 1e-6, 1)`` (METHODS.md §7; module :class:`~distnoisy.losses.SCELoss`).
+    ``p̂ = clamp(softmax(z), 1e-6, 1)`` (docs/methods.md#sce; module
+    :class:`~distnoisy.losses.SCELoss`).
 
     Keys (defaults)
         ``method.alpha = 0.1``, ``method.beta = 1.0`` (SCE paper, CIFAR-10; CIFAR-100:
         6.0 / 0.1 [unverified]). Valid: both ``>= 0``, not both 0.
 
-    Label-issue score: mean training CE on the given label over epochs (METHODS.md §10).
+    Label-issue score: mean training CE on the given label over epochs
+    (docs/methods.md#label-issue-scores).
     """
 
     Params = SCEParams
