@@ -65,7 +65,7 @@ def no_checkpoint() -> Iterator[Path | None]:
     yield None
 
 
-def _labels(spec: DataSpec) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+def training_labels(spec: DataSpec) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """Given labels, clean labels (or None) and keys of the training set, by global index."""
     from distnoisy.data.noise import load_label_file
     from distnoisy.data.shards import read_labels, read_manifest
@@ -91,14 +91,16 @@ def network_builder(cfg: Config, num_classes: int, in_channels: int) -> Callable
     return build
 
 
-def _optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
+    """The ``train.optimizer`` (SGD with momentum, or Adam) over ``params``."""
     t = cfg.train
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def _scheduler(cfg: Config, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(cfg: Config, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The ``train.scheduler`` of ``opt``, stepped once per epoch (constant by default)."""
     t = cfg.train
     if t.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
@@ -128,13 +130,7 @@ def predict(
     return torch.cat(idx), torch.cat(probs)
 
 
-def _accuracy(
-    method: Method, nets: Networks, stream: Any, labels: Tensor, device: torch.device
-) -> float:
-    return _accuracies(method, nets, stream, [labels], device)[0]
-
-
-def _accuracies(
+def accuracies(
     method: Method, nets: Networks, stream: Any, labels: list[Tensor], device: torch.device
 ) -> list[float]:
     """Accuracy against each label vector, from one prediction pass (all ranks)."""
@@ -146,7 +142,7 @@ def _accuracies(
     return [float(t / n) if n > 0 else float("nan") for t in totals[:-1]]
 
 
-def _check_bad_samples(stream: Any, n: int, cfg: Config, comm_device: torch.device) -> int:
+def check_bad_samples(stream: Any, n: int, cfg: Config, comm_device: torch.device) -> int:
     """Unusable training samples met so far (all ranks); abort past ``data.max_bad_fraction``.
 
     Every rank gets the same total, so every rank raises together (no rank left waiting in a
@@ -170,7 +166,7 @@ def _check_bad_samples(stream: Any, n: int, cfg: Config, comm_device: torch.devi
     return total
 
 
-def _check_class_mix(
+def check_class_mix(
     mean_distinct: float, class_counts: np.ndarray, batch_size: int, cfg: Config, *, warn: bool
 ) -> float:
     """``batch_class_mix`` of an epoch's batches; warns (once) when the stream cannot mix."""
@@ -188,7 +184,7 @@ def _check_class_mix(
     return mean_distinct / expected
 
 
-def _bad_sample_list(*named: tuple[str, Any]) -> list[dict[str, str]]:
+def gather_bad_samples(*named: tuple[str, Any]) -> list[dict[str, str]]:
     """Distinct skipped samples of every rank's streams (a collective: call on all ranks)."""
     local = [
         {"set": name, "key": key, "reason": reason}

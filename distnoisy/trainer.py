@@ -36,18 +36,18 @@ from distnoisy.job import Job
 from distnoisy.loop import (
     OUTPUTS_DIR,
     WorkerContext,
-    _accuracies,
-    _bad_sample_list,
-    _check_bad_samples,
-    _check_class_mix,
-    _labels,
-    _optimizer,
-    _scheduler,
     _write_outputs,
+    accuracies,
+    check_bad_samples,
+    check_class_mix,
+    gather_bad_samples,
+    make_optimizer,
+    make_scheduler,
     network_builder,
     predict,
     train_eval_bad,
     train_step,
+    training_labels,
 )
 from distnoisy.methods import METHODS, Method
 from distnoisy.methods.base import Networks, StepInput
@@ -125,7 +125,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         np.random.seed(cfg.seed + self.rank)
-        self.given_np, self.clean_np, self.keys = _labels(self.spec)
+        self.given_np, self.clean_np, self.keys = training_labels(self.spec)
         self.given = torch.from_numpy(self.given_np)
         self._setup_model()
         self._setup_store_and_optimizers()
@@ -162,8 +162,8 @@ class Trainer:
         self.store.declare("train_pred", FieldSpec(dtype=torch.int64, fill=-1))
         self.store.declare("final_prob", FieldSpec(shape=(c,)))
         self.method.attach(self.store)
-        self.opts = self.method.build_optimizers(self.nets, lambda p: _optimizer(self.cfg, p))
-        self.scheds = {k: _scheduler(self.cfg, opt) for k, opt in self.opts.items()}
+        self.opts = self.method.build_optimizers(self.nets, lambda p: make_optimizer(self.cfg, p))
+        self.scheds = {k: make_scheduler(self.cfg, opt) for k, opt in self.opts.items()}
 
     def _train_stream(self, phase: int) -> Any:
         from distnoisy.data.stream import BalancedSubset, TrainStream, make_transform, mix_seed
@@ -293,13 +293,13 @@ class Trainer:
                 sums += torch.tensor([loss_value * len(y), correct, len(y), mix, 1])
         for sched in self.scheds.values():
             sched.step()
-        metrics["bad_samples"] = _check_bad_samples(
+        metrics["bad_samples"] = check_bad_samples(
             self.first_stream, self.spec.num_train, self.cfg, self.comm_device
         )
         totals = dist.all_reduce_sum(sums.to(self.comm_device)).cpu()
         metrics["train_loss"] = float(totals[0] / totals[2])
         metrics["train_acc_given"] = float(totals[1] / totals[2])
-        metrics["batch_class_mix"] = _check_class_mix(
+        metrics["batch_class_mix"] = check_class_mix(
             float(totals[3] / totals[4]),
             self.class_counts,
             self.local_bs,
@@ -314,12 +314,12 @@ class Trainer:
         val, test = self.val_set, self.test_set
         if val is not None:
             targets = [val.labels] if val.noisy is None else [val.labels, val.noisy]
-            accs = _accuracies(self.method, self.models, val.stream, targets, self.device)
+            accs = accuracies(self.method, self.models, val.stream, targets, self.device)
             metrics["val_acc"] = accs[0]
             if val.noisy is not None:
                 metrics["val_acc_noisy"] = accs[1]
         if test is not None:
-            metrics["test_acc"] = _accuracies(
+            metrics["test_acc"] = accuracies(
                 self.method, self.models, test.stream, [test.labels], self.device
             )[0]
         if self.corrupted is not None and self.corrupted.any():
@@ -377,7 +377,7 @@ class Trainer:
         test = self.test_set.stream if self.test_set is not None else None
         bad = self.first_stream.num_bad_samples + train_eval_bad(train_eval, test, val)
         num_bad = int(dist.all_reduce_sum(torch.tensor([bad], device=self.comm_device)).item())
-        bad_list = _bad_sample_list(
+        bad_list = gather_bad_samples(
             ("train", self.first_stream), ("train", train_eval), ("val", val), ("test", test)
         )
         return FinalOutputs(num_bad, bad_list)
