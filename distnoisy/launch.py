@@ -1,6 +1,7 @@
 """Launchers: the one place that knows Ray.
 
-Both launchers run :func:`distnoisy.loop.run_worker` on every rank and return the directory of
+Both launchers run :func:`distnoisy.loop.run_worker` (a :class:`distnoisy.trainer.Trainer`)
+over a :class:`distnoisy.job.Job` on every rank and return the directory of
 the final checkpoint (which holds the run's ``outputs/``):
 
 - ``ray``: Ray Train V2 ``TorchTrainer`` (DDP over gloo on CPU, NCCL on GPU), a checkpoint per
@@ -24,6 +25,7 @@ import torch
 
 from distnoisy.config import Config
 from distnoisy.errors import DistnoisyError
+from distnoisy.job import Job
 from distnoisy.loop import WorkerContext, run_worker
 
 log = logging.getLogger(__name__)
@@ -68,12 +70,9 @@ def _local_device(cfg: Config, rank: int) -> torch.device:
 
 
 def _spawned_worker(
-    rank: int, world: int, port: int, job: dict, ckpt_root: str, resume: bool
+    rank: int, world: int, port: int, job: Job, ckpt_root: str, resume: bool
 ) -> None:
-    from distnoisy.config import from_dict
-
-    cfg = from_dict(job["config"])
-    device = _local_device(cfg, rank)
+    device = _local_device(job.config, rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
@@ -93,7 +92,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_local(job: dict[str, Any], cfg: Config, run_dir: Path) -> Path:
+def launch_local(job: Job, cfg: Config, run_dir: Path) -> Path:
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     world = cfg.scaling.num_workers
@@ -114,8 +113,11 @@ def launch_local(job: dict[str, Any], cfg: Config, run_dir: Path) -> Path:
 
 
 # -- Ray launcher -----------------------------------------------------------------------------
-def _ray_worker(job: dict[str, Any]) -> None:
-    """Ray Train entry point on each worker (importable: Ray pickles it by reference)."""
+def _ray_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point on each worker (importable: Ray pickles it by reference).
+
+    ``config`` is the ``train_loop_config``: ``{"job": Job}`` (Ray Train takes a dict).
+    """
     import ray.train
     import ray.train.torch
 
@@ -155,7 +157,7 @@ def _ray_worker(job: dict[str, Any]) -> None:
         report=report,
         restore=restore,
     )
-    run_worker(job, ctx)
+    run_worker(config["job"], ctx)
 
 
 def ray_runtime_env() -> dict[str, Any]:
@@ -189,9 +191,7 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
     )
 
 
-def launch_ray(
-    job: dict[str, Any], cfg: Config, run_dir: Path, callbacks: list[Any] | None = None
-) -> Path:
+def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None = None) -> Path:
     """Run the job as a Ray Train run named ``train`` under ``run_dir/ray``.
 
     ``callbacks`` are Ray Train ``UserCallback``s for the Train ``RunConfig`` (e.g. Tune's
@@ -207,7 +207,7 @@ def launch_ray(
     ensure_ray(cfg.scaling.address, cfg.scaling.num_workers)
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config=job,
+        train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu
         ),
@@ -246,9 +246,7 @@ def _user_error(err: BaseException) -> BaseException:
     return err
 
 
-def launch(
-    job: dict[str, Any], cfg: Config, run_dir: Path, callbacks: list[Any] | None = None
-) -> Path:
+def launch(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None = None) -> Path:
     """Run the job with the configured launcher; ``callbacks`` need the Ray launcher."""
     if cfg.scaling.launcher == "ray":
         return launch_ray(job, cfg, run_dir, callbacks)

@@ -1,8 +1,10 @@
-"""The per-worker training loop: plain torch + torch.distributed, no Ray.
+"""The per-worker building blocks of training: plain torch + torch.distributed, no Ray.
 
 A launcher (Ray Train, or the in-process/multiprocess local launcher) calls :func:`run_worker`
 on every rank with a :class:`WorkerContext` that supplies ``report`` (metrics + optional
-checkpoint, once per epoch on every rank) and ``restore`` (the latest checkpoint, if any).
+checkpoint, once per epoch on every rank) and ``restore`` (the latest checkpoint, if any);
+:class:`distnoisy.trainer.Trainer` runs the recipe from the pieces here: one training step,
+prediction and accuracy passes, the bad-sample and class-mix checks, the run's outputs.
 """
 
 from __future__ import annotations
@@ -10,10 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,32 +21,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distnoisy import dist
-from distnoisy.config import Config, from_dict
+from distnoisy.config import Config
 from distnoisy.data.mixing import (
     POOR_MIX,
-    distinct_classes,
     expected_distinct_classes,
     poor_mix_message,
 )
 from distnoisy.data.prepare import DataSpec
+from distnoisy.job import Job
 from distnoisy.label_issues import is_label_issue, rank_by_score
-from distnoisy.methods import METHODS, Method
+from distnoisy.methods import Method
 from distnoisy.methods.base import Networks, Optimizers, StepInput
 from distnoisy.metrics import auroc
 from distnoisy.models import build_model
-from distnoisy.store import FieldSpec, SampleStore
-from distnoisy.tracking import RunLogger
+from distnoisy.store import SampleStore
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "state.pt"
 # Skipped samples listed by name in summary.json (all are counted).
 MAX_LISTED_BAD = 1000
 OUTPUTS_DIR = "outputs"
-WEIGHTS_FILE = "weights.pt"
 
 
 @dataclass
@@ -72,7 +66,7 @@ def no_checkpoint() -> Iterator[Path | None]:
     yield None
 
 
-def _labels(spec: DataSpec) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+def training_labels(spec: DataSpec) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """Given labels, clean labels (or None) and keys of the training set, by global index."""
     from distnoisy.data.noise import load_label_file
     from distnoisy.data.shards import read_labels, read_manifest
@@ -98,14 +92,16 @@ def network_builder(cfg: Config, num_classes: int, in_channels: int) -> Callable
     return build
 
 
-def _optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
+    """The ``train.optimizer`` (SGD with momentum, or Adam) over ``params``."""
     t = cfg.train
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def _scheduler(cfg: Config, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(cfg: Config, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The ``train.scheduler`` of ``opt``, stepped once per epoch (constant by default)."""
     t = cfg.train
     if t.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
@@ -135,13 +131,7 @@ def predict(
     return torch.cat(idx), torch.cat(probs)
 
 
-def _accuracy(
-    method: Method, nets: Networks, stream: Any, labels: Tensor, device: torch.device
-) -> float:
-    return _accuracies(method, nets, stream, [labels], device)[0]
-
-
-def _accuracies(
+def accuracies(
     method: Method, nets: Networks, stream: Any, labels: list[Tensor], device: torch.device
 ) -> list[float]:
     """Accuracy against each label vector, from one prediction pass (all ranks)."""
@@ -153,7 +143,7 @@ def _accuracies(
     return [float(t / n) if n > 0 else float("nan") for t in totals[:-1]]
 
 
-def _check_bad_samples(stream: Any, n: int, cfg: Config, comm_device: torch.device) -> int:
+def check_bad_samples(stream: Any, n: int, cfg: Config, comm_device: torch.device) -> int:
     """Unusable training samples met so far (all ranks); abort past ``data.max_bad_fraction``.
 
     Every rank gets the same total, so every rank raises together (no rank left waiting in a
@@ -177,7 +167,7 @@ def _check_bad_samples(stream: Any, n: int, cfg: Config, comm_device: torch.devi
     return total
 
 
-def _check_class_mix(
+def check_class_mix(
     mean_distinct: float, class_counts: np.ndarray, batch_size: int, cfg: Config, *, warn: bool
 ) -> float:
     """``batch_class_mix`` of an epoch's batches; warns (once) when the stream cannot mix."""
@@ -195,7 +185,7 @@ def _check_class_mix(
     return mean_distinct / expected
 
 
-def _bad_sample_list(*named: tuple[str, Any]) -> list[dict[str, str]]:
+def gather_bad_samples(*named: tuple[str, Any]) -> list[dict[str, str]]:
     """Distinct skipped samples of every rank's streams (a collective: call on all ranks)."""
     local = [
         {"set": name, "key": key, "reason": reason}
@@ -213,12 +203,6 @@ def _bad_sample_list(*named: tuple[str, Any]) -> list[dict[str, str]]:
 def train_eval_bad(*streams: Any) -> int:
     """Corrupt or unreadable samples that eval streams skipped on this rank."""
     return sum(len(s.bad_samples) for s in streams if s is not None)
-
-
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def _write_outputs(
@@ -349,249 +333,8 @@ def train_step(
         return result.loss, int((pred == batch.y).sum())
 
 
-def run_worker(job: dict[str, Any], ctx: WorkerContext) -> None:
-    """Train one rank.
+def run_worker(job: Job, ctx: WorkerContext) -> None:
+    """Train one rank: ``Trainer(job, ctx).run()`` (:class:`distnoisy.trainer.Trainer`)."""
+    from distnoisy.trainer import Trainer  # imported here: the trainer builds on this module
 
-    ``job`` = {"config": dict, "data": DataSpec dict, "tracking": {"uri", "run_id"} | None,
-    "resources": the method's driver-side resources (JSON-able) | None}.
-    """
-    from distnoisy.data.shards import read_manifest
-    from distnoisy.data.stream import EvalStream, TrainStream, make_transform, mix_seed
-
-    cfg = from_dict(job["config"])
-    spec = DataSpec(**job["data"])
-    tracking = job.get("tracking") or {}
-    rank, world, device = ctx.rank, ctx.world_size, ctx.device
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    np.random.seed(cfg.seed + rank)
-
-    given_np, clean_np, keys = _labels(spec)
-    given = torch.from_numpy(given_np)
-    n, num_classes, epochs = spec.num_train, spec.num_classes, cfg.train.epochs
-
-    method: Method = METHODS.get(cfg.method.name)(
-        cfg.method,
-        num_samples=n,
-        num_classes=num_classes,
-        epochs=epochs,
-        resources=job.get("resources"),
-        seed=cfg.seed,
-    )
-    models = method.build_networks(network_builder(cfg, num_classes, spec.in_channels))
-    models = {name: m.to(device) for name, m in models.items()}
-    method.setup(models, device)
-    nets: Networks = dict(models)  # what the steps run: DDP-wrapped on several ranks
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        nets = {name: DDP(m, device_ids=ids) for name, m in models.items()}
-
-    comm_device = device if device.type == "cuda" else torch.device("cpu")
-    store = SampleStore(n, comm_device=comm_device)
-    store.declare("loss_hist", FieldSpec(shape=(epochs,), fill=float("nan")))
-    store.declare("train_pred", FieldSpec(dtype=torch.int64, fill=-1))
-    store.declare("final_prob", FieldSpec(shape=(num_classes,)))
-    method.attach(store)
-    opts = method.build_optimizers(nets, lambda params: _optimizer(cfg, params))
-    scheds = {name: _scheduler(cfg, opt) for name, opt in opts.items()}
-
-    start_epoch, history = 0, []
-    with ctx.restore() as ckpt_dir:
-        if ckpt_dir is not None:
-            state = torch.load(
-                Path(ckpt_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True
-            )
-            for name, m in models.items():
-                m.load_state_dict(state["networks"][name])
-            for name, opt in opts.items():
-                opt.load_state_dict(state["optimizers"][name])
-                scheds[name].load_state_dict(state["schedulers"][name])
-            store.load_state_dict(state["store"])
-            method.load_state_dict(state["method"])
-            start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
-            if rank == 0:
-                log.info("resumed from %s at epoch %d", ckpt_dir, start_epoch)
-
-    local_bs = cfg.train.batch_size // world
-    train_manifest = read_manifest(spec.train_dir)
-
-    def train_stream_for(phase: int) -> TrainStream:
-        # Each phase (ELR+: each network) has its own shuffling, augmentation draws and, with
-        # class-balanced epochs, its own draw: the official ELR+ builds one loader per network.
-        seed = cfg.seed if phase == 0 else mix_seed(cfg.seed, phase)
-        balanced = None
-        if cfg.data.balanced_batches > 0:
-            from distnoisy.data.stream import BalancedSubset
-
-            balanced = BalancedSubset(
-                given_np,
-                cfg.data.balanced_batches * cfg.train.batch_size,
-                seed=seed,
-                resample=cfg.data.balanced_resample,
-            )
-        return TrainStream(
-            train_manifest,
-            rank=rank,
-            world_size=world,
-            local_batch_size=local_bs,
-            seed=seed,
-            split=cfg.data.split,
-            transform=make_transform(
-                spec.train_transform, spec.mean, spec.std, seed=seed, size=cfg.data.image_size
-            ),
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            open_shards=cfg.data.open_shards,
-            num_workers=cfg.data.num_workers,
-            balanced=balanced,
-        )
-
-    # The class mix is measured on the data's own labels: synthetic noise would hide a
-    # class-ordered stream (40% random labels make any batch look mixed).
-    mix_labels = given_np if clean_np is None else np.where(clean_np >= 0, clean_np, given_np)
-    class_counts = np.bincount(mix_labels, minlength=num_classes)
-    phases = method.phases()
-    train_streams = {phase: train_stream_for(k) for k, phase in enumerate(phases)}
-    # Every phase reads the same data: the first one's bad samples are the data's.
-    first_stream = train_streams[phases[0]]
-    eval_tf = make_transform(spec.eval_transform, spec.mean, spec.std, size=cfg.data.image_size)
-
-    def eval_set(directory: str | None) -> tuple[Any, torch.Tensor | None]:
-        if directory is None:
-            return None, None
-        from distnoisy.data.shards import read_labels
-
-        manifest = read_manifest(directory)
-        labels = torch.from_numpy(np.asarray(read_labels(manifest)[0], dtype=np.int64))
-        stream = EvalStream(
-            manifest, rank=rank, world_size=world, batch_size=256, transform=eval_tf
-        )
-        return stream, labels
-
-    test_stream, test_labels = eval_set(spec.test_dir)
-    val_stream, val_labels = eval_set(spec.val_dir)
-    val_noisy = None
-    if val_stream is not None and spec.val_label_file is not None:
-        from distnoisy.data.noise import load_label_file
-
-        noisy = load_label_file(spec.val_label_file, len(val_labels), num_classes).labels
-        val_noisy = torch.from_numpy(np.asarray(noisy, dtype=np.int64))
-    corrupted = (
-        torch.from_numpy((clean_np != given_np) & (clean_np >= 0)) if clean_np is not None else None
-    )
-    logger = RunLogger(tracking.get("uri"), tracking.get("run_id"), rank)
-
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        metrics: dict[str, float] = dict(method.on_epoch_start(epoch))
-        for m in models.values():
-            m.train()
-        # loss*b, correct on given labels, b, distinct labels per batch (summed), batches
-        sums = torch.zeros(5, dtype=torch.float64)
-        for phase, stream in train_streams.items():
-            steps = stream.steps_per_epoch
-            for step, batch in enumerate(stream.epoch_batches(epoch)):
-                index = batch["index"]
-                x = batch["image"].to(device, non_blocking=True)
-                y = given[index].to(device, non_blocking=True)
-                inp = StepInput(x, y, index, epoch, step, steps, phase)
-                loss_value, correct = train_step(method, nets, opts, store, inp)
-                mix = distinct_classes(mix_labels[index.numpy()])
-                sums += torch.tensor([loss_value * len(y), correct, len(y), mix, 1])
-        for sched in scheds.values():
-            sched.step()
-        metrics["bad_samples"] = _check_bad_samples(first_stream, n, cfg, comm_device)
-        totals = dist.all_reduce_sum(sums.to(comm_device)).cpu()
-        metrics["train_loss"] = float(totals[0] / totals[2])
-        metrics["train_acc_given"] = float(totals[1] / totals[2])
-        metrics["batch_class_mix"] = _check_class_mix(
-            float(totals[3] / totals[4]),
-            class_counts,
-            local_bs,
-            cfg,
-            warn=rank == 0 and epoch == start_epoch,
-        )
-        if val_stream is not None and val_noisy is not None:
-            metrics["val_acc"], metrics["val_acc_noisy"] = _accuracies(
-                method, models, val_stream, [val_labels, val_noisy], device
-            )
-        elif val_stream is not None:
-            metrics["val_acc"] = _accuracy(method, models, val_stream, val_labels, device)
-        if test_stream is not None:
-            metrics["test_acc"] = _accuracy(method, models, test_stream, test_labels, device)
-        if corrupted is not None and corrupted.any():
-            seen = store["train_pred"] >= 0
-            mask = corrupted & seen
-            metrics["memorized"] = float((store["train_pred"][mask] == given[mask]).float().mean())
-        metrics["lr"] = float(next(iter(opts.values())).param_groups[0]["lr"])
-        metrics["epoch_time_s"] = time.perf_counter() - t0
-        metrics["epoch"] = epoch
-        history.append(metrics)
-        logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-        if rank == 0:
-            log.info(
-                "epoch %d/%d  loss %.4f  train_acc(given) %.3f  test_acc %s  memorized %s  (%.1fs)",
-                epoch + 1,
-                epochs,
-                metrics["train_loss"],
-                metrics["train_acc_given"],
-                f"{metrics['test_acc']:.3f}" if "test_acc" in metrics else "-",
-                f"{metrics['memorized']:.3f}" if "memorized" in metrics else "-",
-                metrics["epoch_time_s"],
-            )
-
-        last = epoch == epochs - 1
-        if last:
-            # Final predictions on the (un-augmented) training set, gathered into the store.
-            train_eval = EvalStream(
-                read_manifest(spec.train_dir),
-                rank=rank,
-                world_size=world,
-                batch_size=256,
-                transform=eval_tf,
-            )
-            index, probs = predict(method, models, train_eval, device)
-            store.set("final_prob", index, probs)
-            bad = first_stream.num_bad_samples + train_eval_bad(train_eval, test_stream, val_stream)
-            num_bad = int(dist.all_reduce_sum(torch.tensor([bad], device=comm_device)).item())
-            bad_list = _bad_sample_list(
-                ("train", first_stream),
-                ("train", train_eval),
-                ("val", val_stream),
-                ("test", test_stream),
-            )
-
-        ckpt_dir = None
-        if rank == 0:
-            ckpt_dir = Path(tempfile.mkdtemp(prefix="distnoisy-ckpt-"))
-            state = {
-                "networks": {name: m.state_dict() for name, m in models.items()},
-                "optimizers": {name: opt.state_dict() for name, opt in opts.items()},
-                "schedulers": {name: sch.state_dict() for name, sch in scheds.items()},
-                "store": store.state_dict(),
-                "method": method.state_dict(),
-                "epoch": epoch,
-                "history": history,
-            }
-            _save_state(ckpt_dir / CHECKPOINT_FILE, state)
-            if last:
-                (ckpt_dir / OUTPUTS_DIR).mkdir()
-                # Final weights of every network, loadable with weights_only=True (LIMIT's
-                # q_init, fine-tuning, analysis).
-                _save_state(ckpt_dir / OUTPUTS_DIR / WEIGHTS_FILE, state["networks"])
-                _write_outputs(
-                    ckpt_dir / OUTPUTS_DIR,
-                    method,
-                    store,
-                    given_np,
-                    clean_np,
-                    keys,
-                    history,
-                    spec,
-                    cfg,
-                    bad_samples=num_bad,
-                    bad_sample_list=bad_list,
-                )
-        try:
-            ctx.report(metrics, ckpt_dir)
-        finally:
-            if ckpt_dir is not None:
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
+    Trainer(job, ctx).run()

@@ -8,6 +8,7 @@ local Ray cluster with 2 CPU workers, tracked in ``./mlflow.db``. Outputs go to 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,8 @@ from distnoisy.errors import ConfigError, DistnoisyError
 log = logging.getLogger("distnoisy")
 
 OUTPUT_FILES = ("summary.json", "label_issues.parquet", "sample_stats.parquet", "weights.pt")
+#: Written only by some runs: the best-by-validation weights need a validation set.
+OPTIONAL_OUTPUT_FILES = ("weights_best.pt",)
 
 
 def resolve_run_dir(cfg: Config) -> Path:
@@ -83,7 +86,8 @@ def _reference_trainer(
 def _publish(final_ckpt: Path, run_dir: Path) -> None:
     """Copy the finished run's outputs from its final checkpoint into the run dir, atomically."""
     src = final_ckpt / "outputs"
-    for name in OUTPUT_FILES:
+    optional = [n for n in OPTIONAL_OUTPUT_FILES if (src / n).exists()]
+    for name in (*OUTPUT_FILES, *optional):
         tmp = run_dir / f".{name}.tmp"
         shutil.copyfile(src / name, tmp)
         os.replace(tmp, run_dir / name)
@@ -116,6 +120,7 @@ def train(
     """
     from distnoisy import tracking
     from distnoisy.data.prepare import prepare_data
+    from distnoisy.job import Job, Tracking
     from distnoisy.launch import launch
 
     t_start = time.perf_counter()
@@ -151,11 +156,7 @@ def train(
     tmp_info.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
     os.replace(tmp_info, run_info_path)
 
-    job = {
-        "config": to_dict(cfg),
-        "data": spec.to_dict(),
-        "tracking": {"uri": uri, "run_id": run_id} if run_id else None,
-    }
+    job = Job(cfg, spec, Tracking(uri, run_id) if run_id else None)
     status = "FAILED"
     try:
         if run_id is not None:
@@ -175,7 +176,7 @@ def train(
         )
         resources = METHODS.get(cfg.method.name).prepare_resources(cfg.method, context)
         if resources:
-            job["resources"] = resources
+            job = dataclasses.replace(job, resources=resources)
             tmp = run_dir / ".method_resources.json.tmp"
             tmp.write_text(json.dumps(resources, indent=2))
             os.replace(tmp, run_dir / "method_resources.json")
@@ -228,17 +229,36 @@ def _fmt(v: Any) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def _test_headline(summary: dict[str, Any]) -> str:
+    """The test-accuracy line: the validation-selected number where a validation set exists.
+
+    The best test accuracy over epochs selects the epoch on the test set itself (an optimistic
+    oracle), so it is never the headline; it is shown, labelled, after the final one.
+    """
+    final = _pct(summary.get("test_acc"))
+    best = _pct(summary.get("best_test_acc"))
+    oracle = f"{best} test-selected (epoch {summary.get('best_epoch')})"
+    if summary.get("best_val_epoch") is not None:
+        return (
+            f"  clean test accuracy   {_pct(summary.get('test_acc_at_best_val'))} at the best "
+            f"val epoch {summary['best_val_epoch']}; {final} final, {oracle}"
+        )
+    return f"  clean test accuracy   {final} final; {oracle}"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    def pct(v: Any) -> str:
-        return "n/a" if v is None else f"{100 * v:.1f}%"
+    pct = _pct
 
     lines = [
         f"distnoisy: {summary['method']} on {summary['dataset']} "
         f"({summary['num_train']} train samples, noise {summary['noise_kind']}, "
         f"realised rate {pct(summary.get('noise_rate_realised'))}, "
         f"{summary['num_workers']} worker{'s' if summary['num_workers'] != 1 else ''})",
-        f"  clean test accuracy   {pct(summary.get('test_acc'))} final, "
-        f"{pct(summary.get('best_test_acc'))} best (epoch {summary.get('best_epoch')})",
+        _test_headline(summary),
         f"  memorized noisy labels {pct(summary.get('memorized'))} of corrupted training samples",
         f"  label-issue AUROC     {_fmt(summary.get('label_issue_auroc'))}"
         + (
@@ -260,8 +280,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.insert(
             -1,
             f"  clean val accuracy    {pct(summary.get('best_val_acc'))} best (epoch "
-            f"{summary['best_val_epoch']}); test accuracy there "
-            f"{pct(summary.get('test_acc_at_best_val'))} (the reported number)",
+            f"{summary['best_val_epoch']}, weights in weights_best.pt)",
         )
     if summary.get("bad_samples"):
         named = summary.get("bad_sample_list") or []

@@ -225,3 +225,15 @@ class Method(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
         """Restore what :meth:`state_dict` returned (methods with state override both)."""
+
+    def rng_state_dict(self) -> dict[str, Any]:
+        """This rank's own random generators (tensors and plain values), for exact resume.
+
+        Unlike :meth:`state_dict` (identical on every rank, saved once), this is gathered from
+        every rank: methods that seed a generator per rank (LIMIT's gradient noise) return its
+        state here. Generators re-seeded at every step from the step's position need nothing.
+        """
+        return {}
+
+    def load_rng_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """Restore what :meth:`rng_state_dict` returned on this rank."""

@@ -191,14 +191,17 @@ class LIMIT(Method):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         raise TypeError("LIMIT trains a classifier and a q-network through train_step")
 
+    def _noise_generator(self) -> torch.Generator:
+        # One stream per rank (ranks see different samples), created at the first draw.
+        if self._noise_gen is None:
+            self._noise_gen = torch.Generator().manual_seed(self.seed * 1000 + dist.rank() + 1)
+        return self._noise_gen
+
     def _noise(self, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
         if not self.params.sample_from_q:
             return None
-        if self._noise_gen is None:
-            self._noise_gen = torch.Generator().manual_seed(self.seed * 1000 + dist.rank() + 1)
-        return sample_grad_noise(
-            shape, self.params.variant, self.params.lamb, self._noise_gen, device
-        )
+        gen = self._noise_generator()
+        return sample_grad_noise(shape, self.params.variant, self.params.lamb, gen, device)
 
     def train_step(self, batch: StepInput, nets: Networks, opts: Optimizers) -> StepResult:
         assert self.store is not None
@@ -221,6 +224,17 @@ class LIMIT(Method):
             self.store.stage("limit_q_prob", batch.index, r)
             self.store.stage("limit_grad_norm", batch.index, g_norm)
         return StepResult(float((carrier + q_loss).detach()), z.detach())
+
+    def rng_state_dict(self) -> dict[str, Any]:
+        # The noise stream advances with every step: without it a resumed run draws the
+        # noise of epoch 0 again and diverges from an uninterrupted one.
+        if self._noise_gen is None:
+            return {}
+        return {"noise_gen": self._noise_gen.get_state()}
+
+    def load_rng_state_dict(self, state: dict[str, Any]) -> None:
+        if "noise_gen" in state:
+            self._noise_generator().set_state(state["noise_gen"])
 
     def label_issue_scores(
         self, given: np.ndarray, probs: np.ndarray, loss_history: np.ndarray

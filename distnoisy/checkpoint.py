@@ -1,0 +1,160 @@
+"""The training checkpoint: a versioned format, atomic writes, every RNG that affects training.
+
+A checkpoint directory holds ``state.pt`` (:data:`STATE_FILE`) and, with a validation set,
+``weights_best.pt`` (the best-by-validation weights so far, carried from checkpoint to
+checkpoint so a resumed run keeps them). ``state.pt`` is a dict of tensors and plain values
+(loadable with ``torch.load(..., weights_only=True)``: no pickled code ever runs):
+
+- ``format``: :data:`FORMAT_VERSION`, checked on load;
+- ``epoch``, ``history``: the last finished epoch and the per-epoch metrics so far;
+- ``networks``, ``optimizers``, ``schedulers``: state dicts by name;
+- ``store``: the per-sample store; ``method``: the method's (rank-independent) state;
+- ``rng``: one entry per rank (:func:`capture_rng`): torch CPU, CUDA (when used), numpy's
+  global generator, Python's ``random`` and the method's own generators (LIMIT's gradient
+  noise); ranks draw different numbers, so each rank restores its own;
+- ``best``: ``{"epoch", "val_acc"}`` of the best validation epoch so far, or None.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from distnoisy import dist
+from distnoisy.errors import DistnoisyError
+
+if TYPE_CHECKING:
+    from distnoisy.methods.base import Method
+
+log = logging.getLogger(__name__)
+
+#: Bump when the layout of ``state.pt`` changes; :func:`load_state` refuses other versions.
+FORMAT_VERSION = 1
+STATE_FILE = "state.pt"
+#: Final weights of every network, ``{name: state_dict}`` (in a run's ``outputs/``).
+WEIGHTS_FILE = "weights.pt"
+#: The weights of the best validation epoch, same layout as :data:`WEIGHTS_FILE`.
+BEST_WEIGHTS_FILE = "weights_best.pt"
+
+
+class CheckpointError(DistnoisyError):
+    """A checkpoint that this version of distnoisy cannot resume from."""
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a hidden temporary file, then rename: the file appears whole or not."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The checkpoint dict of ``path`` (weights only), after checking its format version.
+
+    Raises
+    ------
+    CheckpointError
+        The file has no ``format`` or one this version does not read.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    version = state.get("format") if isinstance(state, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format {version!r}, this distnoisy reads format "
+            f"{FORMAT_VERSION}; resume it with the distnoisy version that wrote it, or start a "
+            "new run (another output_dir, or resume=false)"
+        )
+    return state
+
+
+# -- random number generators ---------------------------------------------------------------
+def _numpy_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    assert kind == "MT19937"
+    # uint32 keys as int64: weights_only loading takes tensors, not numpy arrays
+    return {
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def _set_numpy_state(s: dict[str, Any]) -> None:
+    keys = s["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, s["pos"], s["has_gauss"], s["cached_gaussian"]))
+
+
+def _python_state() -> dict[str, Any]:
+    version, internal, gauss_next = random.getstate()
+    return {
+        "version": int(version),
+        "state": torch.tensor(internal, dtype=torch.int64),
+        "gauss_next": gauss_next,
+    }
+
+
+def _set_python_state(s: dict[str, Any]) -> None:
+    internal = tuple(int(v) for v in s["state"].tolist())
+    random.setstate((s["version"], internal, s["gauss_next"]))
+
+
+def capture_rng(device: torch.device, method: Method) -> dict[str, Any]:
+    """Every random number generator of this rank that training draws from.
+
+    Parameters
+    ----------
+    device
+        The rank's training device; its CUDA generator is included when it is a GPU.
+    method
+        The method, for its own generators (:meth:`Method.rng_state_dict`).
+    """
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state(),
+        "python": _python_state(),
+        "method": method.rng_state_dict(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device, method: Method) -> None:
+    """Put back what :func:`capture_rng` returned on this rank."""
+    torch.set_rng_state(state["torch"])
+    _set_numpy_state(state["numpy"])
+    _set_python_state(state["python"])
+    method.load_rng_state_dict(state["method"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng(device: torch.device, method: Method) -> list[dict[str, Any]]:
+    """:func:`capture_rng` of every rank, in rank order (a collective: call on all ranks)."""
+    return list(dist.all_gather_object(capture_rng(device, method)))  # type: ignore[arg-type]
+
+
+def restore_rank_rng(per_rank: list[dict[str, Any]], device: torch.device, method: Method) -> None:
+    """Restore this rank's generators from a checkpoint's per-rank list.
+
+    With another number of workers than the run that wrote the checkpoint there is no
+    matching state: the generators keep their fresh seeds and the run continues, no longer
+    bit-identical to an uninterrupted one (it already is not: the data split changed).
+    """
+    if len(per_rank) != dist.world_size():
+        if dist.rank() == 0:
+            log.warning(
+                "checkpoint written by %d workers, resuming on %d: random generators start "
+                "fresh, so the run will not repeat an uninterrupted one exactly",
+                len(per_rank),
+                dist.world_size(),
+            )
+        return
+    restore_rng(per_rank[dist.rank()], device, method)

@@ -1,0 +1,438 @@
+"""The training recipe of one rank: :class:`Trainer` (plain torch + torch.distributed, no Ray).
+
+A launcher (Ray Train, or the in-process/multiprocess local launcher) runs
+``Trainer(job, ctx).run()`` on every rank. The steps, in order:
+
+- :meth:`Trainer.setup`: seeds, labels, method, networks (DDP on several ranks), store,
+  optimizers, schedulers, training and evaluation streams;
+- :meth:`Trainer.restore`: the latest checkpoint, if the launcher has one (:mod:`checkpoint`);
+- per epoch :meth:`Trainer.train_epoch` (one pass per method phase), :meth:`Trainer.evaluate`
+  (validation, test, memorization), :meth:`Trainer.checkpoint` (reported to the launcher);
+- after the last epoch :meth:`Trainer.finalize`: final predictions on the training set and the
+  skipped-sample list, which the last checkpoint's ``outputs/`` is written from.
+
+Every step but the checkpoint file writing runs on every rank: most hold collectives.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from distnoisy import checkpoint as ckpt
+from distnoisy import dist
+from distnoisy.data.mixing import distinct_classes
+from distnoisy.job import Job
+from distnoisy.loop import (
+    OUTPUTS_DIR,
+    WorkerContext,
+    _write_outputs,
+    accuracies,
+    check_bad_samples,
+    check_class_mix,
+    gather_bad_samples,
+    make_optimizer,
+    make_scheduler,
+    network_builder,
+    predict,
+    train_eval_bad,
+    train_step,
+    training_labels,
+)
+from distnoisy.methods import METHODS, Method
+from distnoisy.methods.base import Networks, StepInput
+from distnoisy.store import FieldSpec, SampleStore
+from distnoisy.tracking import RunLogger
+
+log = logging.getLogger("distnoisy.loop")  # the epoch lines keep their logger name
+
+#: Batch size of the evaluation streams (per rank).
+EVAL_BATCH_SIZE = 256
+
+
+@dataclass
+class EvalSet:
+    """An evaluation stream with its clean labels and, optionally, noisy ones (validation)."""
+
+    stream: Any
+    labels: Tensor
+    noisy: Tensor | None = None
+
+
+@dataclass
+class FinalOutputs:
+    """What :meth:`Trainer.finalize` gathered for the run's outputs (rank 0 writes them)."""
+
+    num_bad: int
+    bad_list: list[dict[str, str]]
+
+
+class Trainer:
+    """Train one rank of ``job``; ``ctx`` connects it to its launcher.
+
+    Parameters
+    ----------
+    job
+        The job description (the same on every rank).
+    ctx
+        Rank, world size, device, and the launcher's ``report``/``restore``.
+    """
+
+    def __init__(self, job: Job, ctx: WorkerContext) -> None:
+        self.job, self.ctx = job, ctx
+        self.cfg, self.spec = job.config, job.data
+        self.rank, self.world, self.device = ctx.rank, ctx.world_size, ctx.device
+        # Collectives run on the training device with NCCL, on the CPU with gloo.
+        self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        self.epochs = self.cfg.train.epochs
+        self.start_epoch = 0
+        self.history: list[dict[str, float]] = []
+        # Best validation epoch so far ({"epoch", "val_acc"}) and its weights (rank 0).
+        self.best: dict[str, Any] | None = None
+        self.best_weights: dict[str, dict[str, Tensor]] | None = None
+
+    # -- the recipe ---------------------------------------------------------------------------
+    def run(self) -> None:
+        """Set up, restore, then train, evaluate and checkpoint every remaining epoch."""
+        self.setup()
+        self.restore()
+        for epoch in range(self.start_epoch, self.epochs):
+            t0 = time.perf_counter()
+            metrics = self.train_epoch(epoch)
+            metrics.update(self.evaluate(epoch))
+            metrics["lr"] = float(next(iter(self.opts.values())).param_groups[0]["lr"])
+            metrics["epoch_time_s"] = time.perf_counter() - t0
+            metrics["epoch"] = epoch
+            self.history.append(metrics)
+            self._log_epoch(epoch, metrics)
+            self._track_best(epoch, metrics)
+            final = self.finalize() if epoch == self.epochs - 1 else None
+            self.checkpoint(epoch, metrics, final)
+
+    # -- setup --------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Build everything a run needs, identically on a fresh start and on resume."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        np.random.seed(cfg.seed + self.rank)
+        self.given_np, self.clean_np, self.keys = training_labels(self.spec)
+        self.given = torch.from_numpy(self.given_np)
+        self._setup_model()
+        self._setup_store_and_optimizers()
+        self._setup_train_streams()
+        self._setup_eval_sets()
+        tracking = self.job.tracking
+        self.logger = RunLogger(
+            tracking.uri if tracking else None, tracking.run_id if tracking else None, self.rank
+        )
+
+    def _setup_model(self) -> None:
+        cfg, spec = self.cfg, self.spec
+        self.method: Method = METHODS.get(cfg.method.name)(
+            cfg.method,
+            num_samples=spec.num_train,
+            num_classes=spec.num_classes,
+            epochs=self.epochs,
+            resources=dict(self.job.resources),
+            seed=cfg.seed,
+        )
+        build = network_builder(cfg, spec.num_classes, spec.in_channels)
+        models = self.method.build_networks(build)
+        self.models: dict[str, nn.Module] = {k: m.to(self.device) for k, m in models.items()}
+        self.method.setup(self.models, self.device)
+        self.nets: Networks = dict(self.models)  # what the steps run: DDP on several ranks
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.nets = {k: DDP(m, device_ids=ids) for k, m in self.models.items()}
+
+    def _setup_store_and_optimizers(self) -> None:
+        n, c = self.spec.num_train, self.spec.num_classes
+        self.store = SampleStore(n, comm_device=self.comm_device)
+        self.store.declare("loss_hist", FieldSpec(shape=(self.epochs,), fill=float("nan")))
+        self.store.declare("train_pred", FieldSpec(dtype=torch.int64, fill=-1))
+        self.store.declare("final_prob", FieldSpec(shape=(c,)))
+        self.method.attach(self.store)
+        self.opts = self.method.build_optimizers(self.nets, lambda p: make_optimizer(self.cfg, p))
+        self.scheds = {k: make_scheduler(self.cfg, opt) for k, opt in self.opts.items()}
+
+    def _train_stream(self, phase: int) -> Any:
+        from distnoisy.data.stream import BalancedSubset, TrainStream, make_transform, mix_seed
+
+        cfg, spec = self.cfg, self.spec
+        # Each phase (ELR+: each network) has its own shuffling, augmentation draws and, with
+        # class-balanced epochs, its own draw: the official ELR+ builds one loader per network.
+        seed = cfg.seed if phase == 0 else mix_seed(cfg.seed, phase)
+        balanced = None
+        if cfg.data.balanced_batches > 0:
+            balanced = BalancedSubset(
+                self.given_np,
+                cfg.data.balanced_batches * cfg.train.batch_size,
+                seed=seed,
+                resample=cfg.data.balanced_resample,
+            )
+        return TrainStream(
+            self.train_manifest,
+            rank=self.rank,
+            world_size=self.world,
+            local_batch_size=self.local_bs,
+            seed=seed,
+            split=cfg.data.split,
+            transform=make_transform(
+                spec.train_transform, spec.mean, spec.std, seed=seed, size=cfg.data.image_size
+            ),
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            open_shards=cfg.data.open_shards,
+            num_workers=cfg.data.num_workers,
+            balanced=balanced,
+        )
+
+    def _setup_train_streams(self) -> None:
+        from distnoisy.data.shards import read_manifest
+
+        self.local_bs = self.cfg.train.batch_size // self.world
+        self.train_manifest = read_manifest(self.spec.train_dir)
+        # The class mix is measured on the data's own labels: synthetic noise would hide a
+        # class-ordered stream (40% random labels make any batch look mixed).
+        clean, given = self.clean_np, self.given_np
+        self.mix_labels = given if clean is None else np.where(clean >= 0, clean, given)
+        self.class_counts = np.bincount(self.mix_labels, minlength=self.spec.num_classes)
+        phases = self.method.phases()
+        self.train_streams = {ph: self._train_stream(k) for k, ph in enumerate(phases)}
+        # Every phase reads the same data: the first one's bad samples are the data's.
+        self.first_stream = self.train_streams[phases[0]]
+
+    def _eval_set(self, directory: str | None, noisy_file: str | None = None) -> EvalSet | None:
+        from distnoisy.data.shards import read_labels, read_manifest
+        from distnoisy.data.stream import EvalStream
+
+        if directory is None:
+            return None
+        manifest = read_manifest(directory)
+        labels = torch.from_numpy(np.asarray(read_labels(manifest)[0], dtype=np.int64))
+        stream = EvalStream(
+            manifest,
+            rank=self.rank,
+            world_size=self.world,
+            batch_size=EVAL_BATCH_SIZE,
+            transform=self.eval_tf,
+        )
+        noisy = None
+        if noisy_file is not None:
+            from distnoisy.data.noise import load_label_file
+
+            given = load_label_file(noisy_file, len(labels), self.spec.num_classes).labels
+            noisy = torch.from_numpy(np.asarray(given, dtype=np.int64))
+        return EvalSet(stream, labels, noisy)
+
+    def _setup_eval_sets(self) -> None:
+        from distnoisy.data.stream import make_transform
+
+        spec = self.spec
+        self.eval_tf = make_transform(
+            spec.eval_transform, spec.mean, spec.std, size=self.cfg.data.image_size
+        )
+        self.test_set = self._eval_set(spec.test_dir)
+        self.val_set = self._eval_set(spec.val_dir, spec.val_label_file)
+        clean, given = self.clean_np, self.given_np
+        self.corrupted = (
+            torch.from_numpy((clean != given) & (clean >= 0)) if clean is not None else None
+        )
+
+    # -- restore ------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Continue from the launcher's latest checkpoint, if any (every rank reads it)."""
+        with self.ctx.restore() as ckpt_dir:
+            if ckpt_dir is None:
+                return
+            state = ckpt.load_state(Path(ckpt_dir) / ckpt.STATE_FILE)
+            for name, m in self.models.items():
+                m.load_state_dict(state["networks"][name])
+            for name, opt in self.opts.items():
+                opt.load_state_dict(state["optimizers"][name])
+                self.scheds[name].load_state_dict(state["schedulers"][name])
+            self.store.load_state_dict(state["store"])
+            self.method.load_state_dict(state["method"])
+            self.start_epoch, self.history = int(state["epoch"]) + 1, list(state["history"])
+            self.best = state["best"]
+            best_file = Path(ckpt_dir) / ckpt.BEST_WEIGHTS_FILE
+            if self.rank == 0 and best_file.exists():
+                self.best_weights = torch.load(best_file, map_location="cpu", weights_only=True)
+            # Last: everything above may draw random numbers that the uninterrupted run drew
+            # before its checkpoint was taken.
+            ckpt.restore_rank_rng(state["rng"], self.device, self.method)
+            if self.rank == 0:
+                log.info("resumed from %s at epoch %d", ckpt_dir, self.start_epoch)
+
+    # -- one epoch ----------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass per method phase, then the schedulers; the epoch's training metrics."""
+        metrics: dict[str, float] = dict(self.method.on_epoch_start(epoch))
+        for m in self.models.values():
+            m.train()
+        # loss*b, correct on given labels, b, distinct labels per batch (summed), batches
+        sums = torch.zeros(5, dtype=torch.float64)
+        for phase, stream in self.train_streams.items():
+            steps = stream.steps_per_epoch
+            for step, batch in enumerate(stream.epoch_batches(epoch)):
+                index = batch["index"]
+                x = batch["image"].to(self.device, non_blocking=True)
+                y = self.given[index].to(self.device, non_blocking=True)
+                inp = StepInput(x, y, index, epoch, step, steps, phase)
+                loss_value, correct = train_step(self.method, self.nets, self.opts, self.store, inp)
+                mix = distinct_classes(self.mix_labels[index.numpy()])
+                sums += torch.tensor([loss_value * len(y), correct, len(y), mix, 1])
+        for sched in self.scheds.values():
+            sched.step()
+        metrics["bad_samples"] = check_bad_samples(
+            self.first_stream, self.spec.num_train, self.cfg, self.comm_device
+        )
+        totals = dist.all_reduce_sum(sums.to(self.comm_device)).cpu()
+        metrics["train_loss"] = float(totals[0] / totals[2])
+        metrics["train_acc_given"] = float(totals[1] / totals[2])
+        metrics["batch_class_mix"] = check_class_mix(
+            float(totals[3] / totals[4]),
+            self.class_counts,
+            self.local_bs,
+            self.cfg,
+            warn=self.rank == 0 and epoch == self.start_epoch,
+        )
+        return metrics
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Validation and test accuracy, and memorization of the corrupted training labels."""
+        metrics: dict[str, float] = {}
+        val, test = self.val_set, self.test_set
+        if val is not None:
+            targets = [val.labels] if val.noisy is None else [val.labels, val.noisy]
+            accs = accuracies(self.method, self.models, val.stream, targets, self.device)
+            metrics["val_acc"] = accs[0]
+            if val.noisy is not None:
+                metrics["val_acc_noisy"] = accs[1]
+        if test is not None:
+            metrics["test_acc"] = accuracies(
+                self.method, self.models, test.stream, [test.labels], self.device
+            )[0]
+        if self.corrupted is not None and self.corrupted.any():
+            pred = self.store["train_pred"]
+            mask = self.corrupted & (pred >= 0)
+            metrics["memorized"] = float((pred[mask] == self.given[mask]).float().mean())
+        return metrics
+
+    def _log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        if self.rank != 0:
+            return
+        log.info(
+            "epoch %d/%d  loss %.4f  train_acc(given) %.3f  test_acc %s  memorized %s  (%.1fs)",
+            epoch + 1,
+            self.epochs,
+            metrics["train_loss"],
+            metrics["train_acc_given"],
+            f"{metrics['test_acc']:.3f}" if "test_acc" in metrics else "-",
+            f"{metrics['memorized']:.3f}" if "memorized" in metrics else "-",
+            metrics["epoch_time_s"],
+        )
+
+    def _track_best(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Keep the weights of the best validation epoch (the first one on ties, as
+        ``best_val_epoch`` in the summary)."""
+        val_acc = metrics.get("val_acc")
+        if val_acc is None or not np.isfinite(val_acc):
+            return
+        if self.best is not None and val_acc <= self.best["val_acc"]:
+            return
+        self.best = {"epoch": epoch, "val_acc": float(val_acc)}
+        if self.rank == 0:
+            self.best_weights = {
+                name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+                for name, m in self.models.items()
+            }
+
+    # -- end of run, checkpoint ---------------------------------------------------------------
+    def finalize(self) -> FinalOutputs:
+        """Final predictions on the un-augmented training set, into the store, and the skipped
+        samples of every stream (collectives: every rank)."""
+        from distnoisy.data.stream import EvalStream
+
+        train_eval = EvalStream(
+            self.train_manifest,
+            rank=self.rank,
+            world_size=self.world,
+            batch_size=EVAL_BATCH_SIZE,
+            transform=self.eval_tf,
+        )
+        index, probs = predict(self.method, self.models, train_eval, self.device)
+        self.store.set("final_prob", index, probs)
+        val = self.val_set.stream if self.val_set is not None else None
+        test = self.test_set.stream if self.test_set is not None else None
+        bad = self.first_stream.num_bad_samples + train_eval_bad(train_eval, test, val)
+        num_bad = int(dist.all_reduce_sum(torch.tensor([bad], device=self.comm_device)).item())
+        bad_list = gather_bad_samples(
+            ("train", self.first_stream), ("train", train_eval), ("val", val), ("test", test)
+        )
+        return FinalOutputs(num_bad, bad_list)
+
+    def state(self, epoch: int, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        """The checkpoint dict after ``epoch`` (layout in :mod:`distnoisy.checkpoint`)."""
+        return {
+            "format": ckpt.FORMAT_VERSION,
+            "epoch": epoch,
+            "history": self.history,
+            "networks": {name: m.state_dict() for name, m in self.models.items()},
+            "optimizers": {name: opt.state_dict() for name, opt in self.opts.items()},
+            "schedulers": {name: sch.state_dict() for name, sch in self.scheds.items()},
+            "store": self.store.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": rng,
+            "best": self.best,
+        }
+
+    def checkpoint(self, epoch: int, metrics: dict[str, float], final: FinalOutputs | None) -> None:
+        """Report the epoch to the launcher with a checkpoint (written by rank 0); after the
+        last epoch the checkpoint also holds the run's ``outputs/``."""
+        rng = ckpt.gather_rng(self.device, self.method)  # a collective: before the rank test
+        ckpt_dir = None
+        if self.rank == 0:
+            ckpt_dir = Path(tempfile.mkdtemp(prefix="distnoisy-ckpt-"))
+            state = self.state(epoch, rng)
+            ckpt.save_atomic(state, ckpt_dir / ckpt.STATE_FILE)
+            if self.best_weights is not None:
+                ckpt.save_atomic(self.best_weights, ckpt_dir / ckpt.BEST_WEIGHTS_FILE)
+            if final is not None:
+                self._write_final(ckpt_dir / OUTPUTS_DIR, state["networks"], final)
+        try:
+            self.ctx.report(metrics, ckpt_dir)
+        finally:
+            if ckpt_dir is not None:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    def _write_final(self, out: Path, networks: dict[str, Any], final: FinalOutputs) -> None:
+        out.mkdir()
+        # Final weights of every network, loadable with weights_only=True (LIMIT's q_init,
+        # fine-tuning, analysis); the best-by-validation ones beside them.
+        ckpt.save_atomic(networks, out / ckpt.WEIGHTS_FILE)
+        if self.best_weights is not None:
+            ckpt.save_atomic(self.best_weights, out / ckpt.BEST_WEIGHTS_FILE)
+        _write_outputs(
+            out,
+            self.method,
+            self.store,
+            self.given_np,
+            self.clean_np,
+            self.keys,
+            self.history,
+            self.spec,
+            self.cfg,
+            bad_samples=final.num_bad,
+            bad_sample_list=final.bad_list,
+        )
