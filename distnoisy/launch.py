@@ -1,6 +1,6 @@
 """Launchers: the one place that knows Ray.
 
-Both launchers run :func:`distnoisy.loop.run_worker` (a :class:`distnoisy.trainer.Trainer`)
+Both launchers run :func:`distnoisy.trainer.run_worker` (a :class:`distnoisy.trainer.Trainer`)
 over a :class:`distnoisy.job.Job` on every rank and return the directory of
 the final checkpoint (which holds the run's ``outputs/``):
 
@@ -26,7 +26,8 @@ import torch
 from distnoisy.config import Config
 from distnoisy.errors import DistnoisyError
 from distnoisy.job import Job
-from distnoisy.loop import WorkerContext, run_worker
+from distnoisy.loop import WorkerContext
+from distnoisy.trainer import run_worker
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,6 @@ from distnoisy.data.mixing import (
     poor_mix_message,
 )
 from distnoisy.data.prepare import DataSpec
-from distnoisy.job import Job
 from distnoisy.label_issues import is_label_issue, rank_by_score
 from distnoisy.methods import Method
 from distnoisy.methods.base import Networks, Optimizers, StepInput
@@ -255,6 +254,30 @@ def _write_outputs(
         extra["is_corrupted"] = pa.array(is_noisy, mask=~known)
     store.export_parquet(out / "sample_stats.parquet", extra=extra)
 
+    summary = _summary(method, store, given, clean, pred, score, order, history, spec, cfg)
+    summary["bad_samples"] = bad_samples
+    # The skipped samples by set, key (zero-padded index, or a shard file) and reason.
+    summary["bad_sample_list"] = (bad_sample_list or [])[:MAX_LISTED_BAD]
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary
+
+
+def _summary(
+    method: Method,
+    store: SampleStore,
+    given: np.ndarray,
+    clean: np.ndarray | None,
+    pred: np.ndarray,
+    score: np.ndarray,
+    order: np.ndarray,
+    history: list[dict[str, float]],
+    spec: DataSpec,
+    cfg: Config,
+) -> dict[str, Any]:
+    """The run's summary figures (``summary.json`` less the bad-sample fields)."""
+    n = len(given)
+    known = (clean >= 0) if clean is not None else None
+    is_noisy = (clean != given) & known if clean is not None else None
     test_accs = [h["test_acc"] for h in history if h.get("test_acc") is not None]
     val_accs = [h.get("val_acc", float("nan")) for h in history]
     best_val = int(np.nanargmax(val_accs)) if np.isfinite(val_accs).any() else None
@@ -284,9 +307,6 @@ def _write_outputs(
         "label_issue_auroc": None,
         "label_issue_precision_at_k": None,
         "label_issue_score": method.score_description,
-        "bad_samples": bad_samples,
-        # The skipped samples by set, key (zero-padded index, or a shard file) and reason.
-        "bad_sample_list": (bad_sample_list or [])[:MAX_LISTED_BAD],
         # How many training samples the truth-based metrics (noise rate, memorized, AUROC,
         # clean_train_acc) are measured on: all of them, or those with a known clean label.
         "num_clean_known": int(known.sum()) if known is not None else None,
@@ -307,7 +327,6 @@ def _write_outputs(
             summary["label_issue_precision_at_k"] = float(is_noisy[ranked[:k]].mean())
         if 0 < k < m:
             summary["label_issue_auroc"] = auroc(score[scored], is_noisy[scored])
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
 
@@ -331,10 +350,3 @@ def train_step(
         store.stage("train_pred", batch.index, pred)
         store.flush()
         return result.loss, int((pred == batch.y).sum())
-
-
-def run_worker(job: Job, ctx: WorkerContext) -> None:
-    """Train one rank: ``Trainer(job, ctx).run()`` (:class:`distnoisy.trainer.Trainer`)."""
-    from distnoisy.trainer import Trainer  # imported here: the trainer builds on this module
-
-    Trainer(job, ctx).run()

@@ -436,3 +436,8 @@ class Trainer:
             bad_samples=final.num_bad,
             bad_sample_list=final.bad_list,
         )
+
+
+def run_worker(job: Job, ctx: WorkerContext) -> None:
+    """Train one rank: ``Trainer(job, ctx).run()`` (what both launchers call on every rank)."""
+    Trainer(job, ctx).run()
