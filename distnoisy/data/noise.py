@@ -48,6 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distnoisy.choices import INSTANCE_FEATURES
 from distnoisy.data import fs
 from distnoisy.errors import ConfigError, DataError
 from distnoisy.registry import Registry
@@ -79,8 +80,6 @@ logger = logging.getLogger(__name__)
 #: 2: ``instance`` projects the raw features by default (``instance_features="raw"``).
 GENERATOR_VERSION = 2
 
-#: Feature maps of the instance generator (``noise.instance_features``); the first is the default.
-INSTANCE_FEATURES = ("raw", "standardized")
 
 #: Key of the JSON metadata in the Parquet file's key/value metadata.
 _META_KEY = b"distnoisy"

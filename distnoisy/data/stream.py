@@ -93,13 +93,13 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from distnoisy.choices import SPLITS
 from distnoisy.data import fs
 from distnoisy.data.shards import Manifest
 from distnoisy.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("sample", "shard")
 TRANSFORM_KINDS = ("digits", "cifar_train", "cifar_eval", "imagenet_train", "imagenet_eval", "raw")
 # Tags that keep the RNG streams derived from one seed independent of each other.
 _TAG_SHARD_ORDER = 1
