@@ -19,7 +19,8 @@ import numpy as np
 from distnoisy.data import fs
 from distnoisy.errors import DataError
 
-log = logging.getLogger(__name__)
+# The logger of distnoisy.data.shards, which re-exports this module's readers.
+log = logging.getLogger("distnoisy.data.shards")
 
 FORMAT = "distnoisy-shards/1"
 MANIFEST_NAME = "manifest.json"
