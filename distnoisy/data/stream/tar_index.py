@@ -25,8 +25,8 @@ class _LocalMember:
     """The image bytes of one sample in a local shard, read only when the sample is decoded.
 
     Every loader worker of a rank walks the rank's whole stream to keep batches independent of
-    the number of workers (module docstring); with these references, a worker reads only the
-    bytes of its own batches and never parses a tar header after the first pass.
+    the number of workers (see :mod:`distnoisy.data.stream`); with these references, a worker
+    reads only the bytes of its own batches and never parses a tar header after the first pass.
     """
 
     __slots__ = ("offset", "path", "size")

@@ -240,7 +240,7 @@ class _TrainSource(IterableDataset):
 
 
 class TrainStream:
-    """One rank's training batches, the same number on every rank (see the module docstring).
+    """One rank's training batches, the same number on every rank (:mod:`distnoisy.data.stream`).
 
     Parameters
     ----------
