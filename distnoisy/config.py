@@ -18,17 +18,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from distnoisy.choices import DATASETS, INSTANCE_FEATURES, LAUNCHERS, NOISE_KINDS, SPLITS
 from distnoisy.errors import ConfigError
+from distnoisy.method_params import MethodParams
 
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "clothing1m", "shards")
-NOISE_KINDS = ("none", "symmetric", "pair", "instance", "file")
-# Feature maps of noise.kind=instance; the same tuple as distnoisy.data.noise.INSTANCE_FEATURES
-# (not imported: config stays free of the numpy/pyarrow imports of the data package).
-INSTANCE_FEATURES = ("raw", "standardized")
-LAUNCHERS = ("ray", "local")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULERS = ("none", "cosine", "multistep")
-SPLITS = ("sample", "shard")
 
 
 @dataclass
@@ -128,13 +123,6 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "distnoisy"
     run_name: str | None = None
-
-
-@dataclass
-class MethodParams:
-    """Base of every method's ``method.*`` schema; subclasses add their own keys."""
-
-    name: str = "elr"
 
 
 @dataclass

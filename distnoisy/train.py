@@ -18,10 +18,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distnoisy.config import Config, flat_params, load_config, save_config, to_dict
 from distnoisy.errors import ConfigError, DistnoisyError
+
+if TYPE_CHECKING:
+    from distnoisy.data.prepare import DataSpec
 
 log = logging.getLogger("distnoisy")
 
@@ -132,6 +135,47 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     uri = cfg.tracking.uri or tracking.default_tracking_uri()
+    run_id = _mlflow_run(cfg, run_dir, uri, tags, parent_run_id)
+
+    job = Job(cfg, spec, Tracking(uri, run_id) if run_id else None)
+    status = "FAILED"
+    try:
+        if run_id is not None:
+            noise = {"noise_rate_realised": spec.noise_rate} if spec.noise_rate is not None else {}
+            tracking.RunLogger(uri, run_id, 0).log_metrics(noise, step=0)
+            if spec.transition is not None:
+                (run_dir / "noise_transition.json").write_text(
+                    json.dumps({"classes": spec.classes, "transition": spec.transition})
+                )
+        resources = _method_resources(cfg, spec, run_dir, run_id)
+        if resources:
+            job = dataclasses.replace(job, resources=resources)
+        final_ckpt = launch(job, cfg, run_dir, train_callbacks)
+        _publish(final_ckpt, run_dir)
+        summary = _final_summary(run_dir, t_start, run_id)
+        if run_id is not None:
+            _log_final(uri, run_id, run_dir, summary)
+        status = "FINISHED"
+        return summary
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C, or SIGTERM (Ray's driver handler turns it into SystemExit).
+        status = "KILLED"
+        raise
+    finally:
+        if run_id is not None:
+            tracking.end_run(uri, run_id, status)
+
+
+def _mlflow_run(
+    cfg: Config,
+    run_dir: Path,
+    uri: str,
+    tags: dict[str, str] | None,
+    parent_run_id: str | None,
+) -> str | None:
+    """Start (or, on resume, reopen) the run's MLflow run; record it in ``run.json``."""
+    from distnoisy import tracking
+
     run_info_path = run_dir / "run.json"
     run_id: str | None = None
     if cfg.tracking.enabled:
@@ -155,74 +199,69 @@ def train(
     tmp_info = run_info_path.with_suffix(".tmp")
     tmp_info.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
     os.replace(tmp_info, run_info_path)
+    return run_id
 
-    job = Job(cfg, spec, Tracking(uri, run_id) if run_id else None)
-    status = "FAILED"
-    try:
-        if run_id is not None:
-            noise = {"noise_rate_realised": spec.noise_rate} if spec.noise_rate is not None else {}
-            tracking.RunLogger(uri, run_id, 0).log_metrics(noise, step=0)
-            if spec.transition is not None:
-                (run_dir / "noise_transition.json").write_text(
-                    json.dumps({"classes": spec.classes, "transition": spec.transition})
-                )
-        from distnoisy.methods import METHODS, PrepareContext
 
-        context = PrepareContext(
-            num_classes=spec.num_classes,
-            noise_transition=spec.transition,
-            run_dir=run_dir,
-            train_reference=_reference_trainer(cfg, run_dir, run_id),
-        )
-        resources = METHODS.get(cfg.method.name).prepare_resources(cfg.method, context)
-        if resources:
-            job = dataclasses.replace(job, resources=resources)
-            tmp = run_dir / ".method_resources.json.tmp"
-            tmp.write_text(json.dumps(resources, indent=2))
-            os.replace(tmp, run_dir / "method_resources.json")
-        final_ckpt = launch(job, cfg, run_dir, train_callbacks)
-        _publish(final_ckpt, run_dir)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        summary.update(
-            wall_s=round(time.perf_counter() - t_start, 2),
-            mlflow_run_id=run_id,
-            output_dir=str(run_dir),
-        )
-        tmp = run_dir / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, run_dir / "summary.json")
-        if run_id is not None:
-            final = {
-                k: summary[k]
-                for k in ("test_acc", "best_test_acc", "memorized", "label_issue_auroc")
-                if summary.get(k) is not None
-            }
-            tracking.RunLogger(uri, run_id, 0).log_metrics(
-                {f"final_{k}": v for k, v in final.items()}, step=summary["epochs"]
+def _method_resources(
+    cfg: Config, spec: DataSpec, run_dir: Path, run_id: str | None
+) -> dict[str, Any]:
+    """The method's driver-side resources, also written to ``method_resources.json``."""
+    from distnoisy.methods import METHODS, PrepareContext
+
+    context = PrepareContext(
+        num_classes=spec.num_classes,
+        noise_transition=spec.transition,
+        run_dir=run_dir,
+        train_reference=_reference_trainer(cfg, run_dir, run_id),
+    )
+    resources = METHODS.get(cfg.method.name).prepare_resources(cfg.method, context)
+    if resources:
+        tmp = run_dir / ".method_resources.json.tmp"
+        tmp.write_text(json.dumps(resources, indent=2))
+        os.replace(tmp, run_dir / "method_resources.json")
+    return resources
+
+
+def _final_summary(run_dir: Path, t_start: float, run_id: str | None) -> dict[str, Any]:
+    """The published ``summary.json`` with wall time, MLflow run id and output dir added."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.update(
+        wall_s=round(time.perf_counter() - t_start, 2),
+        mlflow_run_id=run_id,
+        output_dir=str(run_dir),
+    )
+    tmp = run_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, run_dir / "summary.json")
+    return summary
+
+
+def _log_final(uri: str, run_id: str, run_dir: Path, summary: dict[str, Any]) -> None:
+    """Log the final metrics and the run's small output files to its MLflow run."""
+    from distnoisy import tracking
+
+    final = {
+        k: summary[k]
+        for k in ("test_acc", "best_test_acc", "memorized", "label_issue_auroc")
+        if summary.get(k) is not None
+    }
+    tracking.RunLogger(uri, run_id, 0).log_metrics(
+        {f"final_{k}": v for k, v in final.items()}, step=summary["epochs"]
+    )
+    tracking.log_artifacts(
+        uri,
+        run_id,
+        [
+            run_dir / n
+            for n in (
+                "config.yaml",
+                "summary.json",
+                "label_issues.parquet",
+                "noise_transition.json",
+                "method_resources.json",
             )
-            tracking.log_artifacts(
-                uri,
-                run_id,
-                [
-                    run_dir / n
-                    for n in (
-                        "config.yaml",
-                        "summary.json",
-                        "label_issues.parquet",
-                        "noise_transition.json",
-                        "method_resources.json",
-                    )
-                ],
-            )
-        status = "FINISHED"
-        return summary
-    except (KeyboardInterrupt, SystemExit):
-        # Ctrl-C, or SIGTERM (Ray's driver handler turns it into SystemExit).
-        status = "KILLED"
-        raise
-    finally:
-        if run_id is not None:
-            tracking.end_run(uri, run_id, status)
+        ],
+    )
 
 
 def _fmt(v: Any) -> str:

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distnoisy.bench import (
-    DOC_HEADER,
+from distnoisy.bench.cli import main
+from distnoisy.bench.common import DOC_HEADER
+from distnoisy.bench.steps import (
     SECTION_TITLE,
     StepBenchSettings,
     default_transition,
-    main,
     run_step_bench,
     write_section,
 )
@@ -150,8 +150,8 @@ def test_thread_count_is_restored() -> None:
 
 
 def test_two_networks_bench_times_elr_plus_and_limit_against_two_ce(tmp_path: Path) -> None:
-    from distnoisy.bench_two_networks import SECTION_TITLE as TWO_TITLE
-    from distnoisy.bench_two_networks import SUBJECTS
+    from distnoisy.bench.two_networks import SECTION_TITLE as TWO_TITLE
+    from distnoisy.bench.two_networks import SUBJECTS
 
     out = tmp_path / "benchmarks.md"
     out.write_text(f"{DOC_HEADER}\n## Other section\n\nkeep me\n")
@@ -174,7 +174,7 @@ def test_two_networks_bench_times_elr_plus_and_limit_against_two_ce(tmp_path: Pa
 
 
 def test_loader_bench_measures_both_pipelines_and_writes_its_section(tmp_path: Path) -> None:
-    from distnoisy.bench_loader import SECTION
+    from distnoisy.bench.loader import SECTION
 
     out = tmp_path / "benchmarks.md"
     out.write_text(f"# bench\n\n{SECTION_TITLE}\n\nkeep me\n")

@@ -10,14 +10,20 @@ import dataclasses
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from distnoisy.config import Config
 from distnoisy.data import fs
 from distnoisy.errors import ConfigError, DataError
+from distnoisy.registry import Registry
+
+if TYPE_CHECKING:
+    from distnoisy.data.shards import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +104,118 @@ def _train_features(manifest_dir: str | os.PathLike[str]) -> np.ndarray:
     return np.stack([rows[i] for i in range(manifest.num_samples)])
 
 
+@dataclass
+class _Sets:
+    """Where a dataset's shard sets are and how its images are transformed."""
+
+    train_dir: str | Path
+    test_dir: str | Path | None
+    val_dir: str | Path | None
+    in_channels: int
+    train_tf: str
+    eval_tf: str
+    mean: list[float]
+    std: list[float]
+
+
+#: ``data.name`` -> the function that makes (or finds) its shard sets; the source of truth of
+#: :data:`distnoisy.choices.DATASETS` (``tests/test_shape.py`` checks that they agree).
+DATASET_LOADERS: Registry[Callable[[Config], _Sets]] = Registry("dataset")
+
+
+@DATASET_LOADERS.register("digits")
+def _digits_sets(cfg: Config) -> _Sets:
+    from distnoisy.data.digits import DIGITS_MEAN, DIGITS_STD, prepare_digits
+
+    if cfg.data.root and fs.is_url(cfg.data.root):
+        raise ConfigError(
+            f"data.root={cfg.data.root}: digits shards are written to a local cache; give a "
+            "local directory (or upload them and use data.name=shards data.urls=URL)"
+        )
+    root = Path(cfg.data.root).expanduser() if cfg.data.root else default_root("digits")
+    if cfg.data.val_fraction > 0:  # its own cache: splits with and without val coexist
+        root = root / f"val-{cfg.data.val_fraction:g}"
+    train_dir, test_dir = prepare_digits(
+        root,
+        test_fraction=cfg.data.test_fraction,
+        seed=0,
+        shard_size=cfg.data.shard_size,
+        val_fraction=cfg.data.val_fraction,
+    )
+    val_dir = root / "val" if cfg.data.val_fraction > 0 else None
+    return _Sets(train_dir, test_dir, val_dir, 1, "digits", "digits", [DIGITS_MEAN], [DIGITS_STD])
+
+
+@DATASET_LOADERS.register("fashion_mnist")
+def _fashion_mnist(cfg: Config) -> _Sets:
+    from distnoisy.data import fashion_mnist
+
+    train_dir, test_dir, val_dir = _fashion_mnist_sets(cfg)
+    # 28x28 grey images, no augmentation: the plain scale-and-normalise transform.
+    mean, std = [fashion_mnist.MEAN], [fashion_mnist.STD]
+    return _Sets(train_dir, test_dir, val_dir, 1, "digits", "digits", mean, std)
+
+
+@DATASET_LOADERS.register("shards")
+def _shards_sets(cfg: Config) -> _Sets:
+    base, train_dir = _base_and_train(str(cfg.data.urls), "data.urls", "train")
+    if not _is_set(train_dir):  # data.urls is the training set itself
+        train_dir = base
+    test_dir = _optional_set(base, "test")
+    val_dir = _optional_set(base, "val")
+    in_channels, family = _image_info(train_dir)
+    return _Sets(
+        train_dir,
+        test_dir,
+        val_dir,
+        in_channels,
+        f"{family}_train",
+        f"{family}_eval",
+        [0.5] * in_channels,
+        [0.25] * in_channels,
+    )
+
+
+@DATASET_LOADERS.register("clothing1m")
+def _clothing1m_sets(cfg: Config) -> _Sets:
+    from distnoisy.data import clothing1m as c1m
+
+    if cfg.noise.kind not in ("none", "file"):
+        raise ConfigError(
+            f"noise.kind={cfg.noise.kind!r} on Clothing1M: its labels are already noisy (real "
+            "noise); set noise.kind=none (or noise.kind=file for your own label file)"
+        )
+    base, train_dir = _converted_root(
+        cfg, "noisy_train", "python -m distnoisy.data.clothing1m --root DIR --out DIR"
+    )
+    val_dir, test_dir = fs.join(base, "clean_val"), fs.join(base, "clean_test")
+    return _Sets(
+        train_dir,
+        test_dir,
+        val_dir,
+        3,
+        "imagenet_train",
+        "imagenet_eval",
+        list(c1m.MEAN),
+        list(c1m.STD),
+    )
+
+
+@DATASET_LOADERS.register("cifar10")
+@DATASET_LOADERS.register("cifar100")
+def _cifar_sets(cfg: Config) -> _Sets:
+    from distnoisy.data import cifar
+
+    base, train_dir = _converted_root(
+        cfg,
+        "train",
+        f"python -m distnoisy.data.cifar --root DIR --out DIR --name {cfg.data.name}",
+    )
+    test_dir, val_dir = fs.join(base, "test"), _optional_set(base, "val")
+    mean, std = list(cifar.MEAN[cfg.data.name]), list(cifar.STD[cfg.data.name])
+    return _Sets(train_dir, test_dir, val_dir, 3, "cifar_train", "cifar_eval", mean, std)
+
+
 def prepare_data(cfg: Config) -> DataSpec:
     """Make (or find) the shards and the noisy-label file the config asks for.
 
@@ -106,7 +224,6 @@ def prepare_data(cfg: Config) -> DataSpec:
     ConfigError, DataError
         With a one-line message naming the problem, before anything is written to the run dir.
     """
-    from distnoisy.data import noise as noise_mod
     from distnoisy.data.shards import read_labels, read_manifest
 
     for key, value in (
@@ -116,73 +233,13 @@ def prepare_data(cfg: Config) -> DataSpec:
     ):
         if value:
             fs.check_backend(value, key)
-    if cfg.data.name == "digits":
-        from distnoisy.data.digits import DIGITS_MEAN, DIGITS_STD, prepare_digits
-
-        if cfg.data.root and fs.is_url(cfg.data.root):
-            raise ConfigError(
-                f"data.root={cfg.data.root}: digits shards are written to a local cache; give a "
-                "local directory (or upload them and use data.name=shards data.urls=URL)"
-            )
-        root = Path(cfg.data.root).expanduser() if cfg.data.root else default_root("digits")
-        if cfg.data.val_fraction > 0:  # its own cache: splits with and without val coexist
-            root = root / f"val-{cfg.data.val_fraction:g}"
-        train_dir, test_dir = prepare_digits(
-            root,
-            test_fraction=cfg.data.test_fraction,
-            seed=0,
-            shard_size=cfg.data.shard_size,
-            val_fraction=cfg.data.val_fraction,
-        )
-        val_dir = root / "val" if cfg.data.val_fraction > 0 else None
-        in_channels, train_tf, eval_tf = 1, "digits", "digits"
-        mean, std = [DIGITS_MEAN], [DIGITS_STD]
-    elif cfg.data.name == "fashion_mnist":
-        from distnoisy.data import fashion_mnist
-
-        train_dir, test_dir, val_dir = _fashion_mnist_sets(cfg)
-        # 28x28 grey images, no augmentation: the plain scale-and-normalise transform.
-        in_channels, train_tf, eval_tf = 1, "digits", "digits"
-        mean, std = [fashion_mnist.MEAN], [fashion_mnist.STD]
-    elif cfg.data.name == "shards":
-        base, train_dir = _base_and_train(str(cfg.data.urls), "data.urls", "train")
-        if not _is_set(train_dir):  # data.urls is the training set itself
-            train_dir = base
-        test_dir = _optional_set(base, "test")
-        val_dir = _optional_set(base, "val")
-        in_channels, family = _image_info(train_dir)
-        train_tf, eval_tf = f"{family}_train", f"{family}_eval"
-        mean, std = [0.5] * in_channels, [0.25] * in_channels
-    elif cfg.data.name == "clothing1m":
-        from distnoisy.data import clothing1m as c1m
-
-        if cfg.noise.kind not in ("none", "file"):
-            raise ConfigError(
-                f"noise.kind={cfg.noise.kind!r} on Clothing1M: its labels are already noisy (real "
-                "noise); set noise.kind=none (or noise.kind=file for your own label file)"
-            )
-        base, train_dir = _converted_root(
-            cfg, "noisy_train", "python -m distnoisy.data.clothing1m --root DIR --out DIR"
-        )
-        val_dir, test_dir = fs.join(base, "clean_val"), fs.join(base, "clean_test")
-        in_channels, train_tf, eval_tf = 3, "imagenet_train", "imagenet_eval"
-        mean, std = list(c1m.MEAN), list(c1m.STD)
-    elif cfg.data.name in ("cifar10", "cifar100"):
-        from distnoisy.data import cifar
-
-        base, train_dir = _converted_root(
-            cfg,
-            "train",
-            f"python -m distnoisy.data.cifar --root DIR --out DIR --name {cfg.data.name}",
-        )
-        test_dir, val_dir = fs.join(base, "test"), _optional_set(base, "val")
-        in_channels, train_tf, eval_tf = 3, "cifar_train", "cifar_eval"
-        mean, std = list(cifar.MEAN[cfg.data.name]), list(cifar.STD[cfg.data.name])
-    else:
+    if cfg.data.name not in DATASET_LOADERS:
         raise ConfigError(
             f"data.name={cfg.data.name!r} has no converter yet; convert your data to shards and "
             "use data.name=shards data.urls=DIR"
         )
+    sets = DATASET_LOADERS.get(cfg.data.name)(cfg)
+    train_dir, test_dir, val_dir = sets.train_dir, sets.test_dir, sets.val_dir
 
     manifest = read_manifest(train_dir)
     labels, clean, _keys = read_labels(manifest, partial_clean=True)
@@ -193,7 +250,46 @@ def prepare_data(cfg: Config) -> DataSpec:
                 f"{what} shards in {other} have {read_manifest(other).num_classes} classes, "
                 f"train shards {num_classes}"
             )
+    label_file, val_label_file, given, clean = _noisy_labels(
+        cfg, manifest, train_dir, val_dir, labels, clean
+    )
+    noise_rate, transition, num_known = _measured_noise(cfg, clean, given, num_classes)
 
+    return DataSpec(
+        dataset=cfg.data.name,
+        train_dir=_absolute(train_dir),
+        test_dir=_absolute(test_dir) if test_dir is not None else None,
+        num_train=manifest.num_samples,
+        num_classes=num_classes,
+        classes=list(manifest.classes),
+        in_channels=sets.in_channels,
+        train_transform=sets.train_tf,
+        eval_transform=sets.eval_tf,
+        mean=sets.mean,
+        std=sets.std,
+        label_file=_absolute(label_file) if label_file is not None else None,
+        has_clean_labels=clean is not None,
+        noise_rate=noise_rate,
+        transition=transition,
+        val_dir=_absolute(val_dir) if val_dir is not None else None,
+        val_label_file=_absolute(val_label_file) if val_label_file is not None else None,
+        num_clean_known=num_known or None,
+    )
+
+
+def _noisy_labels(
+    cfg: Config,
+    manifest: Manifest,
+    train_dir: str | Path,
+    val_dir: str | Path | None,
+    labels: np.ndarray,
+    clean: np.ndarray | None,
+) -> tuple[str | Path | None, Path | None, np.ndarray, np.ndarray | None]:
+    """(label file, validation label file, given labels, clean labels) for ``noise.*``."""
+    from distnoisy.data import noise as noise_mod
+    from distnoisy.data.shards import read_labels, read_manifest
+
+    num_classes = manifest.num_classes
     kind = cfg.noise.kind
     label_file: str | Path | None = None
     val_label_file: Path | None = None
@@ -238,6 +334,14 @@ def prepare_data(cfg: Config) -> DataSpec:
                 include_true_class=cfg.noise.include_true_class,
                 instance_features=cfg.noise.instance_features,
             )
+    return label_file, val_label_file, given, clean
+
+
+def _measured_noise(
+    cfg: Config, clean: np.ndarray | None, given: np.ndarray, num_classes: int
+) -> tuple[float | None, list[list[float]] | None, int | None]:
+    """(noise rate, transition matrix, number of known clean labels) of the given labels."""
+    from distnoisy.data import noise as noise_mod
 
     noise_rate = transition = num_known = None
     if clean is not None:
@@ -258,27 +362,7 @@ def prepare_data(cfg: Config) -> DataSpec:
                 len(clean),
                 f"{noise_rate:.3f}" if noise_rate is not None else "not",
             )
-
-    return DataSpec(
-        dataset=cfg.data.name,
-        train_dir=_absolute(train_dir),
-        test_dir=_absolute(test_dir) if test_dir is not None else None,
-        num_train=manifest.num_samples,
-        num_classes=num_classes,
-        classes=list(manifest.classes),
-        in_channels=in_channels,
-        train_transform=train_tf,
-        eval_transform=eval_tf,
-        mean=mean,
-        std=std,
-        label_file=_absolute(label_file) if label_file is not None else None,
-        has_clean_labels=clean is not None,
-        noise_rate=noise_rate,
-        transition=transition,
-        val_dir=_absolute(val_dir) if val_dir is not None else None,
-        val_label_file=_absolute(val_label_file) if val_label_file is not None else None,
-        num_clean_known=num_known or None,
-    )
+    return noise_rate, transition, num_known
 
 
 def _fashion_mnist_sets(cfg: Config) -> tuple[str | Path, str | Path, str | Path | None]:

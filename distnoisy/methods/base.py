@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distnoisy.config import MethodParams
+from distnoisy.method_params import MethodParams
 from distnoisy.registry import Registry
 from distnoisy.store import FieldSpec, SampleStore
 

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from distnoisy.config import MethodParams
 from distnoisy.errors import ConfigError, DistnoisyError
 from distnoisy.losses import (
     BackwardCorrectionLoss,
@@ -36,6 +35,7 @@ from distnoisy.losses import (
     check_transition_matrix,
     estimate_transition_matrix,
 )
+from distnoisy.method_params import MethodParams
 from distnoisy.methods.base import METHODS, PrepareContext
 from distnoisy.methods.loss_method import LossMethod, param_errors
 

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from distnoisy.config import MethodParams
 from distnoisy.errors import ConfigError
 from distnoisy.losses.elr import elr_loss, elr_target_update
+from distnoisy.method_params import MethodParams
 from distnoisy.methods.base import METHODS, Method, StepOutput
 from distnoisy.store import FieldSpec
 

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from distnoisy import dist
-from distnoisy.config import MethodParams
 from distnoisy.errors import ConfigError
 from distnoisy.losses.elr_plus import (
     elr_plus_loss,
@@ -45,6 +44,7 @@ from distnoisy.losses.elr_plus import (
     mixup_coefficient,
     sigmoid_rampup,
 )
+from distnoisy.method_params import MethodParams
 from distnoisy.methods.base import (
     METHODS,
     Method,

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from distnoisy import dist
-from distnoisy.config import MethodParams
 from distnoisy.errors import ConfigError
 from distnoisy.losses.limit import limit_terms, sample_grad_noise
+from distnoisy.method_params import MethodParams
 from distnoisy.methods.base import (
     METHODS,
     Method,

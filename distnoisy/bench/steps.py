@@ -1,9 +1,4 @@
-"""Benchmarks, printing ratios measured side by side in one run (DESIGN.md §4).
-
-``python -m distnoisy.bench loader`` compares the shard input pipeline with torchvision's
-``ImageFolder`` + ``DataLoader`` (see :mod:`distnoisy.bench_loader`).
-
-``python -m distnoisy.bench steps`` times one training step per registered method relative to
+"""``python -m distnoisy.bench steps`` times one training step per registered method relative to
 plain cross-entropy, on the same model, batch and inputs, on the CPU::
 
     python -m distnoisy.bench steps --threads 2 --out docs/benchmarks.md
@@ -28,13 +23,9 @@ import argparse
 import copy
 import datetime as dt
 import gc
-import os
-import platform
 import random
 import shlex
-import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +34,7 @@ import numpy as np
 import torch
 
 from distnoisy import reporting
+from distnoisy.bench.common import DOC_HEADER, _load_average, _without_note, machine_info
 from distnoisy.loop import train_step
 from distnoisy.methods import METHODS, Method
 from distnoisy.methods.base import StepInput
@@ -50,7 +42,6 @@ from distnoisy.models import build_model
 from distnoisy.store import FieldSpec, SampleStore
 
 SECTION_TITLE = "## Training step time per method"
-DOC_HEADER = reporting.BENCHMARKS_HEADER
 #: A method whose loss adds more than this fraction of CE's step time is flagged.
 LOSS_BUDGET = 0.03
 BASELINE = "ce"
@@ -289,34 +280,6 @@ def profile_loss(subject: _Subject, z: torch.Tensor, y: torch.Tensor, index: tor
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
-def _load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return float("nan")
-
-
-def machine_info() -> dict[str, str]:
-    """Where the figures came from."""
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu or "unknown",
-        "cpu_count": str(os.cpu_count()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": str(torch.get_num_threads()),
-    }
-
-
 def run_step_bench(
     settings: StepBenchSettings, log: Any = print, profile_over_budget: bool = True
 ) -> StepBenchReport:
@@ -374,22 +337,17 @@ def _run_step_bench(
     names, skipped = _selected_methods(settings.methods)
     for name, why in skipped.items():
         log(f"note: skipping {name}: {why}")
-    subjects: dict[str, _Subject] = {}
-    for name in names:
-        try:
-            subject = _build_subject(
-                name, num_samples=num_samples, num_classes=c, epochs=epochs, resources=resources
-            )
-            z = z0.clone().requires_grad_(True)
-            _loss_only(subject, z, y, torch.arange(b))  # can it run a step at all?
-        except Exception as exc:
-            if name == BASELINE:
-                raise
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            skipped[name] = f"cannot be built/run from default params ({reason})"
-            log(f"note: skipping {name}: {skipped[name]}")
-            continue
-        subjects[name] = subject
+    subjects = _runnable_subjects(
+        names,
+        skipped,
+        z0,
+        y,
+        num_samples=num_samples,
+        num_classes=c,
+        epochs=epochs,
+        resources=resources,
+        log=log,
+    )
     order = list(subjects)
     log(
         f"timing {len(order)} methods: {', '.join(order)} "
@@ -406,8 +364,85 @@ def _run_step_bench(
         for k in range(settings.warmup):
             _train_step(model, opt, subjects[name], x, y, index_of(k))
 
-    # Timed rounds: a fresh shuffled order each round, seeded.
     rng_order = random.Random(settings.seed)
+    per_round = _time_steps(
+        settings, order, subjects, model, opt, init_state, x, y, index_of, rng_order, log
+    )
+    leaves = {n: z0.clone().requires_grad_(True) for n in order}
+    idx0 = torch.arange(b)
+    loss_ns = _time_losses(settings, order, subjects, leaves, y, idx0, rng_order)
+    timings = _timings(order, per_round, loss_ns, np.random.default_rng(settings.seed))
+
+    profiles: dict[str, str] = {}
+    if profile_over_budget:
+        for name, t in timings.items():
+            if t.over_budget:
+                profiles[name] = profile_loss(subjects[name], leaves[name], y, idx0)
+    return StepBenchReport(
+        settings=settings,
+        methods=timings,
+        skipped=skipped,
+        machine=machine_info(),
+        date=dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        wall_s=time.perf_counter() - t_start,
+        profiles=profiles,
+        load=(load_start, _load_average()),
+    )
+
+
+def _runnable_subjects(
+    names: list[str],
+    skipped: dict[str, str],
+    z0: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    num_samples: int,
+    num_classes: int,
+    epochs: int,
+    resources: dict[str, Any],
+    log: Any,
+) -> dict[str, _Subject]:
+    """The methods that build and run a loss from default params; the others go to ``skipped``."""
+    subjects: dict[str, _Subject] = {}
+    for name in names:
+        try:
+            subject = _build_subject(
+                name,
+                num_samples=num_samples,
+                num_classes=num_classes,
+                epochs=epochs,
+                resources=resources,
+            )
+            z = z0.clone().requires_grad_(True)
+            _loss_only(subject, z, y, torch.arange(len(y)))  # can it run a step at all?
+        except Exception as exc:
+            if name == BASELINE:
+                raise
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            skipped[name] = f"cannot be built/run from default params ({reason})"
+            log(f"note: skipping {name}: {skipped[name]}")
+            continue
+        subjects[name] = subject
+    return subjects
+
+
+def _time_steps(
+    settings: StepBenchSettings,
+    order: list[str],
+    subjects: dict[str, _Subject],
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    init_state: dict[str, Any],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    index_of: Any,
+    rng_order: random.Random,
+    log: Any,
+) -> dict[str, list[float]]:
+    """Per method, the mean step time (ms) of each timed round.
+
+    Rounds take a fresh shuffled order each, seeded.
+    """
     per_round: dict[str, list[float]] = {n: [] for n in order}
     for r in range(settings.rounds):
         round_order = order[:]
@@ -431,11 +466,20 @@ def _run_step_bench(
             + ", ".join(f"{n} {per_round[n][-1]:.0f}" for n in order)
             + " ms"
         )
+    return per_round
 
-    # Loss-only timing on fixed detached-leaf logits, interleaved the same way.
+
+def _time_losses(
+    settings: StepBenchSettings,
+    order: list[str],
+    subjects: dict[str, _Subject],
+    leaves: dict[str, torch.Tensor],
+    y: torch.Tensor,
+    idx0: torch.Tensor,
+    rng_order: random.Random,
+) -> dict[str, list[int]]:
+    """Loss-only times (ns) on fixed detached-leaf logits, interleaved like the step rounds."""
     loss_ns: dict[str, list[int]] = {n: [] for n in order}
-    leaves = {n: z0.clone().requires_grad_(True) for n in order}
-    idx0 = torch.arange(b)
     for _ in range(settings.loss_rounds):
         round_order = order[:]
         rng_order.shuffle(round_order)
@@ -449,8 +493,16 @@ def _run_step_bench(
                     loss_ns[name].append(time.perf_counter_ns() - t0)
             finally:
                 gc.enable()
+    return loss_ns
 
-    rng_boot = np.random.default_rng(settings.seed)
+
+def _timings(
+    order: list[str],
+    per_round: dict[str, list[float]],
+    loss_ns: dict[str, list[int]],
+    rng_boot: np.random.Generator,
+) -> dict[str, MethodTiming]:
+    """Medians, ratios to CE with their bootstrap intervals, and loss overheads per method."""
     ce_rounds = np.asarray(per_round[BASELINE])
     ce_step_ms = float(np.median(ce_rounds))
     ce_loss_us = float(np.median(loss_ns[BASELINE])) / 1e3
@@ -482,22 +534,7 @@ def _run_step_bench(
             loss_extra_frac=extra / (ce_step_ms * 1e3),
             rounds_ms=rounds.tolist(),
         )
-
-    profiles: dict[str, str] = {}
-    if profile_over_budget:
-        for name, t in timings.items():
-            if t.over_budget:
-                profiles[name] = profile_loss(subjects[name], leaves[name], y, idx0)
-    return StepBenchReport(
-        settings=settings,
-        methods=timings,
-        skipped=skipped,
-        machine=machine_info(),
-        date=dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-        wall_s=time.perf_counter() - t_start,
-        profiles=profiles,
-        load=(load_start, _load_average()),
-    )
+    return timings
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -600,11 +637,8 @@ def write_section(path: Path, section: str, title: str = SECTION_TITLE) -> None:
 
 
 # -- command line -----------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m distnoisy.bench", description=__doc__.split("\n")[0]
-    )
-    sub = p.add_subparsers(dest="bench", required=True)
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add the ``steps`` sub-command to the ``python -m distnoisy.bench`` parser."""
     s = sub.add_parser("steps", help="one training step per method, relative to CE (CPU)")
     d = StepBenchSettings()
     s.add_argument("--model", default=d.model)
@@ -621,51 +655,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("--out", type=Path, default=None, help="Markdown file to write the section to")
     s.add_argument("--note", default=None, help="a paragraph to append to the written section")
-    # Sub-commands in their own modules (they import this one: import them late).
-    from distnoisy import bench_loader, bench_plain_loop, bench_two_networks
-
-    bench_loader.add_parser(sub)
-    bench_two_networks.add_parser(sub)
-    bench_plain_loop.add_parser(sub)
-    return p
 
 
-def _without_note(argv: list[str]) -> list[str]:
-    """``argv`` less ``--note TEXT`` / ``--note=TEXT`` (the note is printed on its own)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--note":
-            skip = True
-        elif not arg.startswith("--note="):
-            out.append(arg)
-    return out
-
-
-def main(argv: Sequence[str] | None = None) -> Any:
-    """Run ``python -m distnoisy.bench steps|loader|two-networks ...``; print the results,
-    optionally write ``--out``.
-
-    Returns
-    -------
-    StepBenchReport, distnoisy.bench_loader.LoaderReport or TwoNetworkReport
-        The measured report (for tests and callers).
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
-    if args.bench == "loader":
-        from distnoisy import bench_loader
-
-        return bench_loader.main(args, _without_note(argv))
-    if args.bench == "plain-loop":
-        from distnoisy import bench_plain_loop
-
-        return bench_plain_loop.main(args, argv)
-    if args.bench == "two-networks":
-        from distnoisy import bench_two_networks
-
-        return bench_two_networks.main(args, argv)
+def main(args: argparse.Namespace, argv: list[str]) -> StepBenchReport:
+    """Run ``python -m distnoisy.bench steps ...`` from its parsed ``args``; print the section,
+    optionally write ``--out``."""
     methods = None
     if args.methods.strip() != "all":
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -701,7 +695,3 @@ def main(argv: Sequence[str] | None = None) -> Any:
         write_section(args.out, section)
         print(f"wrote {SECTION_TITLE[3:]!r} to {args.out}")
     return report
-
-
-if __name__ == "__main__":
-    main()

@@ -28,6 +28,7 @@ import os
 import random
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from distnoisy import reporting
-from distnoisy.bench import DOC_HEADER, _without_note, machine_info
+from distnoisy.bench.common import DOC_HEADER, _without_note, machine_info
 from distnoisy.config import load_config
 from distnoisy.loop import train_step
 from distnoisy.methods import METHODS
@@ -136,90 +137,117 @@ def run_two_network_bench(settings: TwoNetworkSettings, log: Any = print) -> Two
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
     try:
         with torch.random.fork_rng():
-            s = settings
-            torch.manual_seed(s.seed)
-            x = torch.randn(s.batch, 3, s.image, s.image)
-            y = torch.randint(0, s.classes, (s.batch,))
-            index = torch.arange(s.batch)
-            ce_a, ce_b = (_Runner("ce", s, s.batch) for _ in range(2))
-            ce_b.reset()
-            runners = {
-                "elr_plus": _Runner("elr_plus", s, s.batch),
-                "limit": _Runner("limit", s, s.batch),
-            }
-            ema_net = runners["elr_plus"].method.ema["net2"]
-            # Two networks trained in one joint step (both forwards, one backward, one
-            # optimizer), the shape of LIMIT's step: isolates what LIMIT adds to that.
-            torch.manual_seed(s.seed)
-            joint = [build_model(s.model, s.classes, 3) for _ in range(2)]
-            joint_init = copy.deepcopy([m.state_dict() for m in joint])
-            joint_opt = torch.optim.SGD(
-                [p for m in joint for p in m.parameters()], lr=0.01, momentum=0.9
-            )
-
-            def joint_step() -> None:
-                loss = sum(F.cross_entropy(m(x), y) for m in joint)
-                joint_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                joint_opt.step()
-
-            def run(name: str, k: int) -> None:
-                if name == "2x ce":
-                    ce_a.iteration(x, y, index, k)
-                    ce_b.iteration(x, y, index, k)
-                elif name == "2x ce joint":
-                    joint_step()
-                elif name == "ema forward":
-                    with torch.no_grad():
-                        ema_net(x)
-                else:
-                    runners[name].iteration(x, y, index, k)
-
-            def reset(name: str) -> None:
-                if name == "2x ce":
-                    ce_a.reset()
-                    ce_b.reset()
-                elif name == "2x ce joint":
-                    for m, sd in zip(joint, joint_init, strict=True):
-                        m.load_state_dict(sd)
-                    joint_opt.state.clear()
-                elif name in runners:
-                    runners[name].reset()
-
-            for name in SUBJECTS:
-                reset(name)
-                for k in range(s.warmup):
-                    run(name, k)
-            order_rng = random.Random(s.seed)
-            rounds: dict[str, list[float]] = {n: [] for n in SUBJECTS}
-            for r in range(s.rounds):
-                order = list(SUBJECTS)
-                order_rng.shuffle(order)
-                for name in order:
-                    reset(name)
-                    # One untimed iteration first: the timed ones then see this subject's own
-                    # steady state (memory allocator included), as in training, where the same
-                    # method steps again and again. Holding two networks' activations at once
-                    # (LIMIT) changes how much memory each step faults in on a CPU.
-                    run(name, r * (s.steps + 1))
-                    gc.collect()
-                    gc.disable()
-                    try:
-                        t0 = time.perf_counter_ns()
-                        for k in range(s.steps):
-                            run(name, r * (s.steps + 1) + 1 + k)
-                        rounds[name].append((time.perf_counter_ns() - t0) / 1e6 / s.steps)
-                    finally:
-                        gc.enable()
-                log(
-                    f"round {r + 1}/{s.rounds}: "
-                    + ", ".join(f"{n} {rounds[n][-1]:.0f}" for n in SUBJECTS)
-                    + " ms"
-                )
+            run, reset = _subjects(settings)
+            rounds = _timed_rounds(settings, run, reset, log)
     finally:
         torch.set_num_threads(previous)
+    return TwoNetworkReport(
+        settings=settings,
+        rounds_ms=rounds,
+        ratios=_ratios(rounds, np.random.default_rng(settings.seed)),
+        machine=machine_info(),
+        date=dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        wall_s=time.perf_counter() - t_start,
+        load=(load_start, os.getloadavg()[0]),
+    )
 
-    rng = np.random.default_rng(settings.seed)
+
+def _subjects(s: TwoNetworkSettings) -> tuple[Callable[[str, int], None], Callable[[str], None]]:
+    """``(run(name, k), reset(name))`` over the :data:`SUBJECTS`, on one fixed random batch."""
+    torch.manual_seed(s.seed)
+    x = torch.randn(s.batch, 3, s.image, s.image)
+    y = torch.randint(0, s.classes, (s.batch,))
+    index = torch.arange(s.batch)
+    ce_a, ce_b = (_Runner("ce", s, s.batch) for _ in range(2))
+    ce_b.reset()
+    runners = {
+        "elr_plus": _Runner("elr_plus", s, s.batch),
+        "limit": _Runner("limit", s, s.batch),
+    }
+    ema_net = runners["elr_plus"].method.ema["net2"]
+    # Two networks trained in one joint step (both forwards, one backward, one
+    # optimizer), the shape of LIMIT's step: isolates what LIMIT adds to that.
+    torch.manual_seed(s.seed)
+    joint = [build_model(s.model, s.classes, 3) for _ in range(2)]
+    joint_init = copy.deepcopy([m.state_dict() for m in joint])
+    joint_opt = torch.optim.SGD([p for m in joint for p in m.parameters()], lr=0.01, momentum=0.9)
+
+    def joint_step() -> None:
+        loss = sum(F.cross_entropy(m(x), y) for m in joint)
+        joint_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        joint_opt.step()
+
+    def run(name: str, k: int) -> None:
+        if name == "2x ce":
+            ce_a.iteration(x, y, index, k)
+            ce_b.iteration(x, y, index, k)
+        elif name == "2x ce joint":
+            joint_step()
+        elif name == "ema forward":
+            with torch.no_grad():
+                ema_net(x)
+        else:
+            runners[name].iteration(x, y, index, k)
+
+    def reset(name: str) -> None:
+        if name == "2x ce":
+            ce_a.reset()
+            ce_b.reset()
+        elif name == "2x ce joint":
+            for m, sd in zip(joint, joint_init, strict=True):
+                m.load_state_dict(sd)
+            joint_opt.state.clear()
+        elif name in runners:
+            runners[name].reset()
+
+    return run, reset
+
+
+def _timed_rounds(
+    s: TwoNetworkSettings,
+    run: Callable[[str, int], None],
+    reset: Callable[[str], None],
+    log: Any,
+) -> dict[str, list[float]]:
+    """Per subject, the mean step time (ms) of each round; a fresh shuffled order each round."""
+    for name in SUBJECTS:
+        reset(name)
+        for k in range(s.warmup):
+            run(name, k)
+    order_rng = random.Random(s.seed)
+    rounds: dict[str, list[float]] = {n: [] for n in SUBJECTS}
+    for r in range(s.rounds):
+        order = list(SUBJECTS)
+        order_rng.shuffle(order)
+        for name in order:
+            reset(name)
+            # One untimed iteration first: the timed ones then see this subject's own
+            # steady state (memory allocator included), as in training, where the same
+            # method steps again and again. Holding two networks' activations at once
+            # (LIMIT) changes how much memory each step faults in on a CPU.
+            run(name, r * (s.steps + 1))
+            gc.collect()
+            gc.disable()
+            try:
+                t0 = time.perf_counter_ns()
+                for k in range(s.steps):
+                    run(name, r * (s.steps + 1) + 1 + k)
+                rounds[name].append((time.perf_counter_ns() - t0) / 1e6 / s.steps)
+            finally:
+                gc.enable()
+        log(
+            f"round {r + 1}/{s.rounds}: "
+            + ", ".join(f"{n} {rounds[n][-1]:.0f}" for n in SUBJECTS)
+            + " ms"
+        )
+    return rounds
+
+
+def _ratios(
+    rounds: dict[str, list[float]], rng: np.random.Generator
+) -> dict[str, tuple[float, float, float]]:
+    """(median, 95% bootstrap interval) of each reported ratio over rounds."""
     two_ce = np.asarray(rounds["2x ce"])
     ratios: dict[str, tuple[float, float, float]] = {}
     for name in ("elr_plus", "limit"):
@@ -237,15 +265,7 @@ def run_two_network_bench(settings: TwoNetworkSettings, log: Any = print) -> Two
     ratios["limit / 2x ce joint"] = (float(np.median(over_joint)), *_bootstrap(over_joint, rng))
     ema = np.asarray(rounds["ema forward"]) * 2 / two_ce
     ratios[SUBJECTS_EMA] = (float(np.median(ema)), *_bootstrap(ema, rng))
-    return TwoNetworkReport(
-        settings=settings,
-        rounds_ms=rounds,
-        ratios=ratios,
-        machine=machine_info(),
-        date=dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-        wall_s=time.perf_counter() - t_start,
-        load=(load_start, os.getloadavg()[0]),
-    )
+    return ratios
 
 
 def format_section(report: TwoNetworkReport, command: str, note: str | None = None) -> str:

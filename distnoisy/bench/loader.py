@@ -20,7 +20,6 @@ the generated originals (larger, like Clothing1M's photos) are converted with ``
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shlex
 import statistics
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from distnoisy import reporting
+from distnoisy.bench.common import DOC_HEADER, _load_average, machine_info
 
 SECTION = "Data loader: WebDataset shards vs ImageFolder"
 MEAN = (0.6959, 0.6537, 0.6371)
@@ -128,7 +128,7 @@ def run_loader_bench(
     tmp = tempfile.TemporaryDirectory() if work_dir is None else None
     root = Path(tmp.name if tmp else work_dir)
     try:
-        load_before = _loadavg()
+        load_before = _load_average()
         _originals(root / "orig", images, seed)
         t0 = time.perf_counter()
         m = folder.convert(
@@ -194,22 +194,14 @@ def run_loader_bench(
             convert_ips=convert_ips,
             convert_workers=max(1, workers),
             load_before=load_before,
-            load_after=_loadavg(),
+            load_after=_load_average(),
         )
     finally:
         if tmp is not None:
             tmp.cleanup()
 
 
-def _loadavg() -> float:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return float("nan")
-
-
 def format_section(report: LoaderReport, command: str, note: str | None = None) -> str:
-    from distnoisy.bench import machine_info
 
     info = machine_info()
     per_core = report.cores
@@ -270,8 +262,6 @@ def main(args: argparse.Namespace, argv: list[str]) -> LoaderReport:
     section = format_section(report, command, args.note)
     print(f"## {SECTION}\n\n{section}")
     if args.out is not None:
-        from distnoisy.bench import DOC_HEADER
-
         reporting.write_section(args.out, SECTION, section, header=DOC_HEADER)
         print(f"wrote {SECTION!r} to {args.out}")
     return report

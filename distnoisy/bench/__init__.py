@@ -1,0 +1,16 @@
+"""Benchmarks, printing ratios measured side by side in one run (DESIGN.md §4).
+
+``python -m distnoisy.bench steps|loader|two-networks|plain-loop ...``; one module per
+benchmark:
+
+- :mod:`distnoisy.bench.steps`: one training step per registered method relative to plain
+  cross-entropy, on the same model, batch and inputs, on the CPU;
+- :mod:`distnoisy.bench.loader`: the shard input pipeline against torchvision's
+  ``ImageFolder`` + ``DataLoader``;
+- :mod:`distnoisy.bench.two_networks`: ELR+ and LIMIT against two CE steps;
+- :mod:`distnoisy.bench.plain_loop`: a class-ordered image folder, distnoisy against a plain
+  PyTorch loop.
+
+:mod:`distnoisy.bench.common` holds what they share (the document header, machine facts, the
+``--note`` handling) and :mod:`distnoisy.bench.cli` the command line.
+"""

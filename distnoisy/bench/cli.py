@@ -1,0 +1,47 @@
+"""Benchmarks, printing ratios measured side by side in one run (DESIGN.md §4).
+
+The command line: ``python -m distnoisy.bench steps|loader|two-networks|plain-loop ...``; each
+benchmark module adds its sub-command (``add_parser``) and runs it (``main(args, argv)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from distnoisy.bench import loader, plain_loop, steps, two_networks
+from distnoisy.bench.common import _without_note
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m distnoisy.bench", description=__doc__.split("\n")[0]
+    )
+    sub = p.add_subparsers(dest="bench", required=True)
+    steps.add_parser(sub)
+    loader.add_parser(sub)
+    two_networks.add_parser(sub)
+    plain_loop.add_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Run ``python -m distnoisy.bench steps|loader|two-networks|plain-loop ...``; print the
+    results, optionally write ``--out``.
+
+    Returns
+    -------
+    StepBenchReport, LoaderReport, TwoNetworkReport or PlainLoopReport
+        The measured report (for tests and callers).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.bench == "loader":
+        return loader.main(args, _without_note(argv))
+    if args.bench == "plain-loop":
+        return plain_loop.main(args, argv)
+    if args.bench == "two-networks":
+        return two_networks.main(args, argv)
+    return steps.main(args, argv)

@@ -1,0 +1,21 @@
+"""The lists of choices of config keys that more than one module checks, defined once.
+
+Dependency-free so that :mod:`distnoisy.config` (torch- and numpy-free) and the data modules
+that implement the choices import the same tuples. Where a registry implements a list
+(``data.name``: :data:`distnoisy.data.prepare.DATASETS`; ``noise.kind``:
+:data:`distnoisy.data.noise.NOISE` plus ``none`` and ``file``), the registry is the source of
+truth and ``tests/test_shape.py`` checks that the tuple here names exactly its entries.
+"""
+
+from __future__ import annotations
+
+#: ``data.name``: the datasets :func:`distnoisy.data.prepare.prepare_data` can load.
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "clothing1m", "shards")
+#: ``noise.kind``: ``none``, the registered generators, and ``file`` (a given label file).
+NOISE_KINDS = ("none", "symmetric", "pair", "instance", "file")
+#: ``noise.instance_features``: feature maps of the instance generator; the first is the default.
+INSTANCE_FEATURES = ("raw", "standardized")
+#: ``scaling.launcher``.
+LAUNCHERS = ("ray", "local")
+#: ``data.split``: how shards reach the DDP ranks.
+SPLITS = ("sample", "shard")

@@ -1,0 +1,43 @@
+"""``python -m distnoisy.tune SPACE.yaml [key=value ...] [--out DIR] [--resume]``: a Ray Tune sweep.
+
+The command line; see :mod:`distnoisy.tune` for the search space file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from distnoisy.errors import DistnoisyError
+from distnoisy.tune.run import format_report, run_sweep
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distnoisy.train import setup_cli
+
+    setup_cli()  # SIGTERM -> KeyboardInterrupt: the sweep ends like Ctrl-C, resumable
+    parser = argparse.ArgumentParser(
+        prog="python -m distnoisy.tune", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("space", type=Path, help="search space YAML (see tune_spaces/)")
+    parser.add_argument("overrides", nargs="*", help="key=value: base config or sweep keys")
+    parser.add_argument("--out", type=Path, help="sweep directory (default runs/tune/<space>)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the sweep in --out; finished trials stay"
+    )
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    try:
+        report = run_sweep(args.space, args.overrides, args.out, args.resume)
+    except DistnoisyError as e:
+        print(f"distnoisy: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"distnoisy: sweep interrupted; continue it with: python -m distnoisy.tune "
+            f"{args.space} --resume" + (f" --out {args.out}" if args.out else ""),
+            file=sys.stderr,
+        )
+        return 130
+    print(format_report(report))
+    return 0
