@@ -75,7 +75,7 @@ class NoiseConfig:
     kind: str = "symmetric"
     rate: float = 0.4
     seed: int = 0
-    # ELR/DAL convention: the replacement label is drawn from all C classes (METHODS.md §1).
+    # ELR/DAL convention: the replacement label is drawn from all C classes (docs/methods.md#noise-model).
     include_true_class: bool = False
     # Label file for ``kind=file`` (parquet/csv/npy keyed by global sample index).
     file: str | None = None

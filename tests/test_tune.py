@@ -112,7 +112,7 @@ def test_shipped_spaces_validate(name, digits_root) -> None:
     from distnoisy.methods import METHODS
 
     spec = load_spec(SPACES / f"{name}.yaml", [f"data.root={digits_root}"])
-    assert "METHODS.md" in (SPACES / f"{name}.yaml").read_text()  # ranges cite their source
+    assert "docs/methods.md" in (SPACES / f"{name}.yaml").read_text()  # ranges cite their source
     if spec.overrides["method.name"] not in METHODS:
         with pytest.raises(ConfigError, match="unknown method 'limit'"):
             plan(spec, name)

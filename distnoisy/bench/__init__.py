@@ -1,4 +1,4 @@
-"""Benchmarks, printing ratios measured side by side in one run (DESIGN.md §4).
+"""Benchmarks, printing ratios measured side by side in one run.
 
 ``python -m distnoisy.bench steps|loader|two-networks|plain-loop ...``; one module per
 benchmark:

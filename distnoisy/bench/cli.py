@@ -1,4 +1,4 @@
-"""Benchmarks, printing ratios measured side by side in one run (DESIGN.md §4).
+"""Benchmarks, printing ratios measured side by side in one run.
 
 The command line: ``python -m distnoisy.bench steps|loader|two-networks|plain-loop ...``; each
 benchmark module adds its sub-command (``add_parser``) and runs it (``main(args, argv)``).
