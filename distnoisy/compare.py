@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     except DistnoisyError as e:
         print(f"distnoisy: error: {e}", file=sys.stderr)
         return 2
-    command = "python -m distnoisy.compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m distnoisy.compare " + shlex.join(sys.argv[1:] if argv is None else argv)
     table = markdown_table(results, command)
     print(table)
     (out_root / "results.json").write_text(json.dumps(results, indent=2, default=str))
