@@ -75,7 +75,8 @@ class NoiseConfig:
     kind: str = "symmetric"
     rate: float = 0.4
     seed: int = 0
-    # ELR/DAL convention: the replacement label is drawn from all C classes (docs/methods.md#noise-model).
+    # ELR/DAL convention: the replacement label is drawn from all C classes
+    # (docs/methods.md#noise-model).
     include_true_class: bool = False
     # Label file for ``kind=file`` (parquet/csv/npy keyed by global sample index).
     file: str | None = None
@@ -224,11 +225,6 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (cfg.scaling.num_workers >= 1, "scaling.num_workers must be >= 1"),
-        (
-            cfg.train.batch_size % cfg.scaling.num_workers == 0,
-            f"train.batch_size={cfg.train.batch_size} must be divisible by "
-            f"scaling.num_workers={cfg.scaling.num_workers} (it is the global batch size)",
-        ),
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)"),
         (cfg.data.shard_size >= 1, "data.shard_size must be >= 1"),
         (cfg.data.train_size >= 0, "data.train_size must be >= 0 (0 = all training images)"),
@@ -250,6 +246,12 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    # Checks across keys come after the range checks they rely on (num_workers >= 1 above).
+    if cfg.train.batch_size % cfg.scaling.num_workers != 0:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by "
+            f"scaling.num_workers={cfg.scaling.num_workers} (it is the global batch size)"
+        )
 
 
 def load_config(argv: list[str] | None = None) -> Config:

@@ -41,6 +41,12 @@ def resolve_run_dir(cfg: Config) -> Path:
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(
+            f"output_dir {run_dir} cannot be created: {existing} is a file, not a directory; "
+            "choose another output_dir or name"
+        )
     has_run = (run_dir / "run.json").exists()
     if resume and not has_run:
         raise ConfigError(f"resume=true but {run_dir} holds no run to resume (no run.json)")
@@ -48,6 +54,24 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
         raise ConfigError(
             f"output_dir {run_dir} already exists and is not empty; pass resume=true to continue "
             "that run, or choose another output_dir/name"
+        )
+
+
+def _check_batch_fits(cfg: Config, spec: DataSpec) -> None:
+    """One global batch must fit in an epoch's training samples (else no step would run)."""
+    per_epoch = spec.num_train
+    if cfg.data.balanced_batches > 0:
+        from distnoisy.data.stream import BalancedSubset
+        from distnoisy.loop import training_labels
+
+        given = training_labels(spec)[0]
+        target = cfg.data.balanced_batches * cfg.train.batch_size
+        per_epoch = BalancedSubset(given, target, seed=cfg.seed).size
+    if cfg.train.batch_size > per_epoch:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is larger than the {per_epoch} training "
+            f"samples of an epoch ({spec.num_train} in the training set); lower train.batch_size "
+            f"to at most {per_epoch}"
         )
 
 
@@ -130,6 +154,7 @@ def train(
     run_dir = resolve_run_dir(cfg)
     _check_run_dir(run_dir, cfg.resume)
     spec = prepare_data(cfg)  # validates data and labels; writes only into the data cache
+    _check_batch_fits(cfg, spec)
     _dry_build(cfg, spec.num_classes, spec.in_channels)
 
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,53 @@
+"""The command lines: bad input is one line before any run directory, help texts, resume.
+
+Everything runs for real: ``main([...])`` in this process, or ``python -m ...`` subprocesses
+(help, Ctrl-C), on the digits data with the local launcher and tracking off.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from distnoisy.train import main
+
+LOCAL = ("scaling.launcher=local", "tracking.enabled=false")
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run the train CLI, expect exit code 2 and one ``distnoisy: error:`` line on stderr."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distnoisy: error: "), err
+    return lines[0]
+
+
+# -- bad input: one line, exit code 2, no run directory ----------------------------------------
+def test_zero_workers_is_a_one_line_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    line = _one_line_error(capsys, ["scaling.num_workers=0", f"output_dir={run}", *LOCAL])
+    assert "scaling.num_workers must be >= 1" in line
+    assert not run.exists()
+
+
+def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    path = tmp_path / "a_file"
+    path.write_text("not a run\n")
+    for out in (path, path / "below"):
+        line = _one_line_error(capsys, [f"output_dir={out}", *LOCAL])
+        assert str(path) in line and "is a file, not a directory" in line
+    assert path.read_text() == "not a run\n"
+
+
+def test_batch_larger_than_the_training_set_is_a_one_line_error(tmp_path, capsys, digits_root):
+    run = tmp_path / "run"
+    argv = [f"data.root={digits_root}", f"output_dir={run}", "train.epochs=1", *LOCAL]
+    line = _one_line_error(capsys, [*argv, "train.batch_size=1440"])
+    assert "train.batch_size=1440" in line and "at most 1437" in line
+    assert not run.exists()
+    # A class-balanced epoch of one batch of 1400 takes at most 140 per class: with 123 of
+    # the given labels in one class it holds fewer than 1400 samples, so no step would run.
+    balanced = ["train.batch_size=1400", "data.balanced_batches=1", "scaling.num_workers=1"]
+    line = _one_line_error(capsys, [*argv, *balanced])
+    assert "train.batch_size=1400" in line and "1437 in the training set" in line
+    assert not run.exists()
