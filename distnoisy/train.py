@@ -297,6 +297,11 @@ def _pct(v: Any) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``: a count with its noun in the right number."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _test_headline(summary: dict[str, Any]) -> str:
     """The test-accuracy line: the validation-selected number where a validation set exists.
 
@@ -321,7 +326,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"distnoisy: {summary['method']} on {summary['dataset']} "
         f"({summary['num_train']} train samples, noise {summary['noise_kind']}, "
         f"realised rate {pct(summary.get('noise_rate_realised'))}, "
-        f"{summary['num_workers']} worker{'s' if summary['num_workers'] != 1 else ''})",
+        f"{_count(summary['num_workers'], 'worker')})",
         _test_headline(summary),
         f"  memorized noisy labels {pct(summary.get('memorized'))} of corrupted training samples",
         f"  label-issue AUROC     {_fmt(summary.get('label_issue_auroc'))}"
@@ -330,7 +335,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             if summary.get("label_issue_precision_at_k") is not None
             else ""
         ),
-        f"  {summary['epochs']} epochs in {summary.get('wall_s')} s; outputs in "
+        f"  {_count(summary['epochs'], 'epoch')} in {summary.get('wall_s')} s; outputs in "
         f"{summary.get('output_dir')}; MLflow run {summary.get('mlflow_run_id')}",
     ]
     known, n = summary.get("num_clean_known"), summary["num_train"]

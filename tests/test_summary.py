@@ -32,3 +32,11 @@ def test_headline_is_the_test_accuracy_at_the_best_validation_epoch():
 def test_headline_without_a_validation_set_is_the_final_accuracy():
     line = _headline({**BASE, "best_val_epoch": None})
     assert line.split()[3] == "90.0%" and "95.0% test-selected" in line
+
+
+def test_counts_of_one_are_singular():
+    lines = format_summary({**BASE, "epochs": 1, "num_workers": 1}).splitlines()
+    assert lines[0].endswith(", 1 worker)")
+    assert lines[-1].startswith("  1 epoch in ")
+    lines = format_summary({**BASE, "epochs": 2, "num_workers": 2}).splitlines()
+    assert lines[0].endswith(", 2 workers)") and lines[-1].startswith("  2 epochs in ")
