@@ -293,6 +293,42 @@ def _build(sources: list[DictConfig]) -> Config:
     return cfg
 
 
+#: Keys a resumed run may set differently from its saved ``config.yaml``: where the run is and
+#: how it is executed, never what it trains. ``scaling.launcher`` is not one (each launcher keeps
+#: its checkpoints in its own directory), nor are the ``tracking.*`` keys (the run reopens the
+#: MLflow run recorded in its ``run.json``).
+RESUMABLE_KEYS = (
+    "output_dir",
+    "name",
+    "resume",
+    "data.num_workers",
+    "scaling.num_workers",
+    "scaling.use_gpu",
+    "scaling.address",
+    "scaling.max_failures",
+)
+
+
+def resume_conflicts(saved: Config, cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """Keys outside :data:`RESUMABLE_KEYS` whose value in ``cfg`` differs from ``saved``.
+
+    Parameters
+    ----------
+    saved
+        The config the run was started with (its ``config.yaml``).
+    cfg
+        The config asked for on resume.
+
+    Returns
+    -------
+    dict
+        ``{key: (saved value, asked value)}``, sorted by key; empty when the resume is safe.
+    """
+    old, new = flat_params(saved), flat_params(cfg)
+    keys = sorted((old.keys() | new.keys()) - set(RESUMABLE_KEYS))
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested dict (picklable, JSON/YAML-able) of a config."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

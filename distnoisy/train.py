@@ -20,7 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distnoisy.config import Config, flat_params, load_config, save_config, to_dict
+from distnoisy.config import (
+    RESUMABLE_KEYS,
+    Config,
+    flat_params,
+    load_config,
+    resume_conflicts,
+    save_config,
+    to_dict,
+)
 from distnoisy.errors import ConfigError, DistnoisyError
 
 if TYPE_CHECKING:
@@ -50,11 +58,51 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
     has_run = (run_dir / "run.json").exists()
     if resume and not has_run:
         raise ConfigError(f"resume=true but {run_dir} holds no run to resume (no run.json)")
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise ConfigError(
+            f"resume=true but {run_dir} holds no config.yaml to resume with; start a new run "
+            "with another output_dir"
+        )
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(
             f"output_dir {run_dir} already exists and is not empty; pass resume=true to continue "
             "that run, or choose another output_dir/name"
         )
+
+
+def _check_resume_config(cfg: Config, run_dir: Path) -> None:
+    """A resumed run keeps the config it was started with (but for :data:`RESUMABLE_KEYS`)."""
+    saved_path = run_dir / "config.yaml"
+    conflicts = resume_conflicts(load_config(["--config", str(saved_path)]), cfg)
+    if conflicts:
+        diff = "; ".join(f"{k}={new!r} (saved: {old!r})" for k, (old, new) in conflicts.items())
+        raise ConfigError(
+            f"resume=true: {diff} differs from {saved_path}; a resumed run keeps its config "
+            f"(only {', '.join(RESUMABLE_KEYS)} may change): drop the override, or start a new "
+            "run with another output_dir"
+        )
+
+
+def load_run_config(argv: list[str]) -> Config:
+    """The config of ``python -m distnoisy.train ARGS``.
+
+    With ``resume=true`` the run's saved ``config.yaml`` is the base and ``ARGS`` apply over it
+    (``--config`` files, then ``key=value``), so a run resumes with the config it was started
+    with; :func:`train` rejects any override outside :data:`RESUMABLE_KEYS` that changes it.
+
+    Raises
+    ------
+    ConfigError
+        For a bad argument, or ``resume=true`` without a run to resume.
+    """
+    cfg = load_config(argv)
+    if not cfg.resume:
+        return cfg
+    run_dir = resolve_run_dir(cfg)
+    _check_run_dir(run_dir, resume=True)
+    resumed = load_config(["--config", str(run_dir / "config.yaml"), *argv])
+    # The directory found above, even if the saved config names it another way (name= vs path).
+    return dataclasses.replace(resumed, output_dir=str(run_dir), resume=True)
 
 
 def _check_batch_fits(cfg: Config, spec: DataSpec) -> None:
@@ -153,12 +201,15 @@ def train(
     t_start = time.perf_counter()
     run_dir = resolve_run_dir(cfg)
     _check_run_dir(run_dir, cfg.resume)
+    if cfg.resume:
+        _check_resume_config(cfg, run_dir)
     spec = prepare_data(cfg)  # validates data and labels; writes only into the data cache
     _check_batch_fits(cfg, spec)
     _dry_build(cfg, spec.num_classes, spec.in_channels)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if not cfg.resume:  # a resumed run keeps the config.yaml it was started with
+        save_config(cfg, run_dir / "config.yaml")
     uri = cfg.tracking.uri or tracking.default_tracking_uri()
     run_id = _mlflow_run(cfg, run_dir, uri, tags, parent_run_id)
 
@@ -379,7 +430,7 @@ def setup_cli() -> None:
 def main(argv: list[str] | None = None) -> int:
     setup_cli()
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        cfg = load_run_config(sys.argv[1:] if argv is None else argv)
         summary = train(cfg)
     except DistnoisyError as e:
         print(f"distnoisy: error: {e}", file=sys.stderr)

@@ -6,11 +6,25 @@ Everything runs for real: ``main([...])`` in this process, or ``python -m ...`` 
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from distnoisy.train import main
 
 LOCAL = ("scaling.launcher=local", "tracking.enabled=false")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    """This checkout first on the path of a subprocess, one thread (a loaded CI machine)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
@@ -51,3 +65,37 @@ def test_batch_larger_than_the_training_set_is_a_one_line_error(tmp_path, capsys
     line = _one_line_error(capsys, [*argv, *balanced])
     assert "train.batch_size=1400" in line and "1437 in the training set" in line
     assert not run.exists()
+
+
+# -- resume: the run's saved config, not today's defaults --------------------------------------
+def test_resume_uses_the_saved_config_and_rejects_a_conflicting_override(
+    tmp_path, capsys, digits_root
+):
+    run = tmp_path / "run"
+    start = [f"data.root={digits_root}", f"output_dir={run}", "train.epochs=2", *LOCAL]
+    assert main([*start, "scaling.num_workers=1"]) == 0
+    saved = (run / "config.yaml").read_bytes()
+    shutil.rmtree(run / "checkpoints" / "epoch=0001")  # as if the job died after epoch 0
+    (run / "summary.json").unlink()
+    capsys.readouterr()
+
+    # Anything that changes what the run trains is refused, and config.yaml is left alone.
+    line = _one_line_error(capsys, [f"output_dir={run}", "resume=true", "train.epochs=5"])
+    assert "train.epochs=5 (saved: 2)" in line and "a resumed run keeps its config" in line
+    assert (run / "config.yaml").read_bytes() == saved
+
+    # The command of the bug report: only output_dir and resume, today's defaults are 60 epochs.
+    done = subprocess.run(
+        [sys.executable, "-m", "distnoisy.train", f"output_dir={run}", "resume=true"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 2 and len(summary["history"]) == 2
+    assert "2 epochs in" in done.stdout
+    assert (run / "config.yaml").read_bytes() == saved
+    assert not (tmp_path / "mlflow.db").exists()  # tracking stayed off, as saved
