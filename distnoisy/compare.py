@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distnoisy.config import load_config
+from distnoisy.config import keys_help, load_config
 from distnoisy.errors import DistnoisyError
 from distnoisy.reporting import write_section
 from distnoisy.train import train
@@ -117,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     from distnoisy.train import setup_cli
 
     setup_cli()
-    parser = argparse.ArgumentParser(prog="python -m distnoisy.compare", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m distnoisy.compare",
+        description=__doc__.replace("``", "").replace("::", ":"),
+        epilog=keys_help(config_files=False),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--methods", default="ce,elr", help="comma-separated method names")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--out", type=Path, help="markdown file to write the table to")

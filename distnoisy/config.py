@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,39 @@ class Config:
     name: str | None = None
     # Continue the run in output_dir from its last checkpoint.
     resume: bool = False
+
+
+def keys_help(config_files: bool = True) -> str:
+    """How run config keys are given and where they are documented (the commands' ``--help``).
+
+    Parameters
+    ----------
+    config_files
+        Also explain ``--config FILE.yaml`` (the commands that take it).
+
+    Returns
+    -------
+    str
+        A few wrapped paragraphs naming the config sections, read off :class:`Config`.
+    """
+    defaults = Config()
+    names = [f.name for f in dataclasses.fields(Config)]
+    sections = [n for n in names if dataclasses.is_dataclass(getattr(defaults, n))]
+    top = [n for n in names if n not in sections]
+    given = "Config keys are given as key=value (e.g. method.name=ce train.epochs=10)"
+    files = (
+        "; a --config FILE.yaml holds the same keys as YAML (a run's config.yaml is one). Later "
+        "sources win: defaults < --config files < key=value."
+    )
+    paragraphs = (
+        given + (files if config_files else "."),
+        f"Sections: {', '.join(f'{s}.*' for s in sections)}; top-level keys: {', '.join(top)}. "
+        "The method.* keys depend on method.name.",
+        "Every key, its default and each method's keys: README.md, section 'Configuration' "
+        "(defaults in distnoisy/config.py). An unknown key is an error that lists the valid "
+        "ones.",
+    )
+    return "\n\n".join(textwrap.fill(p, width=88) for p in paragraphs)
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:

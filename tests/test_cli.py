@@ -99,3 +99,24 @@ def test_resume_uses_the_saved_config_and_rejects_a_conflicting_override(
     assert "2 epochs in" in done.stdout
     assert (run / "config.yaml").read_bytes() == saved
     assert not (tmp_path / "mlflow.db").exists()  # tracking stayed off, as saved
+
+
+# -- --help: what the command does, how keys are given, where they are documented -------------
+@pytest.mark.parametrize("module", ["distnoisy.train", "distnoisy.tune", "distnoisy.compare"])
+def test_help_explains_the_command_and_where_keys_are_documented(module, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    text = done.stdout
+    assert text.startswith(f"usage: python -m {module} ")
+    assert "key=value" in text and "README.md, section 'Configuration'" in text
+    for section in ("data", "noise", "method", "model", "train", "scaling", "tracking"):
+        assert f"{section}.*" in text, section
+    assert "``" not in text  # plain text, not reStructuredText
+    assert not list(tmp_path.iterdir())  # --help writes nothing

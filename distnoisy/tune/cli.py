@@ -6,11 +6,22 @@ The command line; see :mod:`distnoisy.tune` for the search space file.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
+from distnoisy.config import keys_help
 from distnoisy.errors import DistnoisyError
 from distnoisy.tune.run import format_report, run_sweep
+
+
+def _description() -> str:
+    """The package docstring (what a sweep does, the space file) as plain text."""
+    import distnoisy.tune
+
+    paragraphs = (distnoisy.tune.__doc__ or "").strip().split("\n\n")[1:-1]  # not the modules
+    text = "Run a Ray Tune sweep of distnoisy training runs.\n\n" + "\n\n".join(paragraphs)
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "").replace("::", ":")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_cli()  # SIGTERM -> KeyboardInterrupt: the sweep ends like Ctrl-C, resumable
     parser = argparse.ArgumentParser(
-        prog="python -m distnoisy.tune", description=__doc__.split("\n\n")[0]
+        prog="python -m distnoisy.tune",
+        description=_description(),
+        epilog=keys_help(config_files=False),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("space", type=Path, help="search space YAML (see tune_spaces/)")
     parser.add_argument("overrides", nargs="*", help="key=value: base config or sweep keys")
