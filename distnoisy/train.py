@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -174,6 +175,7 @@ def train(
     parent_run_id: str | None = None,
     train_callbacks: list[Any] | None = None,
     tags: dict[str, str] | None = None,
+    run_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns the summary (also in summary.json).
 
@@ -188,6 +190,9 @@ def train(
         only); :mod:`distnoisy.tune` forwards per-epoch metrics to Tune this way.
     tags
         Extra MLflow tags for the run (e.g. the Tune trial id).
+    run_dir
+        The run directory as :func:`resolve_run_dir` gave it to the caller (a default name
+        holds the time, so resolving it again could name another one); None = resolve it here.
 
     Raises
     ------
@@ -200,7 +205,7 @@ def train(
     from distnoisy.launch import launch
 
     t_start = time.perf_counter()
-    run_dir = resolve_run_dir(cfg)
+    run_dir = resolve_run_dir(cfg) if run_dir is None else run_dir
     _check_run_dir(run_dir, cfg.resume)
     if cfg.resume:
         _check_resume_config(cfg, run_dir)
@@ -428,6 +433,14 @@ def setup_cli() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def interrupted_message(run_dir: Path | None) -> str:
+    """The line printed on Ctrl-C or SIGTERM: the command that resumes this run, if any."""
+    if run_dir is None or not (run_dir / "run.json").exists():
+        return "distnoisy: interrupted before the run started; there is nothing to resume"
+    arg = shlex.quote(f"output_dir={run_dir}")
+    return f"distnoisy: interrupted; resume with: python -m distnoisy.train {arg} resume=true"
+
+
 def usage() -> str:
     """The ``--help`` text of ``python -m distnoisy.train``."""
     return (
@@ -452,14 +465,16 @@ def main(argv: list[str] | None = None) -> int:
         print(usage(), end="")
         return 0
     setup_cli()
+    run_dir: Path | None = None
     try:
         cfg = load_run_config(args)
-        summary = train(cfg)
+        run_dir = resolve_run_dir(cfg)
+        summary = train(cfg, run_dir=run_dir)
     except DistnoisyError as e:
         print(f"distnoisy: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("distnoisy: interrupted; resume with resume=true output_dir=...", file=sys.stderr)
+        print(interrupted_message(run_dir), file=sys.stderr)
         return 130
     print(format_summary(summary))
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,33 @@ def test_help_explains_the_command_and_where_keys_are_documented(module, tmp_pat
         assert f"{section}.*" in text, section
     assert "``" not in text  # plain text, not reStructuredText
     assert not list(tmp_path.iterdir())  # --help writes nothing
+
+
+# -- Ctrl-C: the line names the real command that resumes the run ------------------------------
+def test_interrupt_prints_the_command_that_resumes_the_run(tmp_path, digits_root):
+    run = tmp_path / "run with space"
+    argv = [f"data.root={digits_root}", f"output_dir={run}", "train.epochs=500"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distnoisy.train", *argv, *LOCAL, "scaling.num_workers=1"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen = []
+        for line in proc.stderr:  # the epoch lines are logged to stderr
+            seen.append(line)
+            if line.startswith("epoch 1/500"):
+                break
+        assert seen and seen[-1].startswith("epoch 1/500"), "".join(seen)[-3000:]
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    expected = f"python -m distnoisy.train 'output_dir={run}' resume=true"
+    assert last == f"distnoisy: interrupted; resume with: {expected}", err[-3000:]
+    assert not (run / "summary.json").exists() and (run / "run.json").exists()
