@@ -73,6 +73,9 @@ def _local_device(cfg: Config, rank: int) -> torch.device:
 def _spawned_worker(
     rank: int, world: int, port: int, job: Job, ckpt_root: str, resume: bool
 ) -> None:
+    # A spawned process starts without the driver's logging set-up: keep the epoch lines.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("distnoisy").setLevel(logging.INFO)
     device = _local_device(job.config, rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     os.environ.update(
@@ -93,6 +96,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn_and_join(world: int, args: tuple[Any, ...]) -> None:
+    """Run :func:`_spawned_worker` on ``world`` processes; stop them if this one is stopped.
+
+    A SIGTERM to the driver alone (a scheduler, ``kill``) or a Ctrl-C while it waits would
+    otherwise leave the workers training: they are not daemons, so the driver's exit waits for
+    them to finish every epoch.
+    """
+    context = torch.multiprocessing.start_processes(
+        _spawned_worker, args=args, nprocs=world, join=False, start_method="spawn"
+    )
+    try:
+        while not context.join():
+            pass
+    except BaseException:
+        for proc in context.processes:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in context.processes:
+            proc.join(timeout=30)
+        raise
+
+
 def launch_local(job: Job, cfg: Config, run_dir: Path) -> Path:
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -101,12 +126,7 @@ def launch_local(job: Job, cfg: Config, run_dir: Path) -> Path:
         ctx = _local_context(0, 1, _local_device(cfg, 0), ckpt_root, cfg.resume)
         run_worker(job, ctx)
     else:
-        torch.multiprocessing.spawn(
-            _spawned_worker,
-            args=(world, _free_port(), job, str(ckpt_root), cfg.resume),
-            nprocs=world,
-            join=True,
-        )
+        _spawn_and_join(world, (world, _free_port(), job, str(ckpt_root), cfg.resume))
     found = _local_checkpoints(ckpt_root)
     if not found:
         raise DistnoisyError(f"training ended without a checkpoint in {ckpt_root}")

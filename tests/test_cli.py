@@ -6,12 +6,14 @@ Everything runs for real: ``main([...])`` in this process, or ``python -m ...`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,16 +126,19 @@ def test_help_explains_the_command_and_where_keys_are_documented(module, tmp_pat
 
 
 # -- Ctrl-C: the line names the real command that resumes the run ------------------------------
-def test_interrupt_prints_the_command_that_resumes_the_run(tmp_path, digits_root):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_interrupt_prints_the_command_that_resumes_the_run(tmp_path, digits_root, workers):
+    # One worker trains in the driver; two are spawned processes, stopped with the driver.
     run = tmp_path / "run with space"
     argv = [f"data.root={digits_root}", f"output_dir={run}", "train.epochs=500"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "distnoisy.train", *argv, *LOCAL, "scaling.num_workers=1"],
+        [sys.executable, "-m", "distnoisy.train", *argv, *LOCAL, f"scaling.num_workers={workers}"],
         cwd=tmp_path,
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group: the clean-up below reaches the workers
     )
     try:
         seen = []
@@ -145,9 +150,14 @@ def test_interrupt_prints_the_command_that_resumes_the_run(tmp_path, digits_root
         proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=120)[1]
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err[-3000:]
     last = err.strip().splitlines()[-1]
     expected = f"python -m distnoisy.train 'output_dir={run}' resume=true"
     assert last == f"distnoisy: interrupted; resume with: {expected}", err[-3000:]
     assert not (run / "summary.json").exists() and (run / "run.json").exists()
+    # No worker trains on: the checkpoints stop changing (an epoch takes well under 3 s).
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    time.sleep(3)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
