@@ -305,8 +305,9 @@ def format_section(report: TwoNetworkReport, command: str, note: str | None = No
         f"+{OVERHEAD_BUDGET:.0%}): {'within' if limit_joint <= OVERHEAD_BUDGET else 'OVER'} "
         "budget. ELR+ costs "
         f"{r['elr_plus'][0] - 1:+.1%} over two CE steps, of which its algorithm's two no-grad "
-        f"EMA forward passes (docs/methods.md#elr-two-networks: each network's targets come from the other "
-        f"network's EMA copy on the un-mixed batch) are {r[SUBJECTS_EMA][0]:.1%}; everything "
+        "EMA forward passes (docs/methods.md#elr-two-networks: each network's targets come "
+        f"from the other network's EMA copy on the un-mixed batch) are {r[SUBJECTS_EMA][0]:.1%}; "
+        "everything "
         f"else it adds (mixup and its pairing, target updates, EMA weight updates, store) is "
         f"{beyond:+.1%} (budget +{OVERHEAD_BUDGET:.0%}): "
         f"{'within' if beyond <= OVERHEAD_BUDGET else 'OVER'} budget.",
