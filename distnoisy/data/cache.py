@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,24 @@ def encode_png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def clean_png_samples(
+    images: np.ndarray, labels: np.ndarray, rows: np.ndarray, key_prefix: str
+) -> Iterator[Sample]:
+    """``images[rows]`` as PNG samples with verified labels, indexed 0.. in ``rows``' order.
+
+    The key ``{key_prefix}/{row}`` names each image's row in the source arrays.
+    """
+    for i, j in enumerate(rows):
+        label = int(labels[j])
+        yield Sample(
+            index=i,
+            image=encode_png(images[j]),
+            label=label,
+            clean_label=label,
+            key=f"{key_prefix}/{int(j)}",
+        )
 
 
 def write_cached_sets(

@@ -7,14 +7,12 @@ first run needs no download. :func:`prepare_digits` writes the shards once and r
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from distnoisy.data.cache import all_cached, encode_png, write_cached_sets
-from distnoisy.data.shards import Sample
+from distnoisy.data.cache import all_cached, clean_png_samples, write_cached_sets
 from distnoisy.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,18 +41,6 @@ def _params(
     if val_fraction > 0:  # only when used, so caches made before val splits stay valid
         params["val_fraction"] = float(val_fraction)
     return params
-
-
-def _samples(images: np.ndarray, targets: np.ndarray, orig: np.ndarray) -> Iterator[Sample]:
-    for i, j in enumerate(orig):
-        label = int(targets[j])
-        yield Sample(
-            index=i,
-            image=encode_png(images[j]),
-            label=label,
-            clean_label=label,
-            key=f"digits/{int(j)}",
-        )
 
 
 def prepare_digits(
@@ -128,7 +114,10 @@ def prepare_digits(
         )
     write_cached_sets(
         root,
-        {split: _samples(images, targets, np.sort(idx)) for split, idx in parts.items()},
+        {
+            split: clean_png_samples(images, targets, np.sort(idx), "digits")
+            for split, idx in parts.items()
+        },
         dataset="digits",
         classes=DIGITS_CLASSES,
         params=params,

@@ -22,14 +22,12 @@ import hashlib
 import logging
 import sys
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from distnoisy.data.cache import all_cached, encode_png, write_cached_sets
-from distnoisy.data.shards import Sample
+from distnoisy.data.cache import all_cached, clean_png_samples, write_cached_sets
 from distnoisy.errors import ConfigError, DataError, DistnoisyError
 
 log = logging.getLogger(__name__)
@@ -223,18 +221,6 @@ def _split_val(labels: np.ndarray, idx: np.ndarray, fraction: float, seed: int) 
     return np.sort(train), np.sort(val)
 
 
-def _samples(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, source: str) -> Iterator:
-    for i, j in enumerate(idx):
-        label = int(labels[j])
-        yield Sample(
-            index=i,
-            image=encode_png(images[j]),
-            label=label,
-            clean_label=label,
-            key=f"{source}/{int(j)}",
-        )
-
-
 def _params(
     files: dict[str, tuple[Path, Path]],
     train_size: int,
@@ -325,14 +311,14 @@ def prepare_fashion_mnist(
     train_images, train_labels = read_split(*files["train"])
     test_images, test_labels = read_split(*files["test"])
     train_idx = balanced_subset(train_labels, train_size, seed)
-    parts = {"train": _samples(train_images, train_labels, train_idx, "train")}
+    parts = {"train": clean_png_samples(train_images, train_labels, train_idx, "train")}
     sizes = {"train": len(train_idx), "test": len(test_labels)}
     if val_fraction > 0:
         train_idx, val_idx = _split_val(train_labels, train_idx, val_fraction, seed)
-        parts["train"] = _samples(train_images, train_labels, train_idx, "train")
-        parts["val"] = _samples(train_images, train_labels, val_idx, "train")
+        parts["train"] = clean_png_samples(train_images, train_labels, train_idx, "train")
+        parts["val"] = clean_png_samples(train_images, train_labels, val_idx, "train")
         sizes.update(train=len(train_idx), val=len(val_idx))
-    parts["test"] = _samples(test_images, test_labels, np.arange(len(test_labels)), "test")
+    parts["test"] = clean_png_samples(test_images, test_labels, np.arange(len(test_labels)), "test")
     write_cached_sets(
         root,
         parts,
