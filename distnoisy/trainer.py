@@ -40,6 +40,7 @@ from distnoisy.loop import (
     accuracies,
     check_bad_samples,
     check_class_mix,
+    declare_run_fields,
     gather_bad_samples,
     make_optimizer,
     make_scheduler,
@@ -51,7 +52,7 @@ from distnoisy.loop import (
 )
 from distnoisy.methods import METHODS, Method
 from distnoisy.methods.base import Networks, StepInput
-from distnoisy.store import FieldSpec, SampleStore
+from distnoisy.store import SampleStore
 from distnoisy.tracking import RunLogger
 
 log = logging.getLogger("distnoisy.loop")  # the epoch lines keep their logger name
@@ -158,9 +159,7 @@ class Trainer:
     def _setup_store_and_optimizers(self) -> None:
         n, c = self.spec.num_train, self.spec.num_classes
         self.store = SampleStore(n, comm_device=self.comm_device)
-        self.store.declare("loss_hist", FieldSpec(shape=(self.epochs,), fill=float("nan")))
-        self.store.declare("train_pred", FieldSpec(dtype=torch.int64, fill=-1))
-        self.store.declare("final_prob", FieldSpec(shape=(c,)))
+        declare_run_fields(self.store, self.epochs, c)
         self.method.attach(self.store)
         self.opts = self.method.build_optimizers(self.nets, lambda p: make_optimizer(self.cfg, p))
         self.scheds = {k: make_scheduler(self.cfg, opt) for k, opt in self.opts.items()}

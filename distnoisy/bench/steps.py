@@ -35,11 +35,11 @@ import torch
 
 from distnoisy import reporting
 from distnoisy.bench.common import DOC_HEADER, _load_average, _without_note, machine_info
-from distnoisy.loop import train_step
+from distnoisy.loop import declare_run_fields, train_step
 from distnoisy.methods import METHODS, Method
 from distnoisy.methods.base import StepInput
 from distnoisy.models import build_model
-from distnoisy.store import FieldSpec, SampleStore
+from distnoisy.store import SampleStore
 
 SECTION_TITLE = "## Training step time per method"
 #: A method whose loss adds more than this fraction of CE's step time is flagged.
@@ -211,8 +211,7 @@ def _build_subject(
         resources=copy.deepcopy(resources),
     )
     store = SampleStore(num_samples)
-    store.declare("loss_hist", FieldSpec(shape=(epochs,), fill=float("nan")))
-    store.declare("train_pred", FieldSpec(dtype=torch.int64, fill=-1))
+    declare_run_fields(store, epochs, num_classes)
     method.attach(store)
     method.on_epoch_start(0)
     return _Subject(name, method, store)

@@ -40,11 +40,11 @@ import torch.nn.functional as F
 from distnoisy import reporting
 from distnoisy.bench.common import DOC_HEADER, _without_note, machine_info
 from distnoisy.config import load_config
-from distnoisy.loop import train_step
+from distnoisy.loop import declare_run_fields, train_step
 from distnoisy.methods import METHODS
 from distnoisy.methods.base import StepInput
 from distnoisy.models import build_model
-from distnoisy.store import FieldSpec, SampleStore
+from distnoisy.store import SampleStore
 
 SECTION_TITLE = "Two-network methods: step time relative to two CE steps"
 #: Budget of ISSUE 4: what a method adds beyond its networks' passes, as a fraction of 2x CE.
@@ -99,8 +99,7 @@ class _Runner:
             self.nets, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)
         )
         self.store = SampleStore(num_samples)
-        self.store.declare("loss_hist", FieldSpec(shape=(1,), fill=float("nan")))
-        self.store.declare("train_pred", FieldSpec(dtype=torch.int64, fill=-1))
+        declare_run_fields(self.store, 1, s.classes)
         self.method.attach(self.store)
         self.initial = copy.deepcopy(
             ({k: n.state_dict() for k, n in self.nets.items()}, self.method.state_dict())
