@@ -1,0 +1,5 @@
+import sys
+
+from distnoisy.posttrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,79 @@
+"""``python -m distnoisy.posttrain run=<dir | MLflow run id> [--config FILE] [key=value]``."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+from distnoisy.errors import DistnoisyError
+
+
+def _keys(node: Any, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _keys(value, f"{prefix}{f.name}.")
+        else:
+            out.append(f"  {prefix}{f.name}={value!r}")
+    return out
+
+
+def usage() -> str:
+    from distnoisy.posttrain.config import PostTrainConfig
+
+    return (
+        "usage: python -m distnoisy.posttrain run=<output_dir | MLflow run id> "
+        "[--config FILE.yaml] [key=value ...]\n\n"
+        "Post-train a finished run: refit its linear head on frozen features, remove the\n"
+        "training samples with the largest influence on it a few at a time, refit, and stop\n"
+        "when the accuracy on the noisy validation labels stops improving. Writes summary.json,\n"
+        "rounds.csv/.md, removed.parquet, label_issues.parquet, weights.pt and posttrain.png\n"
+        "into output_dir (default <run>/posttrain-<score>) and an MLflow child run of the run.\n\n"
+        "Keys (defaults):\n" + "\n".join(_keys(PostTrainConfig())) + "\n"
+    )
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    def pct(v: Any) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    lines = [
+        f"distnoisy posttrain: {s['score']} on {s['method']} run {s['source_run']}",
+        f"  clean test accuracy   {pct(s.get('test_acc_before'))} before, "
+        f"{pct(s.get('test_acc_refit_only'))} refit only, {pct(s.get('test_acc'))} after",
+        f"  removed               {s['removed']} samples ({pct(s['removed_fraction'])}) in "
+        f"{s['best_round']} round(s)",
+    ]
+    if s.get("precision_removed") is not None:
+        lines.append(
+            f"  removed precision     {pct(s['precision_removed'])} (recall "
+            f"{pct(s.get('recall_removed'))}); round-1 AUROC {s['auroc']:.4f}"
+        )
+    lines.append(f"  outputs in {s['output_dir']}; MLflow run {s.get('mlflow_run_id')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 on success or ``--help``, 2 on bad input (one line), 130 when interrupted."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in args or "--help" in args:
+        print(usage(), end="")
+        return 0
+    from distnoisy.train import setup_cli
+
+    setup_cli()
+    try:
+        from distnoisy.posttrain.config import load
+        from distnoisy.posttrain.run import posttrain
+
+        summary = posttrain(load(args))
+    except DistnoisyError as e:
+        print(f"distnoisy: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distnoisy: posttrain interrupted", file=sys.stderr)
+        return 130
+    print(format_summary(summary))
+    return 0

@@ -1,0 +1,297 @@
+"""One post-training job: open the run, check the input, extract features, rounds, outputs.
+
+Every check (the run, its weights and tables, the dataset, the config) happens before the
+output directory is created. The job is tracked as an MLflow child run of the source run
+(FINISHED, FAILED on any error, KILLED on Ctrl-C: never left RUNNING).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distnoisy.errors import ConfigError
+from distnoisy.posttrain import outputs
+from distnoisy.posttrain.config import PostTrainConfig, save
+from distnoisy.posttrain.rounds import RoundsInput, RoundsResult, Split, run_rounds
+from distnoisy.runs import FinishedRun, open_run
+
+log = logging.getLogger("distnoisy.posttrain")
+
+#: The headline precision is measured on the first this share of the training set removed.
+FIRST_SHARE = 0.2
+
+
+@dataclasses.dataclass
+class Prepared:
+    """The checked inputs: the run, its data description and where outputs go."""
+
+    run: FinishedRun
+    spec: Any
+    out_dir: Path
+
+
+def check(cfg: PostTrainConfig) -> Prepared:
+    """Resolve and check everything; raises :class:`ConfigError` (one line) before any write."""
+    p = cfg.posttrain
+    weights = "weights_best.pt" if p.weights == "best" else "weights.pt"
+    run = open_run(
+        cfg.run,
+        cfg.tracking.uri,
+        require=("config.yaml", "summary.json", weights, "sample_stats.parquet"),
+    )
+    if cfg.data.name is not None and cfg.data.name != run.config.data.name:
+        raise ConfigError(
+            f"run {run.run_dir} was trained on data.name={run.config.data.name}, not "
+            f"data.name={cfg.data.name}; pass a run of that dataset or drop data.name"
+        )
+    if cfg.data.root is not None:
+        data = dataclasses.replace(run.config.data, root=cfg.data.root)
+        run = dataclasses.replace(run, config=dataclasses.replace(run.config, data=data))
+    if p.score == "loss_history" and run.config.train.epochs < 1:
+        raise ConfigError("posttrain.score=loss_history needs the run's loss history")
+    from distnoisy.data.prepare import prepare_data
+
+    spec = prepare_data(run.config)  # the run's data, validated (ConfigError/DataError)
+    out_dir = Path(cfg.output_dir or run.run_dir / f"posttrain-{p.score}").resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output_dir={out_dir} is a file; pass a directory")
+    return Prepared(run, spec, out_dir)
+
+
+def _labels(spec: Any) -> dict[str, Any]:
+    from distnoisy.data.noise import load_label_file
+    from distnoisy.data.shards import read_labels, read_manifest
+    from distnoisy.loop import training_labels
+
+    given, clean, keys = training_labels(spec)
+    out: dict[str, Any] = {"given": given, "keys": keys, "corrupted": None}
+    if clean is not None and (clean >= 0).all():
+        out["corrupted"] = clean != given
+    for split, d in (("val", spec.val_dir), ("test", spec.test_dir)):
+        out[split] = np.asarray(read_labels(read_manifest(d))[0]) if d else None
+    out["val_noisy"] = out["val"]
+    if spec.val_dir and spec.val_label_file:
+        n = len(out["val"])
+        out["val_noisy"] = np.asarray(
+            load_label_file(spec.val_label_file, n, spec.num_classes).labels
+        )
+    return out
+
+
+def _loss_history(run: FinishedRun, n: int) -> np.ndarray:
+    """Mean recorded training loss per sample (0 where none was recorded)."""
+    out = np.zeros(n)
+    for part in run.iter_table(columns=["index", "loss_hist"]):
+        hist = part["loss_hist"].astype(np.float64)
+        seen = np.isfinite(hist)
+        total = np.where(seen, hist, 0.0).sum(1)
+        out[part["index"]] = total / np.maximum(seen.sum(1), 1)
+    return out
+
+
+def build_input(prep: Prepared, cfg: PostTrainConfig) -> tuple[RoundsInput, dict[str, Any]]:
+    """Features (cached in the run directory) and labels as the rounds' input."""
+    from distnoisy.features import extract_features, prediction_head
+    from distnoisy.posttrain.influence import head_matrix
+
+    p = cfg.posttrain
+    feats = extract_features(
+        prep.run,
+        weights=p.weights,
+        dtype=p.feature_dtype,
+        num_workers=p.num_workers,
+        launcher=p.launcher,
+    )
+    labels = _labels(prep.spec)
+    w, b = prediction_head(prep.run.weights(best=p.weights == "best"), prep.run.config.method.name)
+    n = len(labels["given"])
+    val = feats.get("val")
+    inp = RoundsInput(
+        train=np.asarray(feats["train"].features),
+        given=labels["given"],
+        theta=head_matrix(w, b),
+        val=Split(np.asarray(val.features), labels["val_noisy"]) if val is not None else None,
+        val_clean=labels["val"] if val is not None else None,
+        test=Split(np.asarray(feats["test"].features), labels["test"]) if "test" in feats else None,
+        loss_history=_loss_history(prep.run, n) if p.score == "loss_history" else None,
+        corrupted=labels["corrupted"],
+    )
+    bad = ~np.isfinite(inp.train).all(1)
+    if bad.any():  # undecodable samples: no features, so neither scored nor fitted
+        raise ConfigError(
+            f"{int(bad.sum())} training samples of run {prep.run.run_dir} could "
+            "not be decoded; post-training needs features of every sample"
+        )
+    return inp, labels
+
+
+def ranking_metrics(res: RoundsResult, corrupted: np.ndarray | None) -> dict[str, Any]:
+    """Round 1's ranking (AUROC, precision@k with k = the number corrupted) and the precision
+    of the first :data:`FIRST_SHARE` of the training set removed."""
+    if corrupted is None:
+        return {}
+    from distnoisy.label_issues import auroc, precision_at_k
+
+    n = len(corrupted)
+    first = res.order[: math.ceil(FIRST_SHARE * n)]
+    return {
+        "auroc": auroc(res.first_scores, corrupted),
+        "precision_at_k": precision_at_k(res.first_scores, corrupted),
+        "precision_first_20pct": float(corrupted[first].mean()) if len(first) else None,
+        "first_20pct_complete": bool(len(first) >= math.ceil(FIRST_SHARE * n)),
+    }
+
+
+def summarize(
+    prep: Prepared,
+    cfg: PostTrainConfig,
+    res: RoundsResult,
+    extra: dict[str, Any],
+    wall_s: float,
+    run_id: str | None,
+) -> dict[str, Any]:
+    best = res.rounds[res.best_round]
+    return {
+        "source_run": str(prep.run.run_dir),
+        "source_mlflow_run_id": prep.run.mlflow_run_id,
+        "method": prep.run.config.method.name,
+        "score": cfg.posttrain.score,
+        "test_acc_before": prep.run.summary.get("test_acc"),
+        "test_acc_refit_only": res.rounds[0].get("test_acc"),
+        "test_acc": best.get("test_acc"),
+        "val_acc_noisy_before": res.before.get("val_acc_noisy"),
+        "test_acc_before_features": res.before.get("test_acc"),
+        "val_acc_noisy": best.get("val_acc_noisy"),
+        "removed": int((res.removed_round >= 1).sum()),
+        "removed_fraction": best["removed_fraction"],
+        "precision_removed": best.get("precision_removed"),
+        "recall_removed": best.get("recall_removed"),
+        "best_round": res.best_round,
+        **extra,
+        "rounds": res.rounds,
+        "wall_s": round(wall_s, 2),
+        "mlflow_run_id": run_id,
+        "output_dir": str(prep.out_dir),
+    }
+
+
+def write_all(
+    prep: Prepared,
+    res: RoundsResult,
+    labels: dict[str, Any],
+    inp: RoundsInput,
+    summary: dict[str, Any],
+    best_weights: bool,
+) -> None:
+    from distnoisy.features import predicting_networks
+    from distnoisy.posttrain.refit import predict
+
+    out = prep.out_dir
+    suggested = predict(res.theta, inp.train)
+    args = (res, labels["keys"], labels["given"], suggested, labels["corrupted"])
+    outputs.write_parquet(out / "removed.parquet", outputs.removed_table(*args))
+    outputs.write_parquet(out / "label_issues.parquet", outputs.label_issue_table(*args))
+    outputs.write_text(out / "rounds.csv", outputs.rounds_csv(res.rounds))
+    outputs.write_text(out / "rounds.md", outputs.rounds_markdown(res.rounds, res.best_round))
+    state = outputs.refined_weights(
+        prep.run.weights(best=best_weights),
+        predicting_networks(prep.run.config.method.name),
+        res.theta,
+    )
+    outputs.save_weights(out / "weights.pt", state)
+    outputs.plot(out / "posttrain.png", res.rounds, res.best_round)
+    outputs.write_json(out / "summary.json", summary)
+
+
+OUTPUT_FILES = (
+    "config.yaml",
+    "summary.json",
+    "rounds.csv",
+    "rounds.md",
+    "removed.parquet",
+    "label_issues.parquet",
+    "posttrain.png",
+)
+
+
+def posttrain(cfg: PostTrainConfig) -> dict[str, Any]:
+    """Run the job; returns the summary (also ``summary.json``)."""
+    from distnoisy import tracking
+
+    t0 = time.perf_counter()
+    prep = check(cfg)
+    prep.out_dir.mkdir(parents=True, exist_ok=True)
+    save(cfg, prep.out_dir / "config.yaml")
+    uri = cfg.tracking.uri or prep.run.tracking_uri or tracking.default_tracking_uri()
+    run_id = _start_mlflow(cfg, prep, uri) if cfg.tracking.enabled else None
+    status = "FAILED"
+    try:
+        inp, labels = build_input(prep, cfg)
+        res = run_rounds(inp, cfg.posttrain)
+        extra = {"weights": cfg.posttrain.weights, **ranking_metrics(res, labels["corrupted"])}
+        summary = summarize(prep, cfg, res, extra, time.perf_counter() - t0, run_id)
+        write_all(prep, res, labels, inp, summary, cfg.posttrain.weights == "best")
+        if run_id is not None:
+            _log_mlflow(uri, run_id, prep.out_dir, summary)
+        status = "FINISHED"
+        return summary
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        if run_id is not None:
+            tracking.end_run(uri, run_id, status)
+
+
+def _start_mlflow(cfg: PostTrainConfig, prep: Prepared, uri: str) -> str:
+    from omegaconf import OmegaConf
+
+    from distnoisy import tracking
+    from distnoisy.config import _flatten
+
+    params = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return tracking.start_run(
+        uri,
+        prep.run.config.tracking.experiment,
+        f"{prep.run.run_dir.name}-posttrain-{cfg.posttrain.score}",
+        params,
+        tags={
+            "distnoisy.output_dir": str(prep.out_dir),
+            "distnoisy.phase": "posttrain",
+            "distnoisy.source_output_dir": str(prep.run.run_dir),
+        },
+        parent_run_id=prep.run.mlflow_run_id,
+    )
+
+
+def _log_mlflow(uri: str, run_id: str, out: Path, summary: dict[str, Any]) -> None:
+    from distnoisy import tracking
+
+    logger = tracking.RunLogger(uri, run_id, 0)
+    for row in summary["rounds"]:
+        logger.log_metrics({k: v for k, v in row.items() if k != "round"}, step=int(row["round"]))
+    final = {
+        k: summary.get(k)
+        for k in (
+            "test_acc",
+            "test_acc_before",
+            "test_acc_refit_only",
+            "removed",
+            "precision_removed",
+            "auroc",
+            "precision_at_k",
+            "precision_first_20pct",
+        )
+    }
+    logger.log_metrics(
+        {f"final_{k}": v for k, v in final.items() if isinstance(v, int | float)},
+        step=int(summary["best_round"]),
+    )
+    tracking.log_artifacts(uri, run_id, [out / n for n in OUTPUT_FILES])
