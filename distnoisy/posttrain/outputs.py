@@ -177,7 +177,8 @@ def plot(path: Path, rounds: list[dict[str, Any]], best: int) -> None:
         ys = [r.get(key) for r in rounds]
         if any(v is not None for v in ys):
             ax.plot(x, [np.nan if v is None else v for v in ys], marker="o", label=label)
-    ax.axvline(rounds[best]["removed_fraction"], color="grey", ls="--", lw=1, label="kept round")
+    kept = rounds[best]["removed_fraction"] if best >= 0 else 0.0
+    ax.axvline(kept, color="grey", ls="--", lw=1, label="kept round")
     ax.set_xlabel("removed fraction of the training set")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)

@@ -7,7 +7,9 @@ removes the top ``fraction_per_round`` of the training set (within each given cl
 proportion to its kept size when ``class_balanced``), refits warm-started, and evaluates. The
 rounds stop at the removal budget, or when the accuracy on the *noisy* validation labels has not
 fallen below its best for ``patience`` rounds; the result is the round with the best noisy
-validation accuracy (the latest one on ties), so the removals after it are undone.
+validation accuracy (the latest one on ties), so the removals after it are undone; when even
+that round is below the run's own head on the noisy validation labels, the run's head is kept
+and nothing is removed (``best_round = -1``).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class RoundsResult:
     first_scores: np.ndarray  # round 1's scores of every training sample
     order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # removal order
     before: dict[str, float | None] = field(default_factory=dict)  # the run's own head
+    tried: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # incl. undone
 
 
 def hessian_kind(params: PostTrainParams, num_params: int) -> str:
@@ -207,19 +210,30 @@ def run_rounds(inp: RoundsInput, params: PostTrainParams) -> RoundsResult:
             best = r
     if inp.val is None:  # nothing to select on: the last round (the budget) is the result
         best = r
-    undone = removed_round > best
+    theta_best = thetas[best]
+    if _worse_than_before(rounds[best], before):
+        # Every round is below the run's own head on the noisy validation labels: keep it.
+        best, theta_best = -1, inp.theta
+    tried = np.asarray(order, dtype=np.int64)
+    undone = removed_round > best if best >= 0 else removed_round >= 0
     removed_round[undone] = -1
     order = [i for i in order if removed_round[i] >= 1]
     return RoundsResult(
         rounds,
         best,
-        thetas[best],
+        theta_best,
         removed_round,
         last_score,
         first_scores,
         np.asarray(order, dtype=np.int64),
         before,
+        tried,
     )
+
+
+def _worse_than_before(row: dict, before: dict) -> bool:
+    now, then = row.get("val_acc_noisy"), before.get("val_acc_noisy")
+    return now is not None and then is not None and now < then
 
 
 def _update_best(rounds: list[dict], best: int, since_best: int) -> int:

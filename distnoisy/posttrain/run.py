@@ -140,7 +140,7 @@ def ranking_metrics(res: RoundsResult, corrupted: np.ndarray | None) -> dict[str
     from distnoisy.label_issues import auroc, precision_at_k
 
     n = len(corrupted)
-    first = res.order[: math.ceil(FIRST_SHARE * n)]
+    first = res.tried[: math.ceil(FIRST_SHARE * n)]  # removal order, undone rounds included
     return {
         "auroc": auroc(res.first_scores, corrupted),
         "precision_at_k": precision_at_k(res.first_scores, corrupted),
@@ -157,7 +157,7 @@ def summarize(
     wall_s: float,
     run_id: str | None,
 ) -> dict[str, Any]:
-    best = res.rounds[res.best_round]
+    best = res.rounds[res.best_round] if res.best_round >= 0 else {**res.before, "round": -1}
     return {
         "source_run": str(prep.run.run_dir),
         "source_mlflow_run_id": prep.run.mlflow_run_id,
@@ -292,6 +292,6 @@ def _log_mlflow(uri: str, run_id: str, out: Path, summary: dict[str, Any]) -> No
     }
     logger.log_metrics(
         {f"final_{k}": v for k, v in final.items() if isinstance(v, int | float)},
-        step=int(summary["best_round"]),
+        step=max(int(summary["best_round"]), 0),
     )
     tracking.log_artifacts(uri, run_id, [out / n for n in OUTPUT_FILES])
