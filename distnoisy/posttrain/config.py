@@ -120,6 +120,10 @@ def load(argv: list[str]) -> PostTrainConfig:
         cfg: PostTrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise _explain(e, PostTrainConfig()) from None  # type: ignore[arg-type]
+    # A run id of digits only (e.g. 0123...) would be read as an integer: keep the text.
+    raw = [o.split("=", 1)[1] for o in overrides if o.startswith("run=")]
+    if raw:
+        cfg.run = raw[-1]
     validate(cfg)
     return cfg
 

@@ -14,6 +14,8 @@ import argparse
 import logging
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         help="where the training runs are (reused when finished)",
     )
     parser.add_argument("--out", default="docs/results/posttrain.md")
+    parser.add_argument("--jobs", type=int, default=1, help="post-trainings run at once")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("mlflow", "alembic", "distnoisy.loop"):
@@ -129,11 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     t0 = time.perf_counter()
+    runs = {m: [_train(m, s, root, uri) for s in args.seeds] for m in args.methods}
+    jobs = [(m, score, r) for m in args.methods for score in args.scores for r in runs[m]]
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        done = list(pool.map(_posttrain, [r for _, _, r in jobs], [s for _, s, _ in jobs]))
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for method in args.methods:
-        runs = [_train(method, s, root, uri) for s in args.seeds]
-        for score in args.scores:
-            results[(method, score)] = [_posttrain(r, score) for r in runs]
+    for (method, score, _), summary in zip(jobs, done, strict=True):
+        results.setdefault((method, score), []).append(summary)
     page = render(results, args, time.perf_counter() - t0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp")

@@ -1,0 +1,145 @@
+"""``python -m distnoisy.posttrain`` end to end on a real digits run, and its bad-input lines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from distnoisy.config import load_config
+from distnoisy.features import extract_features
+from distnoisy.posttrain.cli import main
+from distnoisy.runs import open_run
+from distnoisy.train import train
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, digits_root):
+    """A short real CE run with a noisy validation split, tracked in SQLite."""
+    tmp = tmp_path_factory.mktemp("pt")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = load_config(
+        [
+            f"data.root={digits_root}",
+            f"output_dir={tmp / 'run'}",
+            f"tracking.uri={uri}",
+            "method.name=ce",
+            "data.val_fraction=0.1",
+            "scaling.launcher=local",
+            "scaling.num_workers=1",
+            "train.epochs=3",
+        ]
+    )
+    summary = train(cfg)
+    return tmp / "run", uri, summary
+
+
+@pytest.mark.slow
+def test_posttrain_end_to_end(source, tmp_path, capsys):
+    run_dir, uri, train_summary = source
+    out = tmp_path / "pt"
+    args = [
+        f"run={train_summary['mlflow_run_id']}",
+        f"tracking.uri={uri}",
+        f"output_dir={out}",
+        "posttrain.fraction_per_round=0.1",
+        "posttrain.max_removed=0.2",
+        "posttrain.patience=5",
+    ]
+    assert main(args) == 0
+    assert "clean test accuracy" in capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    for name in ("rounds.csv", "rounds.md", "posttrain.png", "config.yaml", "weights.pt"):
+        assert (out / name).is_file(), name
+    assert s["test_acc_before"] == pytest.approx(s["test_acc_before_features"], abs=1e-6)
+    assert [r["round"] for r in s["rounds"]] == [0, 1, 2]
+    n = train_summary["num_train"]
+    assert s["rounds"][1]["removed"] == int(np.ceil(0.1 * n))
+
+    removed = pq.read_table(out / "removed.parquet").to_pandas()
+    assert list(removed.columns) == [
+        "index",
+        "key",
+        "round",
+        "score",
+        "given_label",
+        "suggested_label",
+        "is_corrupted",
+    ]
+    assert len(removed) == s["removed"] and (removed["round"] >= 1).all()
+    if len(removed):  # precision against the truth, as the summary says
+        assert removed["is_corrupted"].mean() == pytest.approx(s["precision_removed"])
+    issues = pq.read_table(out / "label_issues.parquet").to_pandas()
+    assert sorted(issues["index"]) == list(range(n))
+    assert set(issues.loc[issues.is_label_issue, "index"]) == set(removed["index"])
+    assert issues["is_label_issue"].iloc[: len(removed)].all()  # ranked first
+
+    # The refined weights load with weights_only and give the suggested labels.
+    state = torch.load(out / "weights.pt", weights_only=True)
+    feats = extract_features(open_run(str(run_dir)), ("train",), launcher="local", num_workers=1)
+    h = np.asarray(feats["train"].features, np.float64)
+    w = state["model"]["classifier.weight"].double().numpy()
+    b = state["model"]["classifier.bias"].double().numpy()
+    pred = np.argmax(h @ w.T + b, 1)
+    np.testing.assert_array_equal(pred[issues["index"]], issues["suggested_label"])
+
+    # A child run of the source run, finished, with the per-round metrics.
+    from mlflow.tracking import MlflowClient
+
+    child = MlflowClient(uri).get_run(s["mlflow_run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == train_summary["mlflow_run_id"]
+    assert child.info.status == "FINISHED"
+    assert "final_test_acc" in child.data.metrics
+
+
+def test_second_posttrain_reuses_the_cached_features(source, tmp_path):
+    run_dir = source[0]
+    common = ["posttrain.score=grad_norm", "posttrain.max_removed=0.1", "tracking.enabled=false"]
+    assert main([f"run={run_dir}", f"output_dir={tmp_path / 'a'}", *common]) == 0
+    entries = list((run_dir / "features").iterdir())
+    stamps = {p: p.stat().st_mtime_ns for e in entries for p in e.iterdir()}
+    assert main([f"run={run_dir}", f"output_dir={tmp_path / 'b'}", *common]) == 0
+    assert list((run_dir / "features").iterdir()) == entries
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["posttrain.fraction_per_round=1.0"], "fraction_per_round=1.0 must be in (0, 1)"),
+        (["posttrain.fraction_per_round=0"], "fraction_per_round=0.0 must be in (0, 1)"),
+        (["data.name=cifar10"], "was trained on data.name=digits, not data.name=cifar10"),
+        (["posttrain.scor=influence"], "unknown config key 'posttrain.scor'"),
+        (["posttrain.score=magic"], "invalid posttrain.score='magic'"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_output(source, tmp_path, capsys, extra, message):
+    out = tmp_path / "never"
+    assert main([f"run={source[0]}", f"output_dir={out}", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not out.exists()
+
+
+def test_bad_runs_are_one_line(source, tmp_path, capsys):
+    run_dir, uri, _ = source
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(run_dir, no_weights, ignore=shutil.ignore_patterns("features", "checkpoints"))
+    (no_weights / "weights.pt").unlink()
+    cases = [
+        ([f"run={empty}"], "has no config.yaml"),
+        ([f"run={no_weights}"], "has no weights.pt"),
+        (["run=" + "0" * 32, f"tracking.uri={uri}"], "no such MLflow run"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "never"
+        assert main([*args, f"output_dir={out}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+        assert not out.exists()
