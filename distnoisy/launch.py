@@ -277,8 +277,16 @@ def launch(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None = N
 
 
 # -- rank-parallel jobs without training (feature extraction) -----------------------------------
-def _spawned_rank(rank: int, fn: Any, payload: Any, world: int) -> None:
-    fn(payload, rank, world)
+def _spawned_rank(rank: int, fn: Any, payload: Any, world: int, port: int) -> None:
+    # A gloo group as Ray Train gives its workers, for jobs that reduce across ranks.
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(payload, rank, world)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _ray_rank(config: dict[str, Any]) -> None:
@@ -302,7 +310,8 @@ def run_ranks(
     """Run ``fn(payload, rank, world_size)`` once per rank on a launcher and wait for all.
 
     For embarrassingly parallel work that needs no collectives (each rank writes its own rows
-    of shared files): ``local`` runs one rank in-process or ``world_size`` spawned processes;
+    of shared files, or only small all-reduces): ``local`` runs one rank in-process or
+    ``world_size`` spawned processes joined in a gloo process group;
     ``ray`` runs them as Ray Train workers (so a Ray cluster's GPUs and nodes are used the way
     training uses them; ``storage_dir`` holds Ray Train's run records). ``fn`` must be
     importable by reference and ``payload`` picklable.
@@ -312,7 +321,10 @@ def run_ranks(
             fn(payload, 0, 1)
             return
         torch.multiprocessing.start_processes(
-            _spawned_rank, args=(fn, payload, world_size), nprocs=world_size, start_method="spawn"
+            _spawned_rank,
+            args=(fn, payload, world_size, _free_port()),
+            nprocs=world_size,
+            start_method="spawn",
         )
         return
     import ray.train

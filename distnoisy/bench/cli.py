@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from distnoisy.bench import loader, plain_loop, steps, two_networks
+from distnoisy.bench import influence, loader, plain_loop, steps, two_networks
 from distnoisy.bench.common import _without_note
 
 
@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     loader.add_parser(sub)
     two_networks.add_parser(sub)
     plain_loop.add_parser(sub)
+    influence.add_parser(sub)
     return p
 
 
@@ -42,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
         return loader.main(args, _without_note(argv))
     if args.bench == "plain-loop":
         return plain_loop.main(args, argv)
+    if args.bench == "influence":
+        return influence.main(args, argv)
     if args.bench == "two-networks":
         return two_networks.main(args, argv)
     return steps.main(args, argv)

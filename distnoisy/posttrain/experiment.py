@@ -3,7 +3,8 @@
 Trains (or reuses, when its ``summary.json`` exists) one run per method and seed on the digits
 default (40% symmetric noise, a 10% noisy validation split, local launcher, one worker): CE for
 100 epochs (it memorises every wrong label), ELR and DAL with their defaults; post-trains each
-with the four scores; writes a markdown page with the per-seed numbers and the means.
+with the four scores (reusing finished post-trainings unless ``--force``); writes a markdown
+page with the per-seed numbers and the means.
 
     python -m distnoisy.posttrain.experiment --seeds 0 1 2 --out docs/results/posttrain.md
 """
@@ -48,10 +49,15 @@ def _train(method: str, seed: int, root: Path, uri: str) -> Path:
     return out
 
 
-def _posttrain(run: Path, score: str) -> dict[str, Any]:
+def _posttrain(run: Path, score: str, force: bool = False) -> dict[str, Any]:
+    import json
+
     from distnoisy.posttrain.config import load
     from distnoisy.posttrain.run import posttrain
 
+    done = run / f"posttrain-{score}" / "summary.json"
+    if done.is_file() and not force:  # finished before: reuse (--force redoes it)
+        return json.loads(done.read_text())
     return posttrain(
         load([f"run={run}", f"posttrain.score={score}", f"output_dir={run / f'posttrain-{score}'}"])
     )
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="docs/results/posttrain.md")
     parser.add_argument("--jobs", type=int, default=1, help="post-trainings run at once")
+    parser.add_argument("--force", action="store_true", help="redo finished post-trainings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("mlflow", "alembic", "distnoisy.loop"):
@@ -135,7 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     runs = {m: [_train(m, s, root, uri) for s in args.seeds] for m in args.methods}
     jobs = [(m, score, r) for m in args.methods for score in args.scores for r in runs[m]]
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        done = list(pool.map(_posttrain, [r for _, _, r in jobs], [s for _, s, _ in jobs]))
+        done = list(
+            pool.map(
+                _posttrain,
+                [r for _, _, r in jobs],
+                [s for _, s, _ in jobs],
+                [args.force] * len(jobs),
+            )
+        )
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for (method, score, _), summary in zip(jobs, done, strict=True):
         results.setdefault((method, score), []).append(summary)

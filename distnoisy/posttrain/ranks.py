@@ -1,0 +1,82 @@
+"""EK-FAC influence scores computed by several ranks, each over its own rows.
+
+Rank ``r`` of ``W`` reads rows ``[N r / W, N (r + 1) / W)`` of a memory-mapped feature file,
+sums its part of the two Kronecker factors, all-reduces them (a ``(C, C)`` and a ``(D, D)``
+matrix: the traffic does not grow with ``N``), does the same with the EK-FAC eigenvalue
+correction, then scores its rows and writes them by global index. Every rank computes the same
+eigendecomposition from the same reduced sums, so the scores do not depend on the number of
+ranks beyond float64 summation order. Ranks run on :func:`distnoisy.launch.run_ranks`.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from distnoisy.posttrain import influence as infl
+
+
+@dataclass(frozen=True)
+class ScoreTask:
+    """Paths and head of one distributed scoring job (plain values: it is pickled)."""
+
+    features: str  # (N, d) .npy
+    labels: str  # (N,) .npy
+    theta: np.ndarray  # (C, d + 1)
+    mu: float
+    scores: str  # (N,) float64 .npy, allocated by the driver
+    report: str  # per-rank JSON, "{rank}" replaced
+    corrected: bool = True
+    chunk: int = 4096
+
+
+def _all_reduce(arr: np.ndarray) -> np.ndarray:
+    import torch
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
+        return arr
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    td.all_reduce(t)
+    return t.numpy()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def score_rank(task: ScoreTask, rank: int, world: int) -> None:
+    """This rank's rows: factor sums, reduce, correction, reduce, scores (module docstring)."""
+    rss0 = _peak_rss_mb()
+    t0 = time.perf_counter()
+    h = np.load(task.features, mmap_mode="r")
+    y = np.load(task.labels, mmap_mode="r")
+    n = len(y)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    mine, ys = h[lo:hi], np.asarray(y[lo:hi])
+    a, b = infl.kfac_factors(task.theta, mine, task.chunk)
+    a, b = _all_reduce(a), _all_reduce(b)
+    basis = infl.kfac_basis(a, b, n)
+    if task.corrected:
+        corr = _all_reduce(infl.kfac_corrections(task.theta, mine, basis.ua, basis.ub, task.chunk))
+        basis = infl.kfac_basis(a, b, n, corr)
+    t1 = time.perf_counter()
+    got = infl.kfac_scores(task.theta, mine, ys, task.mu, basis, n, task.chunk)["influence"]
+    out = np.load(task.scores, mmap_mode="r+")
+    out[lo:hi] = got
+    out.flush()
+    report = {
+        "rank": rank,
+        "rows": hi - lo,
+        "factors_s": t1 - t0,
+        "scores_s": time.perf_counter() - t1,
+        "total_s": time.perf_counter() - t0,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_at_start_mb": rss0,
+    }
+    with open(task.report.format(rank=rank), "w") as f:
+        json.dump(report, f)
