@@ -306,6 +306,7 @@ def run_ranks(
     use_gpu: bool = False,
     address: str | None = None,
     storage_dir: Path,
+    spawn: bool = False,
 ) -> None:
     """Run ``fn(payload, rank, world_size)`` once per rank on a launcher and wait for all.
 
@@ -314,10 +315,11 @@ def run_ranks(
     ``world_size`` spawned processes joined in a gloo process group;
     ``ray`` runs them as Ray Train workers (so a Ray cluster's GPUs and nodes are used the way
     training uses them; ``storage_dir`` holds Ray Train's run records). ``fn`` must be
-    importable by reference and ``payload`` picklable.
+    importable by reference and ``payload`` picklable. ``spawn`` runs even one local rank in its
+    own process (benchmarks: per-rank memory without the caller's).
     """
     if launcher == "local":
-        if world_size == 1:
+        if world_size == 1 and not spawn:
             fn(payload, 0, 1)
             return
         torch.multiprocessing.start_processes(

@@ -3,8 +3,9 @@
 Synthetic features (Gaussian clusters, ``C`` classes, 30% of the labels flipped) are written to a
 ``.npy`` file in float32 and scored with EK-FAC (:mod:`distnoisy.posttrain.ranks`) by 1 and by 2
 ranks of the local launcher, side by side, for every size. Each rank reports its wall time and
-its peak resident memory (its whole process: interpreter, torch and the page cache of the
-memory-mapped rows it touched are included). The scores of 1 and 2 ranks are compared.
+its peak resident memory (``VmHWM``: its whole process, interpreter, torch and the pages of
+the memory-mapped rows it touched included; every rank is a spawned process, also for 1 rank).
+The scores of 1 and 2 ranks are compared.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def run_one(path: Path, theta: np.ndarray, workers: int) -> dict:
         report=str(path / f"report-{workers}-{{rank}}.json"),
     )
     t0 = time.perf_counter()
-    run_ranks(score_rank, task, world_size=workers, launcher="local", storage_dir=path)
+    run_ranks(score_rank, task, world_size=workers, launcher="local", storage_dir=path, spawn=True)
     wall = time.perf_counter() - t0
     ranks = [json.loads((path / f"report-{workers}-{r}.json").read_text()) for r in range(workers)]
     return {"workers": workers, "wall_s": wall, "ranks": ranks, "scores": out}
@@ -69,16 +70,17 @@ def run_one(path: Path, theta: np.ndarray, workers: int) -> dict:
 def format_rows(rows: list[dict]) -> str:
     lines = [
         "| N | d | C | ranks | wall (s, with process start) | per-rank compute (s) | "
-        "per-rank peak RSS (MB) | max rel. diff vs 1 rank |",
-        "|---|---|---|---|---|---|---|---|",
+        "per-rank peak RSS (MB) | per-rank RSS at start (MB) | max rel. diff vs 1 rank |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         comp = " / ".join(f"{k['total_s']:.1f}" for k in r["ranks"])
         rss = " / ".join(f"{k['peak_rss_mb']:.0f}" for k in r["ranks"])
+        rss0 = " / ".join(f"{k['rss_at_start_mb']:.0f}" for k in r["ranks"])
         diff = "-" if r["diff"] is None else f"{r['diff']:.1e}"
         lines.append(
             f"| {r['n']:,} | {r['d']} | {r['c']} | {r['workers']} | {r['wall_s']:.1f} | {comp} | "
-            f"{rss} | {diff} |"
+            f"{rss} | {rss0} | {diff} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -45,13 +45,27 @@ def _all_reduce(arr: np.ndarray) -> np.ndarray:
     return t.numpy()
 
 
-def _peak_rss_mb() -> float:
+def _proc_status_mb(field: str) -> float:
+    """``VmHWM`` (peak) or ``VmRSS`` (now) of this process in MB. Unlike ``ru_maxrss``, these
+    belong to the process's own address space (``ru_maxrss`` survives ``exec`` and would
+    report the parent's peak in a spawned rank)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _peak_rss_mb() -> float:
+    return _proc_status_mb("VmHWM")
 
 
 def score_rank(task: ScoreTask, rank: int, world: int) -> None:
     """This rank's rows: factor sums, reduce, correction, reduce, scores (module docstring)."""
-    rss0 = _peak_rss_mb()
+    rss0 = _proc_status_mb("VmRSS")
     t0 = time.perf_counter()
     h = np.load(task.features, mmap_mode="r")
     y = np.load(task.labels, mmap_mode="r")
