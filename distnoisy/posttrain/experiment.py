@@ -162,13 +162,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+NOTES = """## Reading the table
+
+- **CE after 100 epochs** has memorised every wrong label (training accuracy on the given labels
+  100%). Refitting the head with the post-training penalty alone recovers about 15 points;
+  removing the most influential samples and refitting adds about 10 more, with every score.
+  The first 20% of the training set removed is almost entirely corrupted samples (>= 99.6% for
+  every score and seed; the bar was 80%), and the gain is +25 to +26 points (the bar was +8).
+- **ELR and DAL** do not memorise. Post-training changes their clean test accuracy by +0.5/+0.6
+  (ELR) and -0.0 to +0.4 points (DAL) on average (the bar was >= -0.5). Per seed it is not always
+  harmless: DAL seed 0 loses 0.9 to 1.4 points with every score. The stopping metric is the
+  accuracy on 144 noisy validation labels (one image = 0.7 points), so it cannot tell such a
+  small loss from noise.
+- **Ranking quality from the one run.** On the CE runs the influence ranking of round 1 has AUROC
+  0.989 and precision@k 0.945, just below cleanlab's standard recipe on the same data (0.9915
+  and 0.947 with 5-fold cross-validated logistic regression, i.e. 5 extra trainings).
+  `loss_history`, the run's own per-sample loss record, beats it (0.996 / 0.960). The removed
+  samples' precision stays >= 99% until about 30-40% of the training set is removed.
+- The influence rows use the exact head Hessian (digits: 2,570 head parameters).
+"""
+
+
 def render(results: dict[tuple[str, str], list[dict[str, Any]]], args: Any, wall: float) -> str:
     seeds = " ".join(str(s) for s in args.seeds)
     return (
         "# Post-training on digits (40% symmetric noise)\n\n"
         f"Regenerate: `python -m distnoisy.posttrain.experiment --seeds {seeds} --out "
-        f"{args.out}` (trains the runs it does not find under `--runs`; {wall / 60:.0f} min "
-        "on a shared 2-core CPU machine with the runs already trained).\n\n"
+        f"{args.out} --jobs 3` (trains the runs it does not find under `--runs`, default "
+        "`runs/posttrain-experiment`, and reuses finished post-trainings; this page: 9 runs of "
+        "2-4 min each, then 36 post-trainings in 26 min, 3 at a time, on a 2-core CPU machine "
+        f"shared with other jobs; this rendering took {wall / 60:.1f} min).\n\n"
         "Runs: digits, 40% symmetric noise, 10% noisy validation split, small_cnn, one worker "
         "(local launcher); CE for 100 epochs, ELR and DAL with their defaults (60 epochs). "
         "Post-training with the defaults (`posttrain.fraction_per_round=0.05`, "
@@ -180,6 +203,8 @@ def render(results: dict[tuple[str, str], list[dict[str, Any]]], args: Any, wall
         "*Round-1 AUROC / precision@k*: the first round's ranking of every training sample "
         "against the corrupted set (k = the number corrupted).\n\n"
         + table(results)
+        + "\n"
+        + NOTES
         + "\n## Per seed\n\n"
         + per_seed(results, list(args.seeds))
     )
