@@ -302,3 +302,45 @@ def is_label_issue(
         raise ValueError(f"num_issues must be in [0, {len(positions)}], got {num_issues}")
     flags[positions[rank_by_score(score[positions])[:num_issues]]] = True
     return flags
+
+
+def flag_cut(
+    score: np.ndarray, eligible: np.ndarray | None = None, num_issues: int | None = None
+) -> tuple[float, int] | None:
+    """Where :func:`is_label_issue` cuts the ranking: ``(score, position)`` of the last sample
+    it flags, or None when it flags none.
+
+    With the cut, each partition of a partitioned dataset flags its own rows
+    (:func:`flags_from_cut`) exactly as :func:`is_label_issue` flags the whole table; only the
+    score column (8 bytes per sample) is needed in one place.
+    """
+    score = np.asarray(score, dtype=np.float64)
+    flags = is_label_issue(score, eligible, num_issues)
+    positions = np.flatnonzero(flags)
+    if len(positions) == 0:
+        return None
+    last = positions[rank_by_score(score[positions])[-1]]
+    return float(score[last]), int(last)
+
+
+def flags_from_cut(
+    score: np.ndarray,
+    index: np.ndarray,
+    eligible: np.ndarray | None,
+    cut: tuple[float, int] | None,
+) -> np.ndarray:
+    """Flags of some rows (global positions ``index``): eligible and ranked no later than
+    ``cut`` (from :func:`flag_cut`: higher score, or the same score and a smaller index; NaN
+    ranks last)."""
+    score = np.asarray(score, dtype=np.float64)
+    index = np.asarray(index, dtype=np.int64)
+    eligible = np.ones(len(score), bool) if eligible is None else np.asarray(eligible, bool)
+    if cut is None:
+        return np.zeros(len(score), dtype=bool)
+    cut_score, cut_index = cut
+    nan = np.isnan(score)
+    if np.isnan(cut_score):
+        before = ~nan | (index <= cut_index)
+    else:
+        before = ~nan & ((score > cut_score) | ((score == cut_score) & (index <= cut_index)))
+    return eligible & before

@@ -238,18 +238,12 @@ class SampleStore:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        from distnoisy.store.export import field_columns
+
         columns: dict[str, pa.Array] = {"index": pa.array(np.arange(self.num_samples))}
         for name, values in (extra or {}).items():
             columns[name] = pa.array(values)
-        for name, t in self.fields.items():
-            arr = t.float().numpy() if t.dtype in (torch.float16, torch.bfloat16) else t.numpy()
-            if arr.ndim == 1:
-                columns[name] = pa.array(arr)
-            else:
-                flat = arr.reshape(len(arr), -1)
-                columns[name] = pa.FixedSizeListArray.from_arrays(
-                    pa.array(flat.reshape(-1)), flat.shape[1]
-                )
+        columns.update(field_columns(self.fields))
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         pq.write_table(pa.table(columns), tmp)
