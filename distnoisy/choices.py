@@ -19,3 +19,7 @@ INSTANCE_FEATURES = ("raw", "standardized")
 LAUNCHERS = ("ray", "local")
 #: ``data.split``: how shards reach the DDP ranks.
 SPLITS = ("sample", "shard")
+#: ``store.backend``: the per-sample store's layout (``auto`` chooses by size).
+STORE_BACKENDS = ("auto", "replicated", "partitioned")
+#: ``store.dtype``: storage of the store's targets, histories and probabilities.
+STORE_DTYPES = ("float32", "float16", "bfloat16")

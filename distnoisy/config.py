@@ -19,7 +19,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from distnoisy.choices import DATASETS, INSTANCE_FEATURES, LAUNCHERS, NOISE_KINDS, SPLITS
+from distnoisy.choices import (
+    DATASETS,
+    INSTANCE_FEATURES,
+    LAUNCHERS,
+    NOISE_KINDS,
+    SPLITS,
+    STORE_BACKENDS,
+    STORE_DTYPES,
+)
 from distnoisy.errors import ConfigError
 from distnoisy.method_params import MethodParams
 
@@ -128,6 +136,18 @@ class TrackingConfig:
 
 
 @dataclass
+class StoreConfig:
+    # replicated (every rank holds every row) | partitioned (each rank about N/W rows) | auto
+    # (partitioned when one replica would exceed 1 GiB on several workers; docs/benchmarks.md)
+    backend: str = "auto"
+    # Storage of the float fields that tolerate it (targets, loss/margin histories,
+    # probabilities): float32 | float16 | bfloat16 (half the memory; exact fields stay as they are).
+    dtype: str = "float32"
+    # Rows of label_issues_top.parquet (the most likely label issues, merged over partitions).
+    top_k: int = 10000
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -136,6 +156,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     seed: int = 0
     # None = runs/<name or timestamp>
     output_dir: str | None = None
@@ -251,6 +272,8 @@ def validate(cfg: Config) -> None:
     _choose(cfg.scaling.launcher, LAUNCHERS, "scaling.launcher")
     _choose(cfg.train.optimizer, OPTIMIZERS, "train.optimizer")
     _choose(cfg.train.scheduler, SCHEDULERS, "train.scheduler")
+    _choose(cfg.store.backend, STORE_BACKENDS, "store.backend")
+    _choose(cfg.store.dtype, STORE_DTYPES, "store.dtype")
     checks = [
         (0.0 <= cfg.noise.rate < 1.0, "noise.rate must be in [0, 1)"),
         (cfg.noise.kind != "file" or cfg.noise.file, "noise.kind=file needs noise.file=PATH"),
@@ -276,6 +299,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.balanced_batches >= 0, "data.balanced_batches must be >= 0 (0 = off)"),
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
         (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
+        (cfg.store.top_k >= 1, "store.top_k must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -340,6 +364,8 @@ RESUMABLE_KEYS = (
     "scaling.use_gpu",
     "scaling.address",
     "scaling.max_failures",
+    # Checkpoints hold the store whole, so either backend resumes them.
+    "store.backend",
 )
 
 

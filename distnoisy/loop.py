@@ -35,7 +35,13 @@ from distnoisy.methods import Method
 from distnoisy.methods.base import Networks, Optimizers, StepInput
 from distnoisy.metrics import auroc
 from distnoisy.models import build_model
-from distnoisy.store import FieldSpec, SampleStore
+from distnoisy.store import FieldSpec, Store
+from distnoisy.store.export import (
+    LABEL_ISSUES_DIR,
+    LABEL_ISSUES_TOP,
+    SAMPLE_STATS_DIR,
+    write_top_k,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +213,7 @@ def train_eval_bad(*streams: Any) -> int:
 def _write_outputs(
     out: Path,
     method: Method,
-    store: SampleStore,
+    store: Store,
     given: np.ndarray,
     clean: np.ndarray | None,
     keys: list[str],
@@ -243,16 +249,21 @@ def _write_outputs(
     if is_noisy is not None:
         # null where the clean label is unknown
         table["is_corrupted"] = pa.array(is_noisy[order], mask=~known[order])
-    pq.write_table(pa.table(table), out / "label_issues.parquet")
+    issues = pa.table(table)
 
     pred = probs.argmax(1)
-    extra: dict[str, np.ndarray] = {"key": np.asarray(keys, dtype=object), "given_label": given}
+    extra: dict[str, Any] = {"key": np.asarray(keys, dtype=object), "given_label": given}
     extra["label_issue_score"] = np.asarray(score, dtype=np.float64)
     extra["final_pred"] = pred
     if clean is not None:
         extra["clean_label"] = clean
         extra["is_corrupted"] = pa.array(is_noisy, mask=~known)
-    store.export_parquet(out / "sample_stats.parquet", extra=extra)
+    if store.backend == "partitioned":
+        _write_partitioned(out, store, issues, order, extra, dist.world_size(), cfg.store.top_k)
+    else:
+        pq.write_table(issues, out / "label_issues.parquet")
+        pq.write_table(issues.slice(0, cfg.store.top_k), out / LABEL_ISSUES_TOP)
+        store.export_parquet(out / "sample_stats.parquet", extra=extra)
 
     summary = _summary(method, store, given, clean, pred, score, order, history, spec, cfg)
     summary["bad_samples"] = bad_samples
@@ -262,9 +273,49 @@ def _write_outputs(
     return summary
 
 
+def _write_partitioned(
+    out: Path,
+    store: Store,
+    issues: Any,
+    order: np.ndarray,
+    extra: dict[str, Any],
+    parts: int,
+    top_k: int,
+) -> None:
+    """``sample_stats/`` and ``label_issues/`` as one part per rank's row range, each part of
+    the label issues ranked on its own, and their merged top-k (``label_issues_top.parquet``).
+
+    Written here by rank 0 from the gathered store, part by part (the outputs travel in rank
+    0's checkpoint); :mod:`distnoisy.store.export` is the same layout that ranks write in
+    parallel (``python -m distnoisy.bench store``).
+    """
+    import pyarrow as pa
+
+    from distnoisy.store.export import field_columns, rank_part, write_index, write_part
+
+    n = store.num_samples
+    per = -(-n // parts)
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)  # where each sample's row sits in the ranked table
+    stats_parts, issue_parts, stats_schema, issue_schema = [], [], None, None
+    for k, lo in enumerate(range(0, n, per)):
+        hi = min(lo + per, n)
+        cols: dict[str, Any] = {"index": pa.array(np.arange(lo, hi))}
+        cols.update({name: v[lo:hi] for name, v in extra.items()})
+        cols.update(field_columns({name: store[name][lo:hi] for name in store.specs}))
+        stats = pa.table(cols)
+        stats_parts.append(write_part(out / SAMPLE_STATS_DIR, k, stats, lo))
+        ranked = rank_part(issues.take(pa.array(position[lo:hi])))
+        issue_parts.append(write_part(out / LABEL_ISSUES_DIR, k, ranked, lo))
+        stats_schema, issue_schema = stats.schema, ranked.schema
+    write_index(out / SAMPLE_STATS_DIR, stats_parts, stats_schema)
+    write_index(out / LABEL_ISSUES_DIR, issue_parts, issue_schema)
+    write_top_k(out / LABEL_ISSUES_DIR, out / LABEL_ISSUES_TOP, top_k)
+
+
 def _summary(
     method: Method,
-    store: SampleStore,
+    store: Store,
     given: np.ndarray,
     clean: np.ndarray | None,
     pred: np.ndarray,
@@ -316,6 +367,14 @@ def _summary(
     # no training signal (e.g. ELR's target is still 0), so the ranking metrics skip them.
     seen = store["train_pred"].numpy() >= 0
     summary["num_train_seen"] = int(seen.sum())
+    # The store's layout and the bytes each method's per-sample state costs (docs/benchmarks.md).
+    per_sample = store.bytes_per_sample()
+    summary["store"] = {
+        "backend": store.backend,
+        "dtype": cfg.store.dtype,
+        "bytes_per_sample": sum(per_sample.values()),
+        "bytes_per_sample_by_field": per_sample,
+    }
     if is_noisy is not None and known.any():
         summary["clean_train_acc"] = float((pred[known] == clean[known]).mean())
         if is_noisy.any():
@@ -330,27 +389,48 @@ def _summary(
     return summary
 
 
-def declare_run_fields(store: SampleStore, epochs: int, num_classes: int) -> None:
+def run_field_specs(epochs: int, num_classes: int) -> dict[str, FieldSpec]:
     """The per-sample fields every run keeps, whatever the method.
 
     - ``loss_hist`` (N x epochs, NaN where not visited): the cross-entropy of the training
       logits on the given label, per epoch;
     - ``pred_hist`` (N x epochs, int16, -1 where not visited): the training prediction per
-      epoch, so "first epoch a wrong label was predicted" and forgetting events are derivable;
+      epoch, so "first epoch memorized" and forgetting events are one call away
+      (:mod:`distnoisy.store.history`);
+    - ``margin_hist`` (N x epochs, NaN where not visited): the given label's logit minus the
+      largest other logit, per epoch (area under the margin);
     - ``train_pred`` (N, -1 where never visited): the latest training prediction;
     - ``final_prob`` (N x C): softmax of the final weights on the un-augmented training set.
+
+    The float fields may be stored in float16/bfloat16 (``store.dtype``).
     """
-    store.declare("loss_hist", FieldSpec(shape=(epochs,), fill=float("nan")))
-    store.declare("pred_hist", FieldSpec(shape=(epochs,), dtype=torch.int16, fill=-1))
-    store.declare("train_pred", FieldSpec(dtype=torch.int64, fill=-1))
-    store.declare("final_prob", FieldSpec(shape=(num_classes,)))
+    return {
+        "loss_hist": FieldSpec(shape=(epochs,), fill=float("nan"), lowp=True),
+        "pred_hist": FieldSpec(shape=(epochs,), dtype=torch.int16, fill=-1),
+        "margin_hist": FieldSpec(shape=(epochs,), fill=float("nan"), lowp=True),
+        "train_pred": FieldSpec(dtype=torch.int64, fill=-1),
+        "final_prob": FieldSpec(shape=(num_classes,), lowp=True),
+    }
+
+
+def declare_run_fields(store: Store, epochs: int, num_classes: int) -> None:
+    """Declare :func:`run_field_specs` in ``store``."""
+    for name, spec in run_field_specs(epochs, num_classes).items():
+        store.declare(name, spec)
+
+
+def margins(logits: Tensor, labels: Tensor) -> Tensor:
+    """Logit of the given label minus the largest other logit, per row."""
+    given = logits.gather(1, labels[:, None])[:, 0]
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return given - others.max(1).values
 
 
 def train_step(
     method: Method,
     nets: Networks,
     opts: Optimizers,
-    store: SampleStore,
+    store: Store,
     batch: StepInput,
 ) -> tuple[float, int]:
     """One optimisation step and its per-sample bookkeeping (a collective: ``store.flush``).
@@ -364,6 +444,7 @@ def train_step(
         pred = logits.argmax(1)
         store.stage("loss_hist", batch.index, ce, column=batch.epoch)
         store.stage("pred_hist", batch.index, pred.to(torch.int16), column=batch.epoch)
+        store.stage("margin_hist", batch.index, margins(logits, batch.y), column=batch.epoch)
         store.stage("train_pred", batch.index, pred)
         store.flush()
         return result.loss, int((pred == batch.y).sum())

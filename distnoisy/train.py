@@ -38,9 +38,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("distnoisy")
 
-OUTPUT_FILES = ("summary.json", "label_issues.parquet", "sample_stats.parquet", "weights.pt")
-#: Written only by some runs: the best-by-validation weights need a validation set.
-OPTIONAL_OUTPUT_FILES = ("weights_best.pt",)
+OUTPUT_FILES = ("summary.json", "label_issues_top.parquet", "weights.pt")
+#: Written only by some runs: the best-by-validation weights need a validation set; the tables
+#: are single files with a replicated store, partitioned datasets (directories) with a
+#: partitioned one (README "What a run writes").
+OPTIONAL_OUTPUT_FILES = (
+    "weights_best.pt",
+    "label_issues.parquet",
+    "sample_stats.parquet",
+    "label_issues",
+    "sample_stats",
+)
 
 
 def resolve_run_dir(cfg: Config) -> Path:
@@ -166,7 +174,12 @@ def _publish(final_ckpt: Path, run_dir: Path) -> None:
     optional = [n for n in OPTIONAL_OUTPUT_FILES if (src / n).exists()]
     for name in (*OUTPUT_FILES, *optional):
         tmp = run_dir / f".{name}.tmp"
-        shutil.copyfile(src / name, tmp)
+        if (src / name).is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src / name, tmp)
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        else:
+            shutil.copyfile(src / name, tmp)
         os.replace(tmp, run_dir / name)
 
 

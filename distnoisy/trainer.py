@@ -40,19 +40,19 @@ from distnoisy.loop import (
     accuracies,
     check_bad_samples,
     check_class_mix,
-    declare_run_fields,
     gather_bad_samples,
     make_optimizer,
     make_scheduler,
     network_builder,
     predict,
+    run_field_specs,
     train_eval_bad,
     train_step,
     training_labels,
 )
 from distnoisy.methods import METHODS, Method
 from distnoisy.methods.base import Networks, StepInput
-from distnoisy.store import SampleStore
+from distnoisy.store import make_store
 from distnoisy.tracking import RunLogger
 
 log = logging.getLogger("distnoisy.loop")  # the epoch lines keep their logger name
@@ -119,6 +119,7 @@ class Trainer:
             self._track_best(epoch, metrics)
             final = self.finalize() if epoch == self.epochs - 1 else None
             self.checkpoint(epoch, metrics, final)
+        self.store.close()
 
     # -- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -158,9 +159,24 @@ class Trainer:
 
     def _setup_store_and_optimizers(self) -> None:
         n, c = self.spec.num_train, self.spec.num_classes
-        self.store = SampleStore(n, comm_device=self.comm_device)
-        declare_run_fields(self.store, self.epochs, c)
+        specs = {**run_field_specs(self.epochs, c), **self.method.fields()}
+        self.store = make_store(
+            n,
+            specs,
+            backend=self.cfg.store.backend,
+            dtype=self.cfg.store.dtype,
+            comm_device=self.comm_device,
+            world_size=self.world,
+        )
         self.method.attach(self.store)
+        if self.rank == 0:
+            per_sample = self.store.bytes_per_sample()
+            log.info(
+                "per-sample store: %s, %d bytes per sample (%s)",
+                self.store.backend,
+                sum(per_sample.values()),
+                ", ".join(f"{k} {v}" for k, v in per_sample.items()),
+            )
         self.opts = self.method.build_optimizers(self.nets, lambda p: make_optimizer(self.cfg, p))
         self.scheds = {k: make_scheduler(self.cfg, opt) for k, opt in self.opts.items()}
 
@@ -287,6 +303,7 @@ class Trainer:
                 x = batch["image"].to(self.device, non_blocking=True)
                 y = self.given[index].to(self.device, non_blocking=True)
                 inp = StepInput(x, y, index, epoch, step, steps, phase)
+                self.store.prefetch(index)  # the batch's rows arrive during the forward pass
                 loss_value, correct = train_step(self.method, self.nets, self.opts, self.store, inp)
                 mix = distinct_classes(self.mix_labels[index.numpy()])
                 sums += torch.tensor([loss_value * len(y), correct, len(y), mix, 1])
@@ -322,9 +339,13 @@ class Trainer:
                 self.method, self.models, test.stream, [test.labels], self.device
             )[0]
         if self.corrupted is not None and self.corrupted.any():
-            pred = self.store["train_pred"]
-            mask = self.corrupted & (pred >= 0)
-            metrics["memorized"] = float((pred[mask] == self.given[mask]).float().mean())
+            # Each rank counts its own rows of the store (a partitioned store has no others).
+            lo, hi = self.store.owned_range()
+            pred = self.store.local("train_pred")
+            mask = self.corrupted[lo:hi] & (pred >= 0)
+            counts = [float((pred[mask] == self.given[lo:hi][mask]).sum()), float(mask.sum())]
+            hits, total = dist.all_reduce_sum(torch.tensor(counts, device=self.comm_device))
+            metrics["memorized"] = float(hits / total) if total > 0 else float("nan")
         return metrics
 
     def _log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -372,6 +393,7 @@ class Trainer:
         )
         index, probs = predict(self.method, self.models, train_eval, self.device)
         self.store.set("final_prob", index, probs)
+        self.store.materialize()  # the outputs are written from rank 0's whole fields
         val = self.val_set.stream if self.val_set is not None else None
         test = self.test_set.stream if self.test_set is not None else None
         bad = self.first_stream.num_bad_samples + train_eval_bad(train_eval, test, val)
@@ -381,7 +403,9 @@ class Trainer:
         )
         return FinalOutputs(num_bad, bad_list)
 
-    def state(self, epoch: int, rng: list[dict[str, Any]]) -> dict[str, Any]:
+    def state(
+        self, epoch: int, rng: list[dict[str, Any]], store: dict[str, Tensor]
+    ) -> dict[str, Any]:
         """The checkpoint dict after ``epoch`` (layout in :mod:`distnoisy.checkpoint`)."""
         return {
             "format": ckpt.FORMAT_VERSION,
@@ -390,7 +414,7 @@ class Trainer:
             "networks": {name: m.state_dict() for name, m in self.models.items()},
             "optimizers": {name: opt.state_dict() for name, opt in self.opts.items()},
             "schedulers": {name: sch.state_dict() for name, sch in self.scheds.items()},
-            "store": self.store.state_dict(),
+            "store": store,
             "method": self.method.state_dict(),
             "rng": rng,
             "best": self.best,
@@ -400,10 +424,11 @@ class Trainer:
         """Report the epoch to the launcher with a checkpoint (written by rank 0); after the
         last epoch the checkpoint also holds the run's ``outputs/``."""
         rng = ckpt.gather_rng(self.device, self.method)  # a collective: before the rank test
+        store = self.store.state_dict()  # whole on rank 0 (a collective when partitioned)
         ckpt_dir = None
         if self.rank == 0:
             ckpt_dir = Path(tempfile.mkdtemp(prefix="distnoisy-ckpt-"))
-            state = self.state(epoch, rng)
+            state = self.state(epoch, rng, store)
             ckpt.save_atomic(state, ckpt_dir / ckpt.STATE_FILE)
             if self.best_weights is not None:
                 ckpt.save_atomic(self.best_weights, ckpt_dir / ckpt.BEST_WEIGHTS_FILE)

@@ -23,6 +23,7 @@ def _specs() -> dict[str, FieldSpec]:
         "target": FieldSpec(shape=(C,), lowp=True),
         "hist": FieldSpec(shape=(E,), fill=float("nan"), lowp=True),
         "pred": FieldSpec(dtype=torch.int64, fill=-1),
+        "small": FieldSpec(dtype=torch.int16, fill=-1),
     }
 
 
@@ -42,6 +43,7 @@ def _run(store, rank: int, world: int) -> None:
         store.stage("target", index, 0.7 * old + 0.3 * signal)
         store.stage("hist", index, signal[:, 0], column=step % E)
         store.stage("pred", index, signal.argmax(1) + 10 * step)
+        store.stage("small", index, (signal.argmax(1) - step).to(torch.int16))
         store.flush()
     # A duplicate row in one flush: the highest rank wins, whatever the backend.
     store.set("pred", torch.tensor([3]), torch.tensor([1000 + rank]))
@@ -133,7 +135,7 @@ def test_one_process_partitioned_equals_replicated_and_float16_halves_bytes() ->
     store.close()
     half = make_store(N, _specs(), backend="auto", dtype="float16")
     assert isinstance(half, SampleStore)  # one process never partitions
-    assert half.bytes_per_sample() == {"target": 2 * C, "hist": 2 * E, "pred": 8}
+    assert half.bytes_per_sample() == {"target": 2 * C, "hist": 2 * E, "pred": 8, "small": 2}
     # get returns the declared dtype, the storage is float16
     assert half.get("target", torch.tensor([0])).dtype == torch.float32
     assert half["target"].dtype == torch.float16

@@ -14,7 +14,7 @@ from torch import nn
 
 from distnoisy.method_params import MethodParams
 from distnoisy.registry import Registry
-from distnoisy.store import FieldSpec, SampleStore
+from distnoisy.store import FieldSpec, Store
 
 METHODS: Registry[type[Method]] = Registry("method")
 
@@ -124,7 +124,7 @@ class Method(ABC):
         self.epochs = epochs
         self.seed = seed  # the run's seed, for methods that draw random numbers (mixup)
         self.resources = dict(resources or {})
-        self.store: SampleStore | None = None
+        self.store: Store | None = None
 
     @classmethod  # noqa: B027 (an optional hook: no checks by default)
     def validate_params(cls, params: Any) -> None:
@@ -146,7 +146,7 @@ class Method(ABC):
         """Per-sample fields this method keeps in the store."""
         return {}
 
-    def attach(self, store: SampleStore) -> None:
+    def attach(self, store: Store) -> None:
         for name, spec in self.fields().items():
             store.declare(name, spec)
         self.store = store

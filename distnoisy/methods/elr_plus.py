@@ -130,7 +130,9 @@ class ELRPlus(Method):
 
     # -- networks ---------------------------------------------------------------------------
     def fields(self) -> dict[str, FieldSpec]:
-        return {f"elr_target_{k}": FieldSpec(shape=(self.num_classes,)) for k in NETWORKS}
+        return {
+            f"elr_target_{k}": FieldSpec(shape=(self.num_classes,), lowp=True) for k in NETWORKS
+        }
 
     def build_networks(self, build: Callable[..., nn.Module]) -> Networks:
         return {k: build() for k in NETWORKS}

@@ -145,7 +145,7 @@ class LIMIT(Method):
     def fields(self) -> dict[str, FieldSpec]:
         c = self.num_classes
         return {
-            "limit_q_prob": FieldSpec(shape=(c,), fill=1.0 / c),
+            "limit_q_prob": FieldSpec(shape=(c,), fill=1.0 / c, lowp=True),
             "limit_grad_norm": FieldSpec(fill=float("nan")),
         }
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import torch
 
+from distnoisy.choices import STORE_BACKENDS
 from distnoisy.store.base import FLOAT_DTYPES, FieldSpec, bytes_per_sample
 from distnoisy.store.partitioned import PartitionedStore
 from distnoisy.store.replicated import SampleStore
 
 #: ``store.backend``.
-BACKENDS = ("auto", "replicated", "partitioned")
+BACKENDS = STORE_BACKENDS
 #: ``auto`` partitions when one replica of the store would exceed this many bytes (1 GiB) on a
 #: run with several workers: below it the replicated backend's local reads are faster, above it
 #: W replicas per node start to compete with the data pipeline for memory (docs/benchmarks.md).

@@ -352,15 +352,19 @@ class PartitionedStore:
         return float(local[0] / local[1]) if local[1] else float("nan")
 
     def _gather(self, name: str) -> torch.Tensor | None:
-        """The whole field on rank 0 (None elsewhere): partitions padded to ``rows_per``."""
+        """The whole field on rank 0 (None elsewhere): partitions padded to ``rows_per``, sent
+        as bytes (gloo gathers no int16 or bfloat16)."""
         part = self.parts[name]
         if self._group is None:
             return part.clone()
         pad = torch.zeros((self.rows_per - len(part), *part.shape[1:]), dtype=part.dtype)
-        mine = torch.cat([part, pad])
+        mine = to_bytes(torch.cat([part, pad]))
         parts = [torch.empty_like(mine) for _ in range(self.world)] if self.rank == 0 else None
         tdist.gather(mine, parts, dst=0, group=self._group)
-        return torch.cat(parts)[: self.num_samples] if parts is not None else None
+        if parts is None:
+            return None
+        whole = torch.cat(parts)[: self.num_samples]
+        return from_bytes(whole, part.dtype, tuple(part.shape[1:]))
 
     def materialize(self) -> None:
         """Gather every field whole onto rank 0 (a collective; for the end-of-run outputs at
