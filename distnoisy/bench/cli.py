@@ -1,6 +1,6 @@
 """Benchmarks, printing ratios measured side by side in one run.
 
-The command line: ``python -m distnoisy.bench steps|loader|two-networks|plain-loop ...``; each
+The command line: ``python -m distnoisy.bench steps|loader|two-networks|plain-loop|store ...``; each
 benchmark module adds its sub-command (``add_parser``) and runs it (``main(args, argv)``).
 """
 
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from distnoisy.bench import loader, plain_loop, steps, two_networks
+from distnoisy.bench import store as store_bench
 from distnoisy.bench.common import _without_note
 
 
@@ -24,16 +25,17 @@ def _parser() -> argparse.ArgumentParser:
     loader.add_parser(sub)
     two_networks.add_parser(sub)
     plain_loop.add_parser(sub)
+    store_bench.add_parser(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
-    """Run ``python -m distnoisy.bench steps|loader|two-networks|plain-loop ...``; print the
+    """Run ``python -m distnoisy.bench steps|loader|two-networks|plain-loop|store ...``; print the
     results, optionally write ``--out``.
 
     Returns
     -------
-    StepBenchReport, LoaderReport, TwoNetworkReport or PlainLoopReport
+    StepBenchReport, LoaderReport, TwoNetworkReport, PlainLoopReport or StoreBenchReport
         The measured report (for tests and callers).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -44,4 +46,6 @@ def main(argv: Sequence[str] | None = None) -> Any:
         return plain_loop.main(args, argv)
     if args.bench == "two-networks":
         return two_networks.main(args, argv)
+    if args.bench == "store":
+        return store_bench.main(args, argv)
     return steps.main(args, argv)
