@@ -165,9 +165,8 @@ def _hot_worker(rank: int, world: int, s: dict[str, Any]) -> dict[str, Any]:
 
 
 def _scale_worker(rank: int, world: int, s: dict[str, Any], n: int) -> dict[str, Any]:
-    specs = {"elr_target": FieldSpec(shape=(s["scale_classes"],), lowp=True)}
-    specs.update(_elr_specs(1, s["epochs"]))
-    specs.pop("final_prob")
+    specs = _elr_specs(s["scale_classes"], s["epochs"])
+    specs.pop("final_prob")  # written once at the end of a run, not per step
     store = make_store(n, specs, backend="partitioned", dtype="float16", world_size=world)
     lo, hi = store.owned_range()
     out: dict[str, Any] = {

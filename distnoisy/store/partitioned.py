@@ -227,6 +227,13 @@ class PartitionedStore:
         field); it is sent to the owners at the next :meth:`flush`. No host copy here."""
         if name not in self.specs:
             raise KeyError(f"store field {name!r} was not declared; declared: {list(self.specs)}")
+        shape = self.kept[name].shape if column is None else ()
+        if tuple(values.shape) not in ((len(index), *shape), (len(index),) * (shape == ())):
+            raise ValueError(
+                f"store.stage({name!r}): values of shape {tuple(values.shape)} for "
+                f"{len(index)} rows of {'one column' if column is not None else 'shape'} "
+                f"{shape}"
+            )
         self._staged.append(Staged(name, index.detach(), values.detach(), column))
 
     def flush(self) -> None:
