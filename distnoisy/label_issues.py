@@ -305,7 +305,10 @@ def is_label_issue(
 
 
 def flag_cut(
-    score: np.ndarray, eligible: np.ndarray | None = None, num_issues: int | None = None
+    score: np.ndarray,
+    eligible: np.ndarray | None = None,
+    num_issues: int | None = None,
+    fit_at_most: int | None = None,
 ) -> tuple[float, int] | None:
     """Where :func:`is_label_issue` cuts the ranking: ``(score, position)`` of the last sample
     it flags, or None when it flags none.
@@ -313,8 +316,19 @@ def flag_cut(
     With the cut, each partition of a partitioned dataset flags its own rows
     (:func:`flags_from_cut`) exactly as :func:`is_label_issue` flags the whole table; only the
     score column (8 bytes per sample) is needed in one place.
+
+    ``fit_at_most``: estimate the noise rate from at most this many scores, evenly spaced
+    quantiles of the eligible finite scores (the mixture fit is iterative, 500 passes at most;
+    on 10M scores it takes many minutes, on a 1M-quantile sketch of them seconds). None: all.
     """
     score = np.asarray(score, dtype=np.float64)
+    if num_issues is None and fit_at_most is not None:
+        mask = np.ones(len(score), bool) if eligible is None else np.asarray(eligible, bool)
+        finite = np.sort(score[mask & np.isfinite(score)])
+        if len(finite) > fit_at_most:
+            finite = finite[np.linspace(0, len(finite) - 1, fit_at_most).round().astype(np.int64)]
+        rate = estimate_noise_rate(finite) if len(finite) >= 2 else 0.0
+        num_issues = round(rate * int(mask.sum()))
     flags = is_label_issue(score, eligible, num_issues)
     positions = np.flatnonzero(flags)
     if len(positions) == 0:

@@ -114,3 +114,15 @@ def test_flag_cut_edges() -> None:
     nan = np.array([1.0, np.nan, np.nan])
     cut = flag_cut(nan, num_issues=2)
     assert flags_from_cut(nan, np.arange(3), None, cut).tolist() == [True, True, False]
+
+
+def test_flag_cut_fitted_on_a_quantile_sketch_matches_the_full_fit() -> None:
+    rng = np.random.default_rng(2)
+    score = np.concatenate([rng.normal(0, 0.5, 7000), rng.normal(3, 0.5, 3000)])
+    full = flag_cut(score)
+    sketch = flag_cut(score, fit_at_most=2000)
+    # The count from 2000 quantiles is within a few samples of the count from all 10,000.
+    n_full = flags_from_cut(score, np.arange(len(score)), None, full).sum()
+    n_sketch = flags_from_cut(score, np.arange(len(score)), None, sketch).sum()
+    assert abs(int(n_full) - int(n_sketch)) <= 10 and 2900 < n_full < 3100
+    assert flag_cut(score, fit_at_most=len(score)) == full  # no sketch: the exact cut

@@ -42,6 +42,8 @@ from distnoisy.reporting import write_section
 from distnoisy.store import FieldSpec, make_store
 
 SECTION = "Per-sample store at scale: replicated vs partitioned"
+#: Scores the label-issue count is fitted on (a quantile sketch; the fit is iterative).
+FIT_AT_MOST = 1_000_000
 
 
 @dataclass
@@ -245,7 +247,9 @@ def _issues_worker(rank: int, world: int, s: dict[str, Any], out_dir: str) -> di
     scores = [torch.empty(per, dtype=torch.float64) for _ in range(world)] if rank == 0 else None
     padded = torch.from_numpy(np.pad(score, (0, per - len(score)), constant_values=np.nan))
     tdist.gather(padded, scores, dst=0)
-    cut_box: list[Any] = [flag_cut(torch.cat(scores)[:n].numpy()) if rank == 0 else None]
+    cut_box: list[Any] = [
+        flag_cut(torch.cat(scores)[:n].numpy(), fit_at_most=FIT_AT_MOST) if rank == 0 else None
+    ]
     del scores
     tdist.broadcast_object_list(cut_box, src=0)
     index = np.arange(lo, hi)
