@@ -148,3 +148,36 @@ def test_partitioned_get_must_read_the_prefetched_rows() -> None:
     with pytest.raises(DistnoisyError, match="other rows than the batch prefetched"):
         store.get("target", torch.tensor([5, 4]))
     store.close()
+
+
+def _mismatch_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    store = make_store(4, {"a": FieldSpec(), "b": FieldSpec()}, backend="partitioned", world_size=2)
+    store.stage("a", torch.tensor([rank]), torch.tensor([1.0]))
+    if rank == 1:
+        store.stage("b", torch.tensor([3]), torch.tensor([2.0]))
+    store.flush()  # returns at once; the error comes with the next wait
+    message = "no error"
+    try:
+        store.sync()
+    except DistnoisyError as err:
+        message = str(err)
+    store.set("a", torch.tensor([2 * rank]), torch.tensor([5.0]))  # the store still works
+    state = store.state_dict()
+    store.close()
+    if rank == 0:
+        torch.save(state, os.path.join(out_dir, "state.pt"))
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
+    dist.destroy_process_group()
+
+
+def test_partitioned_flush_fails_on_every_rank_when_ranks_stage_different_entries(tmp_path):
+    mp.spawn(_mismatch_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        msg = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "ranks staged different entries" in msg and "nothing was written" in msg, msg
+    assert "rank 1: 2 entries [a, b]" in (tmp_path / "rank1.txt").read_text()
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["a"].tolist() == [5.0, 0.0, 5.0, 0.0] and not state["b"].any()
