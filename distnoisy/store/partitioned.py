@@ -196,7 +196,7 @@ class PartitionedStore:
                     f"store.get({name!r}) asked for other rows than the batch prefetched; "
                     "a method must read the rows of its batch (batch.index)"
                 )
-            return _wait(fut)[names.index(name)]
+            return _wait(fut)[names.index(name)].clone()  # a copy, as the replicated get
         self._check()
         return _wait(self._comm.submit(self._read, [name], index.detach().cpu().long()))[0]
 
