@@ -42,6 +42,7 @@ from distnoisy.reporting import write_section
 from distnoisy.store import FieldSpec, make_store
 
 SECTION = "Per-sample store at scale: replicated vs partitioned"
+ISSUES_SECTION = "Per-sample store at scale: a partitioned label-issue run"
 #: Scores the label-issue count is fitted on (a quantile sketch; the fit is iterative).
 FIT_AT_MOST = 1_000_000
 
@@ -87,15 +88,28 @@ def _spawn(fn: Any, world: int, *args: Any) -> list[dict[str, Any]]:
         return [json.loads((Path(tmp) / f"{r}.json").read_text()) for r in range(world)]
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (``VmHWM``; unlike ``ru_maxrss`` it is not carried
+    over from the parent through the fork and exec of ``spawn``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _entry(rank: int, world: int, port: int, tmp: str, fn: Any, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports, no data
+        base = _peak_rss_mb()  # after the imports, before any data
         result = fn(rank, world, *args)
         result["base_rss_mb"] = base
-        result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["max_rss_mb"] = _peak_rss_mb()
         (Path(tmp) / f"{rank}.json").write_text(json.dumps(result))
     finally:
         tdist.destroy_process_group()
@@ -427,17 +441,20 @@ def _issues_lines(r: StoreBenchReport) -> list[str]:
     ]
 
 
-def render(r: StoreBenchReport, command: str) -> str:
+def render(r: StoreBenchReport, command: str) -> dict[str, str]:
+    """``{section title: Markdown}`` of the parts measured."""
     m = r.machine
-    lines = [
+    head = (
         f"Command: `{command}`. Machine: {m['cpu']}, {m['cpu_count']} cores shared with other "
-        f"work, torch {m['torch']}, gloo over loopback, one thread per process.",
-        "",
-        *(_hot_lines(r) if r.hot else []),
-        *_scale_lines(r),
-        *_issues_lines(r),
-    ]
-    return "\n".join(lines) + "\n"
+        f"work, torch {m['torch']}, gloo over loopback, one thread per process."
+    )
+    out = {}
+    if r.hot or r.scale:
+        body = [head, "", *(_hot_lines(r) if r.hot else []), *_scale_lines(r)]
+        out[SECTION] = "\n".join(body) + "\n"
+    if r.issues:
+        out[ISSUES_SECTION] = "\n".join([head, *_issues_lines(r)]) + "\n"
+    return out
 
 
 def add_parser(sub: Any) -> None:
@@ -465,8 +482,9 @@ def main(args: argparse.Namespace, argv: list[str]) -> StoreBenchReport:
         issues_n=args.issues_n,
     )
     report = run(settings, parts)
-    text = render(report, "python -m distnoisy.bench store " + " ".join(argv[1:]))
-    print(text)
-    if args.out is not None:
-        write_section(args.out, SECTION, text, header=DOC_HEADER)
+    sections = render(report, "python -m distnoisy.bench store " + " ".join(argv[1:]))
+    for title, text in sections.items():
+        print(f"## {title}\n\n{text}")
+        if args.out is not None:
+            write_section(args.out, title, text, header=DOC_HEADER)
     return report
