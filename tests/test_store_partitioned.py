@@ -181,3 +181,12 @@ def test_partitioned_flush_fails_on_every_rank_when_ranks_stage_different_entrie
     assert "rank 1: 2 entries [a, b]" in (tmp_path / "rank1.txt").read_text()
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert state["a"].tolist() == [5.0, 0.0, 5.0, 0.0] and not state["b"].any()
+
+
+def test_redeclaring_a_nan_filled_field_is_idempotent() -> None:
+    for backend in ("replicated", "partitioned"):
+        store = make_store(3, {"g": FieldSpec(fill=float("nan"))}, backend=backend)
+        store.declare("g", FieldSpec(fill=float("nan")))  # as a method's attach does
+        with pytest.raises(ValueError, match="already declared"):
+            store.declare("g", FieldSpec(fill=0.0))
+        store.close()

@@ -32,6 +32,12 @@ class FieldSpec:
     lowp: bool = False
 
 
+def same_spec(a: FieldSpec, b: FieldSpec) -> bool:
+    """Equal specs, a NaN fill equal to a NaN fill (a redeclared NaN-filled field is the same)."""
+    fills = a.fill == b.fill or (np.isnan(a.fill) and np.isnan(b.fill))
+    return fills and (a.shape, a.dtype, a.lowp) == (b.shape, b.dtype, b.lowp)
+
+
 def storage_spec(spec: FieldSpec, float_dtype: torch.dtype) -> FieldSpec:
     """The spec a backend actually stores: ``float_dtype`` for a float32 ``lowp`` field."""
     if spec.lowp and spec.dtype == torch.float32:

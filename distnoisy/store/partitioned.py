@@ -44,6 +44,7 @@ from distnoisy.store.base import (
     entry_name,
     from_bytes,
     last_occurrence,
+    same_spec,
     row_bytes,
     signature,
     storage_spec,
@@ -136,7 +137,7 @@ class PartitionedStore:
     def declare(self, name: str, spec: FieldSpec) -> None:
         """Create a field (idempotent for an identical spec); this rank allocates its rows."""
         if name in self.specs:
-            if self.specs[name] != spec:
+            if not same_spec(self.specs[name], spec):
                 raise ValueError(f"store field {name!r} already declared as {self.specs[name]}")
             return
         kept = storage_spec(spec, self.float_dtype)

@@ -40,6 +40,7 @@ from distnoisy.store.base import (
     bytes_per_sample,
     entry_name,
     last_occurrence,
+    same_spec,
     signature,
     storage_spec,
 )
@@ -78,7 +79,7 @@ class SampleStore:
     def declare(self, name: str, spec: FieldSpec) -> None:
         """Create a field (idempotent for an identical spec)."""
         if name in self.specs:
-            if self.specs[name] != spec:
+            if not same_spec(self.specs[name], spec):
                 raise ValueError(f"store field {name!r} already declared as {self.specs[name]}")
             return
         self.specs[name] = spec
