@@ -429,7 +429,9 @@ def _issues_lines(r: StoreBenchReport) -> list[str]:
         f"loss and int16 prediction histories, C = {s.issues_classes}, 20% noisy labels), "
         f"{s.issues_workers} ranks each writing its `sample_stats/` and ranked `label_issues/` "
         f"part, rank 0 the indexes and `label_issues_top.parquet` (k = {s.top_k:,}, merged from "
-        "the parts' heads).",
+        "the parts' heads). The flag count is fitted on a "
+        f"{FIT_AT_MOST:,}-quantile sketch of the scores (`flag_cut(..., fit_at_most=...)`); "
+        "the score column (8 bytes a sample) is the only per-sample data gathered on rank 0.",
         "",
         "| rows | flagged | noisy | top-k precision | whole table in memory (MB) "
         "| peak RSS per process, MB (+ above the process after its imports) "
