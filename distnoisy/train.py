@@ -154,7 +154,8 @@ def _reference_trainer(
 
     def train_reference(method: str) -> Path:
         out = run_dir / f"reference-{method}"
-        if (out / "summary.json").exists() and (out / "sample_stats.parquet").exists():
+        stats = (out / "sample_stats.parquet").exists() or (out / "sample_stats").is_dir()
+        if (out / "summary.json").exists() and stats:
             return out
         data = to_dict(cfg)
         data["method"] = {"name": method}

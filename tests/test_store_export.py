@@ -126,3 +126,16 @@ def test_flag_cut_fitted_on_a_quantile_sketch_matches_the_full_fit() -> None:
     n_sketch = flags_from_cut(score, np.arange(len(score)), None, sketch).sum()
     assert abs(int(n_full) - int(n_sketch)) <= 10 and 2900 < n_full < 3100
     assert flag_cut(score, fit_at_most=len(score)) == full  # no sketch: the exact cut
+
+
+def test_reference_probs_read_from_a_partitioned_export(tmp_path) -> None:
+    from distnoisy.methods.correction import read_reference_probs
+
+    probs = np.random.default_rng(3).dirichlet(np.ones(4), size=11)
+    out = tmp_path / "sample_stats"
+    entries = []
+    for k, (lo, hi) in enumerate(_parts(11, 3)):
+        cols = {"index": pa.array(np.arange(lo, hi)), **field_columns({"final_prob": probs[lo:hi]})}
+        entries.append(write_part(out, k, pa.table(cols), lo))
+    write_index(out, entries, pa.table(cols).schema)
+    assert np.array_equal(read_reference_probs(tmp_path), probs)
