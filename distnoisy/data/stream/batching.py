@@ -22,19 +22,19 @@ log = logging.getLogger(__name__)
 _MAX_WARNINGS = 20
 
 
-def _new_batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float batch; inside a loader worker, in shared memory.
+def _new_batch_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised batch; inside a loader worker, in shared memory.
 
     As ``default_collate`` does: filling shared memory directly means sending the batch to the
     main process copies nothing.
     """
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32)
+        return torch.empty(shape, dtype=dtype)
     numel = 1
     for n in shape:
         numel *= n
-    storage = torch.empty(0)._typed_storage()._new_shared(numel)
-    return torch.empty(0).new(storage).view(shape)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 class _BatchBuilder:
@@ -50,16 +50,23 @@ class _BatchBuilder:
         self.capacity = capacity
         self.transform = transform
         self.direct = isinstance(transform, ImageTransform) and transform.kind != "raw"
+        # data.augment_on=device: uint8 images plus each one's (top, left, flip).
+        self.deferred = self.direct and bool(getattr(transform, "defer", False))
         self.shape: torch.Size | None = None  # of one sample, set by the first
         self.out: torch.Tensor | None = None
         self.images: list[torch.Tensor] = []
         self.indices: list[int] = []
+        self.draws: list[tuple[int, int, int]] = []
+        self._draw: tuple[int, int, int] = (0, 0, 0)  # of the sample prepared last
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def prepare(self, img: torch.Tensor, index: int, epoch: int) -> torch.Tensor:
         """The sample as it will be batched: the uint8 crop (direct) or the transform's output."""
+        if self.deferred:
+            img, self._draw = self.transform.deferred(img, index, epoch)  # type: ignore[attr-defined]
+            return img
         if self.direct:
             return self.transform.geometry(img, index, epoch)  # type: ignore[attr-defined]
         return self.transform(img, index, epoch)
@@ -67,7 +74,12 @@ class _BatchBuilder:
     def add(self, sample: torch.Tensor, index: int) -> None:
         if self.shape is None:
             self.shape = sample.shape
-        if self.direct:
+        if self.deferred:
+            if self.out is None:
+                self.out = _new_batch_tensor((self.capacity, *sample.shape), torch.uint8)
+            self.out[len(self.indices)].copy_(sample)
+            self.draws.append(self._draw)
+        elif self.direct:
             if self.out is None:
                 self.out = _new_batch_tensor((self.capacity, *sample.shape))
             self.transform.normalize_into(sample, self.out[len(self.indices)])  # type: ignore[attr-defined]
@@ -80,6 +92,8 @@ class _BatchBuilder:
         if self.direct:
             assert self.out is not None
             self.out[len(self.indices)].copy_(self.out[j])
+            if self.deferred:
+                self.draws.append(self.draws[j])
         else:
             self.images.append(self.images[j])
         self.indices.append(self.indices[j])
@@ -91,7 +105,10 @@ class _BatchBuilder:
             image = self.out if n == self.capacity else self.out[:n]
         else:
             image = torch.utils.data.default_collate(self.images)
-        return {"image": image, "index": torch.tensor(self.indices, dtype=torch.long)}
+        batch = {"image": image, "index": torch.tensor(self.indices, dtype=torch.long)}
+        if self.deferred:
+            batch["augment"] = torch.tensor(self.draws, dtype=torch.long).reshape(n, 3)
+        return batch
 
 
 class _Decoder:
