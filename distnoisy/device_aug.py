@@ -10,6 +10,7 @@ number of ranks or loader processes. Only torch is imported here.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -90,3 +91,46 @@ def crop_flip(images: torch.Tensor, draws: torch.Tensor, h: int, w: int) -> torc
     bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
     ci = torch.arange(c, device=dev).view(1, c, 1, 1)
     return images[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+
+
+def square(img: torch.Tensor, side: int) -> torch.Tensor:
+    """Shorter side resized to ``side``, then the central ``side x side`` square (uint8): the
+    host's deferred ``imagenet_train`` geometry, on the image's own device."""
+    import torchvision.transforms.v2.functional as TF
+
+    if min(img.shape[-2:]) != side:
+        img = TF.resize(img, [side], antialias=True)
+    if img.shape[-2] != img.shape[-1]:
+        img = TF.center_crop(img, [side, side])
+    return img
+
+
+def decode_batch(
+    jpeg: torch.Tensor, offsets: torch.Tensor, device: torch.device, side: int
+) -> tuple[torch.Tensor, list[int]]:
+    """Decode a loader's JPEG batch (``data.decode=gpu``) on ``device`` into ``B x 3 x side x
+    side`` uint8, and the positions of images that could not be decoded.
+
+    One nvJPEG call for the batch; if it fails, image by image, and an undecodable image is
+    replaced by the batch's first good one (the caller logs the positions).
+    """
+    from distnoisy.data.stream.decode import decode_jpegs
+
+    bounds = offsets.tolist()
+    data = [jpeg[a:b] for a, b in itertools.pairwise(bounds)]
+    bad: list[int] = []
+    try:
+        images: list[torch.Tensor | None] = list(decode_jpegs(data, device))
+    except Exception:  # one corrupt image fails the whole call: find it
+        images = []
+        for k, d in enumerate(data):
+            try:
+                images.append(decode_jpegs([d], device)[0])
+            except Exception:
+                images.append(None)
+                bad.append(k)
+    good = [square(img, side) for img in images if img is not None]
+    if not good:
+        raise ValueError(f"no image of this batch of {len(data)} could be decoded on {device}")
+    squares = iter(good)
+    return torch.stack([next(squares) if img is not None else good[0] for img in images]), bad

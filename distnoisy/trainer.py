@@ -33,7 +33,7 @@ from distnoisy import checkpoint as ckpt
 from distnoisy import dist
 from distnoisy.accel import input_layout, maybe_compile, resolve_precision, to_channels_last
 from distnoisy.data.mixing import distinct_classes
-from distnoisy.device_aug import DeviceAugment, to_device
+from distnoisy.device_aug import DeviceAugment, decode_batch, to_device
 from distnoisy.job import Job
 from distnoisy.loop import (
     OUTPUTS_DIR,
@@ -166,6 +166,14 @@ class Trainer:
             self.nets = {k: DDP(m, device_ids=ids) for k, m in self.models.items()}
         # Evaluation runs the eager models; training steps the compiled ones (if asked).
         self.nets = {k: maybe_compile(m, t.compile, k) for k, m in self.nets.items()}
+        if self.rank == 0 and (self.precision.dtype is not None or t.channels_last or t.compile):
+            log.info(
+                "hot path: %s autocast on %s, channels_last=%s, compile=%s",
+                self.precision.name,
+                self.precision.device_type,
+                t.channels_last,
+                t.compile,
+            )
 
     def _setup_store_and_optimizers(self) -> None:
         n, c = self.spec.num_train, self.spec.num_classes
@@ -205,6 +213,7 @@ class Trainer:
                 seed=seed,
                 size=cfg.data.image_size,
                 defer=on_device,
+                encoded=self.decode_on is not None,
             ),
             shuffle_buffer=cfg.data.shuffle_buffer,
             open_shards=cfg.data.open_shards,
@@ -223,6 +232,7 @@ class Trainer:
         self.mix_labels = given if clean is None else np.where(clean >= 0, clean, given)
         self.class_counts = np.bincount(self.mix_labels, minlength=self.spec.num_classes)
         phases = self.method.phases()
+        self.decode_on = self._decode_device()
         self.train_streams = {ph: self._train_stream(k) for k, ph in enumerate(phases)}
         self.device_augment = None
         if self.cfg.data.augment_on == "device":
@@ -232,6 +242,23 @@ class Trainer:
             )
         # Every phase reads the same data: the first one's bad samples are the data's.
         self.first_stream = self.train_streams[phases[0]]
+
+    def _decode_device(self) -> torch.device | None:
+        """The device that decodes training JPEGs with ``data.decode=gpu``; None = the loader
+        (the setting's fallback, with a logged notice saying why)."""
+        if self.cfg.data.decode != "gpu":
+            return None
+        from distnoisy.data.stream.decode import jpeg_decode_device
+
+        where, reason = jpeg_decode_device(self.device)
+        kind, ext = self.spec.train_transform, self.train_manifest.image_ext
+        if reason is None and (kind != "imagenet_train" or ext != "jpg"):
+            reason = f"it reads JPEG shards with ImageNet-style transforms only (not {kind}, {ext})"
+        if reason is not None:
+            if self.rank == 0:
+                log.warning("data.decode=gpu: %s; decoding on the CPU", reason)
+            return None
+        return where
 
     def _eval_set(self, directory: str | None, noisy_file: str | None = None) -> EvalSet | None:
         from distnoisy.data.shards import read_labels, read_manifest
@@ -342,7 +369,14 @@ class Trainer:
     def _input(self, batch: dict[str, Tensor]) -> Tensor:
         """The batch's network input on the device: augmented there with
         ``data.augment_on=device``, in channels-last layout with ``train.channels_last``."""
-        x = to_device(batch["image"], self.device)
+        if "jpeg" in batch:  # data.decode=gpu
+            side = round(self.cfg.data.image_size * 256 / 224)
+            x, bad = decode_batch(batch["jpeg"], batch["jpeg_offsets"], self.decode_on, side)
+            if bad:
+                keys = batch["index"][bad].tolist()
+                log.warning("data.decode=gpu: undecodable images %s replaced in their batch", keys)
+        else:
+            x = to_device(batch["image"], self.device)
         if self.device_augment is not None:
             x = self.device_augment(x, to_device(batch["augment"], self.device))
         return input_layout(x, self.cfg.train.channels_last)

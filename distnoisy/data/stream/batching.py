@@ -52,6 +52,8 @@ class _BatchBuilder:
         self.direct = isinstance(transform, ImageTransform) and transform.kind != "raw"
         # data.augment_on=device: uint8 images plus each one's (top, left, flip).
         self.deferred = self.direct and bool(getattr(transform, "defer", False))
+        # data.decode=gpu: undecoded JPEG bytes, concatenated, with their offsets.
+        self.encoded = self.deferred and bool(getattr(transform, "encoded", False))
         self.shape: torch.Size | None = None  # of one sample, set by the first
         self.out: torch.Tensor | None = None
         self.images: list[torch.Tensor] = []
@@ -74,7 +76,10 @@ class _BatchBuilder:
     def add(self, sample: torch.Tensor, index: int) -> None:
         if self.shape is None:
             self.shape = sample.shape
-        if self.deferred:
+        if self.encoded:
+            self.images.append(sample)
+            self.draws.append(self._draw)
+        elif self.deferred:
             if self.out is None:
                 self.out = _new_batch_tensor((self.capacity, *sample.shape), torch.uint8)
             self.out[len(self.indices)].copy_(sample)
@@ -89,7 +94,10 @@ class _BatchBuilder:
 
     def repeat(self, j: int) -> None:
         """Append a copy of sample ``j`` of this batch."""
-        if self.direct:
+        if self.encoded:
+            self.images.append(self.images[j])
+            self.draws.append(self.draws[j])
+        elif self.direct:
             assert self.out is not None
             self.out[len(self.indices)].copy_(self.out[j])
             if self.deferred:
@@ -100,6 +108,15 @@ class _BatchBuilder:
 
     def build(self) -> dict[str, torch.Tensor]:
         n = len(self.indices)
+        if self.encoded:
+            # One tensor, not a list: a batch crosses from a loader process in one piece.
+            sizes = torch.tensor([0] + [len(b) for b in self.images], dtype=torch.long)
+            return {
+                "jpeg": torch.cat(self.images),
+                "jpeg_offsets": torch.cumsum(sizes, 0),
+                "index": torch.tensor(self.indices, dtype=torch.long),
+                "augment": torch.tensor(self.draws, dtype=torch.long).reshape(n, 3),
+            }
         if self.direct:
             assert self.out is not None
             image = self.out if n == self.capacity else self.out[:n]
@@ -118,6 +135,7 @@ class _Decoder:
         self.transform = transform
         self.channels = channels
         self.raw_mode = getattr(transform, "kind", None) == "raw"
+        self.encoded = bool(getattr(transform, "encoded", False))
 
     def add(self, raw: Raw, epoch: int, batch: _BatchBuilder, sink: list[tuple[str, str]]) -> bool:
         """Decode ``raw`` into ``batch``; False (recorded in ``sink``) if it is unusable."""
@@ -128,6 +146,13 @@ class _Decoder:
             except OSError as exc:
                 sink.append((key, f"unreadable image member in {shard}: {_short(exc)}"))
                 return False
+        if self.encoded:  # decoded on the device: only a JPEG's signature is checked here
+            if bytes(data[:3]) != b"\xff\xd8\xff":
+                sink.append((key, f"not a JPEG in {shard} (data.decode=gpu reads JPEG only)"))
+                return False
+            img = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            batch.add(batch.prepare(img, index, epoch), index)
+            return True
         try:
             img = decode_image_bytes(data, self.channels)
         except ValueError as exc:

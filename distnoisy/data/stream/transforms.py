@@ -45,6 +45,10 @@ class ImageTransform:
         batches uint8 images of one size with each sample's crop offsets and flip, drawn here
         from the same generator as the host path. ``imagenet_train`` images whose resized
         size is not square are first cut to their central square (batches need one size).
+    encoded
+        With ``defer`` and ``imagenet_train`` only (``data.decode=gpu``): the loader does not
+        decode at all; it batches the JPEG bytes, and the device decodes, resizes to
+        ``resize`` (central square) and augments. The draws assume that square.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class ImageTransform:
         seed: int = 0,
         size: int = 224,
         defer: bool = False,
+        encoded: bool = False,
     ) -> None:
         if kind not in TRANSFORM_KINDS:
             raise ConfigError(f"unknown transform {kind!r}; choose one of {TRANSFORM_KINDS}")
@@ -64,8 +69,11 @@ class ImageTransform:
             raise ConfigError(
                 f"transform {kind!r} cannot run on the device; deferrable: {DEFERRABLE_KINDS}"
             )
+        if encoded and not (defer and kind == "imagenet_train"):
+            raise ConfigError("decoding on the device needs a deferred imagenet_train transform")
         self.kind = kind
         self.defer = bool(defer)
+        self.encoded = bool(encoded)
         self.seed = int(seed)
         self.size = int(size)
         self.resize = round(self.size * 256 / 224)
@@ -134,6 +142,11 @@ class ImageTransform:
         return top, left, int(float(torch.rand(1, generator=gen)) < 0.5)
 
     def deferred(self, img: torch.Tensor, index: int, epoch: int) -> tuple[torch.Tensor, tuple]:
+        if self.encoded:  # JPEG bytes: the device makes the resize x resize square
+            return img, self.draw(index, epoch, self.resize, self.resize)
+        return self._deferred(img, index, epoch)
+
+    def _deferred(self, img: torch.Tensor, index: int, epoch: int) -> tuple[torch.Tensor, tuple]:
         """The loader's part with ``defer``: the uint8 image to batch and its ``(top, left,
         flip)`` for :class:`distnoisy.device_aug.DeviceAugment` (zeros without augmentation)."""
         import torchvision.transforms.v2.functional as F
@@ -177,10 +190,11 @@ def make_transform(
     seed: int = 0,
     size: int = 224,
     defer: bool = False,
+    encoded: bool = False,
 ) -> ImageTransform:
     """Build the picklable per-sample transform ``f(img_uint8, index, epoch) -> Tensor``.
 
     See :class:`ImageTransform` for the kinds. Pass the run's ``seed`` so that augmentations
     change with it.
     """
-    return ImageTransform(kind, mean, std, seed=seed, size=size, defer=defer)
+    return ImageTransform(kind, mean, std, seed=seed, size=size, defer=defer, encoded=encoded)
