@@ -42,8 +42,9 @@ def train_step(
     Returns
     -------
     loss, correct
-        The batch loss (float32) and the number of training predictions equal to the given
-        labels (int64): 0-d tensors on the training device, not synchronised.
+        The batch loss (float32, or float64 for float64 networks) and the number of training
+        predictions equal to the given labels (int64): 0-d tensors on the training device, not
+        synchronised.
     """
     with autocast if autocast is not None else contextlib.nullcontext():
         result = method.train_step(batch, nets, opts)
@@ -57,7 +58,7 @@ def train_step(
         store.stage("pred_hist", batch.index, pred.to(torch.int16), column=batch.epoch)
         store.stage("train_pred", batch.index, pred)
         store.flush()
-        return result.loss.float(), (pred == batch.y).sum()
+        return result.loss, (pred == batch.y).sum()
 
 
 def declare_run_fields(store: SampleStore, epochs: int, num_classes: int) -> None:

@@ -82,6 +82,15 @@ class StepResult:
     logits: torch.Tensor
 
 
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if autocast made it bf16 or fp16; float32 and float64 stay as they are.
+
+    Losses are computed from these: a loss in bf16 would round away the small per-sample
+    differences the noisy-label methods rely on.
+    """
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 Networks = dict[str, nn.Module]
 Optimizers = dict[str, torch.optim.Optimizer]
 
@@ -185,7 +194,7 @@ class Method(ABC):
         """
         logits = nets["model"](batch.x)
         # Losses in float32 whatever the autocast precision of the forward pass.
-        out = self.loss(logits.float(), batch.y, batch.index)
+        out = self.loss(full_precision(logits), batch.y, batch.index)
         opt = opts["model"]
         opt.zero_grad(set_to_none=True)
         self.backward(out.loss)

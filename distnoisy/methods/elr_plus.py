@@ -53,6 +53,7 @@ from distnoisy.methods.base import (
     StepInput,
     StepOutput,
     StepResult,
+    full_precision,
 )
 from distnoisy.store import FieldSpec
 
@@ -180,7 +181,7 @@ class ELRPlus(Method):
 
         with torch.no_grad():
             # Targets from the other network's EMA on the un-mixed batch, before the loss.
-            ema_logits = self.ema[other](x).float()  # float32 under any autocast
+            ema_logits = full_precision(self.ema[other](x))
             old = self.store.get(field, index).to(x.device)
             targets = elr_plus_target_update(old, ema_logits, p.beta)
         self.store.stage(field, index, targets)
@@ -211,7 +212,9 @@ class ELRPlus(Method):
 
         logits = nets[k](x_mix)
         ramp = sigmoid_rampup(t, p.coef_step)
-        loss = elr_plus_loss(logits.float(), y_mix, q_mix, p.lam, ramp=ramp, reweight=self.reweight)
+        loss = elr_plus_loss(
+            full_precision(logits), y_mix, q_mix, p.lam, ramp=ramp, reweight=self.reweight
+        )
         opt = opts[k]
         opt.zero_grad(set_to_none=True)
         self.backward(loss)

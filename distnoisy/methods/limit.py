@@ -44,6 +44,7 @@ from distnoisy.methods.base import (
     StepInput,
     StepOutput,
     StepResult,
+    full_precision,
 )
 from distnoisy.store import FieldSpec
 
@@ -212,7 +213,7 @@ class LIMIT(Method):
             z = nets["classifier"](batch.x)
         u = nets["qnet"](batch.x)
         # Losses in float32 whatever the autocast precision of the forward passes.
-        z, u = z.float(), u.float()
+        z, u = full_precision(z), full_precision(u)
         carrier, q_loss = limit_terms(
             z, u, batch.y, p.variant, p.grad_weight_decay, g_noise=self._noise(z.shape, z.device)
         )
