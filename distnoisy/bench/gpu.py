@@ -280,8 +280,11 @@ def environment(device: torch.device) -> dict[str, str]:
                 timeout=20,
             ).stdout.strip()
     else:
-        env["device_name"] = platform.processor() or "cpu"
-        env["cpu_threads"] = str(torch.get_num_threads())
+        from distnoisy.bench.common import machine_info
+
+        info = machine_info()
+        env["device_name"] = f"CPU {info['cpu']} ({info['cpu_count']} logical CPUs)"
+        env["cpu_threads"] = info["torch_threads"]
     return env
 
 
