@@ -122,6 +122,24 @@ def test_losses_stay_float32_under_bf16_autocast(name):
     assert torch.isfinite(store["loss_hist"][:8, 0]).all()
 
 
+def test_a_loss_runs_with_autocast_off_on_float32_logits():
+    # A loss's own arithmetic (e.g. forward correction's p @ T) must not run in bf16.
+    from distnoisy.methods.ce import CrossEntropy
+
+    class Recording(CrossEntropy):
+        def loss(self, logits, labels, index):
+            self.seen = (torch.is_autocast_enabled("cpu"), logits.dtype)
+            return super().loss(logits, labels, index)
+
+    method, nets, opts, store = _subject("ce")
+    recording = Recording(method.params, num_samples=16, num_classes=3, epochs=2)
+    recording.attach(store)
+    x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 3
+    batch = StepInput(x, y, torch.arange(8), epoch=0, step=0, steps_per_epoch=1)
+    train_step(recording, nets, opts, store, batch, Precision("bf16", "cpu").autocast())
+    assert recording.seen == (False, torch.float32)
+
+
 def test_fp16_scaler_steps_equal_unscaled_steps_and_skip_overflow():
     # The scaler multiplies the loss by 2**10 and divides the gradients back before the step:
     # the SGD update must equal the unscaled one (powers of two: exact up to float rounding).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,6 +90,15 @@ def full_precision(t: torch.Tensor) -> torch.Tensor:
     differences the noisy-label methods rely on.
     """
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def loss_region(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off on ``t``'s device, for a loss's arithmetic (a matmul in a loss, e.g. forward
+    correction's ``p @ T``, would otherwise run in bf16/fp16); nothing when autocast is off."""
+    kind = t.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 Networks = dict[str, nn.Module]
@@ -194,7 +204,8 @@ class Method(ABC):
         """
         logits = nets["model"](batch.x)
         # Losses in float32 whatever the autocast precision of the forward pass.
-        out = self.loss(full_precision(logits), batch.y, batch.index)
+        with loss_region(logits):
+            out = self.loss(full_precision(logits), batch.y, batch.index)
         opt = opts["model"]
         opt.zero_grad(set_to_none=True)
         self.backward(out.loss)

@@ -54,6 +54,7 @@ from distnoisy.methods.base import (
     StepOutput,
     StepResult,
     full_precision,
+    loss_region,
 )
 from distnoisy.store import FieldSpec
 
@@ -183,7 +184,8 @@ class ELRPlus(Method):
             # Targets from the other network's EMA on the un-mixed batch, before the loss.
             ema_logits = full_precision(self.ema[other](x))
             old = self.store.get(field, index).to(x.device)
-            targets = elr_plus_target_update(old, ema_logits, p.beta)
+            with loss_region(ema_logits):
+                targets = elr_plus_target_update(old, ema_logits, p.beta)
         self.store.stage(field, index, targets)
 
         one_hot = F.one_hot(y, self.num_classes).to(targets.dtype)
@@ -212,9 +214,10 @@ class ELRPlus(Method):
 
         logits = nets[k](x_mix)
         ramp = sigmoid_rampup(t, p.coef_step)
-        loss = elr_plus_loss(
-            full_precision(logits), y_mix, q_mix, p.lam, ramp=ramp, reweight=self.reweight
-        )
+        with loss_region(logits):
+            loss = elr_plus_loss(
+                full_precision(logits), y_mix, q_mix, p.lam, ramp=ramp, reweight=self.reweight
+            )
         opt = opts[k]
         opt.zero_grad(set_to_none=True)
         self.backward(loss)

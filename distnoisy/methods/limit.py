@@ -45,6 +45,7 @@ from distnoisy.methods.base import (
     StepOutput,
     StepResult,
     full_precision,
+    loss_region,
 )
 from distnoisy.store import FieldSpec
 
@@ -214,9 +215,15 @@ class LIMIT(Method):
         u = nets["qnet"](batch.x)
         # Losses in float32 whatever the autocast precision of the forward passes.
         z, u = full_precision(z), full_precision(u)
-        carrier, q_loss = limit_terms(
-            z, u, batch.y, p.variant, p.grad_weight_decay, g_noise=self._noise(z.shape, z.device)
-        )
+        with loss_region(z):
+            carrier, q_loss = limit_terms(
+                z,
+                u,
+                batch.y,
+                p.variant,
+                p.grad_weight_decay,
+                g_noise=self._noise(z.shape, z.device),
+            )
         opt = opts["limit"]
         opt.zero_grad(set_to_none=True)
         self.backward(q_loss if frozen else carrier + q_loss)
