@@ -311,6 +311,9 @@ class Trainer:
                 self.scheds[name].load_state_dict(state["schedulers"][name])
             self.store.load_state_dict(state["store"])
             self.method.load_state_dict(state["method"])
+            scaler = self.method.grad_scaler
+            if scaler is not None and state.get("grad_scaler"):
+                scaler.load_state_dict(state["grad_scaler"])  # fp16: the loss scale reached
             self.start_epoch, self.history = int(state["epoch"]) + 1, list(state["history"])
             self.best = state["best"]
             best_file = Path(ckpt_dir) / ckpt.BEST_WEIGHTS_FILE
@@ -468,6 +471,7 @@ class Trainer:
             "method": self.method.state_dict(),
             "rng": rng,
             "best": self.best,
+            "grad_scaler": scaler.state_dict() if (scaler := self.method.grad_scaler) else None,
         }
 
     def checkpoint(self, epoch: int, metrics: dict[str, float], final: FinalOutputs | None) -> None:
