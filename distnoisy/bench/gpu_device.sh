@@ -8,11 +8,12 @@ set -euo pipefail
 OUT=${OUT:-/tmp/distnoisy-gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', \
+"$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', \
 torchvision.__version__, 'cuda', torch.cuda.is_available())"
 WORKERS=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
-timeout "${GPU_BENCH_TIMEOUT:-540}" python -m distnoisy.bench gpu --device cuda \
+timeout "${GPU_BENCH_TIMEOUT:-540}" "$PY" -m distnoisy.bench gpu --device cuda \
   --model resnet50 --image-size 224 --batch 256 --precision bf16 --channels-last \
   --steps 30 --warmup 5 --repeats 3 --loader-workers "$WORKERS" \
   --json "$OUT/gpu.json" --doc "$OUT/benchmarks_gpu.md" "$@"
