@@ -122,6 +122,8 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, capsys):
         "analysis.buckets=10000 but there are": [f"run=[{noisy}]", "analysis.buckets=10000"],
         "trained on noisy labels": [f"run=[{clean}]", f"reference={noisy}"],
         "no such directory": ["run=[/nonexistent/run]"],
+        "analysis.k=100000 neighbours": [f"run=[{noisy}]", "analysis.k=100000"],
+        "needs runs on data.name=longtail": [f"run=[{digits}]", "analysis.frequency=subpopulation"],
     }
     for i, (message, args) in enumerate(cases.items()):
         out = tmp / f"bad{i}"

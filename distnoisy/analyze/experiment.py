@@ -43,8 +43,11 @@ def _train(args: list[str]) -> None:
     train(load_config(args))
 
 
-def _runs(data: str, methods: list[str], epochs: int, root: Path, uri: str) -> dict[str, Path]:
+def _runs(
+    data: str, methods: list[str], epochs: int, root: Path, uri: str, extra: list[str]
+) -> dict[str, Path]:
     common = [
+        *extra,
         f"data.name={data}",
         f"train.epochs={epochs}",
         "scaling.launcher=local",
@@ -52,10 +55,10 @@ def _runs(data: str, methods: list[str], epochs: int, root: Path, uri: str) -> d
         f"tracking.uri={uri}",
         *PER_DATA.get(data, []),
     ]
-    dirs = {"reference": root / data / "reference"}
+    dirs = {"reference": root / "reference"}
     _train([*common, "method.name=ce", "noise.kind=none", f"output_dir={dirs['reference']}"])
     for m in methods:
-        dirs[m] = root / data / m
+        dirs[m] = root / m
         _train([*common, f"method.name={m}", *NOISE, f"output_dir={dirs[m]}"])
     return dirs
 
@@ -126,7 +129,7 @@ def analyse_data(data: str, dirs: dict[str, Path], out: Path, uri: str) -> dict[
         kinds["true subpopulation size"] = ["analysis.frequency=subpopulation"]
     results = {}
     for i, (name, extra) in enumerate(kinds.items()):
-        cfg = load_analyze_config([*base, *extra, f"output_dir={out / data / f'analysis{i}'}"])
+        cfg = load_analyze_config([*base, *extra, f"output_dir={out / f'analysis{i}'}"])
         results[name] = analyse(cfg)
         write_outputs(results[name], Path(cfg.output_dir))
     return results
@@ -143,21 +146,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--runs", type=Path, default=Path("runs/instance_level"))
     p.add_argument("--out", type=Path, help="markdown page; each --data is its '## ' section")
+    p.add_argument("--tag", default="", help="a variant's name: runs/<data>-<tag>, its own section")
+    p.add_argument("overrides", nargs="*", help="key=value for every run (e.g. data.longtail.*)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     command = "python -m distnoisy.analyze.experiment " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
     try:
         for data in args.data:
+            name = f"{data}-{args.tag}" if args.tag else data
             # One MLflow store per data set: the data sets can be run by concurrent commands.
-            (args.runs / data).mkdir(parents=True, exist_ok=True)
-            uri = f"sqlite:///{(args.runs / data / 'mlflow.db').resolve()}"
-            dirs = _runs(data, args.methods, args.epochs, args.runs, uri)
-            results = analyse_data(data, dirs, args.runs, uri)
+            (args.runs / name).mkdir(parents=True, exist_ok=True)
+            uri = f"sqlite:///{(args.runs / name / 'mlflow.db').resolve()}"
+            dirs = _runs(data, args.methods, args.epochs, args.runs / name, uri, args.overrides)
+            results = analyse_data(data, dirs, args.runs / name, uri)
             body = section(results, command)
             print(body)
             if args.out:
-                write_section(args.out, data, body, header="# Instance-level noise analysis\n")
+                title = f"{data} ({' '.join(args.overrides)})" if args.overrides else data
+                write_section(args.out, title, body, header="# Instance-level noise analysis\n")
     except DistnoisyError as e:
         print(f"distnoisy: error: {e}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ PARALLEL_MIN_ROWS = 20000
 
 def normalise(features: np.ndarray) -> torch.Tensor:
     """Rows scaled to unit L2 norm (all-zero rows stay zero), as float32."""
-    x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    x = torch.from_numpy(np.array(features, dtype=np.float32))  # a copy: inputs may be read-only
     return torch.nn.functional.normalize(x, dim=1)
 
 
@@ -63,7 +63,8 @@ def block_scores(
     return (-dist.mean(1)).numpy()
 
 
-def _check(n_query: int, n_ref: int, k: int, metric: str, is_self: bool) -> None:
+def check_k(n_ref: int, k: int, metric: str, is_self: bool) -> None:
+    """Raise :class:`ConfigError` unless ``k`` neighbours exist among ``n_ref`` rows."""
     if metric not in METRICS:
         raise ConfigError(
             f"invalid analysis.metric={metric!r}; valid choices: {', '.join(METRICS)}"
@@ -133,7 +134,7 @@ def knn_density(
     is_self = reference is None
     q = normalise(queries)
     ref = q if is_self else normalise(reference)
-    _check(len(q), len(ref), k, metric, is_self)
+    check_k(len(ref), k, metric, is_self)
     if num_workers > 1 and len(q) >= PARALLEL_MIN_ROWS:
         return _ray_blocks(q, ref, k, metric, is_self, num_workers)
     out = [

@@ -22,7 +22,7 @@ from distnoisy.analyze.buckets import (
 )
 from distnoisy.analyze.config import AnalyzeConfig
 from distnoisy.analyze.embed import Embedding, run_embeddings
-from distnoisy.analyze.knn import knn_density
+from distnoisy.analyze.knn import check_k, knn_density
 from distnoisy.analyze.memorization import first_memorized_epoch, stays_memorized
 from distnoisy.errors import ConfigError
 from distnoisy.runs import FinishedRun, open_run
@@ -140,6 +140,12 @@ def _open_all(cfg: AnalyzeConfig) -> tuple[list[FinishedRun], FinishedRun | None
     f = cfg.analysis.features_from
     feat = None if f in ("reference", "self", "pixels") else open_run(f, uri)
     check_same_dataset(runs + [r for r in (ref, feat) if r is not None])
+    if cfg.analysis.frequency == "subpopulation" and runs[0].config.data.name != "longtail":
+        raise ConfigError(
+            f"analysis.frequency=subpopulation needs runs on data.name=longtail (the true "
+            f"subpopulations are known only there), not {runs[0].config.data.name}; use "
+            "analysis.frequency=knn"
+        )
     if ref is not None:
         check_reference(ref)
     return runs, ref, feat
@@ -174,13 +180,15 @@ def analyse(cfg: AnalyzeConfig) -> Analysis:
     n_train = len(hists[0]["given_label"])
     if cfg.analysis.buckets > n_train:
         bucket_edges(np.zeros(n_train), cfg.analysis.buckets)  # raises the one-line error
+    if cfg.analysis.frequency == "knn":
+        check_k(n_train, cfg.analysis.k, cfg.analysis.metric, is_self=True)
     embs = [run_embeddings(r) for r in everyone]
     fixed = _fixed_features(cfg, everyone, embs, ref, feat)
     labels: list[str] = []
     rows: dict[str, list[dict[str, Any]]] = {}
+    shared = _frequency_scores(cfg, fixed, hists[0]["key"]) if fixed is not None else None
     for run, hist, emb in zip(everyone, hists, embs, strict=True):
-        source = fixed if fixed is not None else emb
-        train_s, test_s = _frequency_scores(cfg, source, hist["key"])
+        train_s, test_s = shared or _frequency_scores(cfg, emb, hist["key"])
         edges = bucket_edges(train_s, cfg.analysis.buckets)
         samples = _run_samples(
             hist, emb["test"], assign_buckets(train_s, edges), assign_buckets(test_s, edges)
