@@ -73,7 +73,7 @@ def _table(result: Analysis, key: str, title: str) -> list[str]:
     lines = [f"**{title}** (%)", "", "| method | " + " | ".join(head) + " |"]
     lines.append("|---|" + "---|" * nb)
     for label in result.labels:
-        if key == "excess_error" and label == result.reference:
+        if key in ("excess_error", "memorized") and label == result.reference:
             continue
         lines.append(
             f"| {label} | " + " | ".join(_pct(r.get(key)) for r in result.rows[label]) + " |"
@@ -99,6 +99,32 @@ def _gains(result: Analysis) -> list[str]:
     return [*lines, ""]
 
 
+def _claims(result: Analysis) -> list[str]:
+    """The two predictions of the instance-level paper, computed: CE's excess error in the
+    rarest vs the most frequent bucket, and where each treatment's gain over CE lands."""
+    if "ce" not in result.rows or not result.reference:
+        return []
+    ce = result.rows["ce"]
+    rare, freq = ce[0]["excess_error"], ce[-1]["excess_error"]
+    ratio = f"{rare / freq:.1f}x" if freq > 0 else "n/a (no excess error in the frequent bucket)"
+    lines = [
+        f"- CE's excess error from noise: {_pct(rare)}% in the rarest bucket, {_pct(freq)}% in "
+        f"the most frequent (rarest / most frequent: {ratio}).",
+    ]
+    for label in result.labels:
+        if label in ("ce", result.reference):
+            continue
+        rows = result.rows[label]
+        g_rare = rows[0]["test_acc"] - ce[0]["test_acc"]
+        g_freq = rows[-1]["test_acc"] - ce[-1]["test_acc"]
+        share = f"{_pct(rows[-1]['excess_error'])}% excess error left in the most frequent bucket, {_pct(rows[0]['excess_error'])}% in the rarest"
+        lines.append(
+            f"- {label}: gain over CE {_pct(g_rare)} points in the rarest bucket, "
+            f"{_pct(g_freq)} in the most frequent; {share}."
+        )
+    return ["**The paper's predictions, measured**", "", *lines, ""]
+
+
 def _counts(result: Analysis) -> str:
     rows = result.rows[result.labels[0]]
     parts = [f"{r['n_train']}/{r['n_test']}" for r in rows]
@@ -113,6 +139,7 @@ def section(results: dict[str, Analysis], command: str) -> str:
         lines += _table(result, "excess_error", "Excess test error from noise (reference - run)")
         lines += _table(result, "memorized", "Memorized (of corrupted training samples)")
         lines += _gains(result)
+        lines += _claims(result)
     lines += [
         f"Regenerate with: `{command}`",
         f"Measured on {platform.machine()} / {platform.system()}, Python "
