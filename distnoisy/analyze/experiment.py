@@ -117,7 +117,10 @@ def _claims(result: Analysis) -> list[str]:
         rows = result.rows[label]
         g_rare = rows[0]["test_acc"] - ce[0]["test_acc"]
         g_freq = rows[-1]["test_acc"] - ce[-1]["test_acc"]
-        share = f"{_pct(rows[-1]['excess_error'])}% excess error left in the most frequent bucket, {_pct(rows[0]['excess_error'])}% in the rarest"
+        share = (
+            f"excess error left: {_pct(rows[0]['excess_error'])}% in the rarest bucket, "
+            f"{_pct(rows[-1]['excess_error'])}% in the most frequent"
+        )
         lines.append(
             f"- {label}: gain over CE {_pct(g_rare)} points in the rarest bucket, "
             f"{_pct(g_freq)} in the most frequent; {share}."
