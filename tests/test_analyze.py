@@ -146,6 +146,7 @@ def test_knn_k_larger_than_the_set_is_one_line():
 def test_config_parses_run_list_and_rejects_unknown_keys():
     cfg = load_analyze_config(["run=[/a/b, /c/d]", "analysis.buckets=3"])
     assert cfg.run == ["/a/b", "/c/d"] and cfg.analysis.buckets == 3
+    assert load_analyze_config(["run=/a/b"]).run == ["/a/b"]
     with pytest.raises(ConfigError, match=r"analysis\.bukets"):
         load_analyze_config(["run=[/a]", "analysis.bukets=3"])
     with pytest.raises(ConfigError, match="no runs to analyse"):

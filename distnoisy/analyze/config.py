@@ -79,6 +79,11 @@ def validate(cfg: AnalyzeConfig) -> None:
 def load_analyze_config(argv: list[str] | None = None) -> AnalyzeConfig:
     """The typed config from ``--config`` files and ``key=value`` overrides (later wins)."""
     files, overrides = split_argv(list(argv or []))
+    # run=DIR (one run, no brackets) means run=[DIR].
+    overrides = [
+        f"run=[{o[4:]}]" if o.startswith("run=") and not o[4:].lstrip().startswith("[") else o
+        for o in overrides
+    ]
     sources = [_load_yaml(f) for f in files]
     try:
         sources.append(OmegaConf.from_dotlist(overrides))
@@ -92,7 +97,5 @@ def load_analyze_config(argv: list[str] | None = None) -> AnalyzeConfig:
             "analysis.{frequency,k,metric,buckets,features_from,num_workers}, "
             "tracking.{enabled,uri,experiment}, output_dir)"
         ) from None
-    if isinstance(cfg.run, str):  # run=DIR: one run
-        cfg.run = [cfg.run]
     validate(cfg)
     return cfg
