@@ -106,10 +106,14 @@ def _claims(result: Analysis) -> list[str]:
         return []
     ce = result.rows["ce"]
     rare, freq = ce[0]["excess_error"], ce[-1]["excess_error"]
-    ratio = f"{rare / freq:.1f}x" if freq > 0 else "n/a (no excess error in the frequent bucket)"
+    ratio = (
+        f"rarest / most frequent: {rare / freq:.1f}x"
+        if freq > 0
+        else "none at all in the most frequent bucket"
+    )
     lines = [
         f"- CE's excess error from noise: {_pct(rare)}% in the rarest bucket, {_pct(freq)}% in "
-        f"the most frequent (rarest / most frequent: {ratio}).",
+        f"the most frequent ({ratio}).",
     ]
     for label in result.labels:
         if label in ("ce", result.reference):
