@@ -153,3 +153,15 @@ def test_config_parses_run_list_and_rejects_unknown_keys():
         load_analyze_config([])
     with pytest.raises(ConfigError, match=r"analysis\.metric"):
         load_analyze_config(["run=[/a]", "analysis.metric=manhattan"])
+
+
+def test_knn_density_on_ray_tasks_equals_in_process(ray_cluster):
+    """Row blocks on Ray tasks give the same scores as one process (self-exclusion offsets)."""
+    rng = np.random.default_rng(1)
+    train = rng.standard_normal((90, 6))
+    test = rng.standard_normal((31, 6))
+    kw = dict(k=3, block_rows=8, parallel_min_rows=0)
+    for ref, queries in ((None, train), (train, test)):
+        local = knn_density(queries, ref, **kw)
+        parallel = knn_density(queries, ref, num_workers=2, **kw)
+        np.testing.assert_allclose(parallel, local, rtol=0, atol=1e-6)

@@ -78,23 +78,54 @@ def check_k(n_ref: int, k: int, metric: str, is_self: bool) -> None:
 
 
 def _ray_blocks(
-    q: torch.Tensor, ref: torch.Tensor, k: int, metric: str, is_self: bool, num_workers: int
+    q: torch.Tensor,
+    ref: torch.Tensor,
+    k: int,
+    metric: str,
+    is_self: bool,
+    num_workers: int,
+    block_rows: int,
 ) -> np.ndarray:
-    """The blocks on Ray tasks (``num_workers`` at once), reference shared via the object store."""
+    """The query rows split over ``num_workers`` Ray tasks, each scoring its share in chunks of
+    ``block_rows``; the reference goes to the object store once (numpy: read zero-copy)."""
     import ray
 
     @ray.remote(num_cpus=1)
-    def task(block: torch.Tensor, reference: torch.Tensor, offset: int | None) -> np.ndarray:
+    def task(block: np.ndarray, reference: np.ndarray, offset: int | None) -> np.ndarray:
         torch.set_num_threads(1)
-        return block_scores(block, reference, k, metric, offset)
+        return _score_blocks(
+            torch.from_numpy(block),
+            torch.from_numpy(reference.copy()),
+            k,
+            metric,
+            offset,
+            block_rows,
+        )
 
-    ref_ref = ray.put(ref)
-    step = max(BLOCK_ROWS, math.ceil(len(q) / num_workers))
+    ref_ref = ray.put(ref.numpy())
+    step = max(block_rows, math.ceil(len(q) / num_workers))
     futures = [
-        task.remote(q[s : s + step], ref_ref, s if is_self else None)
+        task.remote(q[s : s + step].numpy(), ref_ref, s if is_self else None)
         for s in range(0, len(q), step)
     ]
     return np.concatenate(ray.get(futures))
+
+
+def _score_blocks(
+    q: torch.Tensor,
+    ref: torch.Tensor,
+    k: int,
+    metric: str,
+    offset: int | None,
+    block_rows: int,
+) -> np.ndarray:
+    """:func:`block_scores` over ``q`` in chunks of ``block_rows`` rows; ``offset`` is the
+    reference row of ``q``'s first row when the queries are reference rows, else None."""
+    out = [
+        block_scores(q[s : s + block_rows], ref, k, metric, None if offset is None else offset + s)
+        for s in range(0, len(q), block_rows)
+    ]
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def knn_density(
@@ -105,6 +136,7 @@ def knn_density(
     metric: str = "cosine",
     num_workers: int = 1,
     block_rows: int = BLOCK_ROWS,
+    parallel_min_rows: int = PARALLEL_MIN_ROWS,
 ) -> np.ndarray:
     """The frequency score of every query row against the reference (training) rows.
 
@@ -125,6 +157,8 @@ def knn_density(
         1 = in this process.
     block_rows
         Query rows per chunk in this process.
+    parallel_min_rows
+        Fewer query rows than this are scored in this process whatever ``num_workers``.
 
     Returns
     -------
@@ -135,10 +169,6 @@ def knn_density(
     q = normalise(queries)
     ref = q if is_self else normalise(reference)
     check_k(len(ref), k, metric, is_self)
-    if num_workers > 1 and len(q) >= PARALLEL_MIN_ROWS:
-        return _ray_blocks(q, ref, k, metric, is_self, num_workers)
-    out = [
-        block_scores(q[s : s + block_rows], ref, k, metric, s if is_self else None)
-        for s in range(0, len(q), block_rows)
-    ]
-    return np.concatenate(out) if out else np.zeros(0)
+    if num_workers > 1 and len(q) >= parallel_min_rows:
+        return _ray_blocks(q, ref, k, metric, is_self, num_workers, block_rows)
+    return _score_blocks(q, ref, k, metric, 0 if is_self else None, block_rows)
