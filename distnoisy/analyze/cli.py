@@ -38,7 +38,7 @@ KEYS_HELP = """keys:
 """
 
 
-def _track(cfg: AnalyzeConfig, result: Analysis, out_dir: Path, paths: list[Path]) -> str | None:
+def track(cfg: AnalyzeConfig, result: Analysis, out_dir: Path, paths: list[Path]) -> str | None:
     """An MLflow run of its own: the per-bucket figures, the files, links to the runs."""
     from distnoisy import tracking
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         result = analyse(cfg)  # every input check happens in here, before anything is written
         out_dir = Path(cfg.output_dir or f"analyses/{time.strftime('%Y%m%d-%H%M%S')}")
         paths = write_outputs(result, out_dir)
-        run_id = _track(cfg, result, out_dir, paths)
+        run_id = track(cfg, result, out_dir, paths)
     except DistnoisyError as e:
         print(f"distnoisy: error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distnoisy.analyze.cli import track
 from distnoisy.analyze.config import load_analyze_config
 from distnoisy.analyze.pipeline import Analysis, analyse
 from distnoisy.analyze.report import write_outputs
@@ -165,7 +166,8 @@ def analyse_data(data: str, dirs: dict[str, Path], out: Path, uri: str) -> dict[
     for i, (name, extra) in enumerate(kinds.items()):
         cfg = load_analyze_config([*base, *extra, f"output_dir={out / f'analysis{i}'}"])
         results[name] = analyse(cfg)
-        write_outputs(results[name], Path(cfg.output_dir))
+        out_dir = Path(cfg.output_dir)
+        track(cfg, results[name], out_dir, write_outputs(results[name], out_dir))
     return results
 
 
