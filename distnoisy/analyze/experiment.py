@@ -18,6 +18,7 @@ import argparse
 import math
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -139,8 +140,10 @@ def _counts(result: Analysis) -> str:
     return "training/test samples per bucket: " + ", ".join(parts)
 
 
-def section(results: dict[str, Analysis], command: str) -> str:
-    lines = []
+def section(results: dict[str, Analysis], command: str, figure: str | None = None) -> str:
+    lines = (
+        [f"![accuracy, memorisation and excess error by bucket]({figure})", ""] if figure else []
+    )
     for name, result in results.items():
         lines += [f"### Buckets by {name}", "", _counts(result), ""]
         lines += _table(result, "test_acc", "Clean test accuracy")
@@ -196,7 +199,14 @@ def main(argv: list[str] | None = None) -> int:
             uri = f"sqlite:///{(args.runs / name / 'mlflow.db').resolve()}"
             dirs = _runs(data, args.methods, args.epochs, args.runs / name, uri, args.overrides)
             results = analyse_data(data, dirs, args.runs / name, uri)
-            body = section(results, command)
+            figure = None
+            if args.out:  # the k-NN analysis' plot beside the page
+                figure = f"{args.out.stem}-{name}.png"
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(
+                    args.runs / name / "analysis0" / "analysis.png", args.out.parent / figure
+                )
+            body = section(results, command, figure)
             print(body)
             if args.out:
                 title = f"{data} ({' '.join(args.overrides)})" if args.overrides else data
