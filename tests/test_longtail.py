@@ -11,6 +11,7 @@ from distnoisy.config import LongtailConfig, load_config
 from distnoisy.data.longtail import (
     held_out_sizes,
     prepare_longtail,
+    subpopulation_noise,
     subpopulation_sizes,
     subpopulations,
 )
@@ -109,3 +110,35 @@ def test_longtail_config_and_instance_noise(tmp_path):
         prepare_data(load_config([*args, "data.longtail.zipf=-1"]))
     with pytest.raises(ConfigError, match=r"data\.longtail\.zipff"):
         load_config([*args, "data.longtail.zipff=1"])
+
+
+def test_subpopulation_dependent_noise_rate(tmp_path):
+    """Noise only on the singletons: the tail is corrupted near its rate, the rest never; the
+    label file trains as noise.kind=file."""
+    from distnoisy.data.noise import save_label_file
+    from distnoisy.data.prepare import prepare_data
+
+    cfg = LongtailConfig(subpopulations=300, max_size=20)
+    noisy, clean = subpopulation_noise(cfg, rate=0.0, tail_rate=0.5, tail_size=1, seed=3)
+    size = subpopulation_sizes(300, 1.0, 20)[
+        np.repeat(np.arange(300), subpopulation_sizes(300, 1.0, 20))
+    ]
+    tail = size == 1
+    assert tail.sum() > 150
+    assert (noisy[~tail] == clean[~tail]).all()
+    assert 0.4 < (noisy[tail] != clean[tail]).mean() < 0.6
+    path = tmp_path / "labels.parquet"
+    save_label_file(path, noisy, clean, {"kind": "longtail-subpopulation"})
+    spec = prepare_data(
+        load_config(
+            [
+                "data.name=longtail",
+                f"data.root={tmp_path}",
+                "data.longtail.subpopulations=300",
+                "data.longtail.max_size=20",
+                "noise.kind=file",
+                f"noise.file={path}",
+            ]
+        )
+    )
+    assert spec.noise_rate == pytest.approx((noisy != clean).mean())

@@ -211,3 +211,31 @@ def subpopulations(manifest_or_dir: Manifest | str | Path) -> tuple[np.ndarray, 
         raise DataError(f"{manifest_or_dir} is not a longtail shard set (no subpopulation sizes)")
     ids = parse_keys(read_labels(manifest)[2])
     return ids, np.asarray(params["subpopulation_sizes"], dtype=np.int64)[ids]
+
+
+def subpopulation_noise(
+    cfg: LongtailConfig, rate: float, tail_rate: float, tail_size: int = 1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy, clean) training labels with a noise rate that depends on the subpopulation.
+
+    The instance-dependent law of docs/methods.md#noise-model (per-sample rate around the mean,
+    wrong class from a random projection of the pixels), with mean ``tail_rate`` for the
+    samples of subpopulations of at most ``tail_size`` training instances and ``rate`` for the
+    others. Each group is drawn with its own stream of ``seed``. Save the result with
+    :func:`distnoisy.data.noise.save_label_file` and train with ``noise.kind=file``.
+    """
+    from distnoisy.data.noise import instance_noise
+
+    images, clean, subpop, _ = make_split(cfg, "train")
+    sizes = subpopulation_sizes(cfg.subpopulations, cfg.zipf, cfg.max_size)[subpop]
+    pixels = images.reshape(len(images), -1).astype(np.float32)
+    noisy = clean.copy()
+    for group, (mask, mean) in enumerate(
+        ((sizes <= tail_size, tail_rate), (sizes > tail_size, rate))
+    ):
+        if mask.any():
+            rng = np.random.default_rng([seed, group])
+            noisy[mask] = instance_noise(
+                clean[mask], cfg.num_classes, mean, rng, features=pixels[mask]
+            )
+    return noisy, clean
