@@ -12,7 +12,9 @@ checkpoint so a resumed run keeps them). ``state.pt`` is a dict of tensors and p
 - ``rng``: one entry per rank (:func:`capture_rng`): torch CPU, CUDA (when used), numpy's
   global generator, Python's ``random`` and the method's own generators (LIMIT's gradient
   noise); ranks draw different numbers, so each rank restores its own;
-- ``best``: ``{"epoch", "val_acc"}`` of the best validation epoch so far, or None.
+- ``best``: ``{"epoch", "val_acc"}`` of the best validation epoch so far, or None;
+- ``grad_scaler``: the fp16 gradient scaler's state (its loss scale), or None (optional: a
+  checkpoint written without it resumes with a fresh scale).
 """
 
 from __future__ import annotations
