@@ -31,6 +31,27 @@ SCHEDULERS = ("none", "cosine", "multistep")
 
 
 @dataclass
+class LongtailConfig:
+    """``data.name=longtail``: the controlled long-tail set (distnoisy/data/longtail.py)."""
+
+    num_classes: int = 10
+    subpopulations: int = 400
+    # Zipf exponent of the rank-size law: the r-th subpopulation has round(max_size * r**-zipf)
+    # training instances (at least 1).
+    zipf: float = 1.0
+    max_size: int = 200
+    # Test instances of a subpopulation: test_per_subpopulation + round(test_share * its size).
+    test_per_subpopulation: int = 3
+    test_share: float = 0.25
+    image_size: int = 8
+    # Share of a centre's variance that comes from its class prototype (the rest is its own).
+    class_weight: float = 0.3
+    # Std of an instance around its subpopulation centre (centres have unit variance per pixel).
+    jitter: float = 0.3
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     name: str = "digits"
     # Where prepared shards live (digits: cache written on first use). None = ~/.cache/distnoisy.
@@ -83,6 +104,7 @@ class DataConfig:
     # resized size is square (pre-resized shards, CIFAR, digits); others are first cut to their
     # central square on the host (docs/benchmarks.md#gpu-throughput-to-be-measured).
     augment_on: str = "host"
+    longtail: LongtailConfig = field(default_factory=LongtailConfig)
 
 
 @dataclass

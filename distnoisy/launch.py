@@ -322,3 +322,64 @@ def launch(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None = N
     if callbacks:
         raise DistnoisyError("Ray Train callbacks need scaling.launcher=ray")
     return launch_local(job, cfg, run_dir)
+
+
+# -- rank-parallel jobs without training (feature extraction) -----------------------------------
+def _spawned_rank(rank: int, fn: Any, payload: Any, world: int) -> None:
+    fn(payload, rank, world)
+
+
+def _ray_rank(config: dict[str, Any]) -> None:
+    """Ray Train entry point of :func:`run_ranks` (importable: Ray pickles it by reference)."""
+    import ray.train
+
+    context = ray.train.get_context()
+    config["fn"](config["payload"], context.get_world_rank(), context.get_world_size())
+
+
+def run_ranks(
+    fn: Any,
+    payload: Any,
+    *,
+    world_size: int,
+    launcher: str,
+    use_gpu: bool = False,
+    address: str | None = None,
+    storage_dir: Path,
+) -> None:
+    """Run ``fn(payload, rank, world_size)`` once per rank on a launcher and wait for all.
+
+    For embarrassingly parallel work that needs no collectives (each rank writes its own rows
+    of shared files): ``local`` runs one rank in-process or ``world_size`` spawned processes;
+    ``ray`` runs them as Ray Train workers (so a Ray cluster's GPUs and nodes are used the way
+    training uses them; ``storage_dir`` holds Ray Train's run records). ``fn`` must be
+    importable by reference and ``payload`` picklable.
+    """
+    if launcher == "local":
+        if world_size == 1:
+            fn(payload, 0, 1)
+            return
+        torch.multiprocessing.start_processes(
+            _spawned_rank, args=(fn, payload, world_size), nprocs=world_size, start_method="spawn"
+        )
+        return
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    ensure_ray(address, world_size)
+    trainer = TorchTrainer(
+        _ray_rank,
+        train_loop_config={"fn": fn, "payload": payload},
+        scaling_config=ray.train.ScalingConfig(num_workers=world_size, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(name="ranks", storage_path=str(Path(storage_dir).resolve())),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray raises the workers' errors wrapped: unwrap ours
+        user = _user_error(exc)
+        if user is exc:
+            raise
+        raise user from None
+    if result.error is not None:
+        raise _user_error(result.error)
