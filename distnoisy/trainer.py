@@ -40,13 +40,13 @@ from distnoisy.loop import (
     accuracies,
     check_bad_samples,
     check_class_mix,
+    count_bad_samples,
     declare_run_fields,
     gather_bad_samples,
     make_optimizer,
     make_scheduler,
     network_builder,
     predict,
-    train_eval_bad,
     train_step,
     training_labels,
 )
@@ -374,12 +374,10 @@ class Trainer:
         self.store.set("final_prob", index, probs)
         val = self.val_set.stream if self.val_set is not None else None
         test = self.test_set.stream if self.test_set is not None else None
-        bad = self.first_stream.num_bad_samples + train_eval_bad(train_eval, test, val)
-        num_bad = int(dist.all_reduce_sum(torch.tensor([bad], device=self.comm_device)).item())
         bad_list = gather_bad_samples(
             ("train", self.first_stream), ("train", train_eval), ("val", val), ("test", test)
         )
-        return FinalOutputs(num_bad, bad_list)
+        return FinalOutputs(count_bad_samples(bad_list), bad_list)
 
     def state(self, epoch: int, rng: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint dict after ``epoch`` (layout in :mod:`distnoisy.checkpoint`)."""
