@@ -116,6 +116,9 @@ class ScalingConfig:
     # Ray address; None starts a local cluster (or joins RAY_ADDRESS / a running one).
     address: str | None = None
     max_failures: int = 0
+    # Seconds to wait for a Ray cluster that may grow (an autoscaler) to provide the workers'
+    # CPUs/GPUs; a cluster that cannot grow (the local one) fails at once.
+    resource_timeout_s: float = 600.0
 
 
 @dataclass
@@ -259,6 +262,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (cfg.scaling.num_workers >= 1, "scaling.num_workers must be >= 1"),
+        (cfg.scaling.resource_timeout_s >= 0, "scaling.resource_timeout_s must be >= 0"),
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)"),
         (cfg.data.shard_size >= 1, "data.shard_size must be >= 1"),
         (cfg.data.train_size >= 0, "data.train_size must be >= 0 (0 = all training images)"),
@@ -340,6 +344,7 @@ RESUMABLE_KEYS = (
     "scaling.use_gpu",
     "scaling.address",
     "scaling.max_failures",
+    "scaling.resource_timeout_s",
 )
 
 

@@ -212,6 +212,10 @@ def train(
     spec = prepare_data(cfg)  # validates data and labels; writes only into the data cache
     _check_batch_fits(cfg, spec)
     _dry_build(cfg, spec.num_classes, spec.in_channels)
+    if cfg.scaling.launcher == "ray":
+        from distnoisy.launch import check_ray_resources
+
+        check_ray_resources(cfg)  # a cluster that cannot hold the workers fails in seconds
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:  # a resumed run keeps the config.yaml it was started with
@@ -473,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     except DistnoisyError as e:
         print(f"distnoisy: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        # Ray's handlers turn a signal into SystemExit (SIGTERM: sys.exit(15)) once it runs.
         print(interrupted_message(run_dir), file=sys.stderr)
         return 130
     print(format_summary(summary))
