@@ -136,3 +136,23 @@ def test_bad_samples_are_counted_once_and_never_trained_rows_rank_last(
     assert (issues["suggested_label"].to_numpy()[~trained] == -1).all()
     scores = issues["score"].to_numpy()[trained]
     assert (rank_by_score(scores) == np.arange(len(scores))).all()
+
+
+def test_folder_converter_without_resize_names_undecodable_images(tmp_path, caplog) -> None:
+    """Stored bytes are not re-encoded without --resize, but a damaged image is still named."""
+    from PIL import Image
+
+    from distnoisy.data.folder import convert
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "root" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (40 * i, 80, 120)).save(tmp_path / "root" / cls / f"{i}.jpg")
+    good = (tmp_path / "root" / "dog" / "2.jpg").read_bytes()
+    (tmp_path / "root" / "dog" / "2.jpg").write_bytes(good[: len(good) // 2])  # truncated JPEG
+    with caplog.at_level("WARNING"):
+        m = convert(tmp_path / "root", tmp_path / "out", split="train", workers=1)
+    assert m.num_samples == 6  # kept, so the indices stay those of the listing
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("dog/2.jpg" in w and "cannot decode the image" in w for w in warnings), warnings
+    assert any(w.startswith("train: 1 of 6 images cannot be decoded") for w in warnings), warnings
