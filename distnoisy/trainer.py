@@ -332,7 +332,8 @@ class Trainer:
         if self.rank != 0:
             return
         log.info(
-            "epoch %d/%d  loss %.4f  train_acc(given) %.3f  test_acc %s  memorized %s  (%.1fs)",
+            "epoch %d/%d  loss %.4f  train_acc(given) %.3f  test_acc %s  memorized(training "
+            "preds) %s  (%.1fs)",
             epoch + 1,
             self.epochs,
             metrics["train_loss"],

@@ -229,3 +229,17 @@ def test_gpu_recipe_on_a_local_cluster_without_gpus_fails_in_seconds(
     assert "needs 2 GPU, but the Ray cluster has 0 GPU and cannot grow" in lines[0]
     assert "set scaling.use_gpu=false" in lines[0]
     assert not run.exists()
+
+
+# -- ray job submit: the working directory is a temporary copy ---------------------------------
+def test_a_ray_job_without_output_dir_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    # What `ray job submit --working-dir .` runs in: Ray deletes the copy with the job.
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    line = _one_line_error(capsys, ["scaling.launcher=local"])
+    assert "Ray's temporary copy of the job's working_dir" in line
+    assert "give output_dir= and tracking.uri= on storage that outlives the job" in line
+    assert list(copy.iterdir()) == []
+    line = _one_line_error(capsys, ["scaling.launcher=local", "tracking.enabled=false"])
+    assert "give output_dir= on storage" in line
