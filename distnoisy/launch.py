@@ -217,6 +217,10 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
         dashboard_host="127.0.0.1",
         runtime_env=env,
     )
+    # Ray's agents outlive a driver killed with SIGKILL; a watcher process stops them.
+    from distnoisy import reaper
+
+    reaper.start()
 
 
 def _cluster_can_grow() -> bool:

@@ -243,3 +243,42 @@ def test_a_ray_job_without_output_dir_is_a_one_line_error(tmp_path, capsys, monk
     assert list(copy.iterdir()) == []
     line = _one_line_error(capsys, ["scaling.launcher=local", "tracking.enabled=false"])
     assert "give output_dir= on storage" in line
+
+
+# -- a driver killed outright leaves no process of the cluster it started ----------------------
+@pytest.mark.slow
+def test_sigkilled_driver_leaves_no_process_of_its_local_cluster(tmp_path, digits_root):
+    from distnoisy.reaper import _stat, descendants
+
+    run = tmp_path / "run"
+    argv = [f"data.root={digits_root}", f"output_dir={run}", "train.epochs=300"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distnoisy.train", *argv, "tracking.enabled=false"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for line in proc.stderr:
+            if "epoch 1/300" in line:
+                break
+        cluster = descendants(proc.pid)  # GCS, raylet, dashboard, agents, workers, ...
+        assert len(cluster) > 5, cluster
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        alive = cluster
+        while alive and time.monotonic() < deadline:
+            time.sleep(1)
+            alive = {p: t for p, t in cluster.items() if (st := _stat(p)) and st[1] == t}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    names = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in alive if _stat(p)}
+    for pid in alive:  # do not leave them to the rest of the session
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not alive, names
