@@ -183,3 +183,16 @@ def test_resume_logs_each_epoch_once_and_wall_s_sums_the_segments(finished, tmp_
     first, second = summary["wall_s_segments"]
     assert first == pytest.approx(first_wall, abs=0.05)
     assert summary["wall_s"] == pytest.approx(first + second, abs=0.02)
+
+
+def test_system_metrics_without_psutil_is_a_one_line_error(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("psutil") is not None:
+        pytest.skip("psutil is installed here: the error path cannot be reached")
+    run = tmp_path / "run"
+    argv = [f"output_dir={run}", "scaling.launcher=local", "tracking.system_metrics=true"]
+    assert main([*argv, f"tracking.uri=sqlite:///{tmp_path / 'db.sqlite'}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "tracking.system_metrics=true needs the psutil package" in lines[0]
+    assert not run.exists() and not (tmp_path / "db.sqlite").exists()
