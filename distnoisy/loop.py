@@ -298,6 +298,9 @@ def _summary(
     n = len(given)
     known = (clean >= 0) if clean is not None else None
     is_noisy = (clean != given) & known if clean is not None else None
+    # The final predictions exist for the samples the final pass could read (not those lost in
+    # a damaged shard, whose probability rows stay zero).
+    read = store["final_prob"].numpy().sum(1) > 0
     test_accs = [h["test_acc"] for h in history if h.get("test_acc") is not None]
     val_accs = [h.get("val_acc", float("nan")) for h in history]
     best_val = int(np.nanargmax(val_accs)) if np.isfinite(val_accs).any() else None
@@ -321,7 +324,7 @@ def _summary(
         "test_acc_at_best_val": (
             history[best_val].get("test_acc") if best_val is not None else None
         ),
-        "train_acc_given": float((pred == given).mean()),
+        "train_acc_given": float((pred[read] == given[read]).mean()) if read.any() else None,
         "memorized": None,
         "clean_train_acc": None,
         "label_issue_auroc": None,
@@ -336,10 +339,12 @@ def _summary(
     # no training signal (e.g. ELR's target is still 0), so the ranking metrics skip them.
     seen = store["train_pred"].numpy() >= 0
     summary["num_train_seen"] = int(seen.sum())
-    if is_noisy is not None and known.any():
-        summary["clean_train_acc"] = float((pred[known] == clean[known]).mean())
-        if is_noisy.any():
-            summary["memorized"] = float((pred[is_noisy] == given[is_noisy]).mean())
+    if is_noisy is not None and (known & read).any():
+        ok = known & read
+        summary["clean_train_acc"] = float((pred[ok] == clean[ok]).mean())
+        if (is_noisy & read).any():
+            noisy = is_noisy & read
+            summary["memorized"] = float((pred[noisy] == given[noisy]).mean())
         scored = known & seen
         k, m = int(is_noisy[scored].sum()), int(scored.sum())
         if k:
