@@ -101,10 +101,12 @@ def _check_tracking(cfg: Config) -> None:
     if cfg.tracking.enabled and cfg.tracking.system_metrics:
         import importlib.util
 
+        import ray  # noqa: F401  (puts the psutil that Ray bundles on the path)
+
         if importlib.util.find_spec("psutil") is None:
             raise ConfigError(
-                "tracking.system_metrics=true needs the psutil package: pip install psutil "
-                "(or pip install 'distnoisy[system-metrics]'), or drop the key"
+                "tracking.system_metrics=true needs the psutil package (Ray bundles it; this "
+                "Ray install does not): pip install psutil, or drop the key"
             )
 
 
