@@ -24,7 +24,31 @@ from distnoisy.errors import ConfigError
 from distnoisy.method_params import MethodParams
 
 OPTIMIZERS = ("sgd", "adam")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DECODERS = ("cpu", "gpu")
+AUGMENT_ON = ("host", "device")
 SCHEDULERS = ("none", "cosine", "multistep")
+
+
+@dataclass
+class LongtailConfig:
+    """``data.name=longtail``: the controlled long-tail set (distnoisy/data/longtail.py)."""
+
+    num_classes: int = 10
+    subpopulations: int = 400
+    # Zipf exponent of the rank-size law: the r-th subpopulation has round(max_size * r**-zipf)
+    # training instances (at least 1).
+    zipf: float = 1.0
+    max_size: int = 200
+    # Test instances of a subpopulation: test_per_subpopulation + round(test_share * its size).
+    test_per_subpopulation: int = 3
+    test_share: float = 0.25
+    image_size: int = 8
+    # Share of a centre's variance that comes from its class prototype (the rest is its own).
+    class_weight: float = 0.3
+    # Std of an instance around its subpopulation centre (centres have unit variance per pixel).
+    jitter: float = 0.3
+    seed: int = 0
 
 
 @dataclass
@@ -69,6 +93,18 @@ class DataConfig:
     # Crop size of the ImageNet-style transforms (Clothing1M: resize 256 -> crop 224); the
     # resize is image_size * 256 / 224. Lower it for cheap runs.
     image_size: int = 224
+    # Where images are decoded: "cpu" (the loader processes) or "gpu" (torchvision's nvJPEG
+    # decoder on the training device, for JPEG shards; needs data.augment_on=device). Without
+    # a CUDA device, or where torchvision cannot decode on it, the run decodes on the CPU and
+    # logs a notice.
+    decode: str = "cpu"
+    # Where the random crop, flip and normalisation run: "host" (the loader, per sample) or
+    # "device" (uint8 batches are copied to the training device, pinned and non-blocking, and
+    # augmented there with the same per-sample draws). Identical crops for images whose
+    # resized size is square (pre-resized shards, CIFAR, digits); others are first cut to their
+    # central square on the host (docs/benchmarks.md#gpu-throughput-to-be-measured).
+    augment_on: str = "host"
+    longtail: LongtailConfig = field(default_factory=LongtailConfig)
 
 
 @dataclass
@@ -106,6 +142,16 @@ class TrainConfig:
     scheduler: str = "none"
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
+    # Autocast precision of the forward passes: "fp32" (off), "bf16", or "fp16" (with a
+    # gradient scaler). Losses are computed in float32 whatever the setting. Where the device
+    # does not support it (fp16 on a CPU) the run falls back to fp32 with a logged notice.
+    precision: str = "fp32"
+    # Networks and inputs in channels-last memory layout (faster convolutions on tensor-core
+    # GPUs; results equal up to float rounding).
+    channels_last: bool = False
+    # torch.compile the networks used for training steps; if compiling fails the run goes on
+    # eagerly with a logged notice.
+    compile: bool = False
 
 
 @dataclass
@@ -258,6 +304,9 @@ def validate(cfg: Config) -> None:
     _choose(cfg.scaling.launcher, LAUNCHERS, "scaling.launcher")
     _choose(cfg.train.optimizer, OPTIMIZERS, "train.optimizer")
     _choose(cfg.train.scheduler, SCHEDULERS, "train.scheduler")
+    _choose(cfg.train.precision, PRECISIONS, "train.precision")
+    _choose(cfg.data.decode, DECODERS, "data.decode")
+    _choose(cfg.data.augment_on, AUGMENT_ON, "data.augment_on")
     checks = [
         (0.0 <= cfg.noise.rate < 1.0, "noise.rate must be in [0, 1)"),
         (cfg.noise.kind != "file" or cfg.noise.file, "noise.kind=file needs noise.file=PATH"),
@@ -284,6 +333,11 @@ def validate(cfg: Config) -> None:
         (cfg.data.balanced_batches >= 0, "data.balanced_batches must be >= 0 (0 = off)"),
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
         (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
+        (
+            cfg.data.decode != "gpu" or cfg.data.augment_on == "device",
+            "data.decode=gpu needs data.augment_on=device (images decoded on the device are "
+            "augmented there)",
+        ),
     ]
     for ok, message in checks:
         if not ok:

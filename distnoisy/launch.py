@@ -317,7 +317,13 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
             # A stable name per run dir: re-running with resume=true continues this Train run.
             name="train",
             storage_path=str((run_dir / "ray").resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.scaling.max_failures,
+                # A worker group that cannot start (its resources never came back, e.g. a lost
+                # node) is a controller failure, retried forever by default: count it too, so
+                # such a run fails after max_failures instead of waiting forever.
+                controller_failure_limit=cfg.scaling.max_failures,
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             callbacks=list(callbacks or []),
         ),
@@ -330,6 +336,8 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
             raise KeyboardInterrupt("SIGINT") from None
         user = _user_error(exc)
         if user is exc:
+            user = _gave_up_error(exc, cfg, run_dir)
+        if user is exc:
             raise
         raise user from None
     finally:
@@ -339,7 +347,7 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
     if trainer.interrupted:
         raise KeyboardInterrupt("SIGINT")
     if result.error is not None:
-        raise _user_error(result.error)
+        raise _gave_up_error(_user_error(result.error), cfg, run_dir)
     if result.checkpoint is None:
         raise DistnoisyError("Ray Train finished without a checkpoint")
     return Path(result.checkpoint.path)
@@ -379,6 +387,46 @@ def _user_error(err: BaseException) -> BaseException:
     return err
 
 
+def _gave_up_error(err: BaseException, cfg: Config, run_dir: Path) -> BaseException:
+    """One line for a run that Ray Train stopped after ``scaling.max_failures`` recoveries.
+
+    Ray's own error is pages of worker reprs; the user needs what failed and how to continue
+    (the checkpoints stay in ``run_dir/ray``, so ``resume=true`` picks the run up later).
+    Other errors (an exception in the training code itself) are returned as they are, with
+    their traceback.
+    """
+    import ray.exceptions
+    import ray.train
+
+    def died(failure: BaseException) -> bool:  # the process or its node, not the code
+        health = getattr(failure, "health_check_failure", None)  # Ray Train's wrapper
+        return isinstance(failure, ray.exceptions.RayActorError) or isinstance(
+            health, ray.exceptions.RayActorError
+        )
+
+    if isinstance(err, ray.train.WorkerGroupError):
+        # When one rank dies the others fail on their collectives: one death is the cause.
+        if not any(map(died, err.worker_failures.values())):
+            return err
+        reason = "a worker or its node died"
+    elif isinstance(err, ray.train.ControllerError):
+        timeout = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+        reason = (
+            f"its {cfg.scaling.num_workers} workers could not be started within "
+            f"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S={timeout} s (the cluster lacks the "
+            "resources, e.g. a node was lost)"
+            if "timed out" in str(err.controller_failure)
+            else f"controller error: {str(err.controller_failure).splitlines()[0]}"
+        )
+    else:
+        return err
+    return DistnoisyError(
+        f"Ray Train stopped the run after scaling.max_failures={cfg.scaling.max_failures} "
+        f"recoveries: {reason}; its checkpoints are kept: restore the cluster's resources, then "
+        f"continue with: python -m distnoisy.train output_dir={run_dir} resume=true"
+    )
+
+
 def launch(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None = None) -> Path:
     """Run the job with the configured launcher; ``callbacks`` need the Ray launcher."""
     if cfg.scaling.launcher == "ray":
@@ -386,3 +434,64 @@ def launch(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None = N
     if callbacks:
         raise DistnoisyError("Ray Train callbacks need scaling.launcher=ray")
     return launch_local(job, cfg, run_dir)
+
+
+# -- rank-parallel jobs without training (feature extraction) -----------------------------------
+def _spawned_rank(rank: int, fn: Any, payload: Any, world: int) -> None:
+    fn(payload, rank, world)
+
+
+def _ray_rank(config: dict[str, Any]) -> None:
+    """Ray Train entry point of :func:`run_ranks` (importable: Ray pickles it by reference)."""
+    import ray.train
+
+    context = ray.train.get_context()
+    config["fn"](config["payload"], context.get_world_rank(), context.get_world_size())
+
+
+def run_ranks(
+    fn: Any,
+    payload: Any,
+    *,
+    world_size: int,
+    launcher: str,
+    use_gpu: bool = False,
+    address: str | None = None,
+    storage_dir: Path,
+) -> None:
+    """Run ``fn(payload, rank, world_size)`` once per rank on a launcher and wait for all.
+
+    For embarrassingly parallel work that needs no collectives (each rank writes its own rows
+    of shared files): ``local`` runs one rank in-process or ``world_size`` spawned processes;
+    ``ray`` runs them as Ray Train workers (so a Ray cluster's GPUs and nodes are used the way
+    training uses them; ``storage_dir`` holds Ray Train's run records). ``fn`` must be
+    importable by reference and ``payload`` picklable.
+    """
+    if launcher == "local":
+        if world_size == 1:
+            fn(payload, 0, 1)
+            return
+        torch.multiprocessing.start_processes(
+            _spawned_rank, args=(fn, payload, world_size), nprocs=world_size, start_method="spawn"
+        )
+        return
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    ensure_ray(address, world_size)
+    trainer = TorchTrainer(
+        _ray_rank,
+        train_loop_config={"fn": fn, "payload": payload},
+        scaling_config=ray.train.ScalingConfig(num_workers=world_size, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(name="ranks", storage_path=str(Path(storage_dir).resolve())),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray raises the workers' errors wrapped: unwrap ours
+        user = _user_error(exc)
+        if user is exc:
+            raise
+        raise user from None
+    if result.error is not None:
+        raise _user_error(result.error)

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distnoisy import dist
@@ -32,10 +31,13 @@ from distnoisy.data.mixing import (
 from distnoisy.data.prepare import DataSpec
 from distnoisy.label_issues import is_label_issue, rank_by_score
 from distnoisy.methods import Method
-from distnoisy.methods.base import Networks, Optimizers, StepInput
+from distnoisy.methods.base import Networks
 from distnoisy.metrics import auroc
 from distnoisy.models import build_model
-from distnoisy.store import FieldSpec, SampleStore
+
+# Re-exported for callers: the hot path lives in distnoisy.step (torch-only imports).
+from distnoisy.step import declare_run_fields, train_step  # noqa: F401
+from distnoisy.store import SampleStore
 
 log = logging.getLogger(__name__)
 
@@ -353,42 +355,3 @@ def _summary(
         if 0 < k < m:
             summary["label_issue_auroc"] = auroc(score[scored], is_noisy[scored])
     return summary
-
-
-def declare_run_fields(store: SampleStore, epochs: int, num_classes: int) -> None:
-    """The per-sample fields every run keeps, whatever the method.
-
-    - ``loss_hist`` (N x epochs, NaN where not visited): the cross-entropy of the training
-      logits on the given label, per epoch;
-    - ``pred_hist`` (N x epochs, int16, -1 where not visited): the training prediction per
-      epoch, so "first epoch a wrong label was predicted" and forgetting events are derivable;
-    - ``train_pred`` (N, -1 where never visited): the latest training prediction;
-    - ``final_prob`` (N x C): softmax of the final weights on the un-augmented training set.
-    """
-    store.declare("loss_hist", FieldSpec(shape=(epochs,), fill=float("nan")))
-    store.declare("pred_hist", FieldSpec(shape=(epochs,), dtype=torch.int16, fill=-1))
-    store.declare("train_pred", FieldSpec(dtype=torch.int64, fill=-1))
-    store.declare("final_prob", FieldSpec(shape=(num_classes,)))
-
-
-def train_step(
-    method: Method,
-    nets: Networks,
-    opts: Optimizers,
-    store: SampleStore,
-    batch: StepInput,
-) -> tuple[float, int]:
-    """One optimisation step and its per-sample bookkeeping (a collective: ``store.flush``).
-
-    Returns the batch loss and the number of predictions equal to the given labels.
-    """
-    result = method.train_step(batch, nets, opts)
-    with torch.no_grad():
-        logits = result.logits.float()
-        ce = F.cross_entropy(logits, batch.y, reduction="none")
-        pred = logits.argmax(1)
-        store.stage("loss_hist", batch.index, ce, column=batch.epoch)
-        store.stage("pred_hist", batch.index, pred.to(torch.int16), column=batch.epoch)
-        store.stage("train_pred", batch.index, pred)
-        store.flush()
-        return result.loss, int((pred == batch.y).sum())

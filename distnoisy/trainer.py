@@ -31,7 +31,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distnoisy import checkpoint as ckpt
 from distnoisy import dist
+from distnoisy.accel import input_layout, maybe_compile, resolve_precision, to_channels_last
 from distnoisy.data.mixing import distinct_classes
+from distnoisy.device_aug import DeviceAugment, decode_batch, to_device
 from distnoisy.job import Job
 from distnoisy.loop import (
     OUTPUTS_DIR,
@@ -128,6 +130,8 @@ class Trainer:
         np.random.seed(cfg.seed + self.rank)
         self.given_np, self.clean_np, self.keys = training_labels(self.spec)
         self.given = torch.from_numpy(self.given_np)
+        # On the device once: a step's labels are gathered there, with no copy per step.
+        self.given_dev = self.given.to(self.device)
         self._setup_model()
         self._setup_store_and_optimizers()
         self._setup_train_streams()
@@ -147,14 +151,29 @@ class Trainer:
             resources=dict(self.job.resources),
             seed=cfg.seed,
         )
+        t = cfg.train
+        self.precision = resolve_precision(t.precision, self.device)
+        self.method.grad_scaler = self.precision.grad_scaler()
         build = network_builder(cfg, spec.num_classes, spec.in_channels)
         models = self.method.build_networks(build)
-        self.models: dict[str, nn.Module] = {k: m.to(self.device) for k, m in models.items()}
+        self.models: dict[str, nn.Module] = {
+            k: to_channels_last(m.to(self.device), t.channels_last) for k, m in models.items()
+        }
         self.method.setup(self.models, self.device)
         self.nets: Networks = dict(self.models)  # what the steps run: DDP on several ranks
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.nets = {k: DDP(m, device_ids=ids) for k, m in self.models.items()}
+        # Evaluation runs the eager models; training steps the compiled ones (if asked).
+        self.nets = {k: maybe_compile(m, t.compile, k) for k, m in self.nets.items()}
+        if self.rank == 0 and (self.precision.dtype is not None or t.channels_last or t.compile):
+            log.info(
+                "hot path: %s autocast on %s, channels_last=%s, compile=%s",
+                self.precision.name,
+                self.precision.device_type,
+                t.channels_last,
+                t.compile,
+            )
 
     def _setup_store_and_optimizers(self) -> None:
         n, c = self.spec.num_train, self.spec.num_classes
@@ -171,6 +190,7 @@ class Trainer:
         # Each phase (ELR+: each network) has its own shuffling, augmentation draws and, with
         # class-balanced epochs, its own draw: the official ELR+ builds one loader per network.
         seed = cfg.seed if phase == 0 else mix_seed(cfg.seed, phase)
+        on_device = cfg.data.augment_on == "device"
         balanced = None
         if cfg.data.balanced_batches > 0:
             balanced = BalancedSubset(
@@ -187,7 +207,13 @@ class Trainer:
             seed=seed,
             split=cfg.data.split,
             transform=make_transform(
-                spec.train_transform, spec.mean, spec.std, seed=seed, size=cfg.data.image_size
+                spec.train_transform,
+                spec.mean,
+                spec.std,
+                seed=seed,
+                size=cfg.data.image_size,
+                defer=on_device,
+                encoded=self.decode_on is not None,
             ),
             shuffle_buffer=cfg.data.shuffle_buffer,
             open_shards=cfg.data.open_shards,
@@ -206,9 +232,33 @@ class Trainer:
         self.mix_labels = given if clean is None else np.where(clean >= 0, clean, given)
         self.class_counts = np.bincount(self.mix_labels, minlength=self.spec.num_classes)
         phases = self.method.phases()
+        self.decode_on = self._decode_device()
         self.train_streams = {ph: self._train_stream(k) for k, ph in enumerate(phases)}
+        self.device_augment = None
+        if self.cfg.data.augment_on == "device":
+            spec = self.spec
+            self.device_augment = DeviceAugment(
+                spec.train_transform, spec.mean, spec.std, self.cfg.data.image_size
+            )
         # Every phase reads the same data: the first one's bad samples are the data's.
         self.first_stream = self.train_streams[phases[0]]
+
+    def _decode_device(self) -> torch.device | None:
+        """The device that decodes training JPEGs with ``data.decode=gpu``; None = the loader
+        (the setting's fallback, with a logged notice saying why)."""
+        if self.cfg.data.decode != "gpu":
+            return None
+        from distnoisy.data.stream.decode import jpeg_decode_device
+
+        where, reason = jpeg_decode_device(self.device)
+        kind, ext = self.spec.train_transform, self.train_manifest.image_ext
+        if reason is None and (kind != "imagenet_train" or ext != "jpg"):
+            reason = f"it reads JPEG shards with ImageNet-style transforms only (not {kind}, {ext})"
+        if reason is not None:
+            if self.rank == 0:
+                log.warning("data.decode=gpu: %s; decoding on the CPU", reason)
+            return None
+        return where
 
     def _eval_set(self, directory: str | None, noisy_file: str | None = None) -> EvalSet | None:
         from distnoisy.data.shards import read_labels, read_manifest
@@ -261,6 +311,9 @@ class Trainer:
                 self.scheds[name].load_state_dict(state["schedulers"][name])
             self.store.load_state_dict(state["store"])
             self.method.load_state_dict(state["method"])
+            scaler = self.method.grad_scaler
+            if scaler is not None and state.get("grad_scaler"):
+                scaler.load_state_dict(state["grad_scaler"])  # fp16: the loss scale reached
             self.start_epoch, self.history = int(state["epoch"]) + 1, list(state["history"])
             self.best = state["best"]
             best_file = Path(ckpt_dir) / ckpt.BEST_WEIGHTS_FILE
@@ -278,23 +331,32 @@ class Trainer:
         metrics: dict[str, float] = dict(self.method.on_epoch_start(epoch))
         for m in self.models.values():
             m.train()
-        # loss*b, correct on given labels, b, distinct labels per batch (summed), batches
-        sums = torch.zeros(5, dtype=torch.float64)
+        # On the device, read once per epoch (no host synchronisation per step): loss*b and
+        # correct on given labels. On the host: b, distinct labels per batch (summed), batches.
+        # Each term is rounded to float32 before the float64 sum, as it always was.
+        dev_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        host_sums = torch.zeros(3, dtype=torch.float64)
+        autocast = self.precision.autocast()
         for phase, stream in self.train_streams.items():
             steps = stream.steps_per_epoch
             for step, batch in enumerate(stream.epoch_batches(epoch)):
                 index = batch["index"]
-                x = batch["image"].to(self.device, non_blocking=True)
-                y = self.given[index].to(self.device, non_blocking=True)
+                x = self._input(batch)
+                y = self.given_dev[to_device(index, self.device)]
                 inp = StepInput(x, y, index, epoch, step, steps, phase)
-                loss_value, correct = train_step(self.method, self.nets, self.opts, self.store, inp)
+                loss, correct = train_step(
+                    self.method, self.nets, self.opts, self.store, inp, autocast
+                )
+                b = len(index)
                 mix = distinct_classes(self.mix_labels[index.numpy()])
-                sums += torch.tensor([loss_value * len(y), correct, len(y), mix, 1])
+                dev_sums += torch.stack([(loss.double() * b).float(), correct.float()]).double()
+                host_sums += torch.tensor([b, mix, 1], dtype=torch.float32)
         for sched in self.scheds.values():
             sched.step()
         metrics["bad_samples"] = check_bad_samples(
             self.first_stream, self.spec.num_train, self.cfg, self.comm_device
         )
+        sums = torch.cat([dev_sums.cpu(), host_sums])
         totals = dist.all_reduce_sum(sums.to(self.comm_device)).cpu()
         metrics["train_loss"] = float(totals[0] / totals[2])
         metrics["train_acc_given"] = float(totals[1] / totals[2])
@@ -306,6 +368,21 @@ class Trainer:
             warn=self.rank == 0 and epoch == self.start_epoch,
         )
         return metrics
+
+    def _input(self, batch: dict[str, Tensor]) -> Tensor:
+        """The batch's network input on the device: augmented there with
+        ``data.augment_on=device``, in channels-last layout with ``train.channels_last``."""
+        if "jpeg" in batch:  # data.decode=gpu
+            side = round(self.cfg.data.image_size * 256 / 224)
+            x, bad = decode_batch(batch["jpeg"], batch["jpeg_offsets"], self.decode_on, side)
+            if bad:
+                keys = batch["index"][bad].tolist()
+                log.warning("data.decode=gpu: undecodable images %s replaced in their batch", keys)
+        else:
+            x = to_device(batch["image"], self.device)
+        if self.device_augment is not None:
+            x = self.device_augment(x, to_device(batch["augment"], self.device))
+        return input_layout(x, self.cfg.train.channels_last)
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         """Validation and test accuracy, and memorization of the corrupted training labels."""
@@ -393,6 +470,7 @@ class Trainer:
             "method": self.method.state_dict(),
             "rng": rng,
             "best": self.best,
+            "grad_scaler": scaler.state_dict() if (scaler := self.method.grad_scaler) else None,
         }
 
     def checkpoint(self, epoch: int, metrics: dict[str, float], final: FinalOutputs | None) -> None:

@@ -69,6 +69,17 @@ class _ShardIndex:
 _INDEX_CACHE: dict[tuple[str, int, int], _ShardIndex] = {}
 
 
+# webdataset's member grouping (``tariterators.base_plus_ext``), here so that reading local
+# shards needs no webdataset (the GPU benchmark runs on machines without it).
+_BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def base_plus_ext(path: str) -> tuple[str | None, str | None]:
+    """``(key, extensions)`` of a member name, split at the first dot of its base name."""
+    match = _BASE_PLUS_EXT.match(path)
+    return (match.group(1), match.group(2)) if match else (None, None)
+
+
 def _index_shard(path: str, image_ext: str) -> _ShardIndex:
     """Index the ``image_ext`` members of a local shard; errors are recorded, not raised.
 
@@ -77,8 +88,6 @@ def _index_shard(path: str, image_ext: str) -> _ShardIndex:
     shard silently (as in tarfile's stream mode: the manifest count reports it); a member whose
     data runs past the end of the file is an error.
     """
-    from webdataset.tariterators import base_plus_ext
-
     name = Path(path).name
     indices: list[int] = []
     offsets: list[int] = []
