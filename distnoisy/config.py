@@ -170,6 +170,9 @@ class ScalingConfig:
     # Ray address; None starts a local cluster (or joins RAY_ADDRESS / a running one).
     address: str | None = None
     max_failures: int = 0
+    # Seconds to wait for a Ray cluster that may grow (an autoscaler) to provide the workers'
+    # CPUs/GPUs; a cluster that cannot grow (the local one) fails at once.
+    resource_timeout_s: float = 600.0
 
 
 @dataclass
@@ -179,6 +182,10 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "distnoisy"
     run_name: str | None = None
+    # Extra MLflow run tags, e.g. tracking.tags.team=vision (values are strings).
+    tags: dict[str, str] = field(default_factory=dict)
+    # Log the driver machine's CPU/GPU/memory use as MLflow system metrics (needs psutil).
+    system_metrics: bool = False
 
 
 @dataclass
@@ -331,6 +338,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (cfg.scaling.num_workers >= 1, "scaling.num_workers must be >= 1"),
+        (cfg.scaling.resource_timeout_s >= 0, "scaling.resource_timeout_s must be >= 0"),
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)"),
         (cfg.data.shard_size >= 1, "data.shard_size must be >= 1"),
         (cfg.data.train_size >= 0, "data.train_size must be >= 0 (0 = all training images)"),
@@ -420,6 +428,7 @@ RESUMABLE_KEYS = (
     "scaling.max_failures",
     # Checkpoints hold the store whole, so either backend resumes them.
     "store.backend",
+    "scaling.resource_timeout_s",
 )
 
 

@@ -21,28 +21,34 @@ from __future__ import annotations
 import numpy as np
 
 
-def rank_by_score(score: np.ndarray) -> np.ndarray:
+def rank_by_score(score: np.ndarray, last: np.ndarray | None = None) -> np.ndarray:
     """Sample positions ordered from the most to the least likely label issue.
 
     Parameters
     ----------
     score : np.ndarray
         ``[N]`` label-issue scores, higher = more likely mislabelled.
+    last : np.ndarray, optional
+        ``[N]`` bool, samples ranked after all others whatever their score (those never trained
+        on: their score carries no training signal, e.g. ELR's target is still all zeros).
 
     Returns
     -------
     np.ndarray
         ``[N]`` int64 positions: by decreasing score, ties broken by increasing position, NaN
-        scores last.
+        scores last; the ``last`` samples after everything else, in the same order.
 
     Examples
     --------
     >>> rank_by_score(np.array([0.2, 0.9, 0.2, 0.5])).tolist()
     [1, 3, 0, 2]
+    >>> rank_by_score(np.array([0.2, 0.9, 0.2, 0.5]), last=np.array([0, 1, 0, 0], bool)).tolist()
+    [3, 0, 2, 1]
     """
     score = np.asarray(score, dtype=np.float64)
+    tail = np.zeros(len(score), bool) if last is None else np.asarray(last, dtype=bool)
     # lexsort sorts by the last key first; NaN compares as largest, so -score puts NaN last.
-    return np.lexsort((np.arange(len(score)), -score)).astype(np.int64)
+    return np.lexsort((np.arange(len(score)), -score, tail)).astype(np.int64)
 
 
 def precision_at_k(score: np.ndarray, is_issue: np.ndarray, k: int | None = None) -> float:

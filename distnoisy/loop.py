@@ -153,18 +153,26 @@ def accuracies(
 def check_bad_samples(stream: Any, n: int, cfg: Config, comm_device: torch.device) -> int:
     """Unusable training samples met so far (all ranks); abort past ``data.max_bad_fraction``.
 
-    Every rank gets the same total, so every rank raises together (no rank left waiting in a
-    collective). Tar-level problems in ``split=sample`` mode are seen by every rank and counted
-    once per rank: the count errs on the safe side.
+    Each sample counts once however many ranks or passes met it, and a truncated shard counts
+    every sample it lost (:func:`distnoisy.data.stream.count_bad`): those are never trained on.
+    Every rank gathers the same records and gets the same total, so every rank raises together
+    (no rank left waiting in a collective).
     """
-    local = torch.tensor([float(stream.num_bad_samples)], device=comm_device)
-    total = int(dist.all_reduce_sum(local).item())
+    from distnoisy.data.stream import count_bad, samples_lost
+
+    del comm_device  # the records are gathered as objects (kept for the trainer's call)
+    records = [
+        ("train", k, r) for part in dist.all_gather_object(stream.bad_samples) for k, r in part
+    ]
+    total = count_bad(records)
     limit = cfg.data.max_bad_fraction * n
     if total > limit:
         from distnoisy.errors import DataError
 
-        # Every rank is here (same total): gather the names so each message shows them.
-        named = [b for part in dist.all_gather_object(stream.bad_samples[:3]) for b in part]
+        # The records that lost the most samples first: a truncated shard before a bad image.
+        named = sorted(
+            dict.fromkeys((k, r) for _, k, r in records), key=lambda kr: -samples_lost(kr[1])
+        )
         first = "; ".join(f"{k}: {r}" for k, r in named[:3])
         raise DataError(
             f"{total} unusable training samples, more than data.max_bad_fraction="
@@ -193,7 +201,10 @@ def check_class_mix(
 
 
 def gather_bad_samples(*named: tuple[str, Any]) -> list[dict[str, str]]:
-    """Distinct skipped samples of every rank's streams (a collective: call on all ranks)."""
+    """Distinct skipped samples of every rank's streams (a collective: call on all ranks).
+
+    One entry per ``(set, key, reason)``; count them with :func:`count_bad_samples`.
+    """
     local = [
         {"set": name, "key": key, "reason": reason}
         for name, stream in named
@@ -207,9 +218,13 @@ def gather_bad_samples(*named: tuple[str, Any]) -> list[dict[str, str]]:
     return [{"set": a, "key": b, "reason": c} for a, b, c in seen]
 
 
-def train_eval_bad(*streams: Any) -> int:
-    """Corrupt or unreadable samples that eval streams skipped on this rank."""
-    return sum(len(s.bad_samples) for s in streams if s is not None)
+def count_bad_samples(bad_list: list[dict[str, str]]) -> int:
+    """Distinct bad samples of a :func:`gather_bad_samples` list: each ``(set, key)`` once
+    (the training stream and the final pass over the training set meet the same corrupt
+    image), a truncated shard as the number of samples it lost."""
+    from distnoisy.data.stream import count_bad
+
+    return count_bad((b["set"], b["key"], b["reason"]) for b in bad_list)
 
 
 def _write_outputs(
@@ -237,16 +252,21 @@ def _write_outputs(
     # Truth-based metrics use the samples whose clean label is known (all, or a subset).
     known = (clean >= 0) if clean is not None else None
     is_noisy = (clean != given) & known if clean is not None else None
-    order = rank_by_score(score)
+    # Samples never trained on (lost in a truncated shard, or never drawn by class-balanced
+    # epochs) have scores without training signal: they rank last, unflagged, with no suggestion.
+    trained = store["train_pred"].numpy() >= 0
+    order = rank_by_score(score, last=~trained)
     # Flag the estimated number of issues among the samples trained on (docs/methods.md#flags).
-    flagged = is_label_issue(score, store["train_pred"].numpy() >= 0)
+    flagged = is_label_issue(score, trained)
+    suggested = np.where(trained, np.asarray(suggested, dtype=np.int64), -1)
     table = {
         "index": np.arange(n)[order],
         "key": np.asarray(keys, dtype=object)[order],
         "given_label": given[order],
-        "suggested_label": np.asarray(suggested, dtype=np.int64)[order],
+        "suggested_label": suggested[order],
         "score": np.asarray(score, dtype=np.float64)[order],
         "is_label_issue": flagged[order],
+        "trained": trained[order],
     }
     if is_noisy is not None:
         # null where the clean label is unknown
@@ -331,6 +351,9 @@ def _summary(
     n = len(given)
     known = (clean >= 0) if clean is not None else None
     is_noisy = (clean != given) & known if clean is not None else None
+    # The final predictions exist for the samples the final pass could read (not those lost in
+    # a damaged shard, whose probability rows stay zero).
+    read = store["final_prob"].numpy().sum(1) > 0
     test_accs = [h["test_acc"] for h in history if h.get("test_acc") is not None]
     val_accs = [h.get("val_acc", float("nan")) for h in history]
     best_val = int(np.nanargmax(val_accs)) if np.isfinite(val_accs).any() else None
@@ -354,7 +377,7 @@ def _summary(
         "test_acc_at_best_val": (
             history[best_val].get("test_acc") if best_val is not None else None
         ),
-        "train_acc_given": float((pred == given).mean()),
+        "train_acc_given": float((pred[read] == given[read]).mean()) if read.any() else None,
         "memorized": None,
         "clean_train_acc": None,
         "label_issue_auroc": None,
@@ -377,10 +400,12 @@ def _summary(
         "bytes_per_sample": sum(per_sample.values()),
         "bytes_per_sample_by_field": per_sample,
     }
-    if is_noisy is not None and known.any():
-        summary["clean_train_acc"] = float((pred[known] == clean[known]).mean())
-        if is_noisy.any():
-            summary["memorized"] = float((pred[is_noisy] == given[is_noisy]).mean())
+    if is_noisy is not None and (known & read).any():
+        ok = known & read
+        summary["clean_train_acc"] = float((pred[ok] == clean[ok]).mean())
+        if (is_noisy & read).any():
+            noisy = is_noisy & read
+            summary["memorized"] = float((pred[noisy] == given[noisy]).mean())
         scored = known & seen
         k, m = int(is_noisy[scored].sum()), int(scored.sum())
         if k:

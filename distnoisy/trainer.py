@@ -42,13 +42,13 @@ from distnoisy.loop import (
     accuracies,
     check_bad_samples,
     check_class_mix,
+    count_bad_samples,
     gather_bad_samples,
     make_optimizer,
     make_scheduler,
     network_builder,
     predict,
     run_field_specs,
-    train_eval_bad,
     train_step,
     training_labels,
 )
@@ -430,7 +430,8 @@ class Trainer:
         if self.rank != 0:
             return
         log.info(
-            "epoch %d/%d  loss %.4f  train_acc(given) %.3f  test_acc %s  memorized %s  (%.1fs)",
+            "epoch %d/%d  loss %.4f  train_acc(given) %.3f  test_acc %s  memorized(training "
+            "preds) %s  (%.1fs)",
             epoch + 1,
             self.epochs,
             metrics["train_loss"],
@@ -473,12 +474,10 @@ class Trainer:
         self.store.materialize()  # the outputs are written from rank 0's whole fields
         val = self.val_set.stream if self.val_set is not None else None
         test = self.test_set.stream if self.test_set is not None else None
-        bad = self.first_stream.num_bad_samples + train_eval_bad(train_eval, test, val)
-        num_bad = int(dist.all_reduce_sum(torch.tensor([bad], device=self.comm_device)).item())
         bad_list = gather_bad_samples(
             ("train", self.first_stream), ("train", train_eval), ("val", val), ("test", test)
         )
-        return FinalOutputs(num_bad, bad_list)
+        return FinalOutputs(count_bad_samples(bad_list), bad_list)
 
     def state(
         self, epoch: int, rng: list[dict[str, Any]], store: dict[str, Tensor]

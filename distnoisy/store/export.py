@@ -138,11 +138,15 @@ def iter_sample_stats(
 
 # -- label issues ---------------------------------------------------------------------------
 def _order(table: pa.Table) -> pa.Table:
-    """Rows by decreasing score, NaN last, ties by increasing sample index."""
+    """Rows by decreasing score, NaN last, ties by increasing sample index; rows with
+    ``trained`` false (never trained on) after all others, as in ``rank_by_score``."""
     score = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
     index = table.column("index").to_numpy(zero_copy_only=False)
+    untrained = np.zeros(len(score), bool)
+    if "trained" in table.column_names:
+        untrained = ~table.column("trained").to_numpy(zero_copy_only=False).astype(bool)
     # lexsort: last key first; NaN compares largest, so -score puts NaN last.
-    return table.take(pa.array(np.lexsort((index, -score))))
+    return table.take(pa.array(np.lexsort((index, -score, untrained))))
 
 
 def rank_part(table: pa.Table) -> pa.Table:

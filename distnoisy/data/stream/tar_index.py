@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from distnoisy.data.stream.decode import _unreadable_tar
+from distnoisy.data.stream.records import truncated_reason
 
 # (global index, image bytes or a reference to them, __key__, shard file name)
 Raw = tuple[int, "bytes | _LocalMember", str, str]
@@ -172,6 +173,4 @@ def _read_indexed(
             yield int(ids[pos]), _LocalMember(path, offset, size), index.key(pos), shard
         seen = len(ids) + index.num_misnamed  # samples, as webdataset's reader counts them
         if seen < expected:
-            sink.append(
-                (shard, f"shard yielded {seen} of {expected} samples (truncated or unreadable)")
-            )
+            sink.append((shard, truncated_reason(seen, expected)))
