@@ -12,13 +12,16 @@ checkpoint so a resumed run keeps them). ``state.pt`` is a dict of tensors and p
 - ``rng``: one entry per rank (:func:`capture_rng`): torch CPU, CUDA (when used), numpy's
   global generator, Python's ``random`` and the method's own generators (LIMIT's gradient
   noise); ranks draw different numbers, so each rank restores its own;
-- ``best``: ``{"epoch", "val_acc"}`` of the best validation epoch so far, or None.
+- ``best``: ``{"epoch", "val_acc"}`` of the best validation epoch so far, or None;
+- ``grad_scaler``: the fp16 gradient scaler's state (its loss scale), or None (optional: a
+  checkpoint written without it resumes with a fresh scale).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,9 +63,20 @@ def load_state(path: Path) -> dict[str, Any]:
     Raises
     ------
     CheckpointError
-        The file has no ``format`` or one this version does not read.
+        The file is incomplete or damaged, or has no ``format`` or one this version does not
+        read.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    # torch's errors for a truncated or corrupt archive; a file cut before its zip header is
+    # read as a legacy pickle, which the weights-only unpickler rejects
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        first = str(e).split(". ")[0].splitlines()[0] if str(e).strip() else "end of file"
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {first}): it was not written "
+            "completely, is damaged (a full disk?) or is not a distnoisy checkpoint, so the run "
+            "cannot resume from it; start a new run (another output_dir, or resume=false)"
+        ) from None
     version = state.get("format") if isinstance(state, dict) else None
     if version != FORMAT_VERSION:
         raise CheckpointError(

@@ -10,7 +10,7 @@ truth and ``tests/test_shape.py`` checks that the tuple here names exactly its e
 from __future__ import annotations
 
 #: ``data.name``: the datasets :func:`distnoisy.data.prepare.prepare_data` can load.
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "clothing1m", "shards")
+DATASETS = ("digits", "fashion_mnist", "longtail", "cifar10", "cifar100", "clothing1m", "shards")
 #: ``noise.kind``: ``none``, the registered generators, and ``file`` (a given label file).
 NOISE_KINDS = ("none", "symmetric", "pair", "instance", "file")
 #: ``noise.instance_features``: feature maps of the instance generator; the first is the default.
@@ -19,3 +19,7 @@ INSTANCE_FEATURES = ("raw", "standardized")
 LAUNCHERS = ("ray", "local")
 #: ``data.split``: how shards reach the DDP ranks.
 SPLITS = ("sample", "shard")
+#: ``store.backend``: the per-sample store's layout (``auto`` chooses by size).
+STORE_BACKENDS = ("auto", "replicated", "partitioned")
+#: ``store.dtype``: storage of the store's targets, histories and probabilities.
+STORE_DTYPES = ("float32", "float16", "bfloat16")

@@ -19,12 +19,44 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from distnoisy.choices import DATASETS, INSTANCE_FEATURES, LAUNCHERS, NOISE_KINDS, SPLITS
+from distnoisy.choices import (
+    DATASETS,
+    INSTANCE_FEATURES,
+    LAUNCHERS,
+    NOISE_KINDS,
+    SPLITS,
+    STORE_BACKENDS,
+    STORE_DTYPES,
+)
 from distnoisy.errors import ConfigError
 from distnoisy.method_params import MethodParams
 
 OPTIMIZERS = ("sgd", "adam")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DECODERS = ("cpu", "gpu")
+AUGMENT_ON = ("host", "device")
 SCHEDULERS = ("none", "cosine", "multistep")
+
+
+@dataclass
+class LongtailConfig:
+    """``data.name=longtail``: the controlled long-tail set (distnoisy/data/longtail.py)."""
+
+    num_classes: int = 10
+    subpopulations: int = 400
+    # Zipf exponent of the rank-size law: the r-th subpopulation has round(max_size * r**-zipf)
+    # training instances (at least 1).
+    zipf: float = 1.0
+    max_size: int = 200
+    # Test instances of a subpopulation: test_per_subpopulation + round(test_share * its size).
+    test_per_subpopulation: int = 3
+    test_share: float = 0.25
+    image_size: int = 8
+    # Share of a centre's variance that comes from its class prototype (the rest is its own).
+    class_weight: float = 0.3
+    # Std of an instance around its subpopulation centre (centres have unit variance per pixel).
+    jitter: float = 0.3
+    seed: int = 0
 
 
 @dataclass
@@ -69,6 +101,18 @@ class DataConfig:
     # Crop size of the ImageNet-style transforms (Clothing1M: resize 256 -> crop 224); the
     # resize is image_size * 256 / 224. Lower it for cheap runs.
     image_size: int = 224
+    # Where images are decoded: "cpu" (the loader processes) or "gpu" (torchvision's nvJPEG
+    # decoder on the training device, for JPEG shards; needs data.augment_on=device). Without
+    # a CUDA device, or where torchvision cannot decode on it, the run decodes on the CPU and
+    # logs a notice.
+    decode: str = "cpu"
+    # Where the random crop, flip and normalisation run: "host" (the loader, per sample) or
+    # "device" (uint8 batches are copied to the training device, pinned and non-blocking, and
+    # augmented there with the same per-sample draws). Identical crops for images whose
+    # resized size is square (pre-resized shards, CIFAR, digits); others are first cut to their
+    # central square on the host (docs/benchmarks.md#gpu-throughput-to-be-measured).
+    augment_on: str = "host"
+    longtail: LongtailConfig = field(default_factory=LongtailConfig)
 
 
 @dataclass
@@ -106,6 +150,16 @@ class TrainConfig:
     scheduler: str = "none"
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
+    # Autocast precision of the forward passes: "fp32" (off), "bf16", or "fp16" (with a
+    # gradient scaler). Losses are computed in float32 whatever the setting. Where the device
+    # does not support it (fp16 on a CPU) the run falls back to fp32 with a logged notice.
+    precision: str = "fp32"
+    # Networks and inputs in channels-last memory layout (faster convolutions on tensor-core
+    # GPUs; results equal up to float rounding).
+    channels_last: bool = False
+    # torch.compile the networks used for training steps; if compiling fails the run goes on
+    # eagerly with a logged notice.
+    compile: bool = False
 
 
 @dataclass
@@ -116,6 +170,9 @@ class ScalingConfig:
     # Ray address; None starts a local cluster (or joins RAY_ADDRESS / a running one).
     address: str | None = None
     max_failures: int = 0
+    # Seconds to wait for a Ray cluster that may grow (an autoscaler) to provide the workers'
+    # CPUs/GPUs; a cluster that cannot grow (the local one) fails at once.
+    resource_timeout_s: float = 600.0
 
 
 @dataclass
@@ -125,6 +182,22 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "distnoisy"
     run_name: str | None = None
+    # Extra MLflow run tags, e.g. tracking.tags.team=vision (values are strings).
+    tags: dict[str, str] = field(default_factory=dict)
+    # Log the driver machine's CPU/GPU/memory use as MLflow system metrics (needs psutil).
+    system_metrics: bool = False
+
+
+@dataclass
+class StoreConfig:
+    # replicated (every rank holds every row) | partitioned (each rank about N/W rows) | auto
+    # (partitioned when one replica would exceed 1 GiB on several workers; docs/benchmarks.md)
+    backend: str = "auto"
+    # Storage of the float fields that tolerate it (targets, loss/margin histories,
+    # probabilities): float32 | float16 | bfloat16 (half the memory; exact fields stay as they are).
+    dtype: str = "float32"
+    # Rows of label_issues_top.parquet (the most likely label issues, merged over partitions).
+    top_k: int = 10000
 
 
 @dataclass
@@ -136,6 +209,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     seed: int = 0
     # None = runs/<name or timestamp>
     output_dir: str | None = None
@@ -251,6 +325,11 @@ def validate(cfg: Config) -> None:
     _choose(cfg.scaling.launcher, LAUNCHERS, "scaling.launcher")
     _choose(cfg.train.optimizer, OPTIMIZERS, "train.optimizer")
     _choose(cfg.train.scheduler, SCHEDULERS, "train.scheduler")
+    _choose(cfg.store.backend, STORE_BACKENDS, "store.backend")
+    _choose(cfg.store.dtype, STORE_DTYPES, "store.dtype")
+    _choose(cfg.train.precision, PRECISIONS, "train.precision")
+    _choose(cfg.data.decode, DECODERS, "data.decode")
+    _choose(cfg.data.augment_on, AUGMENT_ON, "data.augment_on")
     checks = [
         (0.0 <= cfg.noise.rate < 1.0, "noise.rate must be in [0, 1)"),
         (cfg.noise.kind != "file" or cfg.noise.file, "noise.kind=file needs noise.file=PATH"),
@@ -259,6 +338,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (cfg.scaling.num_workers >= 1, "scaling.num_workers must be >= 1"),
+        (cfg.scaling.resource_timeout_s >= 0, "scaling.resource_timeout_s must be >= 0"),
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)"),
         (cfg.data.shard_size >= 1, "data.shard_size must be >= 1"),
         (cfg.data.train_size >= 0, "data.train_size must be >= 0 (0 = all training images)"),
@@ -276,6 +356,12 @@ def validate(cfg: Config) -> None:
         (cfg.data.balanced_batches >= 0, "data.balanced_batches must be >= 0 (0 = off)"),
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
         (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
+        (cfg.store.top_k >= 1, "store.top_k must be >= 1"),
+        (
+            cfg.data.decode != "gpu" or cfg.data.augment_on == "device",
+            "data.decode=gpu needs data.augment_on=device (images decoded on the device are "
+            "augmented there)",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -340,6 +426,9 @@ RESUMABLE_KEYS = (
     "scaling.use_gpu",
     "scaling.address",
     "scaling.max_failures",
+    # Checkpoints hold the store whole, so either backend resumes them.
+    "store.backend",
+    "scaling.resource_timeout_s",
 )
 
 

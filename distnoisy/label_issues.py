@@ -21,28 +21,34 @@ from __future__ import annotations
 import numpy as np
 
 
-def rank_by_score(score: np.ndarray) -> np.ndarray:
+def rank_by_score(score: np.ndarray, last: np.ndarray | None = None) -> np.ndarray:
     """Sample positions ordered from the most to the least likely label issue.
 
     Parameters
     ----------
     score : np.ndarray
         ``[N]`` label-issue scores, higher = more likely mislabelled.
+    last : np.ndarray, optional
+        ``[N]`` bool, samples ranked after all others whatever their score (those never trained
+        on: their score carries no training signal, e.g. ELR's target is still all zeros).
 
     Returns
     -------
     np.ndarray
         ``[N]`` int64 positions: by decreasing score, ties broken by increasing position, NaN
-        scores last.
+        scores last; the ``last`` samples after everything else, in the same order.
 
     Examples
     --------
     >>> rank_by_score(np.array([0.2, 0.9, 0.2, 0.5])).tolist()
     [1, 3, 0, 2]
+    >>> rank_by_score(np.array([0.2, 0.9, 0.2, 0.5]), last=np.array([0, 1, 0, 0], bool)).tolist()
+    [3, 0, 2, 1]
     """
     score = np.asarray(score, dtype=np.float64)
+    tail = np.zeros(len(score), bool) if last is None else np.asarray(last, dtype=bool)
     # lexsort sorts by the last key first; NaN compares as largest, so -score puts NaN last.
-    return np.lexsort((np.arange(len(score)), -score)).astype(np.int64)
+    return np.lexsort((np.arange(len(score)), -score, tail)).astype(np.int64)
 
 
 def precision_at_k(score: np.ndarray, is_issue: np.ndarray, k: int | None = None) -> float:
@@ -302,3 +308,59 @@ def is_label_issue(
         raise ValueError(f"num_issues must be in [0, {len(positions)}], got {num_issues}")
     flags[positions[rank_by_score(score[positions])[:num_issues]]] = True
     return flags
+
+
+def flag_cut(
+    score: np.ndarray,
+    eligible: np.ndarray | None = None,
+    num_issues: int | None = None,
+    fit_at_most: int | None = None,
+) -> tuple[float, int] | None:
+    """Where :func:`is_label_issue` cuts the ranking: ``(score, position)`` of the last sample
+    it flags, or None when it flags none.
+
+    With the cut, each partition of a partitioned dataset flags its own rows
+    (:func:`flags_from_cut`) exactly as :func:`is_label_issue` flags the whole table; only the
+    score column (8 bytes per sample) is needed in one place.
+
+    ``fit_at_most``: estimate the noise rate from at most this many scores, evenly spaced
+    quantiles of the eligible finite scores (the mixture fit is iterative, 500 passes at most;
+    on 10M scores it takes many minutes, on a 1M-quantile sketch of them seconds). None: all.
+    """
+    score = np.asarray(score, dtype=np.float64)
+    if num_issues is None and fit_at_most is not None:
+        mask = np.ones(len(score), bool) if eligible is None else np.asarray(eligible, bool)
+        finite = np.sort(score[mask & np.isfinite(score)])
+        if len(finite) > fit_at_most:
+            finite = finite[np.linspace(0, len(finite) - 1, fit_at_most).round().astype(np.int64)]
+        rate = estimate_noise_rate(finite) if len(finite) >= 2 else 0.0
+        num_issues = round(rate * int(mask.sum()))
+    flags = is_label_issue(score, eligible, num_issues)
+    positions = np.flatnonzero(flags)
+    if len(positions) == 0:
+        return None
+    last = positions[rank_by_score(score[positions])[-1]]
+    return float(score[last]), int(last)
+
+
+def flags_from_cut(
+    score: np.ndarray,
+    index: np.ndarray,
+    eligible: np.ndarray | None,
+    cut: tuple[float, int] | None,
+) -> np.ndarray:
+    """Flags of some rows (global positions ``index``): eligible and ranked no later than
+    ``cut`` (from :func:`flag_cut`: higher score, or the same score and a smaller index; NaN
+    ranks last)."""
+    score = np.asarray(score, dtype=np.float64)
+    index = np.asarray(index, dtype=np.int64)
+    eligible = np.ones(len(score), bool) if eligible is None else np.asarray(eligible, bool)
+    if cut is None:
+        return np.zeros(len(score), dtype=bool)
+    cut_score, cut_index = cut
+    nan = np.isnan(score)
+    if np.isnan(cut_score):
+        before = ~nan | (index <= cut_index)
+    else:
+        before = ~nan & ((score > cut_score) | ((score == cut_score) & (index <= cut_index)))
+    return eligible & before

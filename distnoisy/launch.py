@@ -16,7 +16,9 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -195,6 +197,11 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
     """Connect to a Ray cluster, starting a local one (bound to 127.0.0.1) when there is none."""
     import ray
 
+    # Train V2's controller polls workers every 2 s and a report waits for that poll, which
+    # caps a run at one epoch per 2 s (measured: 8 digits epochs 50 s -> 39 s at 0.25 s). A
+    # local cluster's processes inherit it from this driver (set before it starts); a user's
+    # value wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     if ray.is_initialized():
         return
     env = ray_runtime_env()
@@ -210,6 +217,85 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
         dashboard_host="127.0.0.1",
         runtime_env=env,
     )
+    # Ray's agents outlive a driver killed with SIGKILL; a watcher process stops them.
+    from distnoisy import reaper
+
+    reaper.start()
+
+
+def _cluster_can_grow() -> bool:
+    """Whether the connected Ray cluster may add nodes: False for a cluster this process
+    started (``ray.init()`` without an address: a fixed set of local resources)."""
+    import ray
+
+    # ray.init() without an address makes this process's node the head; joining a cluster
+    # makes a non-head node object, a Ray client none.
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None and node.is_head():
+        return bool(getattr(node, "_ray_params", None) and node._ray_params.autoscaling_config)
+    return True
+
+
+def _needed_resources(cfg: Config) -> dict[str, float]:
+    """What the Train worker group asks of the cluster: one CPU per worker, one GPU each with
+    ``scaling.use_gpu`` (Ray Train's defaults)."""
+    need = {"CPU": float(cfg.scaling.num_workers)}
+    if cfg.scaling.use_gpu:
+        need["GPU"] = float(cfg.scaling.num_workers)
+    return need
+
+
+def _shortfall(need: dict[str, float]) -> dict[str, tuple[float, float]]:
+    import ray
+
+    have = ray.cluster_resources()
+    return {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) < v}
+
+
+def check_ray_resources(cfg: Config, poll_s: float = 2.0) -> None:
+    """Fail in seconds, with one line, when the Ray cluster cannot hold the worker group.
+
+    Without this, Ray Train waits for the resources forever (a GPU recipe on a machine
+    without a GPU prints autoscaler errors every ~35 s). A cluster that cannot grow (the local
+    one) fails at once; one that may (an autoscaler may add nodes) is given
+    ``scaling.resource_timeout_s`` seconds.
+
+    Raises
+    ------
+    DistnoisyError
+        The cluster lacks the resources (after the timeout on a cluster that can grow).
+    """
+    import time
+
+    ensure_ray(cfg.scaling.address, cfg.scaling.num_workers)
+    need = _needed_resources(cfg)
+    missing = _shortfall(need)
+    if not missing:
+        return
+    grows = _cluster_can_grow()
+    timeout = cfg.scaling.resource_timeout_s if grows else 0.0
+    if timeout > 0:
+        log.warning("waiting up to %g s for the Ray cluster to provide %s", timeout, need)
+        deadline = time.monotonic() + timeout
+        while missing and time.monotonic() < deadline:
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+            missing = _shortfall(need)
+        if not missing:
+            return
+    what = ", ".join(f"{v:g} {k}" for k, (v, _) in missing.items())
+    has = ", ".join(f"{h:g} {k}" for k, (_, h) in missing.items())
+    gpu = " set scaling.use_gpu=false (train on CPUs), or" if "GPU" in missing else ""
+    where = (
+        f"did not get them within scaling.resource_timeout_s={timeout:g} s"
+        if grows
+        else "cannot grow (a local cluster)"
+    )
+    raise DistnoisyError(
+        f"scaling.num_workers={cfg.scaling.num_workers} with scaling.use_gpu="
+        f"{str(cfg.scaling.use_gpu).lower()} needs {what}, but the Ray cluster has {has} and "
+        f"{where}:{gpu} lower scaling.num_workers, or give scaling.address of a cluster that "
+        "has them"
+    )
 
 
 def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None = None) -> Path:
@@ -219,14 +305,9 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
     ``TuneReportCallback``, which forwards every per-epoch report to a Tune trial).
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
-    # Train V2's controller polls workers every 2 s and a report waits for that poll, which
-    # caps a run at one epoch per 2 s (measured: 8 digits epochs 50 s -> 39 s at 0.25 s).
-    # The variable propagates from this driver to the controller; a user's value wins.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    ensure_ray(cfg.scaling.address, cfg.scaling.num_workers)
-    trainer = TorchTrainer(
+    check_ray_resources(cfg)
+    trainer = _trainer_class()(
         _ray_worker,
         train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(
@@ -236,23 +317,62 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
             # A stable name per run dir: re-running with resume=true continues this Train run.
             name="train",
             storage_path=str((run_dir / "ray").resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.scaling.max_failures,
+                # A worker group that cannot start (its resources never came back, e.g. a lost
+                # node) is a controller failure, retried forever by default: count it too, so
+                # such a run fails after max_failures instead of waiting forever.
+                controller_failure_limit=cfg.scaling.max_failures,
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             callbacks=list(callbacks or []),
         ),
     )
+    previous = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
-    except Exception as exc:  # Ray raises the workers' errors wrapped: unwrap ours
+    except BaseException as exc:  # Ray raises the workers' errors wrapped: unwrap ours
+        if trainer.interrupted:  # Ctrl-C: Ray aborted the run (RayActorError, SystemExit)
+            raise KeyboardInterrupt("SIGINT") from None
         user = _user_error(exc)
+        if user is exc:
+            user = _gave_up_error(exc, cfg, run_dir)
         if user is exc:
             raise
         raise user from None
+    finally:
+        # Ray Train leaves its handler installed, bound to the finished run's controller.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+    if trainer.interrupted:
+        raise KeyboardInterrupt("SIGINT")
     if result.error is not None:
-        raise _user_error(result.error)
+        raise _gave_up_error(_user_error(result.error), cfg, run_dir)
     if result.checkpoint is None:
         raise DistnoisyError("Ray Train finished without a checkpoint")
     return Path(result.checkpoint.path)
+
+
+def _trainer_class() -> type:
+    """``TorchTrainer`` that notes a Ctrl-C: Ray Train's own SIGINT handler aborts the run,
+    after which ``fit`` raises a Ray error (or ``SystemExit``) that says nothing of it."""
+    from ray.train.torch import TorchTrainer
+
+    class _Trainer(TorchTrainer):
+        interrupted = False
+
+        def _register_sigint_handler(self, controller: Any) -> None:
+            super()._register_sigint_handler(controller)
+            ray_handler = signal.getsignal(signal.SIGINT)
+
+            def note(signum: int, frame: Any) -> None:
+                self.interrupted = True
+                if callable(ray_handler):
+                    ray_handler(signum, frame)
+
+            signal.signal(signal.SIGINT, note)
+
+    return _Trainer
 
 
 def _user_error(err: BaseException) -> BaseException:
@@ -265,6 +385,46 @@ def _user_error(err: BaseException) -> BaseException:
         if isinstance(base, DistnoisyError):
             return base
     return err
+
+
+def _gave_up_error(err: BaseException, cfg: Config, run_dir: Path) -> BaseException:
+    """One line for a run that Ray Train stopped after ``scaling.max_failures`` recoveries.
+
+    Ray's own error is pages of worker reprs; the user needs what failed and how to continue
+    (the checkpoints stay in ``run_dir/ray``, so ``resume=true`` picks the run up later).
+    Other errors (an exception in the training code itself) are returned as they are, with
+    their traceback.
+    """
+    import ray.exceptions
+    import ray.train
+
+    def died(failure: BaseException) -> bool:  # the process or its node, not the code
+        health = getattr(failure, "health_check_failure", None)  # Ray Train's wrapper
+        return isinstance(failure, ray.exceptions.RayActorError) or isinstance(
+            health, ray.exceptions.RayActorError
+        )
+
+    if isinstance(err, ray.train.WorkerGroupError):
+        # When one rank dies the others fail on their collectives: one death is the cause.
+        if not any(map(died, err.worker_failures.values())):
+            return err
+        reason = "a worker or its node died"
+    elif isinstance(err, ray.train.ControllerError):
+        timeout = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+        reason = (
+            f"its {cfg.scaling.num_workers} workers could not be started within "
+            f"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S={timeout} s (the cluster lacks the "
+            "resources, e.g. a node was lost)"
+            if "timed out" in str(err.controller_failure)
+            else f"controller error: {str(err.controller_failure).splitlines()[0]}"
+        )
+    else:
+        return err
+    return DistnoisyError(
+        f"Ray Train stopped the run after scaling.max_failures={cfg.scaling.max_failures} "
+        f"recoveries: {reason}; its checkpoints are kept: restore the cluster's resources, then "
+        f"continue with: python -m distnoisy.train output_dir={run_dir} resume=true"
+    )
 
 
 def launch(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None = None) -> Path:

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distnoisy import dist
@@ -32,10 +31,19 @@ from distnoisy.data.mixing import (
 from distnoisy.data.prepare import DataSpec
 from distnoisy.label_issues import is_label_issue, rank_by_score
 from distnoisy.methods import Method
-from distnoisy.methods.base import Networks, Optimizers, StepInput
+from distnoisy.methods.base import Networks
 from distnoisy.metrics import auroc
 from distnoisy.models import build_model
-from distnoisy.store import FieldSpec, SampleStore
+
+# Re-exported for callers: the hot path lives in distnoisy.step (torch-only imports).
+from distnoisy.step import declare_run_fields, run_field_specs, train_step  # noqa: F401
+from distnoisy.store import Store
+from distnoisy.store.export import (
+    LABEL_ISSUES_DIR,
+    LABEL_ISSUES_TOP,
+    SAMPLE_STATS_DIR,
+    write_top_k,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,18 +153,26 @@ def accuracies(
 def check_bad_samples(stream: Any, n: int, cfg: Config, comm_device: torch.device) -> int:
     """Unusable training samples met so far (all ranks); abort past ``data.max_bad_fraction``.
 
-    Every rank gets the same total, so every rank raises together (no rank left waiting in a
-    collective). Tar-level problems in ``split=sample`` mode are seen by every rank and counted
-    once per rank: the count errs on the safe side.
+    Each sample counts once however many ranks or passes met it, and a truncated shard counts
+    every sample it lost (:func:`distnoisy.data.stream.count_bad`): those are never trained on.
+    Every rank gathers the same records and gets the same total, so every rank raises together
+    (no rank left waiting in a collective).
     """
-    local = torch.tensor([float(stream.num_bad_samples)], device=comm_device)
-    total = int(dist.all_reduce_sum(local).item())
+    from distnoisy.data.stream import count_bad, samples_lost
+
+    del comm_device  # the records are gathered as objects (kept for the trainer's call)
+    records = [
+        ("train", k, r) for part in dist.all_gather_object(stream.bad_samples) for k, r in part
+    ]
+    total = count_bad(records)
     limit = cfg.data.max_bad_fraction * n
     if total > limit:
         from distnoisy.errors import DataError
 
-        # Every rank is here (same total): gather the names so each message shows them.
-        named = [b for part in dist.all_gather_object(stream.bad_samples[:3]) for b in part]
+        # The records that lost the most samples first: a truncated shard before a bad image.
+        named = sorted(
+            dict.fromkeys((k, r) for _, k, r in records), key=lambda kr: -samples_lost(kr[1])
+        )
         first = "; ".join(f"{k}: {r}" for k, r in named[:3])
         raise DataError(
             f"{total} unusable training samples, more than data.max_bad_fraction="
@@ -185,7 +201,10 @@ def check_class_mix(
 
 
 def gather_bad_samples(*named: tuple[str, Any]) -> list[dict[str, str]]:
-    """Distinct skipped samples of every rank's streams (a collective: call on all ranks)."""
+    """Distinct skipped samples of every rank's streams (a collective: call on all ranks).
+
+    One entry per ``(set, key, reason)``; count them with :func:`count_bad_samples`.
+    """
     local = [
         {"set": name, "key": key, "reason": reason}
         for name, stream in named
@@ -199,15 +218,19 @@ def gather_bad_samples(*named: tuple[str, Any]) -> list[dict[str, str]]:
     return [{"set": a, "key": b, "reason": c} for a, b, c in seen]
 
 
-def train_eval_bad(*streams: Any) -> int:
-    """Corrupt or unreadable samples that eval streams skipped on this rank."""
-    return sum(len(s.bad_samples) for s in streams if s is not None)
+def count_bad_samples(bad_list: list[dict[str, str]]) -> int:
+    """Distinct bad samples of a :func:`gather_bad_samples` list: each ``(set, key)`` once
+    (the training stream and the final pass over the training set meet the same corrupt
+    image), a truncated shard as the number of samples it lost."""
+    from distnoisy.data.stream import count_bad
+
+    return count_bad((b["set"], b["key"], b["reason"]) for b in bad_list)
 
 
 def _write_outputs(
     out: Path,
     method: Method,
-    store: SampleStore,
+    store: Store,
     given: np.ndarray,
     clean: np.ndarray | None,
     keys: list[str],
@@ -229,30 +252,40 @@ def _write_outputs(
     # Truth-based metrics use the samples whose clean label is known (all, or a subset).
     known = (clean >= 0) if clean is not None else None
     is_noisy = (clean != given) & known if clean is not None else None
-    order = rank_by_score(score)
+    # Samples never trained on (lost in a truncated shard, or never drawn by class-balanced
+    # epochs) have scores without training signal: they rank last, unflagged, with no suggestion.
+    trained = store["train_pred"].numpy() >= 0
+    order = rank_by_score(score, last=~trained)
     # Flag the estimated number of issues among the samples trained on (docs/methods.md#flags).
-    flagged = is_label_issue(score, store["train_pred"].numpy() >= 0)
+    flagged = is_label_issue(score, trained)
+    suggested = np.where(trained, np.asarray(suggested, dtype=np.int64), -1)
     table = {
         "index": np.arange(n)[order],
         "key": np.asarray(keys, dtype=object)[order],
         "given_label": given[order],
-        "suggested_label": np.asarray(suggested, dtype=np.int64)[order],
+        "suggested_label": suggested[order],
         "score": np.asarray(score, dtype=np.float64)[order],
         "is_label_issue": flagged[order],
+        "trained": trained[order],
     }
     if is_noisy is not None:
         # null where the clean label is unknown
         table["is_corrupted"] = pa.array(is_noisy[order], mask=~known[order])
-    pq.write_table(pa.table(table), out / "label_issues.parquet")
+    issues = pa.table(table)
 
     pred = probs.argmax(1)
-    extra: dict[str, np.ndarray] = {"key": np.asarray(keys, dtype=object), "given_label": given}
+    extra: dict[str, Any] = {"key": np.asarray(keys, dtype=object), "given_label": given}
     extra["label_issue_score"] = np.asarray(score, dtype=np.float64)
     extra["final_pred"] = pred
     if clean is not None:
         extra["clean_label"] = clean
         extra["is_corrupted"] = pa.array(is_noisy, mask=~known)
-    store.export_parquet(out / "sample_stats.parquet", extra=extra)
+    if store.backend == "partitioned":
+        _write_partitioned(out, store, issues, order, extra, dist.world_size(), cfg.store.top_k)
+    else:
+        pq.write_table(issues, out / "label_issues.parquet")
+        pq.write_table(issues.slice(0, cfg.store.top_k), out / LABEL_ISSUES_TOP)
+        store.export_parquet(out / "sample_stats.parquet", extra=extra)
 
     summary = _summary(method, store, given, clean, pred, score, order, history, spec, cfg)
     summary["bad_samples"] = bad_samples
@@ -262,9 +295,49 @@ def _write_outputs(
     return summary
 
 
+def _write_partitioned(
+    out: Path,
+    store: Store,
+    issues: Any,
+    order: np.ndarray,
+    extra: dict[str, Any],
+    parts: int,
+    top_k: int,
+) -> None:
+    """``sample_stats/`` and ``label_issues/`` as one part per rank's row range, each part of
+    the label issues ranked on its own, and their merged top-k (``label_issues_top.parquet``).
+
+    Written here by rank 0 from the gathered store, part by part (the outputs travel in rank
+    0's checkpoint); :mod:`distnoisy.store.export` is the same layout that ranks write in
+    parallel (``python -m distnoisy.bench store``).
+    """
+    import pyarrow as pa
+
+    from distnoisy.store.export import field_columns, rank_part, write_index, write_part
+
+    n = store.num_samples
+    per = -(-n // parts)
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)  # where each sample's row sits in the ranked table
+    stats_parts, issue_parts, stats_schema, issue_schema = [], [], None, None
+    for k, lo in enumerate(range(0, n, per)):
+        hi = min(lo + per, n)
+        cols: dict[str, Any] = {"index": pa.array(np.arange(lo, hi))}
+        cols.update({name: v[lo:hi] for name, v in extra.items()})
+        cols.update(field_columns({name: store[name][lo:hi] for name in store.specs}))
+        stats = pa.table(cols)
+        stats_parts.append(write_part(out / SAMPLE_STATS_DIR, k, stats, lo))
+        ranked = rank_part(issues.take(pa.array(position[lo:hi])))
+        issue_parts.append(write_part(out / LABEL_ISSUES_DIR, k, ranked, lo))
+        stats_schema, issue_schema = stats.schema, ranked.schema
+    write_index(out / SAMPLE_STATS_DIR, stats_parts, stats_schema)
+    write_index(out / LABEL_ISSUES_DIR, issue_parts, issue_schema)
+    write_top_k(out / LABEL_ISSUES_DIR, out / LABEL_ISSUES_TOP, top_k)
+
+
 def _summary(
     method: Method,
-    store: SampleStore,
+    store: Store,
     given: np.ndarray,
     clean: np.ndarray | None,
     pred: np.ndarray,
@@ -278,6 +351,9 @@ def _summary(
     n = len(given)
     known = (clean >= 0) if clean is not None else None
     is_noisy = (clean != given) & known if clean is not None else None
+    # The final predictions exist for the samples the final pass could read (not those lost in
+    # a damaged shard, whose probability rows stay zero).
+    read = store["final_prob"].numpy().sum(1) > 0
     test_accs = [h["test_acc"] for h in history if h.get("test_acc") is not None]
     val_accs = [h.get("val_acc", float("nan")) for h in history]
     best_val = int(np.nanargmax(val_accs)) if np.isfinite(val_accs).any() else None
@@ -301,7 +377,7 @@ def _summary(
         "test_acc_at_best_val": (
             history[best_val].get("test_acc") if best_val is not None else None
         ),
-        "train_acc_given": float((pred == given).mean()),
+        "train_acc_given": float((pred[read] == given[read]).mean()) if read.any() else None,
         "memorized": None,
         "clean_train_acc": None,
         "label_issue_auroc": None,
@@ -316,10 +392,20 @@ def _summary(
     # no training signal (e.g. ELR's target is still 0), so the ranking metrics skip them.
     seen = store["train_pred"].numpy() >= 0
     summary["num_train_seen"] = int(seen.sum())
-    if is_noisy is not None and known.any():
-        summary["clean_train_acc"] = float((pred[known] == clean[known]).mean())
-        if is_noisy.any():
-            summary["memorized"] = float((pred[is_noisy] == given[is_noisy]).mean())
+    # The store's layout and the bytes each method's per-sample state costs (docs/benchmarks.md).
+    per_sample = store.bytes_per_sample()
+    summary["store"] = {
+        "backend": store.backend,
+        "dtype": cfg.store.dtype,
+        "bytes_per_sample": sum(per_sample.values()),
+        "bytes_per_sample_by_field": per_sample,
+    }
+    if is_noisy is not None and (known & read).any():
+        ok = known & read
+        summary["clean_train_acc"] = float((pred[ok] == clean[ok]).mean())
+        if (is_noisy & read).any():
+            noisy = is_noisy & read
+            summary["memorized"] = float((pred[noisy] == given[noisy]).mean())
         scored = known & seen
         k, m = int(is_noisy[scored].sum()), int(scored.sum())
         if k:
@@ -328,42 +414,3 @@ def _summary(
         if 0 < k < m:
             summary["label_issue_auroc"] = auroc(score[scored], is_noisy[scored])
     return summary
-
-
-def declare_run_fields(store: SampleStore, epochs: int, num_classes: int) -> None:
-    """The per-sample fields every run keeps, whatever the method.
-
-    - ``loss_hist`` (N x epochs, NaN where not visited): the cross-entropy of the training
-      logits on the given label, per epoch;
-    - ``pred_hist`` (N x epochs, int16, -1 where not visited): the training prediction per
-      epoch, so "first epoch a wrong label was predicted" and forgetting events are derivable;
-    - ``train_pred`` (N, -1 where never visited): the latest training prediction;
-    - ``final_prob`` (N x C): softmax of the final weights on the un-augmented training set.
-    """
-    store.declare("loss_hist", FieldSpec(shape=(epochs,), fill=float("nan")))
-    store.declare("pred_hist", FieldSpec(shape=(epochs,), dtype=torch.int16, fill=-1))
-    store.declare("train_pred", FieldSpec(dtype=torch.int64, fill=-1))
-    store.declare("final_prob", FieldSpec(shape=(num_classes,)))
-
-
-def train_step(
-    method: Method,
-    nets: Networks,
-    opts: Optimizers,
-    store: SampleStore,
-    batch: StepInput,
-) -> tuple[float, int]:
-    """One optimisation step and its per-sample bookkeeping (a collective: ``store.flush``).
-
-    Returns the batch loss and the number of predictions equal to the given labels.
-    """
-    result = method.train_step(batch, nets, opts)
-    with torch.no_grad():
-        logits = result.logits.float()
-        ce = F.cross_entropy(logits, batch.y, reduction="none")
-        pred = logits.argmax(1)
-        store.stage("loss_hist", batch.index, ce, column=batch.epoch)
-        store.stage("pred_hist", batch.index, pred.to(torch.int16), column=batch.epoch)
-        store.stage("train_pred", batch.index, pred)
-        store.flush()
-        return result.loss, int((pred == batch.y).sum())

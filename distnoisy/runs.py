@@ -33,6 +33,9 @@ OUTPUT_DIR_TAG = "distnoisy.output_dir"
 #: What most phases read: the summary, the final weights and the per-sample statistics.
 DEFAULT_REQUIRED = ("config.yaml", "summary.json", "weights.pt", "sample_stats.parquet")
 
+#: Outputs a partitioned run writes as a directory of parts instead of one file.
+PARTITIONED_OUTPUTS = ("sample_stats.parquet", "label_issues.parquet")
+
 
 @dataclass(frozen=True)
 class FinishedRun:
@@ -75,20 +78,34 @@ class FinishedRun:
         columns: Sequence[str] | None = None,
         batch_rows: int = 65536,
     ) -> Iterator[dict[str, np.ndarray]]:
-        """The table in batches of at most ``batch_rows`` rows, in row order."""
+        """The table in batches of at most ``batch_rows`` rows, in row order.
+
+        A partitioned run (``store.backend``) wrote ``sample_stats/`` and ``label_issues/``
+        (parts plus ``index.json``) instead of the single files; ``name`` reads either layout.
+        """
         import pyarrow.parquet as pq
 
+        from distnoisy.store.export import INDEX_FILE, iter_parts
+
         path = self.path(name)
-        if not path.is_file():
+        parts = self.path(name.removesuffix(".parquet"))
+        if (parts / INDEX_FILE).is_file():
+            first = sorted(parts.glob("part-*.parquet"))
+            schema = pq.read_schema(first[0]).names if first else []
+            batches = iter_parts(parts, list(columns) if columns else None, batch_rows)
+        elif path.is_file():
+            pf = pq.ParquetFile(path)
+            schema = pf.schema_arrow.names
+            batches = pf.iter_batches(batch_size=batch_rows, columns=list(columns or []) or None)
+        else:
             raise ConfigError(f"run {self.run_dir} has no {name}; was it written by distnoisy?")
-        pf = pq.ParquetFile(path)
-        missing = sorted(set(columns or ()) - set(pf.schema_arrow.names))
+        missing = sorted(set(columns or ()) - set(schema))
         if missing:
             raise ConfigError(
                 f"{path} has no column(s) {', '.join(missing)}; it was written by an older "
                 "distnoisy: re-run the training to get them"
             )
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=list(columns or []) or None):
+        for batch in batches:
             yield {c: _column_to_numpy(batch.column(c)) for c in batch.schema.names}
 
 
@@ -163,6 +180,13 @@ def _run_dir_from_mlflow(run_id: str, tracking_uri: str | None) -> Path:
     return Path(out).resolve()
 
 
+def _has_output(run_dir: Path, name: str) -> bool:
+    if (run_dir / name).is_file():
+        return True
+    parts = run_dir / name.removesuffix(".parquet") / "index.json"
+    return name in PARTITIONED_OUTPUTS and parts.is_file()
+
+
 def open_run(
     ref: str,
     tracking_uri: str | None = None,
@@ -185,7 +209,7 @@ def open_run(
         One line naming what is missing and the fix.
     """
     run_dir, run_id = resolve_run_dir(ref, tracking_uri)
-    missing = [name for name in require if not (run_dir / name).is_file()]
+    missing = [name for name in require if not _has_output(run_dir, name)]
     if missing:
         started = (run_dir / "run.json").is_file()
         why = (

@@ -7,6 +7,7 @@ a run stuck in RUNNING. Workers log with :class:`RunLogger`, which is a no-op of
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 _MAX_PARAM_LEN = 6000
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
 def default_tracking_uri() -> str:
@@ -54,12 +56,52 @@ def start_run(
         if exp is not None
         else client.create_experiment(experiment, artifact_location=_artifact_location(uri))
     )
-    all_tags = dict(tags or {})
+    if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:
+        # MLflow 3's UI shows such an experiment as model training (runs, metrics, artifacts),
+        # not as a GenAI app; it guesses when the tag is missing.
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    all_tags = {**source_tags(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id  # what the UI uses to nest runs
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     log_params(uri, run.info.run_id, params)
     return run.info.run_id
+
+
+def source_tags(source: str = "python -m distnoisy.train") -> dict[str, str]:
+    """The MLflow system tags that say where a run came from: the command, the user and, when
+    distnoisy runs from a git checkout, its commit (the UI's Source and Git Commit fields)."""
+    import getpass
+    import subprocess
+
+    tags = {"mlflow.source.name": source, "mlflow.source.type": "LOCAL"}
+    with contextlib.suppress(Exception):  # no user name in some containers
+        tags["mlflow.user"] = getpass.getuser()
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / ".git").exists():
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(checkout), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return tags
+        if done.returncode == 0 and done.stdout.strip():
+            tags["mlflow.source.git.commit"] = done.stdout.strip()
+    return tags
+
+
+def start_system_metrics(uri: str, run_id: str) -> Any:
+    """Start logging this machine's CPU/GPU/memory use to the run (MLflow system metrics);
+    returns the monitor, whose ``finish()`` stops it."""
+    import ray  # noqa: F401  (puts the psutil that Ray bundles on the path)
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=uri, resume_logging=True)
+    monitor.start()
+    return monitor
 
 
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
@@ -96,12 +138,23 @@ def run_status(uri: str, run_id: str) -> str:
 
 
 class RunLogger:
-    """Per-epoch metric logging from rank 0 (a no-op elsewhere or when tracking is off)."""
+    """Per-epoch metric logging from rank 0 (a no-op elsewhere or when tracking is off).
+
+    A step already logged for a metric is not logged again: a resumed run repeats the epochs
+    after its last checkpoint, which may have been logged before it stopped.
+    """
 
     def __init__(self, uri: str | None, run_id: str | None, rank: int) -> None:
         self.enabled = bool(uri and run_id and rank == 0)
         self.run_id = run_id
         self._client = _client(uri) if self.enabled else None
+        self._logged: dict[str, set[int]] = {}
+
+    def _steps(self, key: str) -> set[int]:
+        if key not in self._logged:
+            history = self._client.get_metric_history(self.run_id, key)
+            self._logged[key] = {m.step for m in history}
+        return self._logged[key]
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -111,5 +164,12 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        self._client.log_batch(self.run_id, metrics=batch)
+        batch = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if v is not None and step not in self._steps(k)
+        ]
+        for m in batch:
+            self._logged[m.key].add(step)
+        if batch:
+            self._client.log_batch(self.run_id, metrics=batch)

@@ -38,9 +38,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("distnoisy")
 
-OUTPUT_FILES = ("summary.json", "label_issues.parquet", "sample_stats.parquet", "weights.pt")
-#: Written only by some runs: the best-by-validation weights need a validation set.
-OPTIONAL_OUTPUT_FILES = ("weights_best.pt",)
+OUTPUT_FILES = ("summary.json", "label_issues_top.parquet", "weights.pt")
+#: Written only by some runs: the best-by-validation weights need a validation set; the tables
+#: are single files with a replicated store, partitioned datasets (directories) with a
+#: partitioned one (README "What a run writes").
+OPTIONAL_OUTPUT_FILES = (
+    "weights_best.pt",
+    "label_issues.parquet",
+    "sample_stats.parquet",
+    "label_issues",
+    "sample_stats",
+)
 
 
 def resolve_run_dir(cfg: Config) -> Path:
@@ -70,6 +78,44 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
             f"output_dir {run_dir} already exists and is not empty; pass resume=true to continue "
             "that run, or choose another output_dir/name"
         )
+
+
+def _in_ray_job_copy(cwd: Path) -> bool:
+    """Whether ``cwd`` is a Ray job's copy of its working_dir (deleted with the job's
+    session): ``.../runtime_resources/working_dir_files/<package>``."""
+    return "working_dir_files" in cwd.parts and "runtime_resources" in cwd.parts
+
+
+def check_output_location(cfg: Config) -> None:
+    """A run submitted with ``ray job submit --working-dir`` must say where its outputs go:
+    the job runs in a temporary copy of that directory, which Ray deletes."""
+    cwd = Path.cwd().resolve()
+    if not _in_ray_job_copy(cwd):
+        return
+    missing = [
+        k
+        for k, v in (("output_dir", cfg.output_dir), ("tracking.uri", cfg.tracking.uri))
+        if not v and (k == "output_dir" or cfg.tracking.enabled)
+    ]
+    if missing:
+        raise ConfigError(
+            f"this run's working directory {cwd} is Ray's temporary copy of the job's "
+            f"working_dir; give {' and '.join(f'{k}=' for k in missing)} on storage that outlives "
+            "the job (e.g. output_dir=/shared/runs/NAME), or the outputs are deleted with it"
+        )
+
+
+def _check_tracking(cfg: Config) -> None:
+    if cfg.tracking.enabled and cfg.tracking.system_metrics:
+        import importlib.util
+
+        import ray  # noqa: F401  (puts the psutil that Ray bundles on the path)
+
+        if importlib.util.find_spec("psutil") is None:
+            raise ConfigError(
+                "tracking.system_metrics=true needs the psutil package (Ray bundles it; this "
+                "Ray install does not): pip install psutil, or drop the key"
+            )
 
 
 def _check_resume_config(cfg: Config, run_dir: Path) -> None:
@@ -146,7 +192,8 @@ def _reference_trainer(
 
     def train_reference(method: str) -> Path:
         out = run_dir / f"reference-{method}"
-        if (out / "summary.json").exists() and (out / "sample_stats.parquet").exists():
+        stats = (out / "sample_stats.parquet").exists() or (out / "sample_stats").is_dir()
+        if (out / "summary.json").exists() and stats:
             return out
         data = to_dict(cfg)
         data["method"] = {"name": method}
@@ -166,7 +213,12 @@ def _publish(final_ckpt: Path, run_dir: Path) -> None:
     optional = [n for n in OPTIONAL_OUTPUT_FILES if (src / n).exists()]
     for name in (*OUTPUT_FILES, *optional):
         tmp = run_dir / f".{name}.tmp"
-        shutil.copyfile(src / name, tmp)
+        if (src / name).is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src / name, tmp)
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        else:
+            shutil.copyfile(src / name, tmp)
         os.replace(tmp, run_dir / name)
 
 
@@ -205,22 +257,33 @@ def train(
     from distnoisy.launch import launch
 
     t_start = time.perf_counter()
+    check_output_location(cfg)
     run_dir = resolve_run_dir(cfg) if run_dir is None else run_dir
     _check_run_dir(run_dir, cfg.resume)
     if cfg.resume:
         _check_resume_config(cfg, run_dir)
+    _check_tracking(cfg)
     spec = prepare_data(cfg)  # validates data and labels; writes only into the data cache
     _check_batch_fits(cfg, spec)
     _dry_build(cfg, spec.num_classes, spec.in_channels)
+    if cfg.scaling.launcher == "ray":
+        from distnoisy.launch import check_ray_resources
+
+        check_ray_resources(cfg)  # a cluster that cannot hold the workers fails in seconds
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:  # a resumed run keeps the config.yaml it was started with
         save_config(cfg, run_dir / "config.yaml")
     uri = cfg.tracking.uri or tracking.default_tracking_uri()
+    segments = _segments(run_dir)  # wall times of the run's earlier segments (before resume)
     run_id = _mlflow_run(cfg, run_dir, uri, tags, parent_run_id)
+    monitor = None
+    if run_id is not None and cfg.tracking.system_metrics:
+        monitor = tracking.start_system_metrics(uri, run_id)
 
     job = Job(cfg, spec, Tracking(uri, run_id) if run_id else None)
     status = "FAILED"
+    elapsed: float | None = None  # this segment's wall time, once the outputs are in place
     try:
         if run_id is not None:
             noise = {"noise_rate_realised": spec.noise_rate} if spec.noise_rate is not None else {}
@@ -234,7 +297,9 @@ def train(
             job = dataclasses.replace(job, resources=resources)
         final_ckpt = launch(job, cfg, run_dir, train_callbacks)
         _publish(final_ckpt, run_dir)
-        summary = _final_summary(run_dir, t_start, run_id)
+        elapsed = time.perf_counter() - t_start
+        summary = _final_summary(run_dir, [*segments, elapsed], run_id)
+        _write_report(run_dir, summary, spec)
         if run_id is not None:
             _log_final(uri, run_id, run_dir, summary)
         status = "FINISHED"
@@ -244,6 +309,11 @@ def train(
         status = "KILLED"
         raise
     finally:
+        # Every segment's wall time: a resumed run's wall_s is their sum.
+        last = elapsed if elapsed is not None else time.perf_counter() - t_start
+        _save_segments(run_dir, [*segments, last])
+        if monitor is not None:
+            monitor.finish()
         if run_id is not None:
             tracking.end_run(uri, run_id, status)
 
@@ -272,14 +342,17 @@ def _mlflow_run(
                 tags={
                     "distnoisy.output_dir": str(run_dir),
                     "distnoisy.method": cfg.method.name,
+                    **dict(cfg.tracking.tags),
                     **(tags or {}),
                 },
                 parent_run_id=parent_run_id,
             )
         else:
             tracking.reopen_run(uri, run_id)
+    info = json.loads(run_info_path.read_text()) if run_info_path.exists() else {}
+    info.update(mlflow_run_id=run_id, tracking_uri=uri)  # keeps earlier segments' wall times
     tmp_info = run_info_path.with_suffix(".tmp")
-    tmp_info.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri}))
+    tmp_info.write_text(json.dumps(info))
     os.replace(tmp_info, run_info_path)
     return run_id
 
@@ -304,11 +377,32 @@ def _method_resources(
     return resources
 
 
-def _final_summary(run_dir: Path, t_start: float, run_id: str | None) -> dict[str, Any]:
-    """The published ``summary.json`` with wall time, MLflow run id and output dir added."""
+def _segments(run_dir: Path) -> list[float]:
+    """Wall seconds of the run's earlier segments (interrupted, then resumed), from run.json."""
+    info = run_dir / "run.json"
+    if not info.exists():
+        return []
+    return [float(x) for x in json.loads(info.read_text()).get("segments_s", [])]
+
+
+def _save_segments(run_dir: Path, segments: list[float]) -> None:
+    info_path = run_dir / "run.json"
+    if not info_path.exists():
+        return
+    info = json.loads(info_path.read_text())
+    info["segments_s"] = [round(x, 2) for x in segments]
+    tmp = info_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, info_path)
+
+
+def _final_summary(run_dir: Path, segments: list[float], run_id: str | None) -> dict[str, Any]:
+    """The published ``summary.json`` with wall time (every segment of a resumed run), MLflow
+    run id and output dir added."""
     summary = json.loads((run_dir / "summary.json").read_text())
     summary.update(
-        wall_s=round(time.perf_counter() - t_start, 2),
+        wall_s=round(sum(segments), 2),
+        wall_s_segments=[round(x, 2) for x in segments],
         mlflow_run_id=run_id,
         output_dir=str(run_dir),
     )
@@ -318,32 +412,52 @@ def _final_summary(run_dir: Path, t_start: float, run_id: str | None) -> dict[st
     return summary
 
 
-def _log_final(uri: str, run_id: str, run_dir: Path, summary: dict[str, Any]) -> None:
-    """Log the final metrics and the run's small output files to its MLflow run."""
-    from distnoisy import tracking
+def _write_report(run_dir: Path, summary: dict[str, Any], spec: DataSpec) -> None:
+    """Training curves and the top label issues with thumbnails (:mod:`distnoisy.run_report`)."""
+    from distnoisy.run_report import write_report
 
-    final = {
-        k: summary[k]
-        for k in ("test_acc", "best_test_acc", "memorized", "label_issue_auroc")
-        if summary.get(k) is not None
-    }
+    write_report(run_dir, summary.get("history") or [], str(spec.train_dir), spec.classes)
+
+
+#: Summary figures logged to MLflow as ``final_<name>`` (the per-epoch ones have no prefix).
+FINAL_METRICS = (
+    "test_acc",
+    "best_test_acc",
+    "val_acc",
+    "best_val_acc",
+    "test_acc_at_best_val",
+    "memorized",
+    "clean_train_acc",
+    "train_acc_given",
+    "label_issue_auroc",
+    "label_issue_precision_at_k",
+    "noise_rate_realised",
+    "num_train_seen",
+    "bad_samples",
+    "wall_s",
+)
+#: Run-directory files logged as MLflow artifacts (those that exist).
+ARTIFACT_FILES = (
+    "config.yaml",
+    "summary.json",
+    "label_issues.parquet",
+    "noise_transition.json",
+    "method_resources.json",
+    "weights.pt",
+    "weights_best.pt",
+)
+
+
+def _log_final(uri: str, run_id: str, run_dir: Path, summary: dict[str, Any]) -> None:
+    """Log the summary figures, the report and the run's output files to its MLflow run."""
+    from distnoisy import run_report, tracking
+
+    final = {k: summary[k] for k in FINAL_METRICS if summary.get(k) is not None}
     tracking.RunLogger(uri, run_id, 0).log_metrics(
         {f"final_{k}": v for k, v in final.items()}, step=summary["epochs"]
     )
-    tracking.log_artifacts(
-        uri,
-        run_id,
-        [
-            run_dir / n
-            for n in (
-                "config.yaml",
-                "summary.json",
-                "label_issues.parquet",
-                "noise_transition.json",
-                "method_resources.json",
-            )
-        ],
-    )
+    report = (run_report.CURVES_FILE, run_report.ISSUES_HTML_FILE, run_report.ISSUES_MD_FILE)
+    tracking.log_artifacts(uri, run_id, [run_dir / n for n in (*ARTIFACT_FILES, *report)])
 
 
 def _fmt(v: Any) -> str:
@@ -385,7 +499,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"realised rate {pct(summary.get('noise_rate_realised'))}, "
         f"{_count(summary['num_workers'], 'worker')})",
         _test_headline(summary),
-        f"  memorized noisy labels {pct(summary.get('memorized'))} of corrupted training samples",
+        # Not the epoch lines' "memorized (training preds)": those are the augmented training
+        # passes' predictions; this is the final weights on the un-augmented training set.
+        f"  memorized noisy labels {pct(summary.get('memorized'))} of corrupted training samples "
+        "(final weights)",
         f"  label-issue AUROC     {_fmt(summary.get('label_issue_auroc'))}"
         + (
             f"  (precision@k {pct(summary.get('label_issue_precision_at_k'))})"
@@ -473,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     except DistnoisyError as e:
         print(f"distnoisy: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        # Ray's handlers turn a signal into SystemExit (SIGTERM: sys.exit(15)) once it runs.
         print(interrupted_message(run_dir), file=sys.stderr)
         return 130
     print(format_summary(summary))

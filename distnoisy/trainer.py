@@ -31,7 +31,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distnoisy import checkpoint as ckpt
 from distnoisy import dist
+from distnoisy.accel import input_layout, maybe_compile, resolve_precision, to_channels_last
 from distnoisy.data.mixing import distinct_classes
+from distnoisy.device_aug import DeviceAugment, decode_batch, to_device
 from distnoisy.job import Job
 from distnoisy.loop import (
     OUTPUTS_DIR,
@@ -40,19 +42,19 @@ from distnoisy.loop import (
     accuracies,
     check_bad_samples,
     check_class_mix,
-    declare_run_fields,
+    count_bad_samples,
     gather_bad_samples,
     make_optimizer,
     make_scheduler,
     network_builder,
     predict,
-    train_eval_bad,
+    run_field_specs,
     train_step,
     training_labels,
 )
 from distnoisy.methods import METHODS, Method
 from distnoisy.methods.base import Networks, StepInput
-from distnoisy.store import SampleStore
+from distnoisy.store import make_store
 from distnoisy.tracking import RunLogger
 
 log = logging.getLogger("distnoisy.loop")  # the epoch lines keep their logger name
@@ -119,6 +121,7 @@ class Trainer:
             self._track_best(epoch, metrics)
             final = self.finalize() if epoch == self.epochs - 1 else None
             self.checkpoint(epoch, metrics, final)
+        self.store.close()
 
     # -- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -128,6 +131,8 @@ class Trainer:
         np.random.seed(cfg.seed + self.rank)
         self.given_np, self.clean_np, self.keys = training_labels(self.spec)
         self.given = torch.from_numpy(self.given_np)
+        # On the device once: a step's labels are gathered there, with no copy per step.
+        self.given_dev = self.given.to(self.device)
         self._setup_model()
         self._setup_store_and_optimizers()
         self._setup_train_streams()
@@ -147,20 +152,50 @@ class Trainer:
             resources=dict(self.job.resources),
             seed=cfg.seed,
         )
+        t = cfg.train
+        self.precision = resolve_precision(t.precision, self.device)
+        self.method.grad_scaler = self.precision.grad_scaler()
         build = network_builder(cfg, spec.num_classes, spec.in_channels)
         models = self.method.build_networks(build)
-        self.models: dict[str, nn.Module] = {k: m.to(self.device) for k, m in models.items()}
+        self.models: dict[str, nn.Module] = {
+            k: to_channels_last(m.to(self.device), t.channels_last) for k, m in models.items()
+        }
         self.method.setup(self.models, self.device)
         self.nets: Networks = dict(self.models)  # what the steps run: DDP on several ranks
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.nets = {k: DDP(m, device_ids=ids) for k, m in self.models.items()}
+        # Evaluation runs the eager models; training steps the compiled ones (if asked).
+        self.nets = {k: maybe_compile(m, t.compile, k) for k, m in self.nets.items()}
+        if self.rank == 0 and (self.precision.dtype is not None or t.channels_last or t.compile):
+            log.info(
+                "hot path: %s autocast on %s, channels_last=%s, compile=%s",
+                self.precision.name,
+                self.precision.device_type,
+                t.channels_last,
+                t.compile,
+            )
 
     def _setup_store_and_optimizers(self) -> None:
         n, c = self.spec.num_train, self.spec.num_classes
-        self.store = SampleStore(n, comm_device=self.comm_device)
-        declare_run_fields(self.store, self.epochs, c)
+        specs = {**run_field_specs(self.epochs, c), **self.method.fields()}
+        self.store = make_store(
+            n,
+            specs,
+            backend=self.cfg.store.backend,
+            dtype=self.cfg.store.dtype,
+            comm_device=self.comm_device,
+            world_size=self.world,
+        )
         self.method.attach(self.store)
+        if self.rank == 0:
+            per_sample = self.store.bytes_per_sample()
+            log.info(
+                "per-sample store: %s, %d bytes per sample (%s)",
+                self.store.backend,
+                sum(per_sample.values()),
+                ", ".join(f"{k} {v}" for k, v in per_sample.items()),
+            )
         self.opts = self.method.build_optimizers(self.nets, lambda p: make_optimizer(self.cfg, p))
         self.scheds = {k: make_scheduler(self.cfg, opt) for k, opt in self.opts.items()}
 
@@ -171,6 +206,7 @@ class Trainer:
         # Each phase (ELR+: each network) has its own shuffling, augmentation draws and, with
         # class-balanced epochs, its own draw: the official ELR+ builds one loader per network.
         seed = cfg.seed if phase == 0 else mix_seed(cfg.seed, phase)
+        on_device = cfg.data.augment_on == "device"
         balanced = None
         if cfg.data.balanced_batches > 0:
             balanced = BalancedSubset(
@@ -187,7 +223,13 @@ class Trainer:
             seed=seed,
             split=cfg.data.split,
             transform=make_transform(
-                spec.train_transform, spec.mean, spec.std, seed=seed, size=cfg.data.image_size
+                spec.train_transform,
+                spec.mean,
+                spec.std,
+                seed=seed,
+                size=cfg.data.image_size,
+                defer=on_device,
+                encoded=self.decode_on is not None,
             ),
             shuffle_buffer=cfg.data.shuffle_buffer,
             open_shards=cfg.data.open_shards,
@@ -206,9 +248,33 @@ class Trainer:
         self.mix_labels = given if clean is None else np.where(clean >= 0, clean, given)
         self.class_counts = np.bincount(self.mix_labels, minlength=self.spec.num_classes)
         phases = self.method.phases()
+        self.decode_on = self._decode_device()
         self.train_streams = {ph: self._train_stream(k) for k, ph in enumerate(phases)}
+        self.device_augment = None
+        if self.cfg.data.augment_on == "device":
+            spec = self.spec
+            self.device_augment = DeviceAugment(
+                spec.train_transform, spec.mean, spec.std, self.cfg.data.image_size
+            )
         # Every phase reads the same data: the first one's bad samples are the data's.
         self.first_stream = self.train_streams[phases[0]]
+
+    def _decode_device(self) -> torch.device | None:
+        """The device that decodes training JPEGs with ``data.decode=gpu``; None = the loader
+        (the setting's fallback, with a logged notice saying why)."""
+        if self.cfg.data.decode != "gpu":
+            return None
+        from distnoisy.data.stream.decode import jpeg_decode_device
+
+        where, reason = jpeg_decode_device(self.device)
+        kind, ext = self.spec.train_transform, self.train_manifest.image_ext
+        if reason is None and (kind != "imagenet_train" or ext != "jpg"):
+            reason = f"it reads JPEG shards with ImageNet-style transforms only (not {kind}, {ext})"
+        if reason is not None:
+            if self.rank == 0:
+                log.warning("data.decode=gpu: %s; decoding on the CPU", reason)
+            return None
+        return where
 
     def _eval_set(self, directory: str | None, noisy_file: str | None = None) -> EvalSet | None:
         from distnoisy.data.shards import read_labels, read_manifest
@@ -261,6 +327,9 @@ class Trainer:
                 self.scheds[name].load_state_dict(state["schedulers"][name])
             self.store.load_state_dict(state["store"])
             self.method.load_state_dict(state["method"])
+            scaler = self.method.grad_scaler
+            if scaler is not None and state.get("grad_scaler"):
+                scaler.load_state_dict(state["grad_scaler"])  # fp16: the loss scale reached
             self.start_epoch, self.history = int(state["epoch"]) + 1, list(state["history"])
             self.best = state["best"]
             best_file = Path(ckpt_dir) / ckpt.BEST_WEIGHTS_FILE
@@ -278,23 +347,33 @@ class Trainer:
         metrics: dict[str, float] = dict(self.method.on_epoch_start(epoch))
         for m in self.models.values():
             m.train()
-        # loss*b, correct on given labels, b, distinct labels per batch (summed), batches
-        sums = torch.zeros(5, dtype=torch.float64)
+        # On the device, read once per epoch (no host synchronisation per step): loss*b and
+        # correct on given labels. On the host: b, distinct labels per batch (summed), batches.
+        # Each term is rounded to float32 before the float64 sum, as it always was.
+        dev_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        host_sums = torch.zeros(3, dtype=torch.float64)
+        autocast = self.precision.autocast()
         for phase, stream in self.train_streams.items():
             steps = stream.steps_per_epoch
             for step, batch in enumerate(stream.epoch_batches(epoch)):
                 index = batch["index"]
-                x = batch["image"].to(self.device, non_blocking=True)
-                y = self.given[index].to(self.device, non_blocking=True)
+                x = self._input(batch)
+                y = self.given_dev[to_device(index, self.device)]
                 inp = StepInput(x, y, index, epoch, step, steps, phase)
-                loss_value, correct = train_step(self.method, self.nets, self.opts, self.store, inp)
+                self.store.prefetch(index)  # the batch's rows arrive during the forward pass
+                loss, correct = train_step(
+                    self.method, self.nets, self.opts, self.store, inp, autocast
+                )
+                b = len(index)
                 mix = distinct_classes(self.mix_labels[index.numpy()])
-                sums += torch.tensor([loss_value * len(y), correct, len(y), mix, 1])
+                dev_sums += torch.stack([(loss.double() * b).float(), correct.float()]).double()
+                host_sums += torch.tensor([b, mix, 1], dtype=torch.float32)
         for sched in self.scheds.values():
             sched.step()
         metrics["bad_samples"] = check_bad_samples(
             self.first_stream, self.spec.num_train, self.cfg, self.comm_device
         )
+        sums = torch.cat([dev_sums.cpu(), host_sums])
         totals = dist.all_reduce_sum(sums.to(self.comm_device)).cpu()
         metrics["train_loss"] = float(totals[0] / totals[2])
         metrics["train_acc_given"] = float(totals[1] / totals[2])
@@ -306,6 +385,21 @@ class Trainer:
             warn=self.rank == 0 and epoch == self.start_epoch,
         )
         return metrics
+
+    def _input(self, batch: dict[str, Tensor]) -> Tensor:
+        """The batch's network input on the device: augmented there with
+        ``data.augment_on=device``, in channels-last layout with ``train.channels_last``."""
+        if "jpeg" in batch:  # data.decode=gpu
+            side = round(self.cfg.data.image_size * 256 / 224)
+            x, bad = decode_batch(batch["jpeg"], batch["jpeg_offsets"], self.decode_on, side)
+            if bad:
+                keys = batch["index"][bad].tolist()
+                log.warning("data.decode=gpu: undecodable images %s replaced in their batch", keys)
+        else:
+            x = to_device(batch["image"], self.device)
+        if self.device_augment is not None:
+            x = self.device_augment(x, to_device(batch["augment"], self.device))
+        return input_layout(x, self.cfg.train.channels_last)
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         """Validation and test accuracy, and memorization of the corrupted training labels."""
@@ -322,9 +416,13 @@ class Trainer:
                 self.method, self.models, test.stream, [test.labels], self.device
             )[0]
         if self.corrupted is not None and self.corrupted.any():
-            pred = self.store["train_pred"]
-            mask = self.corrupted & (pred >= 0)
-            metrics["memorized"] = float((pred[mask] == self.given[mask]).float().mean())
+            # Each rank counts its own rows of the store (a partitioned store has no others).
+            lo, hi = self.store.owned_range()
+            pred = self.store.local("train_pred")
+            mask = self.corrupted[lo:hi] & (pred >= 0)
+            counts = [float((pred[mask] == self.given[lo:hi][mask]).sum()), float(mask.sum())]
+            hits, total = dist.all_reduce_sum(torch.tensor(counts, device=self.comm_device))
+            metrics["memorized"] = float(hits / total) if total > 0 else float("nan")
         return metrics
 
     def _log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -332,7 +430,8 @@ class Trainer:
         if self.rank != 0:
             return
         log.info(
-            "epoch %d/%d  loss %.4f  train_acc(given) %.3f  test_acc %s  memorized %s  (%.1fs)",
+            "epoch %d/%d  loss %.4f  train_acc(given) %.3f  test_acc %s  memorized(training "
+            "preds) %s  (%.1fs)",
             epoch + 1,
             self.epochs,
             metrics["train_loss"],
@@ -372,16 +471,17 @@ class Trainer:
         )
         index, probs = predict(self.method, self.models, train_eval, self.device)
         self.store.set("final_prob", index, probs)
+        self.store.materialize()  # the outputs are written from rank 0's whole fields
         val = self.val_set.stream if self.val_set is not None else None
         test = self.test_set.stream if self.test_set is not None else None
-        bad = self.first_stream.num_bad_samples + train_eval_bad(train_eval, test, val)
-        num_bad = int(dist.all_reduce_sum(torch.tensor([bad], device=self.comm_device)).item())
         bad_list = gather_bad_samples(
             ("train", self.first_stream), ("train", train_eval), ("val", val), ("test", test)
         )
-        return FinalOutputs(num_bad, bad_list)
+        return FinalOutputs(count_bad_samples(bad_list), bad_list)
 
-    def state(self, epoch: int, rng: list[dict[str, Any]]) -> dict[str, Any]:
+    def state(
+        self, epoch: int, rng: list[dict[str, Any]], store: dict[str, Tensor]
+    ) -> dict[str, Any]:
         """The checkpoint dict after ``epoch`` (layout in :mod:`distnoisy.checkpoint`)."""
         return {
             "format": ckpt.FORMAT_VERSION,
@@ -390,20 +490,22 @@ class Trainer:
             "networks": {name: m.state_dict() for name, m in self.models.items()},
             "optimizers": {name: opt.state_dict() for name, opt in self.opts.items()},
             "schedulers": {name: sch.state_dict() for name, sch in self.scheds.items()},
-            "store": self.store.state_dict(),
+            "store": store,
             "method": self.method.state_dict(),
             "rng": rng,
             "best": self.best,
+            "grad_scaler": scaler.state_dict() if (scaler := self.method.grad_scaler) else None,
         }
 
     def checkpoint(self, epoch: int, metrics: dict[str, float], final: FinalOutputs | None) -> None:
         """Report the epoch to the launcher with a checkpoint (written by rank 0); after the
         last epoch the checkpoint also holds the run's ``outputs/``."""
         rng = ckpt.gather_rng(self.device, self.method)  # a collective: before the rank test
+        store = self.store.state_dict()  # whole on rank 0 (a collective when partitioned)
         ckpt_dir = None
         if self.rank == 0:
             ckpt_dir = Path(tempfile.mkdtemp(prefix="distnoisy-ckpt-"))
-            state = self.state(epoch, rng)
+            state = self.state(epoch, rng, store)
             ckpt.save_atomic(state, ckpt_dir / ckpt.STATE_FILE)
             if self.best_weights is not None:
                 ckpt.save_atomic(self.best_weights, ckpt_dir / ckpt.BEST_WEIGHTS_FILE)

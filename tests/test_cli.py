@@ -161,3 +161,124 @@ def test_interrupt_prints_the_command_that_resumes_the_run(tmp_path, digits_root
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     time.sleep(3)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.slow
+def test_ray_launcher_interrupt_prints_the_command_that_resumes_the_run(tmp_path, digits_root):
+    # Ray Train's own SIGINT handler aborts the run; the driver then saw a Ray error or
+    # SystemExit(1) and exited 1 without the line.
+    run = tmp_path / "run"
+    argv = [f"data.root={digits_root}", f"output_dir={run}", "train.epochs=300"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distnoisy.train", *argv, "tracking.enabled=false"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        seen = []
+        for line in proc.stderr:  # worker lines come prefixed with "(RayTrainWorker pid=...)"
+            seen.append(line)
+            if "epoch 1/300" in line:
+                break
+        assert "epoch 1/300" in seen[-1], "".join(seen)[-3000:]
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last == (
+        f"distnoisy: interrupted; resume with: python -m distnoisy.train output_dir={run} "
+        "resume=true"
+    ), err[-3000:]
+    assert not (run / "summary.json").exists()
+
+
+# -- a GPU recipe on a cluster without GPUs: one line in seconds, not an endless wait ----------
+@pytest.mark.slow
+def test_gpu_recipe_on_a_local_cluster_without_gpus_fails_in_seconds(
+    tmp_path, digits_root, ray_cluster, capsys
+):
+    assert not ray_cluster.cluster_resources().get("GPU")
+    run = tmp_path / "run"
+    argv = [f"data.root={digits_root}", f"output_dir={run}", "tracking.enabled=false"]
+
+    def too_long(signum, frame):
+        raise TimeoutError("still waiting for GPUs after 60 s")
+
+    # An alarm, so that the endless wait this replaces fails the test instead of hanging it.
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(60)
+    t0 = time.monotonic()
+    try:
+        rc = main([*argv, "scaling.use_gpu=true", "scaling.num_workers=2"])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # main() installs its own
+    assert time.monotonic() - t0 < 30
+    assert rc == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("distnoisy: error: scaling.num_workers=2 with scaling.use_gpu=true")
+    assert "needs 2 GPU, but the Ray cluster has 0 GPU and cannot grow" in lines[0]
+    assert "set scaling.use_gpu=false" in lines[0]
+    assert not run.exists()
+
+
+# -- ray job submit: the working directory is a temporary copy ---------------------------------
+def test_a_ray_job_without_output_dir_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    # What `ray job submit --working-dir .` runs in: Ray deletes the copy with the job.
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    line = _one_line_error(capsys, ["scaling.launcher=local"])
+    assert "Ray's temporary copy of the job's working_dir" in line
+    assert "give output_dir= and tracking.uri= on storage that outlives the job" in line
+    assert list(copy.iterdir()) == []
+    line = _one_line_error(capsys, ["scaling.launcher=local", "tracking.enabled=false"])
+    assert "give output_dir= on storage" in line
+
+
+# -- a driver killed outright leaves no process of the cluster it started ----------------------
+@pytest.mark.slow
+def test_sigkilled_driver_leaves_no_process_of_its_local_cluster(tmp_path, digits_root):
+    from distnoisy.reaper import _stat, descendants
+
+    run = tmp_path / "run"
+    argv = [f"data.root={digits_root}", f"output_dir={run}", "train.epochs=300"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distnoisy.train", *argv, "tracking.enabled=false"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for line in proc.stderr:
+            if "epoch 1/300" in line:
+                break
+        cluster = descendants(proc.pid)  # GCS, raylet, dashboard, agents, workers, ...
+        assert len(cluster) > 5, cluster
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        alive = cluster
+        while alive and time.monotonic() < deadline:
+            time.sleep(1)
+            alive = {p: t for p, t in cluster.items() if (st := _stat(p)) and st[1] == t}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    names = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in alive if _stat(p)}
+    for pid in alive:  # do not leave them to the rest of the session
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not alive, names

@@ -85,3 +85,25 @@ def test_bad_references_are_one_line(finished, tmp_path):
     with pytest.raises(ConfigError, match="no column"):
         open_run(str(run_dir)).read_table(columns=["no_such_field"])
     assert json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+
+
+def test_a_partitioned_run_reads_like_a_single_file(tmp_path, digits_root):
+    cfg = load_config(
+        [
+            f"data.root={digits_root}",
+            f"output_dir={tmp_path / 'run'}",
+            "tracking.enabled=false",
+            "scaling.launcher=local",
+            "scaling.num_workers=2",
+            "store.backend=partitioned",
+            "train.epochs=2",
+        ]
+    )
+    train(cfg)
+    assert not (tmp_path / "run" / "sample_stats.parquet").exists()
+    run = open_run(str(tmp_path / "run"))
+    stats = run.read_table(columns=["index", "pred_hist", "loss_hist"])
+    np.testing.assert_array_equal(stats["index"], np.arange(len(stats["index"])))
+    np.testing.assert_array_equal(stats["pred_hist"] >= 0, np.isfinite(stats["loss_hist"]))
+    issues = run.read_table("label_issues.parquet", columns=["index", "score", "trained"])
+    assert sorted(issues["index"].tolist()) == list(range(len(stats["index"])))

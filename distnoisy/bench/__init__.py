@@ -1,8 +1,10 @@
 """Benchmarks, printing ratios measured side by side in one run.
 
-``python -m distnoisy.bench steps|loader|two-networks|plain-loop ...``; one module per
+``python -m distnoisy.bench gpu|steps|loader|two-networks|plain-loop ...``; one module per
 benchmark:
 
+- :mod:`distnoisy.bench.gpu`: training images/s on one accelerator per method (model step,
+  end to end with CPU or GPU JPEG decoding), in-process with torch and torchvision only;
 - :mod:`distnoisy.bench.steps`: one training step per registered method relative to plain
   cross-entropy, on the same model, batch and inputs, on the CPU;
 - :mod:`distnoisy.bench.loader`: the shard input pipeline against torchvision's

@@ -1,7 +1,8 @@
 """Benchmarks, printing ratios measured side by side in one run.
 
-The command line: ``python -m distnoisy.bench steps|loader|two-networks|plain-loop ...``; each
-benchmark module adds its sub-command (``add_parser``) and runs it (``main(args, argv)``).
+The command line: ``python -m distnoisy.bench gpu|steps|loader|two-networks|plain-loop|store|
+influence ...``; each benchmark module adds its sub-command (``add_parser``) and runs it
+(``main(args, argv)``).
 """
 
 from __future__ import annotations
@@ -11,40 +12,56 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from distnoisy.bench import influence, loader, plain_loop, steps, two_networks
-from distnoisy.bench.common import _without_note
+from distnoisy.bench import gpu
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(cpu_benches: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m distnoisy.bench", description=__doc__.split("\n")[0]
     )
     sub = p.add_subparsers(dest="bench", required=True)
+    gpu.add_parser(sub)
+    if not cpu_benches:
+        return p
+    # Imported here: they need the whole stack (OmegaConf), which ``gpu`` must run without.
+    from distnoisy.bench import influence, loader, plain_loop, steps, two_networks
+    from distnoisy.bench import store as store_bench
+
     steps.add_parser(sub)
     loader.add_parser(sub)
     two_networks.add_parser(sub)
     plain_loop.add_parser(sub)
+    store_bench.add_parser(sub)
     influence.add_parser(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
-    """Run ``python -m distnoisy.bench steps|loader|two-networks|plain-loop ...``; print the
-    results, optionally write ``--out``.
+    """Run ``python -m distnoisy.bench gpu|steps|loader|two-networks|plain-loop|store ...``;
+    print the results, optionally write ``--out``.
 
     Returns
     -------
-    StepBenchReport, LoaderReport, TwoNetworkReport or PlainLoopReport
+    StepBenchReport, LoaderReport, TwoNetworkReport, PlainLoopReport or StoreBenchReport
         The measured report (for tests and callers).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    only_gpu = bool(argv) and argv[0] == "gpu"
+    args = _parser(cpu_benches=not only_gpu).parse_args(argv)
+    if args.bench == "gpu":
+        return gpu.main(args, argv)
+    from distnoisy.bench import influence, loader, plain_loop, steps, two_networks
+    from distnoisy.bench import store as store_bench
+    from distnoisy.bench.common import _without_note
+
     if args.bench == "loader":
         return loader.main(args, _without_note(argv))
     if args.bench == "plain-loop":
         return plain_loop.main(args, argv)
-    if args.bench == "influence":
-        return influence.main(args, argv)
     if args.bench == "two-networks":
         return two_networks.main(args, argv)
+    if args.bench == "store":
+        return store_bench.main(args, argv)
+    if args.bench == "influence":
+        return influence.main(args, argv)
     return steps.main(args, argv)

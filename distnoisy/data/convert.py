@@ -62,10 +62,11 @@ class EncodeOptions:
 def encode_image(source: str | bytes, opts: EncodeOptions) -> tuple[bytes, str | None]:
     """The bytes to store for one image, and a problem description (None if it is fine).
 
-    Without ``resize`` a file's bytes are stored as they are (not decoded: conversion runs at disk
-    speed; bad images are caught when training). With ``resize`` the image is decoded, converted
-    to RGB, its shorter side scaled to ``resize`` (antialiased bilinear, like torchvision's
-    ``Resize``) and re-encoded as JPEG; an image that fails to decode keeps its original bytes.
+    Without ``resize`` a file's bytes are stored as they are, after one decode that reports an
+    image training would skip (JPEGs decoded at 1/8 scale). With ``resize`` the image is
+    decoded, converted to RGB, its shorter side scaled to ``resize`` (antialiased bilinear,
+    like torchvision's ``Resize``) and re-encoded as JPEG; an image that fails to decode keeps
+    its original bytes.
     """
     try:
         if isinstance(source, bytes):
@@ -75,9 +76,12 @@ def encode_image(source: str | bytes, opts: EncodeOptions) -> tuple[bytes, str |
                 data = f.read()
     except OSError as exc:
         return b"", f"cannot read the image file: {exc.strerror or exc}"
-    if opts.resize is None:
-        return data, None if data else "empty image file"
     from PIL import Image
+
+    if opts.resize is None:
+        # Stored as they are, but decoded once (JPEGs at 1/8 scale: cheap) so that an image
+        # training would skip is reported now, by name, and not found only when training.
+        return data, _undecodable(data) if data else "empty image file"
 
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -92,6 +96,19 @@ def encode_image(source: str | bytes, opts: EncodeOptions) -> tuple[bytes, str |
     except Exception as exc:  # PIL raises many types for damaged data
         return data, f"cannot decode the image: {type(exc).__name__}: {str(exc)[:120]}"
     return buf.getvalue(), None
+
+
+def _undecodable(data: bytes) -> str | None:
+    """Why PIL cannot decode ``data`` (truncated or damaged), or None when it can."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, every byte still read
+            im.load()
+    except Exception as exc:  # PIL raises many types for damaged data
+        return f"cannot decode the image: {type(exc).__name__}: {str(exc)[:120]}"
+    return None
 
 
 def _convert_shard(

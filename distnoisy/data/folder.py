@@ -117,6 +117,15 @@ def convert(
     finally:
         if pool is not None:
             pool.shutdown()
+    if result.problems:
+        log.warning(
+            "%s: %d of %d images cannot be decoded (stored; training skips them): %s%s",
+            split,
+            len(result.problems),
+            len(items),
+            ", ".join(k for k, _ in result.problems[:5]),
+            ", ..." if len(result.problems) > 5 else "",
+        )
     return result.manifest
 
 

@@ -156,6 +156,19 @@ def _fashion_mnist(cfg: Config) -> _Sets:
     return _Sets(train_dir, test_dir, val_dir, 1, "digits", "digits", mean, std)
 
 
+@DATASET_LOADERS.register("longtail")
+def _longtail_sets(cfg: Config) -> _Sets:
+    from distnoisy.data import longtail
+
+    if cfg.data.root and fs.is_url(cfg.data.root):
+        raise ConfigError(f"data.root={cfg.data.root}: longtail shards go to a local directory")
+    base = Path(cfg.data.root).expanduser() if cfg.data.root else default_root("longtail")
+    root = longtail.cache_root(base, cfg.data.longtail)
+    train_dir, test_dir = longtail.prepare_longtail(root, cfg.data.longtail, cfg.data.shard_size)
+    mean, std = [longtail.MEAN], [longtail.STD]
+    return _Sets(train_dir, test_dir, None, 1, "digits", "digits", mean, std)
+
+
 @DATASET_LOADERS.register("shards")
 def _shards_sets(cfg: Config) -> _Sets:
     base, train_dir = _base_and_train(str(cfg.data.urls), "data.urls", "train")

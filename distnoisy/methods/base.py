@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from torch import nn
 
 from distnoisy.method_params import MethodParams
 from distnoisy.registry import Registry
-from distnoisy.store import FieldSpec, SampleStore
+from distnoisy.store import FieldSpec, Store
 
 METHODS: Registry[type[Method]] = Registry("method")
 
@@ -78,8 +79,26 @@ class StepResult:
     the per-epoch loss history and training predictions from them.
     """
 
-    loss: float
+    loss: torch.Tensor  # detached 0-d tensor on the device: no host synchronisation per step
     logits: torch.Tensor
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if autocast made it bf16 or fp16; float32 and float64 stay as they are.
+
+    Losses are computed from these: a loss in bf16 would round away the small per-sample
+    differences the noisy-label methods rely on.
+    """
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def loss_region(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off on ``t``'s device, for a loss's arithmetic (a matmul in a loss, e.g. forward
+    correction's ``p @ T``, would otherwise run in bf16/fp16); nothing when autocast is off."""
+    kind = t.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 Networks = dict[str, nn.Module]
@@ -124,7 +143,9 @@ class Method(ABC):
         self.epochs = epochs
         self.seed = seed  # the run's seed, for methods that draw random numbers (mixup)
         self.resources = dict(resources or {})
-        self.store: SampleStore | None = None
+        self.store: Store | None = None
+        # The fp16 gradient scaler (a torch.amp.GradScaler), set by the trainer; None otherwise.
+        self.grad_scaler: Any = None
 
     @classmethod  # noqa: B027 (an optional hook: no checks by default)
     def validate_params(cls, params: Any) -> None:
@@ -146,7 +167,7 @@ class Method(ABC):
         """Per-sample fields this method keeps in the store."""
         return {}
 
-    def attach(self, store: SampleStore) -> None:
+    def attach(self, store: Store) -> None:
         for name, spec in self.fields().items():
             store.declare(name, spec)
         self.store = store
@@ -182,12 +203,36 @@ class Method(ABC):
         trains ``nets["model"]`` on :meth:`loss`.
         """
         logits = nets["model"](batch.x)
-        out = self.loss(logits, batch.y, batch.index)
+        # Losses in float32 whatever the autocast precision of the forward pass.
+        with loss_region(logits):
+            out = self.loss(full_precision(logits), batch.y, batch.index)
         opt = opts["model"]
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        return StepResult(float(out.loss.detach()), logits.detach())
+        self.backward(out.loss)
+        self.optimizer_step(opt)
+        return StepResult(out.loss.detach(), logits.detach())
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, outside autocast and scaled by the fp16 gradient scaler if any.
+
+        Steps that override :meth:`train_step` call this and :meth:`optimizer_step` instead of
+        ``loss.backward()`` and ``opt.step()``, so that every precision works for them.
+        """
+        if self.grad_scaler is not None:
+            loss = self.grad_scaler.scale(loss)
+        kind = loss.device.type
+        if torch.is_autocast_enabled(kind):
+            with torch.autocast(kind, enabled=False):
+                loss.backward()
+        else:
+            loss.backward()
+
+    def optimizer_step(self, opt: torch.optim.Optimizer) -> None:
+        """``opt.step()``; with the fp16 scaler, skipped when the gradients overflowed."""
+        if self.grad_scaler is None:
+            opt.step()
+        else:
+            self.grad_scaler.step(opt)
 
     def predict(self, nets: Networks, x: torch.Tensor) -> torch.Tensor:
         """Logits used for evaluation and final predictions (networks in eval mode)."""

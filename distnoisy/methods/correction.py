@@ -89,13 +89,21 @@ def load_transition_file(path: str | Path) -> list[list[float]]:
 
 
 def read_reference_probs(path: Path) -> np.ndarray:
-    """The ``final_prob`` column (``[N, C]``) of a run's ``sample_stats.parquet``."""
+    """The ``final_prob`` column (``[N, C]``) of a run's ``sample_stats.parquet`` (or of its
+    partitioned ``sample_stats/``)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from distnoisy.store.export import INDEX_FILE, SAMPLE_STATS_DIR, iter_parts
+
+    parts = Path(path) / SAMPLE_STATS_DIR
     file = Path(path) / "sample_stats.parquet"
-    if not file.is_file():
+    if (parts / INDEX_FILE).is_file():
+        table = pa.Table.from_batches(list(iter_parts(parts)))
+    elif not file.is_file():
         raise DistnoisyError(f"reference run output {str(file)!r} does not exist")
-    table = pq.read_table(file)
+    else:
+        table = pq.read_table(file)
     if "final_prob" not in table.column_names:
         raise DistnoisyError(f"{str(file)!r} has no 'final_prob' column")
     column = table.column("final_prob").combine_chunks()

@@ -46,7 +46,7 @@ class ELR(Method):
             raise ConfigError(f"method.lam={params.lam} must be >= 0")
 
     def fields(self) -> dict[str, FieldSpec]:
-        return {"elr_target": FieldSpec(shape=(self.num_classes,))}
+        return {"elr_target": FieldSpec(shape=(self.num_classes,), lowp=True)}
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         assert self.store is not None

@@ -53,6 +53,8 @@ from distnoisy.methods.base import (
     StepInput,
     StepOutput,
     StepResult,
+    full_precision,
+    loss_region,
 )
 from distnoisy.store import FieldSpec
 
@@ -130,7 +132,9 @@ class ELRPlus(Method):
 
     # -- networks ---------------------------------------------------------------------------
     def fields(self) -> dict[str, FieldSpec]:
-        return {f"elr_target_{k}": FieldSpec(shape=(self.num_classes,)) for k in NETWORKS}
+        return {
+            f"elr_target_{k}": FieldSpec(shape=(self.num_classes,), lowp=True) for k in NETWORKS
+        }
 
     def build_networks(self, build: Callable[..., nn.Module]) -> Networks:
         return {k: build() for k in NETWORKS}
@@ -180,9 +184,10 @@ class ELRPlus(Method):
 
         with torch.no_grad():
             # Targets from the other network's EMA on the un-mixed batch, before the loss.
-            ema_logits = self.ema[other](x)
+            ema_logits = full_precision(self.ema[other](x))
             old = self.store.get(field, index).to(x.device)
-            targets = elr_plus_target_update(old, ema_logits, p.beta)
+            with loss_region(ema_logits):
+                targets = elr_plus_target_update(old, ema_logits, p.beta)
         self.store.stage(field, index, targets)
 
         one_hot = F.one_hot(y, self.num_classes).to(targets.dtype)
@@ -211,14 +216,17 @@ class ELRPlus(Method):
 
         logits = nets[k](x_mix)
         ramp = sigmoid_rampup(t, p.coef_step)
-        loss = elr_plus_loss(logits, y_mix, q_mix, p.lam, ramp=ramp, reweight=self.reweight)
+        with loss_region(logits):
+            loss = elr_plus_loss(
+                full_precision(logits), y_mix, q_mix, p.lam, ramp=ramp, reweight=self.reweight
+            )
         opt = opts[k]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        self.backward(loss)
+        self.optimizer_step(opt)
         ema_update(self.ema[k], nets[k], ema_decay(t, p.ema_alpha, p.ema_ramp, p.ema_step))
         # Per-sample statistics (loss history, training predictions) on the un-mixed batch.
-        return StepResult(float(loss.detach()), ema_logits.detach())
+        return StepResult(loss.detach(), ema_logits.detach())
 
     # -- outputs and state ----------------------------------------------------------------------
     def label_issue_scores(

@@ -105,7 +105,7 @@ class TruncatedGCE(Method):
     def on_epoch_start(self, epoch: int) -> dict[str, float]:
         self.epoch = epoch
         assert self.store is not None
-        return {"tgce_kept_fraction": float(self.store["tgce_keep"].mean())}
+        return {"tgce_kept_fraction": self.store.mean("tgce_keep")}
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         assert self.store is not None

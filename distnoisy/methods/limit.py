@@ -44,6 +44,8 @@ from distnoisy.methods.base import (
     StepInput,
     StepOutput,
     StepResult,
+    full_precision,
+    loss_region,
 )
 from distnoisy.store import FieldSpec
 
@@ -145,7 +147,7 @@ class LIMIT(Method):
     def fields(self) -> dict[str, FieldSpec]:
         c = self.num_classes
         return {
-            "limit_q_prob": FieldSpec(shape=(c,), fill=1.0 / c),
+            "limit_q_prob": FieldSpec(shape=(c,), fill=1.0 / c, lowp=True),
             "limit_grad_norm": FieldSpec(fill=float("nan")),
         }
 
@@ -211,19 +213,27 @@ class LIMIT(Method):
         with torch.no_grad() if frozen else contextlib.nullcontext():
             z = nets["classifier"](batch.x)
         u = nets["qnet"](batch.x)
-        carrier, q_loss = limit_terms(
-            z, u, batch.y, p.variant, p.grad_weight_decay, g_noise=self._noise(z.shape, z.device)
-        )
+        # Losses in float32 whatever the autocast precision of the forward passes.
+        z, u = full_precision(z), full_precision(u)
+        with loss_region(z):
+            carrier, q_loss = limit_terms(
+                z,
+                u,
+                batch.y,
+                p.variant,
+                p.grad_weight_decay,
+                g_noise=self._noise(z.shape, z.device),
+            )
         opt = opts["limit"]
         opt.zero_grad(set_to_none=True)
-        (q_loss if frozen else carrier + q_loss).backward()
-        opt.step()
+        self.backward(q_loss if frozen else carrier + q_loss)
+        self.optimizer_step(opt)
         with torch.no_grad():
             r = torch.softmax(u.detach().float(), dim=1)
             g_norm = (torch.softmax(z.detach().float(), dim=1) - r).norm(dim=1)
             self.store.stage("limit_q_prob", batch.index, r)
             self.store.stage("limit_grad_norm", batch.index, g_norm)
-        return StepResult(float((carrier + q_loss).detach()), z.detach())
+        return StepResult((carrier + q_loss).detach(), z.detach())
 
     def rng_state_dict(self) -> dict[str, Any]:
         # The noise stream advances with every step: without it a resumed run draws the

@@ -14,7 +14,7 @@ from torch import nn
 
 from distnoisy.errors import ConfigError
 from distnoisy.methods.base import Method, StepOutput
-from distnoisy.store import SampleStore
+from distnoisy.store import Store
 
 
 @contextmanager
@@ -64,7 +64,7 @@ class LossMethod(Method):
         assert self.criterion is not None
         return self.criterion
 
-    def attach(self, store: SampleStore) -> None:
+    def attach(self, store: Store) -> None:
         # Called by the worker before training: the last moment to fail with a clear message
         # (the driver's dry build constructs methods without their resources).
         self.require_criterion()

@@ -54,8 +54,9 @@ the transform rejects. Such a sample is skipped, counted and recorded in
 reserve (rotated by the batch number, so the choice does not depend on other batches), and if the
 reserve is used up, by repeating a good sample of the same batch. Samples lost at the tar level
 (an unreadable or truncated shard, recorded under the shard's file name; a shard yielding fewer
-samples than its manifest count is reported even when tarfile raises nothing) are the same on
-every rank in ``"sample"`` mode and simply shorten the pass: the next pass fills the epoch.
+samples than its manifest count is reported even when tarfile raises nothing, and counts as
+that many bad samples) are the same on every rank in ``"sample"`` mode and simply shorten the
+pass: the next pass fills the epoch, so the lost samples are never trained on.
 Replacements make the W-invariance above approximate, for the batches concerned only.
 
 Worker processes
@@ -76,7 +77,8 @@ module-level object, so it pickles; a script that starts streams with workers ne
 Modules
 -------
 :mod:`~distnoisy.data.stream.seeds` (``mix_seed``), :mod:`~distnoisy.data.stream.transforms`,
-:mod:`~distnoisy.data.stream.decode`, :mod:`~distnoisy.data.stream.tar_index` (local shards),
+:mod:`~distnoisy.data.stream.decode`, :mod:`~distnoisy.data.stream.records` (what a bad-sample
+record counts for), :mod:`~distnoisy.data.stream.tar_index` (local shards),
 :mod:`~distnoisy.data.stream.readers` (local or URL shards), :mod:`~distnoisy.data.stream.sampling`
 (interleaving, shuffling, shard assignment, balanced subsets),
 :mod:`~distnoisy.data.stream.batching`, :mod:`~distnoisy.data.stream.train` (``TrainStream``) and
@@ -86,6 +88,7 @@ Modules
 from distnoisy.data.stream.decode import decode_image_bytes
 from distnoisy.data.stream.eval import EvalStream
 from distnoisy.data.stream.readers import _read_raw, _read_webdataset
+from distnoisy.data.stream.records import count_bad, samples_lost
 from distnoisy.data.stream.sampling import (
     BalancedSubset,
     _buffer_shuffle,
@@ -118,7 +121,9 @@ __all__ = [
     "_read_webdataset",
     "_shard_index",
     "assign_shards",
+    "count_bad",
     "decode_image_bytes",
     "make_transform",
     "mix_seed",
+    "samples_lost",
 ]

@@ -22,19 +22,19 @@ log = logging.getLogger(__name__)
 _MAX_WARNINGS = 20
 
 
-def _new_batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float batch; inside a loader worker, in shared memory.
+def _new_batch_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised batch; inside a loader worker, in shared memory.
 
     As ``default_collate`` does: filling shared memory directly means sending the batch to the
     main process copies nothing.
     """
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32)
+        return torch.empty(shape, dtype=dtype)
     numel = 1
     for n in shape:
         numel *= n
-    storage = torch.empty(0)._typed_storage()._new_shared(numel)
-    return torch.empty(0).new(storage).view(shape)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 class _BatchBuilder:
@@ -50,16 +50,25 @@ class _BatchBuilder:
         self.capacity = capacity
         self.transform = transform
         self.direct = isinstance(transform, ImageTransform) and transform.kind != "raw"
+        # data.augment_on=device: uint8 images plus each one's (top, left, flip).
+        self.deferred = self.direct and bool(getattr(transform, "defer", False))
+        # data.decode=gpu: undecoded JPEG bytes, concatenated, with their offsets.
+        self.encoded = self.deferred and bool(getattr(transform, "encoded", False))
         self.shape: torch.Size | None = None  # of one sample, set by the first
         self.out: torch.Tensor | None = None
         self.images: list[torch.Tensor] = []
         self.indices: list[int] = []
+        self.draws: list[tuple[int, int, int]] = []
+        self._draw: tuple[int, int, int] = (0, 0, 0)  # of the sample prepared last
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def prepare(self, img: torch.Tensor, index: int, epoch: int) -> torch.Tensor:
         """The sample as it will be batched: the uint8 crop (direct) or the transform's output."""
+        if self.deferred:
+            img, self._draw = self.transform.deferred(img, index, epoch)  # type: ignore[attr-defined]
+            return img
         if self.direct:
             return self.transform.geometry(img, index, epoch)  # type: ignore[attr-defined]
         return self.transform(img, index, epoch)
@@ -67,7 +76,15 @@ class _BatchBuilder:
     def add(self, sample: torch.Tensor, index: int) -> None:
         if self.shape is None:
             self.shape = sample.shape
-        if self.direct:
+        if self.encoded:
+            self.images.append(sample)
+            self.draws.append(self._draw)
+        elif self.deferred:
+            if self.out is None:
+                self.out = _new_batch_tensor((self.capacity, *sample.shape), torch.uint8)
+            self.out[len(self.indices)].copy_(sample)
+            self.draws.append(self._draw)
+        elif self.direct:
             if self.out is None:
                 self.out = _new_batch_tensor((self.capacity, *sample.shape))
             self.transform.normalize_into(sample, self.out[len(self.indices)])  # type: ignore[attr-defined]
@@ -77,21 +94,38 @@ class _BatchBuilder:
 
     def repeat(self, j: int) -> None:
         """Append a copy of sample ``j`` of this batch."""
-        if self.direct:
+        if self.encoded:
+            self.images.append(self.images[j])
+            self.draws.append(self.draws[j])
+        elif self.direct:
             assert self.out is not None
             self.out[len(self.indices)].copy_(self.out[j])
+            if self.deferred:
+                self.draws.append(self.draws[j])
         else:
             self.images.append(self.images[j])
         self.indices.append(self.indices[j])
 
     def build(self) -> dict[str, torch.Tensor]:
         n = len(self.indices)
+        if self.encoded:
+            # One tensor, not a list: a batch crosses from a loader process in one piece.
+            sizes = torch.tensor([0] + [len(b) for b in self.images], dtype=torch.long)
+            return {
+                "jpeg": torch.cat(self.images),
+                "jpeg_offsets": torch.cumsum(sizes, 0),
+                "index": torch.tensor(self.indices, dtype=torch.long),
+                "augment": torch.tensor(self.draws, dtype=torch.long).reshape(n, 3),
+            }
         if self.direct:
             assert self.out is not None
             image = self.out if n == self.capacity else self.out[:n]
         else:
             image = torch.utils.data.default_collate(self.images)
-        return {"image": image, "index": torch.tensor(self.indices, dtype=torch.long)}
+        batch = {"image": image, "index": torch.tensor(self.indices, dtype=torch.long)}
+        if self.deferred:
+            batch["augment"] = torch.tensor(self.draws, dtype=torch.long).reshape(n, 3)
+        return batch
 
 
 class _Decoder:
@@ -101,6 +135,7 @@ class _Decoder:
         self.transform = transform
         self.channels = channels
         self.raw_mode = getattr(transform, "kind", None) == "raw"
+        self.encoded = bool(getattr(transform, "encoded", False))
 
     def add(self, raw: Raw, epoch: int, batch: _BatchBuilder, sink: list[tuple[str, str]]) -> bool:
         """Decode ``raw`` into ``batch``; False (recorded in ``sink``) if it is unusable."""
@@ -111,6 +146,13 @@ class _Decoder:
             except OSError as exc:
                 sink.append((key, f"unreadable image member in {shard}: {_short(exc)}"))
                 return False
+        if self.encoded:  # decoded on the device: only a JPEG's signature is checked here
+            if bytes(data[:3]) != b"\xff\xd8\xff":
+                sink.append((key, f"not a JPEG in {shard} (data.decode=gpu reads JPEG only)"))
+                return False
+            img = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            batch.add(batch.prepare(img, index, epoch), index)
+            return True
         try:
             img = decode_image_bytes(data, self.channels)
         except ValueError as exc:

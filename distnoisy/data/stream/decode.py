@@ -70,3 +70,32 @@ def _unreadable_tar(exn: BaseException) -> str:
         first = str(exn.args[0]) if exn.args else ""
         first = first.split(" @ <", 1)[0]  # tarfile appends " @ <file object>"
     return f"unreadable tar data: {type(exn).__name__}: {first}"[:200]
+
+
+def jpeg_decode_device(device: torch.device) -> tuple[torch.device, str | None]:
+    """Where ``data.decode=gpu`` decodes: ``device`` when torchvision's nvJPEG decoder works
+    there, else the CPU with the reason (for a logged notice).
+
+    A one-image probe, so a torchvision built without nvJPEG is found before training starts.
+    """
+    if device.type != "cuda":
+        return torch.device("cpu"), f"the training device is {device.type}, not a CUDA GPU"
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    try:
+        probe = encode_jpeg(torch.zeros((3, 8, 8), dtype=torch.uint8))
+        decode_jpeg([probe], device=device)
+    except Exception as exc:  # no nvJPEG in this torchvision build, or a driver problem
+        return torch.device("cpu"), f"torchvision cannot decode JPEGs on {device}: {_short(exc)}"
+    return device, None
+
+
+def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Decode a batch of JPEGs (uint8 byte tensors) to RGB ``3 x H x W`` uint8 on ``device``.
+
+    On a CUDA device torchvision decodes the whole list in one nvJPEG call; on the CPU with
+    libjpeg, one image after another.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)

@@ -11,6 +11,7 @@ import numpy as np
 
 from distnoisy.data import fs
 from distnoisy.data.stream.decode import _unreadable_tar
+from distnoisy.data.stream.records import truncated_reason
 from distnoisy.data.stream.tar_index import Raw, _read_indexed
 
 
@@ -116,7 +117,7 @@ def _read_webdataset(
                 sink.append(
                     (
                         fs.basename(url),
-                        f"shard yielded {seen[i]} of {expected} samples (truncated or unreadable)",
+                        truncated_reason(seen[i], expected),
                     )
                 )
         checked = max(checked, stop)

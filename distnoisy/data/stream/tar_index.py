@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from distnoisy.data.stream.decode import _unreadable_tar
+from distnoisy.data.stream.records import truncated_reason
 
 # (global index, image bytes or a reference to them, __key__, shard file name)
 Raw = tuple[int, "bytes | _LocalMember", str, str]
@@ -68,6 +69,17 @@ class _ShardIndex:
 _INDEX_CACHE: dict[tuple[str, int, int], _ShardIndex] = {}
 
 
+# webdataset's member grouping (``tariterators.base_plus_ext``), here so that reading local
+# shards needs no webdataset (the GPU benchmark runs on machines without it).
+_BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def base_plus_ext(path: str) -> tuple[str | None, str | None]:
+    """``(key, extensions)`` of a member name, split at the first dot of its base name."""
+    match = _BASE_PLUS_EXT.match(path)
+    return (match.group(1), match.group(2)) if match else (None, None)
+
+
 def _index_shard(path: str, image_ext: str) -> _ShardIndex:
     """Index the ``image_ext`` members of a local shard; errors are recorded, not raised.
 
@@ -76,8 +88,6 @@ def _index_shard(path: str, image_ext: str) -> _ShardIndex:
     shard silently (as in tarfile's stream mode: the manifest count reports it); a member whose
     data runs past the end of the file is an error.
     """
-    from webdataset.tariterators import base_plus_ext
-
     name = Path(path).name
     indices: list[int] = []
     offsets: list[int] = []
@@ -163,6 +173,4 @@ def _read_indexed(
             yield int(ids[pos]), _LocalMember(path, offset, size), index.key(pos), shard
         seen = len(ids) + index.num_misnamed  # samples, as webdataset's reader counts them
         if seen < expected:
-            sink.append(
-                (shard, f"shard yielded {seen} of {expected} samples (truncated or unreadable)")
-            )
+            sink.append((shard, truncated_reason(seen, expected)))

@@ -458,7 +458,7 @@ class TrainStream:
             self._source.shared_epoch.value = epoch
             for item in loader:
                 self._bad.add(item.pop("_bad", ()))
-                if "image" not in item:
+                if "index" not in item:
                     continue  # a worker's trailing record-only item
                 count += 1
                 yield item

@@ -10,6 +10,8 @@ from distnoisy.data.stream.seeds import _TAG_AUGMENT, mix_seed
 from distnoisy.errors import ConfigError
 
 TRANSFORM_KINDS = ("digits", "cifar_train", "cifar_eval", "imagenet_train", "imagenet_eval", "raw")
+#: Kinds whose crop, flip and normalisation can run on the training device (``defer``).
+DEFERRABLE_KINDS = ("digits", "cifar_train", "cifar_eval", "imagenet_train")
 Transform = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
@@ -37,6 +39,16 @@ class ImageTransform:
     size
         ``imagenet_*`` crop size (224, the protocol); the resize is ``round(size * 256 / 224)``
         (256). Smaller sizes give cheap runs (tests, quick experiments).
+    defer
+        Leave the crop, flip and normalisation to the training device
+        (:class:`distnoisy.device_aug.DeviceAugment`, ``data.augment_on=device``): the loader
+        batches uint8 images of one size with each sample's crop offsets and flip, drawn here
+        from the same generator as the host path. ``imagenet_train`` images whose resized
+        size is not square are first cut to their central square (batches need one size).
+    encoded
+        With ``defer`` and ``imagenet_train`` only (``data.decode=gpu``): the loader does not
+        decode at all; it batches the JPEG bytes, and the device decodes, resizes to
+        ``resize`` (central square) and augments. The draws assume that square.
     """
 
     def __init__(
@@ -46,12 +58,22 @@ class ImageTransform:
         std: Sequence[float] | None,
         seed: int = 0,
         size: int = 224,
+        defer: bool = False,
+        encoded: bool = False,
     ) -> None:
         if kind not in TRANSFORM_KINDS:
             raise ConfigError(f"unknown transform {kind!r}; choose one of {TRANSFORM_KINDS}")
         if size < 1:
             raise ConfigError(f"the crop size must be at least 1, got {size}")
+        if defer and kind not in DEFERRABLE_KINDS:
+            raise ConfigError(
+                f"transform {kind!r} cannot run on the device; deferrable: {DEFERRABLE_KINDS}"
+            )
+        if encoded and not (defer and kind == "imagenet_train"):
+            raise ConfigError("decoding on the device needs a deferred imagenet_train transform")
         self.kind = kind
+        self.defer = bool(defer)
+        self.encoded = bool(encoded)
         self.seed = int(seed)
         self.size = int(size)
         self.resize = round(self.size * 256 / 224)
@@ -78,7 +100,7 @@ class ImageTransform:
     def __repr__(self) -> str:
         return (
             f"ImageTransform({self.kind!r}, mean={self.mean}, std={self.std}, seed={self.seed}, "
-            f"size={self.size})"
+            f"size={self.size}, defer={self.defer})"
         )
 
     def _generator(self, index: int, epoch: int) -> torch.Generator:
@@ -110,6 +132,37 @@ class ImageTransform:
             img = F.center_crop(img, [self.size, self.size])
         return img
 
+    def draw(self, index: int, epoch: int, height: int, width: int) -> tuple[int, int, int]:
+        """``(top, left, flip)`` of the random crop of an ``height x width`` image (after any
+        padding), drawn exactly as :meth:`geometry` draws them."""
+        h, w = (height - 8, width - 8) if self.kind == "cifar_train" else (self.size, self.size)
+        gen = self._generator(index, epoch)
+        top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+        left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+        return top, left, int(float(torch.rand(1, generator=gen)) < 0.5)
+
+    def deferred(self, img: torch.Tensor, index: int, epoch: int) -> tuple[torch.Tensor, tuple]:
+        if self.encoded:  # JPEG bytes: the device makes the resize x resize square
+            return img, self.draw(index, epoch, self.resize, self.resize)
+        return self._deferred(img, index, epoch)
+
+    def _deferred(self, img: torch.Tensor, index: int, epoch: int) -> tuple[torch.Tensor, tuple]:
+        """The loader's part with ``defer``: the uint8 image to batch and its ``(top, left,
+        flip)`` for :class:`distnoisy.device_aug.DeviceAugment` (zeros without augmentation)."""
+        import torchvision.transforms.v2.functional as F
+
+        if self.kind == "imagenet_train":
+            if min(img.shape[-2:]) != self.resize:
+                img = F.resize(img, [self.resize], antialias=True)
+            if img.shape[-2] != img.shape[-1]:
+                side = min(img.shape[-2:])
+                img = F.center_crop(img, [side, side])
+            return img, self.draw(index, epoch, int(img.shape[-2]), int(img.shape[-1]))
+        if self.kind == "cifar_train":
+            h, w = int(img.shape[-2]), int(img.shape[-1])
+            return img, self.draw(index, epoch, h + 8, w + 8)
+        return img, (0, 0, 0)
+
     def normalize_into(self, img: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Write ``(img / 255 - mean) / std`` into the float tensor ``out`` (same shape).
 
@@ -136,10 +189,12 @@ def make_transform(
     *,
     seed: int = 0,
     size: int = 224,
+    defer: bool = False,
+    encoded: bool = False,
 ) -> ImageTransform:
     """Build the picklable per-sample transform ``f(img_uint8, index, epoch) -> Tensor``.
 
     See :class:`ImageTransform` for the kinds. Pass the run's ``seed`` so that augmentations
     change with it.
     """
-    return ImageTransform(kind, mean, std, seed=seed, size=size)
+    return ImageTransform(kind, mean, std, seed=seed, size=size, defer=defer, encoded=encoded)

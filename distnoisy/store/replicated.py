@@ -1,12 +1,13 @@
-"""The per-sample statistics store: rows keyed by global sample index, shared by all workers.
+"""The replicated store backend: every rank holds every row (the choice for small N).
 
-Design (v1, measured choice for N <= a few million): every rank holds a full replica of each
-field; writes are *staged* locally during a step and made global by :meth:`SampleStore.flush`,
-a collective that gathers ``(index, values)`` from every rank and applies them everywhere in
-rank order. Replicas therefore stay bit-identical without a server, reads are local (no latency
-on the hot path), and a sample's state is the same whichever worker visits it. The cost per step
-is three ``all_gather`` calls of B x (1 + columns) numbers, negligible next to the gradient
-all-reduce. Memory: Clothing1M (N=1M, C=14, fp32) is 56 MB per replica.
+Design (measured choice for N <= a few million, see docs/benchmarks.md): every rank holds a
+full replica of each field; writes are *staged* locally during a step and made global by
+:meth:`SampleStore.flush`, a collective that gathers ``(index, values)`` from every rank and
+applies them everywhere in rank order. Replicas therefore stay bit-identical without a server,
+reads are local (no latency on the hot path), and a sample's state is the same whichever worker
+visits it. The cost per step is three ``all_gather`` calls of B x (1 + columns) numbers,
+negligible next to the gradient all-reduce. Memory: Clothing1M (N=1M, C=14, fp32) is 56 MB per
+replica.
 
 Rules that keep replicas identical:
 - every rank calls :meth:`flush` the same number of times (the trainer does it once per step,
@@ -19,14 +20,13 @@ Rules that keep replicas identical:
   latest position), so the merge is deterministic.
 
 The store is saved in checkpoints (:meth:`state_dict`) and exported to Parquet for the later
-phases (post-training, analysis, label-issue reports).
+phases (post-training, analysis, label-issue reports). :mod:`distnoisy.store.partitioned` is the
+backend for large N (each rank owns a row range); both offer the same interface.
 """
 
 from __future__ import annotations
 
 import os
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,44 +34,16 @@ import torch
 
 from distnoisy import dist
 from distnoisy.errors import DistnoisyError
-
-
-@dataclass(frozen=True)
-class FieldSpec:
-    """A per-sample field: ``shape`` is the per-row shape (``()`` for a scalar)."""
-
-    shape: tuple[int, ...] = ()
-    dtype: torch.dtype = torch.float32
-    fill: float = 0.0
-
-
-@dataclass
-class _Staged:
-    name: str
-    index: torch.Tensor
-    values: torch.Tensor
-    column: int | None
-
-
-def _last_occurrence(index: torch.Tensor) -> torch.Tensor:
-    """Positions that keep, for each distinct index, its last occurrence."""
-    idx = index.cpu().numpy()
-    if len(np.unique(idx)) == len(idx):
-        return torch.arange(len(idx))
-    _, first_in_reversed = np.unique(idx[::-1], return_index=True)
-    return torch.from_numpy(np.sort(len(idx) - 1 - first_in_reversed))
-
-
-def _entry_name(s: _Staged) -> str:
-    return s.name if s.column is None else f"{s.name}[:, {s.column}]"
-
-
-def _signature(staged: list[_Staged]) -> tuple[int, int]:
-    """``(count, crc32 of the entries' field and column sequence)`` of one rank's staged writes:
-    equal on all ranks exactly when they staged the same entries in the same order (up to a
-    hash collision)."""
-    text = "\x00".join(_entry_name(s) for s in staged)
-    return len(staged), zlib.crc32(text.encode())
+from distnoisy.store.base import (
+    FieldSpec,
+    Staged,
+    bytes_per_sample,
+    entry_name,
+    last_occurrence,
+    same_spec,
+    signature,
+    storage_spec,
+)
 
 
 class SampleStore:
@@ -84,24 +56,67 @@ class SampleStore:
     comm_device
         Device that collective buffers are moved to (``cuda`` under NCCL, ``cpu`` under gloo).
         The fields themselves stay on the CPU.
+    float_dtype
+        Storage dtype of the ``lowp`` float fields (``store.dtype``).
     """
 
-    def __init__(self, num_samples: int, comm_device: torch.device | str = "cpu") -> None:
+    backend = "replicated"
+
+    def __init__(
+        self,
+        num_samples: int,
+        comm_device: torch.device | str = "cpu",
+        float_dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.num_samples = int(num_samples)
         self.comm_device = torch.device(comm_device)
+        self.float_dtype = float_dtype
         self.fields: dict[str, torch.Tensor] = {}
         self.specs: dict[str, FieldSpec] = {}
-        self._staged: list[_Staged] = []
+        self._staged: list[Staged] = []
 
     # -- schema -------------------------------------------------------------------------------
     def declare(self, name: str, spec: FieldSpec) -> None:
         """Create a field (idempotent for an identical spec)."""
         if name in self.specs:
-            if self.specs[name] != spec:
+            if not same_spec(self.specs[name], spec):
                 raise ValueError(f"store field {name!r} already declared as {self.specs[name]}")
             return
         self.specs[name] = spec
-        self.fields[name] = torch.full((self.num_samples, *spec.shape), spec.fill, dtype=spec.dtype)
+        kept = storage_spec(spec, self.float_dtype)
+        self.fields[name] = torch.full((self.num_samples, *kept.shape), kept.fill, dtype=kept.dtype)
+
+    def bytes_per_sample(self) -> dict[str, int]:
+        """Bytes per sample of each field as stored (one replica)."""
+        return bytes_per_sample(self.specs, self.float_dtype)
+
+    def owned_range(self) -> tuple[int, int]:
+        """The rows this rank answers for in reductions and exports (every row is here; the
+        ranks split them evenly so that per-rank sums add up to each row once)."""
+        n, w, r = self.num_samples, dist.world_size(), dist.rank()
+        per = -(-n // w) if n else 0
+        return min(r * per, n), min((r + 1) * per, n)
+
+    def local(self, name: str) -> torch.Tensor:
+        """Rows :meth:`owned_range` of a field (a view)."""
+        lo, hi = self.owned_range()
+        return self.fields[name][lo:hi]
+
+    def prefetch(self, index: torch.Tensor) -> None:
+        """Nothing to fetch: every row is local (the partitioned backend reads ahead here)."""
+
+    def mean(self, name: str) -> float:
+        """Mean of a field over all rows and entries (local: every row is here)."""
+        return float(self.fields[name].double().mean())
+
+    def sync(self) -> None:
+        """Nothing to wait for: :meth:`flush` applies the writes before it returns."""
+
+    def materialize(self) -> None:
+        """Nothing to gather: every field is whole on every rank."""
+
+    def close(self) -> None:
+        """Nothing to stop (the partitioned backend stops its communication thread)."""
 
     def __contains__(self, name: str) -> bool:
         return name in self.fields
@@ -112,8 +127,8 @@ class SampleStore:
 
     # -- reads and writes -----------------------------------------------------------------------
     def get(self, name: str, index: torch.Tensor) -> torch.Tensor:
-        """Rows ``index`` of a field (a copy, on the CPU)."""
-        return self.fields[name][index.cpu()]
+        """Rows ``index`` of a field (a copy, on the CPU, in the declared dtype)."""
+        return self.fields[name][index.cpu()].to(self.specs[name].dtype)
 
     def stage(
         self, name: str, index: torch.Tensor, values: torch.Tensor, column: int | None = None
@@ -123,7 +138,7 @@ class SampleStore:
         if name not in self.fields:
             raise KeyError(f"store field {name!r} was not declared; declared: {list(self.fields)}")
         self._staged.append(
-            _Staged(name, index.detach().cpu().long(), values.detach().cpu(), column)
+            Staged(name, index.detach().cpu().long(), values.detach().cpu(), column)
         )
 
     def set(
@@ -152,7 +167,7 @@ class SampleStore:
         # and a hash of the entries' (field, column) sequence, negated as well, so that max and
         # min over ranks come back together and must be equal.
         width = max((r.shape[1] for r in rows), default=2)
-        sig = _signature(staged)
+        sig = signature(staged)
         agreed = dist.all_reduce_max(
             torch.tensor([width, *sig, *(-v for v in sig)], device=self.comm_device)
         ).tolist()
@@ -172,7 +187,7 @@ class SampleStore:
             index = block[:, 1].long()
             per_row = int(np.prod(s.values.shape[1:], dtype=np.int64))
             values = block[:, 2 : 2 + per_row]
-            keep = _last_occurrence(index)
+            keep = last_occurrence(index)
             index, values = index[keep], values[keep]
             target = self.fields[s.name]
             if s.column is None:
@@ -181,10 +196,10 @@ class SampleStore:
                 target[index, s.column] = values.reshape(len(index)).to(target.dtype)
 
     @staticmethod
-    def _raise_mismatch(staged: list[_Staged]) -> None:
+    def _raise_mismatch(staged: list[Staged]) -> None:
         """Fail on every rank, naming each rank's staged entries (only after a mismatch was
         seen by all ranks, so the extra collective here cannot hang)."""
-        names = [_entry_name(s) for s in staged]
+        names = [entry_name(s) for s in staged]
         per_rank = dist.all_gather_object(names)
         described = "; ".join(
             f"rank {r}: {len(e)} entries [{', '.join(e)}]" for r, e in enumerate(per_rank)
@@ -204,6 +219,7 @@ class SampleStore:
 
     # -- persistence ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every field, whole (call on every rank: the partitioned backend's is a collective)."""
         return {name: t.clone() for name, t in self.fields.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -215,7 +231,7 @@ class SampleStore:
                     f"checkpoint field {name!r} has shape {tuple(t.shape)}, "
                     f"expected {tuple(self.fields[name].shape)}"
                 )
-            self.fields[name].copy_(t)
+            self.fields[name].copy_(t.to(self.fields[name].dtype))
 
     def export_parquet(self, path: Path, extra: dict[str, np.ndarray] | None = None) -> None:
         """Write one row per sample (``index`` plus every field; vector fields as lists),
@@ -223,18 +239,12 @@ class SampleStore:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        from distnoisy.store.export import field_columns
+
         columns: dict[str, pa.Array] = {"index": pa.array(np.arange(self.num_samples))}
         for name, values in (extra or {}).items():
             columns[name] = pa.array(values)
-        for name, t in self.fields.items():
-            arr = t.float().numpy() if t.dtype in (torch.float16, torch.bfloat16) else t.numpy()
-            if arr.ndim == 1:
-                columns[name] = pa.array(arr)
-            else:
-                flat = arr.reshape(len(arr), -1)
-                columns[name] = pa.FixedSizeListArray.from_arrays(
-                    pa.array(flat.reshape(-1)), flat.shape[1]
-                )
+        columns.update(field_columns(self.fields))
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         pq.write_table(pa.table(columns), tmp)

@@ -1,0 +1,174 @@
+"""The frequency (rarity) score: exact k-nearest-neighbour density in a feature space.
+
+A sample is *frequent* when many training samples look like it. The score of a query ``x`` is
+its mean similarity to its ``k`` nearest training samples (docs/analysis.md#frequency):
+
+- ``cosine``: ``mean_j cos(x, t_j)`` over the ``k`` most similar training rows ``t_j``;
+- ``l2``: ``-mean_j ||x/|x| - t_j/|t_j| ||`` over the ``k`` closest (features normalised to
+  unit length first, so the two metrics rank neighbours identically; only the averaged value
+  differs).
+
+Higher = denser neighbourhood = more frequent. A training sample is never its own neighbour
+(its own row is excluded; exact duplicates at other rows still count, as they should).
+
+The search is exact and chunked: a block of query rows against all training rows at a time, so
+memory is ``block_rows x N_train`` floats whatever the set size. Blocks are independent, so
+large sets are split over Ray tasks (:func:`knn_density` with ``num_workers > 1``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from distnoisy.errors import ConfigError
+
+#: ``analysis.metric`` choices.
+METRICS = ("cosine", "l2")
+#: Query rows per chunk: 1024 x N_train float32 similarities (40 MB at N_train = 10,000).
+BLOCK_ROWS = 1024
+#: Below this many query rows the score is computed in the calling process.
+PARALLEL_MIN_ROWS = 20000
+
+
+def normalise(features: np.ndarray) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (all-zero rows stay zero), as float32."""
+    x = torch.from_numpy(np.array(features, dtype=np.float32))  # a copy: inputs may be read-only
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def block_scores(
+    queries: torch.Tensor,
+    reference: torch.Tensor,
+    k: int,
+    metric: str,
+    self_offset: int | None,
+) -> np.ndarray:
+    """Scores of a block of normalised ``queries`` against normalised ``reference``.
+
+    ``self_offset``: the reference row of the block's first query when the queries are the
+    reference rows themselves (their own rows are excluded), else None.
+    """
+    sim = queries @ reference.T
+    if self_offset is not None:
+        rows = torch.arange(len(queries))
+        sim[rows, rows + self_offset] = -math.inf
+    top = sim.topk(k, dim=1).values
+    if metric == "cosine":
+        return top.mean(1).numpy().astype(np.float64)
+    # ||a - b|| = sqrt(2 - 2 cos) for unit vectors; clamp rounding below zero.
+    dist = torch.sqrt(torch.clamp(2.0 - 2.0 * top.double(), min=0.0))
+    return (-dist.mean(1)).numpy()
+
+
+def check_k(n_ref: int, k: int, metric: str, is_self: bool) -> None:
+    """Raise :class:`ConfigError` unless ``k`` neighbours exist among ``n_ref`` rows."""
+    if metric not in METRICS:
+        raise ConfigError(
+            f"invalid analysis.metric={metric!r}; valid choices: {', '.join(METRICS)}"
+        )
+    available = n_ref - 1 if is_self else n_ref
+    if not 1 <= k <= available:
+        raise ConfigError(
+            f"analysis.k={k} neighbours, but the training set has {available} other samples; "
+            f"set analysis.k between 1 and {available}"
+        )
+
+
+def _ray_blocks(
+    q: torch.Tensor,
+    ref: torch.Tensor,
+    k: int,
+    metric: str,
+    is_self: bool,
+    num_workers: int,
+    block_rows: int,
+) -> np.ndarray:
+    """The query rows split over ``num_workers`` Ray tasks, each scoring its share in chunks of
+    ``block_rows``; the reference goes to the object store once (numpy: read zero-copy)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def task(block: np.ndarray, reference: np.ndarray, offset: int | None) -> np.ndarray:
+        torch.set_num_threads(1)
+        return _score_blocks(
+            torch.from_numpy(block),
+            torch.from_numpy(reference.copy()),
+            k,
+            metric,
+            offset,
+            block_rows,
+        )
+
+    ref_ref = ray.put(ref.numpy())
+    step = max(block_rows, math.ceil(len(q) / num_workers))
+    futures = [
+        task.remote(q[s : s + step].numpy(), ref_ref, s if is_self else None)
+        for s in range(0, len(q), step)
+    ]
+    return np.concatenate(ray.get(futures))
+
+
+def _score_blocks(
+    q: torch.Tensor,
+    ref: torch.Tensor,
+    k: int,
+    metric: str,
+    offset: int | None,
+    block_rows: int,
+) -> np.ndarray:
+    """:func:`block_scores` over ``q`` in chunks of ``block_rows`` rows; ``offset`` is the
+    reference row of ``q``'s first row when the queries are reference rows, else None."""
+    out = [
+        block_scores(q[s : s + block_rows], ref, k, metric, None if offset is None else offset + s)
+        for s in range(0, len(q), block_rows)
+    ]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def knn_density(
+    queries: np.ndarray,
+    reference: np.ndarray | None = None,
+    *,
+    k: int = 10,
+    metric: str = "cosine",
+    num_workers: int = 1,
+    block_rows: int = BLOCK_ROWS,
+    parallel_min_rows: int = PARALLEL_MIN_ROWS,
+) -> np.ndarray:
+    """The frequency score of every query row against the reference (training) rows.
+
+    Parameters
+    ----------
+    queries
+        ``(n, d)`` features of the samples to score.
+    reference
+        ``(N, d)`` features of the training samples; None = ``queries`` are the training
+        samples themselves (each one's own row is excluded).
+    k
+        Neighbours averaged over.
+    metric
+        ``"cosine"`` or ``"l2"`` (module docstring).
+    num_workers
+        Ray tasks to split the query rows over when there are at least
+        :data:`PARALLEL_MIN_ROWS` of them (Ray is started, or joined, as training does);
+        1 = in this process.
+    block_rows
+        Query rows per chunk in this process.
+    parallel_min_rows
+        Fewer query rows than this are scored in this process whatever ``num_workers``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n,)`` float64 scores, higher = more frequent.
+    """
+    is_self = reference is None
+    q = normalise(queries)
+    ref = q if is_self else normalise(reference)
+    check_k(len(ref), k, metric, is_self)
+    if num_workers > 1 and len(q) >= parallel_min_rows:
+        return _ray_blocks(q, ref, k, metric, is_self, num_workers, block_rows)
+    return _score_blocks(q, ref, k, metric, 0 if is_self else None, block_rows)

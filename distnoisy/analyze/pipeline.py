@@ -1,0 +1,212 @@
+"""The analysis of a set of finished runs: checks, frequency buckets, per-bucket statistics.
+
+Order matters for the user: every input check (runs exist and finished, one dataset, a history
+in every store, a clean reference, a bucket count that fits) runs before any feature is
+computed and before the output directory exists (docs/analysis.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from distnoisy.analyze.buckets import (
+    RunSamples,
+    add_excess_error,
+    assign_buckets,
+    bucket_edges,
+    bucket_stats,
+)
+from distnoisy.analyze.config import AnalyzeConfig
+from distnoisy.analyze.embed import Embedding, run_embeddings
+from distnoisy.analyze.knn import check_k, knn_density
+from distnoisy.analyze.memorization import first_memorized_epoch, stays_memorized
+from distnoisy.errors import ConfigError
+from distnoisy.runs import FinishedRun, open_run
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ("given_label", "clean_label", "final_pred", "pred_hist", "loss_hist", "key")
+
+
+@dataclass
+class Analysis:
+    """The result: per-run labels, per-bucket rows and the bucket edges."""
+
+    labels: list[str]
+    rows: dict[str, list[dict[str, Any]]]
+    edges: np.ndarray
+    dataset: str
+    frequency: str
+    run_ids: dict[str, str | None]
+    reference: str | None
+
+
+def _dataset_identity(run: FinishedRun) -> tuple:
+    """What must agree between compared runs: the data, not the noise or the method."""
+    d = run.config.data
+    extra = tuple(sorted(vars(d.longtail).items())) if d.name == "longtail" else ()
+    return (d.name, d.urls, d.test_fraction, d.val_fraction, d.train_size, extra)
+
+
+def check_same_dataset(runs: list[FinishedRun]) -> None:
+    first = runs[0]
+    for run in runs[1:]:
+        if _dataset_identity(run) != _dataset_identity(first):
+            raise ConfigError(
+                f"runs of different datasets in one comparison: {first.run_dir} trained on "
+                f"{first.config.data.name} ({first.summary.get('num_train')} samples), "
+                f"{run.run_dir} on {run.config.data.name} ({run.summary.get('num_train')}); "
+                "analyse runs of one dataset together"
+            )
+
+
+def load_history(run: FinishedRun) -> dict[str, np.ndarray]:
+    """The store columns the analysis reads, checked: a history and known clean labels."""
+    cols = run.read_table(columns=HISTORY_COLUMNS)
+    visited = cols["pred_hist"] >= 0
+    if cols["loss_hist"].size == 0 or not visited.any() or np.isnan(cols["loss_hist"]).all():
+        raise ConfigError(
+            f"run {run.run_dir}: its store holds no loss/prediction history (no epoch visited "
+            "any sample); analyse a run that trained at least one epoch"
+        )
+    if (cols["clean_label"] < 0).any():
+        raise ConfigError(
+            f"run {run.run_dir}: clean labels are not known for every training sample, so "
+            "corrupted samples cannot be told apart; analyse runs with synthetic noise"
+        )
+    return cols
+
+
+def check_reference(ref: FinishedRun) -> None:
+    rate = ref.summary.get("noise_rate_realised")
+    if ref.config.noise.kind != "none" and rate not in (None, 0, 0.0):
+        raise ConfigError(
+            f"reference={ref.run_dir} trained on noisy labels (noise.kind="
+            f"{ref.config.noise.kind}, realised rate {rate:.1%}); the reference must be the same "
+            "job on clean labels: train it with noise.kind=none"
+        )
+
+
+def _label(run: FinishedRun, taken: set[str]) -> str:
+    """A short unique name for a run in tables: its method, then its directory name."""
+    name = run.config.method.name
+    return name if name not in taken else f"{name} ({run.run_dir.name})"
+
+
+def _frequency_scores(
+    cfg: AnalyzeConfig, emb: dict[str, Embedding], runs_keys: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) frequency scores from one run's embeddings (or the longtail truth)."""
+    a = cfg.analysis
+    if a.frequency == "subpopulation":
+        from distnoisy.data.longtail import parse_keys
+
+        train_ids = parse_keys(runs_keys)
+        sizes = np.bincount(train_ids)
+        test_ids = parse_keys(emb["test"].keys)
+        return sizes[train_ids].astype(float), sizes[test_ids].astype(float)
+    tr, te = emb["train"].features, emb["test"].features
+    k = dict(k=a.k, metric=a.metric, num_workers=a.num_workers)
+    return knn_density(tr, None, **k), knn_density(te, tr, **k)
+
+
+def _run_samples(
+    hist: dict[str, np.ndarray], emb: Embedding, train_b: np.ndarray, test_b: np.ndarray
+) -> RunSamples:
+    given, clean = hist["given_label"], hist["clean_label"]
+    first = first_memorized_epoch(hist["pred_hist"], given, clean)
+    logits = emb.logits - emb.logits.max(axis=1, keepdims=True)
+    prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return RunSamples(
+        train_bucket=train_b,
+        corrupted=given != clean,
+        memorized_final=hist["final_pred"] == given,
+        first_epoch=first,
+        stays=stays_memorized(hist["pred_hist"], given, first),
+        test_bucket=test_b,
+        test_correct=emb.logits.argmax(axis=1) == emb.labels,
+        test_confidence=prob.max(axis=1),
+    )
+
+
+def _open_all(cfg: AnalyzeConfig) -> tuple[list[FinishedRun], FinishedRun | None, Any]:
+    uri = cfg.tracking.uri
+    runs = [open_run(r, uri) for r in cfg.run]
+    ref = open_run(cfg.reference, uri) if cfg.reference else None
+    f = cfg.analysis.features_from
+    feat = None if f in ("reference", "self", "pixels") else open_run(f, uri)
+    check_same_dataset(runs + [r for r in (ref, feat) if r is not None])
+    if cfg.analysis.frequency == "subpopulation" and runs[0].config.data.name != "longtail":
+        raise ConfigError(
+            f"analysis.frequency=subpopulation needs runs on data.name=longtail (the true "
+            f"subpopulations are known only there), not {runs[0].config.data.name}; use "
+            "analysis.frequency=knn"
+        )
+    if ref is not None:
+        check_reference(ref)
+    return runs, ref, feat
+
+
+def _fixed_features(
+    cfg: AnalyzeConfig,
+    everyone: list[FinishedRun],
+    embs: list[dict[str, Embedding]],
+    ref: FinishedRun | None,
+    feat: FinishedRun | None,
+) -> dict[str, Embedding] | None:
+    """The embeddings every run is bucketed in, or None for ``features_from=self``."""
+    choice = cfg.analysis.features_from
+    if choice == "self":
+        return None
+    if choice == "pixels":
+        return run_embeddings(everyone[0], features="pixels")
+    if choice == "reference":
+        feat = ref if ref is not None else everyone[0]
+    for run, emb in zip(everyone, embs, strict=True):
+        if feat is not None and run.run_dir == feat.run_dir:
+            return emb
+    return run_embeddings(feat)
+
+
+def analyse(cfg: AnalyzeConfig) -> Analysis:
+    """Run the whole analysis described by ``cfg`` (no files written)."""
+    runs, ref, feat = _open_all(cfg)
+    everyone = runs + ([ref] if ref is not None else [])
+    hists = [load_history(r) for r in everyone]
+    n_train = len(hists[0]["given_label"])
+    if cfg.analysis.buckets > n_train:
+        bucket_edges(np.zeros(n_train), cfg.analysis.buckets)  # raises the one-line error
+    if cfg.analysis.frequency == "knn":
+        check_k(n_train, cfg.analysis.k, cfg.analysis.metric, is_self=True)
+    embs = [run_embeddings(r) for r in everyone]
+    fixed = _fixed_features(cfg, everyone, embs, ref, feat)
+    labels: list[str] = []
+    rows: dict[str, list[dict[str, Any]]] = {}
+    shared = _frequency_scores(cfg, fixed, hists[0]["key"]) if fixed is not None else None
+    for run, hist, emb in zip(everyone, hists, embs, strict=True):
+        train_s, test_s = shared or _frequency_scores(cfg, emb, hist["key"])
+        edges = bucket_edges(train_s, cfg.analysis.buckets)
+        samples = _run_samples(
+            hist, emb["test"], assign_buckets(train_s, edges), assign_buckets(test_s, edges)
+        )
+        label = "reference (clean labels)" if run is ref else _label(run, set(labels))
+        labels.append(label)
+        rows[label] = bucket_stats(samples, cfg.analysis.buckets)
+        for row, lo, hi in zip(rows[label], [-np.inf, *edges], [*edges, np.inf], strict=True):
+            row.update(score_lo=float(lo), score_hi=float(hi))
+    if ref is not None:
+        for label in labels[:-1]:
+            add_excess_error(rows[label], rows[labels[-1]])
+    return Analysis(
+        labels=labels,
+        rows=rows,
+        edges=edges,
+        dataset=runs[0].config.data.name,
+        frequency=cfg.analysis.frequency,
+        run_ids={lab: r.mlflow_run_id for lab, r in zip(labels, everyone, strict=True)},
+        reference=labels[-1] if ref is not None else None,
+    )
