@@ -89,9 +89,12 @@ def test_one_and_two_workers_and_rank_order_give_identical_features(run, tmp_pat
     for s in one:
         np.testing.assert_array_equal(one[s].features, two[s].features)
         np.testing.assert_array_equal(one[s].logits, two[s].logits)
+    # Other batch boundaries: equal up to float32 rounding (a multi-threaded CPU convolution
+    # may sum in a batch-size-dependent order; with the same batches the files are bitwise
+    # equal, as checked above for 1 and 2 workers).
     for s in dirs:
-        np.testing.assert_array_equal(
-            one[s].features, np.load(tmp_path / "c" / f"{s}.features.npy")
+        np.testing.assert_allclose(
+            np.load(tmp_path / "c" / f"{s}.features.npy"), one[s].features, rtol=1e-4, atol=1e-5
         )
 
 
