@@ -143,3 +143,35 @@ def test_bad_runs_are_one_line(source, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, err
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_one_and_two_scoring_ranks_remove_the_same_samples(source, tmp_path):
+    """posttrain.num_workers=2 scores each round on two spawned ranks (EK-FAC factors
+    all-reduced): the removed set and the scores equal the one-process ones."""
+    run_dir, uri, _ = source
+    got = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        args = [
+            f"run={run_dir}",
+            f"tracking.uri={uri}",
+            f"output_dir={out}",
+            "posttrain.hessian=ekfac",
+            "posttrain.fraction_per_round=0.1",
+            "posttrain.max_removed=0.2",
+            "posttrain.patience=5",
+            f"posttrain.num_workers={workers}",
+            "posttrain.launcher=local",
+        ]
+        assert main(args) == 0
+        s = json.loads((out / "summary.json").read_text())
+        assert s["score_workers"] == workers
+        assert not (out / ".scratch").exists() or not any((out / ".scratch").iterdir())
+        got[workers] = pq.read_table(out / "removed.parquet").to_pandas()
+    one, two = got[1], got[2]
+    assert len(one) > 0
+    assert sorted(one["index"]) == sorted(two["index"])
+    np.testing.assert_allclose(
+        one.sort_values("index")["score"], two.sort_values("index")["score"], rtol=1e-9
+    )
