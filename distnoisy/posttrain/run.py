@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -264,7 +265,10 @@ def posttrain(cfg: PostTrainConfig) -> dict[str, Any]:
     try:
         inp, labels = build_input(prep, cfg)
         scorer, score_workers = make_scorer(prep, cfg, inp.theta.size)
-        res = run_rounds(inp, cfg.posttrain, scorer)
+        try:
+            res = run_rounds(inp, cfg.posttrain, scorer)
+        finally:
+            shutil.rmtree(prep.out_dir / ".scratch", ignore_errors=True)  # the ranks' files
         extra = {
             "weights": cfg.posttrain.weights,
             "score_workers": score_workers,
