@@ -112,6 +112,10 @@ class DataConfig:
     # resized size is square (pre-resized shards, CIFAR, digits); others are first cut to their
     # central square on the host (docs/benchmarks.md#gpu-throughput-to-be-measured).
     augment_on: str = "host"
+    # Samples never trained on: a .npy (integer array) or .parquet (an ``index`` column) of
+    # global training indices, e.g. post-training's removed set (docs/posttrain.md). Every rank
+    # skips the same samples; steps per epoch come from the kept count. None = train on all.
+    exclude_file: str | None = None
     longtail: LongtailConfig = field(default_factory=LongtailConfig)
 
 
@@ -160,6 +164,10 @@ class TrainConfig:
     # torch.compile the networks used for training steps; if compiling fails the run goes on
     # eagerly with a logged notice.
     compile: bool = False
+    # Start every network from a distnoisy weights file (``{network: state_dict}``, as
+    # training's or post-training's weights.pt writes it), head included; None = fresh init
+    # (model.weights). Ignored when resuming (the checkpoint wins).
+    init_weights: str | None = None
 
 
 @dataclass
@@ -354,6 +362,10 @@ def validate(cfg: Config) -> None:
             "data.name=shards needs data.urls=DIR (a local path or a URL such as s3://bucket/set)",
         ),
         (cfg.data.balanced_batches >= 0, "data.balanced_batches must be >= 0 (0 = off)"),
+        (
+            not (cfg.data.exclude_file and cfg.data.balanced_batches > 0),
+            "data.exclude_file cannot be combined with data.balanced_batches > 0; drop one",
+        ),
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
         (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
         (cfg.store.top_k >= 1, "store.top_k must be >= 1"),

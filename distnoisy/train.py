@@ -156,6 +156,11 @@ def load_run_config(argv: list[str]) -> Config:
 def _check_batch_fits(cfg: Config, spec: DataSpec) -> None:
     """One global batch must fit in an epoch's training samples (else no step would run)."""
     per_epoch = spec.num_train
+    if cfg.data.exclude_file:
+        from distnoisy.data.stream.sampling import KeptSubset, read_index_file
+
+        excluded = read_index_file(cfg.data.exclude_file, spec.num_train)
+        per_epoch = KeptSubset(spec.num_train, excluded).size
     if cfg.data.balanced_batches > 0:
         from distnoisy.data.stream import BalancedSubset
         from distnoisy.loop import training_labels
@@ -180,7 +185,11 @@ def _dry_build(cfg: Config, num_classes: int, in_channels: int) -> None:
         cfg.method, num_samples=1, num_classes=num_classes, epochs=cfg.train.epochs
     )
     # The method builds its networks as the workers will (LIMIT checks its q-network here).
-    method.build_networks(network_builder(cfg, num_classes, in_channels))
+    models = method.build_networks(network_builder(cfg, num_classes, in_channels))
+    if cfg.train.init_weights:
+        from distnoisy.init_weights import load_init_weights
+
+        load_init_weights(models, cfg.train.init_weights)
 
 
 def _reference_trainer(

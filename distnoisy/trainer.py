@@ -160,6 +160,10 @@ class Trainer:
         self.models: dict[str, nn.Module] = {
             k: to_channels_last(m.to(self.device), t.channels_last) for k, m in models.items()
         }
+        if cfg.train.init_weights:  # before the method's setup (teachers copy the start)
+            from distnoisy.init_weights import load_init_weights
+
+            load_init_weights(self.models, cfg.train.init_weights)
         self.method.setup(self.models, self.device)
         self.nets: Networks = dict(self.models)  # what the steps run: DDP on several ranks
         if self.world > 1:
@@ -208,6 +212,11 @@ class Trainer:
         seed = cfg.seed if phase == 0 else mix_seed(cfg.seed, phase)
         on_device = cfg.data.augment_on == "device"
         balanced = None
+        if cfg.data.exclude_file:  # the same mask on every rank (post-training's fine-tune)
+            from distnoisy.data.stream.sampling import KeptSubset, read_index_file
+
+            n = spec.num_train
+            balanced = KeptSubset(n, read_index_file(cfg.data.exclude_file, n))
         if cfg.data.balanced_batches > 0:
             balanced = BalancedSubset(
                 self.given_np,

@@ -115,6 +115,7 @@ def test_second_posttrain_reuses_the_cached_features(source, tmp_path):
         (["data.name=cifar10"], "was trained on data.name=digits, not data.name=cifar10"),
         (["posttrain.scor=influence"], "unknown config key 'posttrain.scor'"),
         (["posttrain.score=magic"], "invalid posttrain.score='magic'"),
+        (["posttrain.finetune_epochs=-1"], "posttrain.finetune_epochs=-1 must be >= 0"),
     ],
 )
 def test_bad_input_is_one_line_before_any_output(source, tmp_path, capsys, extra, message):
@@ -143,3 +144,78 @@ def test_bad_runs_are_one_line(source, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, err
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_one_and_two_scoring_ranks_remove_the_same_samples(source, tmp_path):
+    """posttrain.num_workers=2 scores each round on two spawned ranks (EK-FAC factors
+    all-reduced): the removed set and the scores equal the one-process ones."""
+    run_dir, uri, _ = source
+    got = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        args = [
+            f"run={run_dir}",
+            f"tracking.uri={uri}",
+            f"output_dir={out}",
+            "posttrain.hessian=ekfac",
+            "posttrain.fraction_per_round=0.1",
+            "posttrain.max_removed=0.2",
+            "posttrain.patience=5",
+            f"posttrain.num_workers={workers}",
+            "posttrain.launcher=local",
+        ]
+        assert main(args) == 0
+        s = json.loads((out / "summary.json").read_text())
+        assert s["score_workers"] == workers
+        assert not (out / ".scratch").exists()
+        got[workers] = pq.read_table(out / "removed.parquet").to_pandas()
+    one, two = got[1], got[2]
+    assert len(one) > 0
+    assert sorted(one["index"]) == sorted(two["index"])
+    np.testing.assert_allclose(
+        one.sort_values("index")["score"], two.sort_values("index")["score"], rtol=1e-9
+    )
+
+
+@pytest.mark.slow
+def test_finetune_trains_on_the_kept_samples_only(source, tmp_path):
+    """posttrain.finetune_epochs: the run's config through the normal training loop with the
+    removed set masked out and the post-trained weights as the start; a child MLflow run."""
+    import mlflow
+
+    run_dir, uri, train_summary = source
+    out = tmp_path / "ft"
+    args = [
+        f"run={run_dir}",
+        f"tracking.uri={uri}",
+        f"output_dir={out}",
+        "posttrain.fraction_per_round=0.1",
+        "posttrain.max_removed=0.2",
+        "posttrain.patience=5",
+        "posttrain.finetune_epochs=2",
+    ]
+    assert main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    removed = pq.read_table(out / "removed.parquet").column("index").to_numpy()
+    assert len(removed) > 0
+    assert sorted(np.load(out / "finetune_exclude.npy").tolist()) == sorted(removed.tolist())
+    ft = open_run(str(out / "finetune"))
+    assert ft.config.train.epochs == 2 and ft.config.train.init_weights == str(out / "weights.pt")
+    hist = {}
+    for part in ft.iter_table(columns=["index", "loss_hist"]):
+        for i, h in zip(part["index"], part["loss_hist"], strict=True):
+            hist[int(i)] = np.asarray(h, np.float64)
+    gone = set(removed.tolist())
+    assert all(np.isnan(hist[i]).all() for i in gone)  # never trained on
+    kept_seen = [np.isfinite(h).any() for i, h in hist.items() if i not in gone]
+    assert np.mean(kept_seen) > 0.95  # (an epoch drops the floor's remainder)
+    assert s["finetune"]["kept"] == train_summary["num_train"] - len(removed)
+    assert s["test_acc_finetuned"] == s["finetune"]["test_acc"] is not None
+    assert "Fine-tuned the whole network for 2 epochs" in (out / "rounds.md").read_text()
+    # It starts from the post-trained network and holds the noisy validation accuracy.
+    before = train_summary["history"][-1]["val_acc_noisy"]
+    assert s["val_acc_noisy_finetuned"] >= before - 0.01, (s["val_acc_noisy_finetuned"], before)
+    child = mlflow.MlflowClient(uri).get_run(s["finetune"]["mlflow_run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == train_summary["mlflow_run_id"]
+    assert child.info.status == "FINISHED"

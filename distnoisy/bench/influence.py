@@ -26,8 +26,12 @@ from distnoisy.bench.common import machine_info
 SECTION = "Post-training: influence scores at scale (EK-FAC, synthetic features)"
 
 
-def make_features(path: Path, n: int, d: int, c: int, seed: int = 0, chunk: int = 65536):
-    """Synthetic ``(n, d)`` float32 features, labels (30% flipped) and a fitted-looking head."""
+def make_features(path: Path, n: int, d: int, c: int, seed: int = 0, chunk: int | None = None):
+    """Synthetic ``(n, d)`` float32 features, labels (30% flipped) and a fitted-looking head.
+
+    Written chunk by chunk into a memory-mapped ``.npy`` (default: ``2^24 / d`` rows, 128 MB of
+    float64 draws), so 1M x 2048 (8 GB) is never held in memory."""
+    chunk = chunk or max(1, 2**24 // d)
     rng = np.random.default_rng(seed)
     centers = rng.normal(0, 1.0, (c, d)).astype(np.float32)
     feats = np.lib.format.open_memmap(path / "h.npy", mode="w+", dtype=np.float32, shape=(n, d))

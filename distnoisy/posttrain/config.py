@@ -45,6 +45,12 @@ class PostTrainParams:
     # Feature extraction ranks and launcher; None = the run's scaling.* settings.
     num_workers: int | None = None
     launcher: str | None = None
+    # After the rounds, fine-tune the whole network for this many epochs on the kept samples
+    # through the normal training loop (the run's config, data.exclude_file = the removed set,
+    # train.init_weights = the post-trained weights); 0 = no fine-tuning.
+    finetune_epochs: int = 0
+    # Learning rate of the fine-tune; None = the run's train.lr.
+    finetune_lr: float | None = None
 
 
 @dataclass
@@ -103,6 +109,14 @@ def validate(cfg: PostTrainConfig) -> None:
         (p.weight_decay > 0, "posttrain.weight_decay must be > 0 (it makes the refit unique)"),
         (p.refit_iters >= 1, "posttrain.refit_iters must be >= 1"),
         (p.num_workers is None or p.num_workers >= 1, "posttrain.num_workers must be >= 1"),
+        (
+            p.finetune_epochs >= 0,
+            f"posttrain.finetune_epochs={p.finetune_epochs} must be >= 0 (0 = no fine-tuning)",
+        ),
+        (
+            p.finetune_lr is None or p.finetune_lr > 0,
+            f"posttrain.finetune_lr={p.finetune_lr} must be > 0 (or unset: the run's lr)",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -82,6 +82,15 @@ def rounds_markdown(rounds: list[dict[str, Any]], best: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def finetune_markdown(ft: dict[str, Any]) -> str:
+    """The fine-tune's line under the rounds table."""
+    return (
+        f"\nFine-tuned the whole network for {ft['epochs']} epochs on the {ft['kept']} kept "
+        f"samples: test_acc {_cell(ft.get('test_acc'))}, val_acc_noisy "
+        f"{_cell(ft.get('val_acc_noisy'))} ({ft['output_dir']}).\n"
+    )
+
+
 def removed_table(
     res: RoundsResult,
     keys: list[str],

@@ -32,6 +32,7 @@ class ScoreTask:
     report: str  # per-rank JSON, "{rank}" replaced
     corrected: bool = True
     chunk: int = 4096
+    kind: str = "influence"  # or "self_influence"
 
 
 def _all_reduce(arr: np.ndarray) -> np.ndarray:
@@ -79,7 +80,7 @@ def score_rank(task: ScoreTask, rank: int, world: int) -> None:
         corr = _all_reduce(infl.kfac_corrections(task.theta, mine, basis.ua, basis.ub, task.chunk))
         basis = infl.kfac_basis(a, b, n, corr)
     t1 = time.perf_counter()
-    got = infl.kfac_scores(task.theta, mine, ys, task.mu, basis, n, task.chunk)["influence"]
+    got = infl.kfac_scores(task.theta, mine, ys, task.mu, basis, n, task.chunk)[task.kind]
     out = np.load(task.scores, mmap_mode="r+")
     out[lo:hi] = got
     out.flush()

@@ -23,6 +23,7 @@ import numpy as np
 
 from distnoisy.posttrain import influence as infl
 from distnoisy.posttrain.config import PostTrainParams
+from distnoisy.posttrain.parallel import Scorer
 from distnoisy.posttrain.refit import fit_head, predict
 
 log = logging.getLogger("distnoisy.posttrain")
@@ -92,8 +93,12 @@ def score(
     y: np.ndarray,
     mu: float,
     loss_history: np.ndarray | None,
+    scorer: Scorer | None = None,
 ) -> np.ndarray:
-    """One score per row of ``h`` (higher = more likely mislabelled)."""
+    """One score per row of ``h`` (higher = more likely mislabelled); ``scorer``: the
+    rank-parallel EK-FAC/K-FAC scorer (:mod:`distnoisy.posttrain.parallel`), when it applies."""
+    if scorer is not None and kind in ("influence", "self_influence") and hessian != "exact":
+        return scorer(theta, h, y, mu)
     if kind == "loss_history":
         assert loss_history is not None
         return np.asarray(loss_history, np.float64)
@@ -150,8 +155,11 @@ def evaluate(
     return out
 
 
-def run_rounds(inp: RoundsInput, params: PostTrainParams) -> RoundsResult:
-    """Rounds of remove-and-refit (module docstring); logs one line per round."""
+def run_rounds(
+    inp: RoundsInput, params: PostTrainParams, scorer: Scorer | None = None
+) -> RoundsResult:
+    """Rounds of remove-and-refit (module docstring); logs one line per round. ``scorer``
+    scores on several ranks (:func:`distnoisy.posttrain.parallel.rank_scorer`)."""
     n, num_classes = len(inp.given), inp.theta.shape[0]
     mu = absolute_mu(params, inp.train)
     hessian = hessian_kind(params, inp.theta.size)
@@ -183,6 +191,7 @@ def run_rounds(inp: RoundsInput, params: PostTrainParams) -> RoundsResult:
             inp.given[idx],
             mu,
             None if inp.loss_history is None else inp.loss_history[idx],
+            scorer,
         )
         last_score[idx] = s
         if r == 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,21 @@ def check(cfg: PostTrainConfig) -> Prepared:
     out_dir = Path(cfg.output_dir or run.run_dir / f"posttrain-{p.score}").resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output_dir={out_dir} is a file; pass a directory")
+    if p.finetune_epochs > 0:
+        _check_finetune(cfg, run, out_dir)
     return Prepared(run, spec, out_dir)
+
+
+def _check_finetune(cfg: PostTrainConfig, run: FinishedRun, out_dir: Path) -> None:
+    """The fine-tune's training config must be valid and its directory free, before any write."""
+    from distnoisy.posttrain.finetune import finetune_config
+
+    if (out_dir / "finetune").exists():
+        raise ConfigError(
+            f"{out_dir / 'finetune'} exists (an earlier fine-tune); remove it or pass another "
+            "output_dir"
+        )
+    finetune_config(cfg, run.config, out_dir, cfg.tracking.uri or "")
 
 
 def _labels(spec: Any) -> dict[str, Any]:
@@ -130,6 +145,21 @@ def build_input(prep: Prepared, cfg: PostTrainConfig) -> tuple[RoundsInput, dict
             "not be decoded; post-training needs features of every sample"
         )
     return inp, labels
+
+
+def make_scorer(prep: Prepared, cfg: PostTrainConfig, num_params: int) -> tuple[Any, int]:
+    """The rank-parallel scorer when ``num_workers`` (default: the run's) is above 1 and the
+    score has one (:mod:`distnoisy.posttrain.parallel`); else ``(None, 1)``."""
+    from distnoisy.posttrain.parallel import RankSetup, parallel_applies, rank_scorer
+    from distnoisy.posttrain.rounds import hessian_kind
+
+    p, scaling = cfg.posttrain, prep.run.config.scaling
+    world = int(p.num_workers or scaling.num_workers)
+    hessian = hessian_kind(p, num_params)
+    if not parallel_applies(p.score, hessian, world):
+        return None, 1
+    setup = RankSetup(world, p.launcher or scaling.launcher, scaling.use_gpu, scaling.address)
+    return rank_scorer(setup, p.score, hessian, prep.out_dir / ".scratch"), world
 
 
 def ranking_metrics(res: RoundsResult, corrupted: np.ndarray | None) -> dict[str, Any]:
@@ -234,10 +264,20 @@ def posttrain(cfg: PostTrainConfig) -> dict[str, Any]:
     status = "FAILED"
     try:
         inp, labels = build_input(prep, cfg)
-        res = run_rounds(inp, cfg.posttrain)
-        extra = {"weights": cfg.posttrain.weights, **ranking_metrics(res, labels["corrupted"])}
+        scorer, score_workers = make_scorer(prep, cfg, inp.theta.size)
+        try:
+            res = run_rounds(inp, cfg.posttrain, scorer)
+        finally:
+            shutil.rmtree(prep.out_dir / ".scratch", ignore_errors=True)  # the ranks' files
+        extra = {
+            "weights": cfg.posttrain.weights,
+            "score_workers": score_workers,
+            **ranking_metrics(res, labels["corrupted"]),
+        }
         summary = summarize(prep, cfg, res, extra, time.perf_counter() - t0, run_id)
         write_all(prep, res, labels, inp, summary, cfg.posttrain.weights == "best")
+        if cfg.posttrain.finetune_epochs > 0:
+            run_finetune(prep, cfg, res, summary, uri)
         if run_id is not None:
             _log_mlflow(uri, run_id, prep.out_dir, summary)
         status = "FINISHED"
@@ -248,6 +288,24 @@ def posttrain(cfg: PostTrainConfig) -> dict[str, Any]:
     finally:
         if run_id is not None:
             tracking.end_run(uri, run_id, status)
+
+
+def run_finetune(
+    prep: Prepared, cfg: PostTrainConfig, res: RoundsResult, summary: dict[str, Any], uri: str
+) -> None:
+    """Fine-tune on the kept samples (:mod:`distnoisy.posttrain.finetune`); its numbers go to
+    ``summary.json`` (``finetune``, ``test_acc_finetuned``) and a line of ``rounds.md``."""
+    from distnoisy.posttrain.finetune import finetune
+
+    removed = np.flatnonzero(res.removed_round >= 1)
+    parent = prep.run.mlflow_run_id if cfg.tracking.enabled else None
+    ft = finetune(cfg, prep.run.config, prep.out_dir, removed, uri, parent)
+    summary["finetune"] = ft
+    summary["test_acc_finetuned"] = ft["test_acc"]
+    summary["val_acc_noisy_finetuned"] = ft["val_acc_noisy"]
+    md = outputs.rounds_markdown(res.rounds, res.best_round) + outputs.finetune_markdown(ft)
+    outputs.write_text(prep.out_dir / "rounds.md", md)
+    outputs.write_json(prep.out_dir / "summary.json", summary)
 
 
 def _start_mlflow(cfg: PostTrainConfig, prep: Prepared, uri: str) -> str:
@@ -288,6 +346,8 @@ def _log_mlflow(uri: str, run_id: str, out: Path, summary: dict[str, Any]) -> No
             "auroc",
             "precision_at_k",
             "precision_first_20pct",
+            "test_acc_finetuned",
+            "val_acc_noisy_finetuned",
         )
     }
     logger.log_metrics(

@@ -91,6 +91,7 @@ from distnoisy.data.stream.readers import _read_raw, _read_webdataset
 from distnoisy.data.stream.records import count_bad, samples_lost
 from distnoisy.data.stream.sampling import (
     BalancedSubset,
+    KeptSubset,
     _buffer_shuffle,
     _interleave,
     assign_shards,
@@ -110,6 +111,7 @@ __all__ = [
     "BalancedSubset",
     "EvalStream",
     "ImageTransform",
+    "KeptSubset",
     "Raw",
     "StreamStats",
     "TrainStream",

@@ -146,3 +146,72 @@ class BalancedSubset:
         m = np.zeros(len(self.labels), dtype=bool)
         m[self.indices(epoch)] = True
         return m
+
+
+class KeptSubset:
+    """A fixed sample mask by global index (``data.exclude_file``): the excluded samples are
+    never yielded, in every epoch and on every rank.
+
+    Same interface as :class:`BalancedSubset` (``mask(epoch)``, ``size``), so the stream treats
+    it the same way: every rank holds the same mask, ``steps_per_epoch`` is computed from the
+    kept count, unkept members are skipped undecoded. Picklable: travels into loader workers.
+
+    Parameters
+    ----------
+    num_samples
+        Size of the training set.
+    excluded
+        Global indices never to yield (duplicates allowed; each must be in range).
+    """
+
+    def __init__(self, num_samples: int, excluded: np.ndarray) -> None:
+        excluded = np.asarray(excluded, dtype=np.int64)
+        if len(excluded) and (excluded.min() < 0 or excluded.max() >= num_samples):
+            raise ValueError(f"excluded indices must be in [0, {num_samples})")
+        self._keep = np.ones(num_samples, dtype=bool)
+        self._keep[excluded] = False
+        self.size = int(self._keep.sum())
+
+    def mask(self, epoch: int) -> np.ndarray:
+        """The kept samples (the same for every epoch)."""
+        return self._keep
+
+
+def read_index_file(path: str, num_samples: int, key: str = "data.exclude_file") -> np.ndarray:
+    """Global indices from a ``.npy`` (integer array) or ``.parquet`` (``index`` column) file.
+
+    Raises
+    ------
+    ConfigError
+        One line: a missing or unreadable file, non-integer values, or an index outside
+        ``[0, num_samples)``.
+    """
+    from pathlib import Path
+
+    from distnoisy.errors import ConfigError
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{key}={path}: no such file; give a .npy or .parquet of indices")
+    try:
+        if p.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            idx = pq.read_table(p, columns=["index"]).column("index").to_numpy()
+        else:
+            idx = np.load(p, allow_pickle=False)
+    except Exception as exc:  # any reader error is the same bad input
+        raise ConfigError(
+            f"{key}={path}: cannot read it ({type(exc).__name__}); give a .npy integer "
+            "array or a .parquet with an 'index' column"
+        ) from None
+    idx = np.asarray(idx).ravel()
+    if len(idx) and not np.issubdtype(idx.dtype, np.integer):
+        raise ConfigError(f"{key}={path} holds {idx.dtype} values; give integer indices")
+    bad = idx[(idx < 0) | (idx >= num_samples)]
+    if len(bad):
+        raise ConfigError(
+            f"{key}={path} holds {len(bad)} indices outside [0, {num_samples}) (e.g. "
+            f"{int(bad[0])}); it must list global indices of this run's training set"
+        )
+    return idx.astype(np.int64)

@@ -20,6 +20,7 @@ from distnoisy.data.stream.batching import _BadRegistry, _check_rank, _Decoder, 
 from distnoisy.data.stream.readers import _read_raw
 from distnoisy.data.stream.sampling import (
     BalancedSubset,
+    KeptSubset,
     _buffer_shuffle,
     _interleave,
     assign_shards,
@@ -97,7 +98,7 @@ class _TrainSource(IterableDataset):
         channels: int | None,
         shuffle_buffer: int,
         open_shards: int = 1,
-        subset: BalancedSubset | None = None,
+        subset: BalancedSubset | KeptSubset | None = None,
     ) -> None:
         self.urls = urls
         self.open_shards = open_shards
@@ -272,7 +273,9 @@ class TrainStream:
     balanced
         Class-balanced epochs: each epoch reads only this subset's draw (unselected members
         are skipped undecoded); ``steps_per_epoch = balanced.size // (world_size *
-        local_batch_size)``, still identical on every rank.
+        local_batch_size)``, still identical on every rank. A :class:`KeptSubset` (the
+        ``data.exclude_file`` mask) works the same way with one fixed mask: its excluded
+        samples are never yielded and count as dropped in :class:`StreamStats`.
 
     Raises
     ------
@@ -295,7 +298,7 @@ class TrainStream:
         shuffle_buffer: int = 1000,
         open_shards: int = 4,
         num_workers: int = 0,
-        balanced: BalancedSubset | None = None,
+        balanced: BalancedSubset | KeptSubset | None = None,
     ) -> None:
         _check_rank(rank, world_size)
         if split not in SPLITS:

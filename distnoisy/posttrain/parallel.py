@@ -1,0 +1,79 @@
+"""Scoring of the kept samples by several ranks inside ``python -m distnoisy.posttrain``.
+
+With ``posttrain.num_workers > 1`` (or a run trained on several workers), the approximate-Hessian
+scores (``influence`` and ``self_influence`` with ``hessian=ekfac`` or ``kfac``) are computed by
+:func:`distnoisy.posttrain.ranks.score_rank` on the run's launcher: each round writes the kept
+rows to a scratch ``.npy`` and every rank scores its contiguous share of them. The Kronecker
+factors are all-reduced, so the scores equal the one-process ones up to float64 summation
+order. The exact Hessian, ``grad_norm`` and ``loss_history`` are scored in-process (they are
+cheap, or only exist for small heads).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+#: ``(theta, kept features, kept labels, mu) -> scores``
+Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
+
+
+@dataclass(frozen=True)
+class RankSetup:
+    """Where and how the ranks run (the run's ``scaling.*`` with posttrain's overrides)."""
+
+    world: int
+    launcher: str
+    use_gpu: bool = False
+    address: str | None = None
+
+
+def parallel_applies(kind: str, hessian: str, world: int) -> bool:
+    """Whether the rank-parallel scorer computes this score (module docstring)."""
+    return world > 1 and kind in ("influence", "self_influence") and hessian in ("ekfac", "kfac")
+
+
+def rank_scorer(setup: RankSetup, kind: str, hessian: str, scratch: Path) -> Scorer:
+    """A scorer that runs :func:`~distnoisy.posttrain.ranks.score_rank` on ``setup.world``
+    ranks; ``scratch`` holds each call's files (removed after the call)."""
+
+    def score(theta: np.ndarray, h: np.ndarray, y: np.ndarray, mu: float) -> np.ndarray:
+        from distnoisy.launch import run_ranks
+        from distnoisy.posttrain.ranks import ScoreTask, score_rank
+
+        scratch.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="score-", dir=scratch))
+        try:
+            np.save(tmp / "h.npy", np.ascontiguousarray(h))
+            np.save(tmp / "y.npy", np.asarray(y, dtype=np.int64))
+            out = tmp / "scores.npy"
+            np.lib.format.open_memmap(out, mode="w+", dtype=np.float64, shape=(len(y),)).flush()
+            task = ScoreTask(
+                features=str(tmp / "h.npy"),
+                labels=str(tmp / "y.npy"),
+                theta=np.asarray(theta, np.float64),
+                mu=float(mu),
+                scores=str(out),
+                report=str(tmp / "report-{rank}.json"),
+                corrected=hessian == "ekfac",
+                kind=kind,
+            )
+            run_ranks(
+                score_rank,
+                task,
+                world_size=setup.world,
+                launcher=setup.launcher,
+                use_gpu=setup.use_gpu,
+                address=setup.address,
+                storage_dir=tmp / "ray",
+            )
+            return np.array(np.load(out))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return score
