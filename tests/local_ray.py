@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,7 +107,9 @@ class LocalRayCluster:
     Parameters
     ----------
     root
-        A directory of this cluster alone: every node's ``--temp-dir`` is below it.
+        A directory of this cluster alone. Every node's ``--temp-dir`` is in a short directory
+        of its own under ``/tmp`` instead: Ray puts Unix sockets below it, and a socket path
+        may not exceed 107 bytes (pytest's temporary paths plus Ray's session names do).
     head_cpus
         Logical CPUs of the head node.
     """
@@ -113,6 +117,7 @@ class LocalRayCluster:
     def __init__(self, root: Path, head_cpus: int = 1) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.temp_root = Path(tempfile.mkdtemp(prefix="dnray-", dir="/tmp"))
         self.gcs_port, self.dashboard_port, client_port = free_ports(3)
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
@@ -122,7 +127,7 @@ class LocalRayCluster:
                     f"--ray-client-server-port={client_port}"])  # fmt: skip
 
     def _start(self, name: str, cpus: int, resources: dict, extra: list[str]) -> None:
-        temp = self.root / name
+        temp = self.temp_root / name
         agent, agent_grpc, runtime_env, metrics = free_ports(4)
         cmd = [
             RAY, "start", *extra, f"--num-cpus={cpus}", f"--resources={json.dumps(resources)}",
@@ -177,3 +182,4 @@ class LocalRayCluster:
             time.sleep(1)
             kill_pids(pids)
         self.nodes.clear()
+        shutil.rmtree(self.temp_root, ignore_errors=True)
