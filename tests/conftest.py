@@ -37,16 +37,3 @@ def digits_root(tmp_path_factory) -> Path:
 @pytest.fixture
 def mlflow_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
-#: Test modules that kill Ray nodes, workers and drivers on a multi-node cluster of their own.
-LAST_MODULES = ("test_chaos.py",)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Run the chaos tests last. In full-suite runs on this 2-core machine, the local
-    launcher's interrupt test (tests/test_cli.py) timed out waiting for its driver to exit
-    whenever it ran after them, and passed in every other order; the cause is not understood
-    (no process, environment variable or file of theirs was found left behind), so they run
-    where they cannot disturb other tests."""
-    items.sort(key=lambda item: item.path.name in LAST_MODULES)  # stable: order kept otherwise

@@ -30,6 +30,13 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default action. A process started in the
+    background by a non-interactive shell (``pytest ... &``) ignores SIGINT, and an ignored
+    signal stays ignored across exec, so Python would never raise KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     """Run the train CLI, expect exit code 2 and one ``distnoisy: error:`` line on stderr."""
     assert main(argv) == 2
@@ -139,6 +146,7 @@ def test_interrupt_prints_the_command_that_resumes_the_run(tmp_path, digits_root
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group: the clean-up below reaches the workers
+        preexec_fn=_default_sigint,
     )
     try:
         seen = []
@@ -177,6 +185,7 @@ def test_ray_launcher_interrupt_prints_the_command_that_resumes_the_run(tmp_path
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_default_sigint,
     )
     try:
         seen = []
