@@ -104,6 +104,23 @@ def start_system_metrics(uri: str, run_id: str) -> Any:
     return monitor
 
 
+def stop_system_metrics(monitor: Any) -> None:
+    """Stop the monitor and log the samples of its last, partial interval.
+
+    MLflow's monitor drops those on shutdown, so a run shorter than one sampling interval
+    (10 s by default) would otherwise get no system metrics at all. Never raises: the
+    machine's use is a diagnostic and must not fail a finished run.
+    """
+    try:
+        monitor.finish()
+        if not any(m.metrics for m in monitor.monitors):
+            monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as e:
+        log.warning("could not log the last system metrics: %s", e)
+
+
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 

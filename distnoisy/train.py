@@ -322,7 +322,7 @@ def train(
         last = elapsed if elapsed is not None else time.perf_counter() - t_start
         _save_segments(run_dir, [*segments, last])
         if monitor is not None:
-            monitor.finish()
+            tracking.stop_system_metrics(monitor)
         if run_id is not None:
             tracking.end_run(uri, run_id, status)
 
