@@ -8,7 +8,10 @@ checkpoint so a resumed run keeps them). ``state.pt`` is a dict of tensors and p
 - ``format``: :data:`FORMAT_VERSION`, checked on load;
 - ``epoch``, ``history``: the last finished epoch and the per-epoch metrics so far;
 - ``networks``, ``optimizers``, ``schedulers``: state dicts by name;
-- ``store``: the per-sample store; ``method``: the method's (rank-independent) state;
+- ``store``: the per-sample store, whole (replicated backend), or ``{}`` with ``store_parts``:
+  the number of ``store-part-<rank>.pt`` files beside ``state.pt``, one per rank of a
+  partitioned store (:mod:`distnoisy.store.parts`; format 2);
+- ``method``: the method's (rank-independent) state;
 - ``rng``: one entry per rank (:func:`capture_rng`): torch CPU, CUDA (when used), numpy's
   global generator, Python's ``random`` and the method's own generators (LIMIT's gradient
   noise); ranks draw different numbers, so each rank restores its own;
@@ -38,7 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Bump when the layout of ``state.pt`` changes; :func:`load_state` refuses other versions.
-FORMAT_VERSION = 1
+#: 2: a partitioned store is saved as per-rank part files (``store_parts``).
+FORMAT_VERSION = 2
+#: Versions this distnoisy resumes from (1 has no ``store_parts``: its store is whole).
+READABLE_FORMATS = (1, 2)
 STATE_FILE = "state.pt"
 #: Final weights of every network, ``{name: state_dict}`` (in a run's ``outputs/``).
 WEIGHTS_FILE = "weights.pt"
@@ -78,11 +84,11 @@ def load_state(path: Path) -> dict[str, Any]:
             "cannot resume from it; start a new run (another output_dir, or resume=false)"
         ) from None
     version = state.get("format") if isinstance(state, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise CheckpointError(
-            f"checkpoint {path} has format {version!r}, this distnoisy reads format "
-            f"{FORMAT_VERSION}; resume it with the distnoisy version that wrote it, or start a "
-            "new run (another output_dir, or resume=false)"
+            f"checkpoint {path} has format {version!r}, this distnoisy reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}; resume it with the distnoisy version that "
+            "wrote it, or start a new run (another output_dir, or resume=false)"
         )
     return state
 

@@ -67,3 +67,36 @@ def all_gather_object(obj: object) -> list[object]:
     out: list[object] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s ``obj`` on every rank (a small picklable value)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_cat(t: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Rank 0: ``t`` of every rank concatenated along dim 0, in rank order, on the CPU; other
+    ranks: None. Unlike :func:`all_gather_cat` only rank 0 receives the rows (for columns of
+    every sample, which no other rank needs). ``device``: where the collective runs (the
+    CUDA device under NCCL). Bool tensors travel as uint8."""
+    if not is_distributed():
+        return t
+    kind = t.dtype
+    send = (t.to(torch.uint8) if kind == torch.bool else t).to(device)
+    n = torch.tensor([send.shape[0]], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    counts = [int(s.item()) for s in sizes]
+    pad = max(counts) - send.shape[0]
+    if pad:
+        send = torch.cat([send, send.new_zeros((pad, *send.shape[1:]))])
+    parts = [torch.empty_like(send) for _ in counts] if rank() == 0 else None
+    dist.gather(send.contiguous(), parts, dst=0)
+    if parts is None:
+        return None
+    whole = torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]).cpu()
+    return whole.to(torch.bool) if kind == torch.bool else whole

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from distnoisy import dist
 from distnoisy.config import Config
 from distnoisy.errors import DistnoisyError
 from distnoisy.job import Job
@@ -45,16 +46,24 @@ def _local_context(
     rank: int, world: int, device: torch.device, ckpt_root: Path, resume: bool
 ) -> WorkerContext:
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        if checkpoint_dir is None:
-            return
+        # Every rank calls this (as Ray Train's report, a barrier). The ranks' directories are
+        # merged into one (rank 0's state.pt and each rank's own files, e.g. its store part),
+        # which appears under its final name whole or not at all.
         final = ckpt_root / f"epoch={int(metrics['epoch']):04d}"
         tmp = ckpt_root / f".{final.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # a checkpoint appears whole or not at all
-        for old in _local_checkpoints(ckpt_root)[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in _local_checkpoints(ckpt_root)[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()  # no rank goes on before the checkpoint is in place
 
     @contextlib.contextmanager
     def restore() -> Iterator[Path | None]:

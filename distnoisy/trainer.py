@@ -38,7 +38,6 @@ from distnoisy.job import Job
 from distnoisy.loop import (
     OUTPUTS_DIR,
     WorkerContext,
-    _write_outputs,
     accuracies,
     check_bad_samples,
     check_class_mix,
@@ -54,7 +53,9 @@ from distnoisy.loop import (
 )
 from distnoisy.methods import METHODS, Method
 from distnoisy.methods.base import Networks, StepInput
+from distnoisy.outputs import RunInfo, write_outputs, write_rank_outputs
 from distnoisy.store import make_store
+from distnoisy.store.parts import load_parts, save_part
 from distnoisy.tracking import RunLogger
 
 log = logging.getLogger("distnoisy.loop")  # the epoch lines keep their logger name
@@ -334,7 +335,10 @@ class Trainer:
             for name, opt in self.opts.items():
                 opt.load_state_dict(state["optimizers"][name])
                 self.scheds[name].load_state_dict(state["schedulers"][name])
-            self.store.load_state_dict(state["store"])
+            if state.get("store_parts"):  # one file per rank of a partitioned store
+                load_parts(self.store, Path(ckpt_dir), int(state["store_parts"]))
+            else:
+                self.store.load_state_dict(state["store"])
             self.method.load_state_dict(state["method"])
             scaler = self.method.grad_scaler
             if scaler is not None and state.get("grad_scaler"):
@@ -480,7 +484,6 @@ class Trainer:
         )
         index, probs = predict(self.method, self.models, train_eval, self.device)
         self.store.set("final_prob", index, probs)
-        self.store.materialize()  # the outputs are written from rank 0's whole fields
         val = self.val_set.stream if self.val_set is not None else None
         test = self.test_set.stream if self.test_set is not None else None
         bad_list = gather_bad_samples(
@@ -507,36 +510,47 @@ class Trainer:
         }
 
     def checkpoint(self, epoch: int, metrics: dict[str, float], final: FinalOutputs | None) -> None:
-        """Report the epoch to the launcher with a checkpoint (written by rank 0); after the
-        last epoch the checkpoint also holds the run's ``outputs/``."""
+        """Report the epoch to the launcher with a checkpoint; after the last epoch the
+        checkpoint also holds the run's ``outputs/``.
+
+        Rank 0 writes ``state.pt``. A partitioned store is saved as one part per rank, each
+        written by its owner into the rank's own checkpoint directory (the launcher merges
+        them), as are its outputs; a replicated store is saved whole in ``state.pt``.
+        """
         rng = ckpt.gather_rng(self.device, self.method)  # a collective: before the rank test
-        store = self.store.state_dict()  # whole on rank 0 (a collective when partitioned)
+        parted = self.store.backend == "partitioned"
+        store = {} if parted else self.store.state_dict()
         ckpt_dir = None
-        if self.rank == 0:
+        if self.rank == 0 or parted:
             ckpt_dir = Path(tempfile.mkdtemp(prefix="distnoisy-ckpt-"))
-            state = self.state(epoch, rng, store)
-            ckpt.save_atomic(state, ckpt_dir / ckpt.STATE_FILE)
-            if self.best_weights is not None:
-                ckpt.save_atomic(self.best_weights, ckpt_dir / ckpt.BEST_WEIGHTS_FILE)
-            if final is not None:
-                self._write_final(ckpt_dir / OUTPUTS_DIR, state["networks"], final)
         try:
+            if parted:
+                assert ckpt_dir is not None
+                save_part(self.store, ckpt_dir, self.rank)
+            networks = None
+            if self.rank == 0:
+                assert ckpt_dir is not None
+                state = self.state(epoch, rng, store)
+                if parted:
+                    state["store_parts"] = self.world
+                ckpt.save_atomic(state, ckpt_dir / ckpt.STATE_FILE)
+                if self.best_weights is not None:
+                    ckpt.save_atomic(self.best_weights, ckpt_dir / ckpt.BEST_WEIGHTS_FILE)
+                networks = state["networks"]
+            if final is not None:
+                self._write_final(ckpt_dir, networks, final)
             self.ctx.report(metrics, ckpt_dir)
         finally:
             if ckpt_dir is not None:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
 
-    def _write_final(self, out: Path, networks: dict[str, Any], final: FinalOutputs) -> None:
-        out.mkdir()
-        # Final weights of every network, loadable with weights_only=True (LIMIT's q_init,
-        # fine-tuning, analysis); the best-by-validation ones beside them.
-        ckpt.save_atomic(networks, out / ckpt.WEIGHTS_FILE)
-        if self.best_weights is not None:
-            ckpt.save_atomic(self.best_weights, out / ckpt.BEST_WEIGHTS_FILE)
-        _write_outputs(
-            out,
+    def _write_final(
+        self, ckpt_dir: Path | None, networks: dict[str, Any] | None, final: FinalOutputs
+    ) -> None:
+        """The run's ``outputs/`` in the checkpoint: weights on rank 0; label issues, sample
+        stats and summary by rank 0 (replicated store) or by every rank (partitioned)."""
+        info = RunInfo(
             self.method,
-            self.store,
             self.given_np,
             self.clean_np,
             self.keys,
@@ -546,6 +560,22 @@ class Trainer:
             bad_samples=final.num_bad,
             bad_sample_list=final.bad_list,
         )
+        out = ckpt_dir / OUTPUTS_DIR if ckpt_dir is not None else None
+        if out is not None:
+            out.mkdir()
+        if self.store.backend == "partitioned":
+            assert out is not None
+            write_rank_outputs(out, self.store, info, self.comm_device)
+        elif self.rank == 0:
+            assert out is not None
+            write_outputs(out, self.store, info)
+        if self.rank == 0:
+            assert out is not None and networks is not None
+            # Final weights of every network, loadable with weights_only=True (LIMIT's q_init,
+            # fine-tuning, analysis); the best-by-validation ones beside them.
+            ckpt.save_atomic(networks, out / ckpt.WEIGHTS_FILE)
+            if self.best_weights is not None:
+                ckpt.save_atomic(self.best_weights, out / ckpt.BEST_WEIGHTS_FILE)
 
 
 def run_worker(job: Job, ctx: WorkerContext) -> None:

@@ -259,7 +259,9 @@ def test_elr_plus_prediction_averages_logits_and_scores_mean_targets() -> None:
     store.set("elr_target_net1", torch.arange(N), t1)
     store.set("elr_target_net2", torch.arange(N), t2)
     given = np.array([2] * 6 + [0] * 6)
-    score, suggested = method.label_issue_scores(given, np.zeros((N, C)), np.zeros((N, 3)))
+    score, suggested = method.label_issue_scores(
+        given, np.zeros((N, C)), np.zeros((N, 3)), _whole(store)
+    )
     np.testing.assert_allclose(score, [1 - 0.625] * 6 + [1 - 0.125] * 6, rtol=1e-6)
     assert (suggested == 2).all()
 
@@ -379,7 +381,7 @@ def test_limit_scores_with_the_q_network(tmp_path: Path) -> None:
         r = torch.softmax(nets["qnet"](batch.x), 1).float()
     torch.testing.assert_close(store["limit_q_prob"][batch.index], r)
     given = np.zeros(N, dtype=np.int64)
-    score, _ = method.label_issue_scores(given, np.zeros((N, C)), np.zeros((N, 3)))
+    score, _ = method.label_issue_scores(given, np.zeros((N, C)), np.zeros((N, 3)), _whole(store))
     np.testing.assert_allclose(score[batch.index.numpy()], 1 - r[:, 0].numpy(), rtol=1e-6)
     assert np.allclose(np.delete(score, batch.index.numpy()), 1 - 1 / C)  # never visited
 
@@ -553,3 +555,8 @@ def test_limit_q_init_from_a_finished_ce_run(tmp_path, digits_root, monkeypatch)
     assert _max_diff(limit["classifier"], ce) > 1e-3  # the classifier started elsewhere
     resources = (tmp_path / "limit-run/method_resources.json").read_text()
     assert str(tmp_path / "ce-run") in resources
+
+
+def _whole(store) -> dict[str, torch.Tensor]:
+    """Every field of a store, all rows (what the run's outputs pass to label_issue_scores)."""
+    return {name: store[name] for name in store.specs}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -248,9 +248,17 @@ class Method(ABC):
         stage per-sample writes in ``self.store``."""
 
     def label_issue_scores(
-        self, given: np.ndarray, probs: np.ndarray, loss_history: np.ndarray
+        self,
+        given: np.ndarray,
+        probs: np.ndarray,
+        loss_history: np.ndarray,
+        fields: Mapping[str, torch.Tensor],
     ) -> tuple[np.ndarray, np.ndarray]:
         """Score (higher = more likely mislabelled) and suggested label per training sample.
+
+        Called on a block of rows (all of them, or one rank's part of a partitioned store):
+        ``given``, ``probs`` (final predictions), ``loss_history`` and ``fields`` (every store
+        field, e.g. ELR's targets) hold the same rows, in the same order.
 
         The default (docs/methods.md#label-issue-scores) is the mean over epochs of the per-sample
         training loss on the given label, with the final model's prediction as the suggestion.

@@ -6,6 +6,7 @@ so a sample's target is the same whichever worker visits it and is saved with ch
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,9 +58,12 @@ class ELR(Method):
         return StepOutput(elr_loss(logits, labels, new, self.params.lam))
 
     def label_issue_scores(
-        self, given: np.ndarray, probs: np.ndarray, loss_history: np.ndarray
+        self,
+        given: np.ndarray,
+        probs: np.ndarray,
+        loss_history: np.ndarray,
+        fields: Mapping[str, torch.Tensor],
     ) -> tuple[np.ndarray, np.ndarray]:
-        assert self.store is not None
-        targets = self.store["elr_target"].numpy()
+        targets = fields["elr_target"].float().numpy()
         score = 1.0 - targets[np.arange(len(given)), given]
         return score, targets.argmax(axis=1)

@@ -24,7 +24,7 @@ for large images on many workers).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,10 +230,13 @@ class ELRPlus(Method):
 
     # -- outputs and state ----------------------------------------------------------------------
     def label_issue_scores(
-        self, given: np.ndarray, probs: np.ndarray, loss_history: np.ndarray
+        self,
+        given: np.ndarray,
+        probs: np.ndarray,
+        loss_history: np.ndarray,
+        fields: Mapping[str, torch.Tensor],
     ) -> tuple[np.ndarray, np.ndarray]:
-        assert self.store is not None
-        mean = (self.store["elr_target_net1"] + self.store["elr_target_net2"]).numpy() / 2
+        mean = (fields["elr_target_net1"].float() + fields["elr_target_net2"].float()).numpy() / 2
         return 1.0 - mean[np.arange(len(given)), given], mean.argmax(axis=1)
 
     def state_dict(self) -> dict[str, Any]:

@@ -247,8 +247,11 @@ class LIMIT(Method):
             self._noise_generator().set_state(state["noise_gen"])
 
     def label_issue_scores(
-        self, given: np.ndarray, probs: np.ndarray, loss_history: np.ndarray
+        self,
+        given: np.ndarray,
+        probs: np.ndarray,
+        loss_history: np.ndarray,
+        fields: Mapping[str, torch.Tensor],
     ) -> tuple[np.ndarray, np.ndarray]:
-        assert self.store is not None
-        r = self.store["limit_q_prob"].numpy()
+        r = fields["limit_q_prob"].float().numpy()
         return 1.0 - r[np.arange(len(given)), given], r.argmax(axis=1)

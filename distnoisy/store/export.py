@@ -42,7 +42,8 @@ def part_name(part: int) -> str:
     return f"part-{part:05d}.parquet"
 
 
-def _atomic_write_table(table: pa.Table, path: Path) -> None:
+def atomic_write_table(table: pa.Table, path: Path) -> None:
+    """Write a Parquet file under a hidden temporary name, then rename: it appears whole."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -73,7 +74,7 @@ def write_part(directory: Path, part: int, table: pa.Table, first_index: int) ->
     """Write one part atomically; returns its entry for :func:`write_index`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write_table(table, directory / part_name(part))
+    atomic_write_table(table, directory / part_name(part))
     return {"file": part_name(part), "rows": table.num_rows, "first_index": int(first_index)}
 
 
@@ -137,7 +138,7 @@ def iter_sample_stats(
 
 
 # -- label issues ---------------------------------------------------------------------------
-def _order(table: pa.Table) -> pa.Table:
+def order_issues(table: pa.Table) -> pa.Table:
     """Rows by decreasing score, NaN last, ties by increasing sample index; rows with
     ``trained`` false (never trained on) after all others, as in ``rank_by_score``."""
     score = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
@@ -152,7 +153,7 @@ def _order(table: pa.Table) -> pa.Table:
 def rank_part(table: pa.Table) -> pa.Table:
     """One part of the label-issue ranking: its rows in review order (needs ``index`` and
     ``score`` columns)."""
-    return _order(table)
+    return order_issues(table)
 
 
 def merge_top_k(directory: Path, k: int = TOP_K) -> pa.Table:
@@ -169,7 +170,7 @@ def merge_top_k(directory: Path, k: int = TOP_K) -> pa.Table:
             continue
         head_t = pa.Table.from_batches([head])
         top = head_t if top is None else pa.concat_tables([top, head_t.cast(top.schema)])
-        top = _order(top).slice(0, k)
+        top = order_issues(top).slice(0, k)
     if top is None:
         raise ValueError(f"{directory} holds no rows")
     return top
@@ -178,7 +179,7 @@ def merge_top_k(directory: Path, k: int = TOP_K) -> pa.Table:
 def write_top_k(directory: Path, path: Path, k: int = TOP_K) -> int:
     """Write :func:`merge_top_k` of ``directory`` to ``path`` atomically; its row count."""
     top = merge_top_k(directory, k)
-    _atomic_write_table(top, Path(path))
+    atomic_write_table(top, Path(path))
     return top.num_rows
 
 

@@ -19,8 +19,8 @@ replicate on every rank). Rank ``r`` owns rows ``[r * ceil(N/W), (r + 1) * ceil(
   position), as in the replicated backend, so both backends build identical tables.
 - Values are converted and copied to the CPU on the communication thread, not in the step.
 
-Checkpoints use the replicated layout (every field whole, gathered to rank 0 partition by
-partition), so a checkpoint restores on any number of ranks and with either backend.
+Checkpoints hold one file per rank with the rows it owns (:mod:`distnoisy.store.parts`), written
+in parallel; they restore on any number of ranks and with either backend.
 """
 
 from __future__ import annotations
@@ -388,16 +388,32 @@ class PartitionedStore:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Keep this rank's rows of whole fields (a checkpoint of either backend)."""
-        self.sync()
         for name, t in state.items():
-            if name not in self.parts:
-                continue
-            expected = (self.num_samples, *self.kept[name].shape)
-            if tuple(t.shape) != expected:
+            if name in self.kept and tuple(t.shape) != (self.num_samples, *self.kept[name].shape):
                 raise ValueError(
-                    f"checkpoint field {name!r} has shape {tuple(t.shape)}, expected {expected}"
+                    f"checkpoint field {name!r} has shape {tuple(t.shape)}, expected "
+                    f"{(self.num_samples, *self.kept[name].shape)}"
                 )
-            self.parts[name].copy_(t[self.lo : self.hi].to(self.parts[name].dtype))
+        self.load_rows(state, 0)
+
+    def load_rows(self, fields: dict[str, torch.Tensor], lo: int) -> None:
+        """Keep the rows of ``[lo, lo + n)`` that this rank owns (a checkpoint part of any
+        number of ranks, :mod:`distnoisy.store.parts`)."""
+        self.sync()
+        for name, t in fields.items():
+            if name not in self.parts:
+                continue  # a field a later version dropped
+            if tuple(t.shape[1:]) != self.kept[name].shape or lo + len(t) > self.num_samples:
+                raise ValueError(
+                    f"checkpoint field {name!r}: rows [{lo}, {lo + len(t)}) of shape "
+                    f"{tuple(t.shape[1:])} do not fit {self.num_samples} rows of shape "
+                    f"{self.kept[name].shape}"
+                )
+            a, b = max(lo, self.lo), min(lo + len(t), self.hi)
+            if a < b:
+                self.parts[name][a - self.lo : b - self.lo].copy_(
+                    t[a - lo : b - lo].to(self.parts[name].dtype)
+                )
         self._prefetch, self._reads = None, []
 
     def close(self) -> None:

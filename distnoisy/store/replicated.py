@@ -233,6 +233,14 @@ class SampleStore:
                 )
             self.fields[name].copy_(t.to(self.fields[name].dtype))
 
+    def load_rows(self, fields: dict[str, torch.Tensor], lo: int) -> None:
+        """Put rows ``[lo, lo + n)`` of each field back (a checkpoint part, :mod:`.parts`)."""
+        for name, t in fields.items():
+            if name not in self.fields:
+                continue  # a field a later version dropped
+            _check_rows(name, t, lo, self.fields[name])
+            self.fields[name][lo : lo + len(t)].copy_(t.to(self.fields[name].dtype))
+
     def export_parquet(self, path: Path, extra: dict[str, np.ndarray] | None = None) -> None:
         """Write one row per sample (``index`` plus every field; vector fields as lists),
         atomically."""
@@ -249,3 +257,12 @@ class SampleStore:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         pq.write_table(pa.table(columns), tmp)
         os.replace(tmp, path)
+
+
+def _check_rows(name: str, rows: torch.Tensor, lo: int, field: torch.Tensor) -> None:
+    """A part's rows must fit inside the field, with the field's row shape."""
+    if tuple(rows.shape[1:]) != tuple(field.shape[1:]) or not 0 <= lo <= len(field) - len(rows):
+        raise ValueError(
+            f"checkpoint field {name!r}: rows [{lo}, {lo + len(rows)}) of shape "
+            f"{tuple(rows.shape[1:])} do not fit a field of shape {tuple(field.shape)}"
+        )
