@@ -15,7 +15,12 @@
 - **label issues**: a synthetic run of N samples (loss histories and labels drawn per
   partition, no images), each rank exporting its partition of ``sample_stats/`` and of the
   ranked ``label_issues/`` in parallel, rank 0 writing the indexes and the merged top-k; peak
-  memory (max RSS) of every process is recorded beside the size of the whole table.
+  memory (max RSS) of every process is recorded beside the size of the whole table;
+- **checkpoint**: saving and restoring a partitioned store of N rows (C float16 targets plus the
+  run's histories) on W ranks, both ways side by side: *gathered* (the whole store gathered to
+  rank 0 and saved in one file, which every rank loads on restore) and *parts* (each rank saves
+  and restores its own rows, :mod:`distnoisy.store.parts`); wall time and peak memory per rank,
+  and whether the restored store equals the saved one bit for bit.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from distnoisy.store import FieldSpec, make_store
 
 SECTION = "Per-sample store at scale: replicated vs partitioned"
 ISSUES_SECTION = "Per-sample store at scale: a partitioned label-issue run"
+CKPT_SECTION = "Per-sample store at scale: checkpoints"
+CKPT_MODES = ("gathered", "parts")
 #: Scores the label-issue count is fitted on (a quantile sketch; the fit is iterative).
 FIT_AT_MOST = 1_000_000
 
@@ -63,6 +70,9 @@ class StoreBenchSettings:
     issues_classes: int = 100
     issues_workers: int = 4
     top_k: int = 10_000
+    ckpt_n: int = 2_000_000
+    ckpt_classes: int = 100
+    ckpt_workers: int = 4
 
 
 @dataclass
@@ -72,6 +82,7 @@ class StoreBenchReport:
     hot: list[dict[str, Any]] = field(default_factory=list)
     scale: list[dict[str, Any]] = field(default_factory=list)
     issues: dict[str, Any] = field(default_factory=dict)
+    ckpt: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     machine: dict[str, str] = field(default_factory=machine_info)
 
 
@@ -219,6 +230,68 @@ def _resnet_step_s() -> float:
     return statistics.median(times[1:])
 
 
+# -- checkpoints: gathered to rank 0 vs one part per rank ---------------------------------------
+def _filled_store(s: dict[str, Any], world: int, seed: int) -> Any:
+    """A partitioned store of ``ckpt_n`` rows whose rows on this rank hold random values."""
+    specs = _elr_specs(s["ckpt_classes"], s["epochs"])
+    store = make_store(s["ckpt_n"], specs, backend="partitioned", dtype="float16", world_size=world)
+    gen = torch.Generator().manual_seed(seed)
+    for t in store.parts.values():
+        if t.is_floating_point():
+            t.copy_(torch.rand(t.shape, generator=gen))
+        else:
+            t.copy_(torch.randint(-1, 100, t.shape, generator=gen))
+    return store
+
+
+def _ckpt_worker(rank: int, world: int, s: dict[str, Any], mode: str, tmp: str) -> dict[str, Any]:
+    from distnoisy.checkpoint import save_atomic
+    from distnoisy.store.parts import load_parts, save_part
+
+    directory = Path(tmp) / mode
+    directory.mkdir(exist_ok=True)
+    store = _filled_store(s, world, seed=rank)
+    filled = _peak_rss_mb()
+    tdist.barrier()
+    t0 = time.perf_counter()
+    if mode == "gathered":  # what checkpoints did before per-rank parts
+        state = store.state_dict()  # whole on rank 0, {} elsewhere
+        if rank == 0:
+            save_atomic({"store": state}, directory / "state.pt")
+        del state
+    else:
+        save_part(store, directory, rank)
+    tdist.barrier()
+    save_s, saved_rss = time.perf_counter() - t0, _peak_rss_mb()
+    fresh = make_store(
+        s["ckpt_n"], dict(store.specs), backend="partitioned", dtype="float16", world_size=world
+    )
+    tdist.barrier()
+    t0 = time.perf_counter()
+    if mode == "gathered":  # every rank reads the one file, keeps its rows
+        state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
+        fresh.load_state_dict(state["store"])
+        del state
+    else:
+        load_parts(fresh, directory, world)
+    tdist.barrier()
+    load_s = time.perf_counter() - t0
+    exact = all(torch.equal(fresh.local(n), store.local(n)) for n in store.specs)
+    lo, hi = store.owned_range()
+    row = sum(t[:1].numel() * t.element_size() for t in store.parts.values())
+    store.close()
+    fresh.close()
+    return {
+        "rows": hi - lo,
+        "row_bytes": row,
+        "filled_rss_mb": filled,
+        "saved_rss_mb": saved_rss,
+        "save_s": save_s,
+        "load_s": load_s,
+        "exact": exact,
+    }
+
+
 # -- label issues: a synthetic partitioned run ------------------------------------------------
 def _synthetic_part(lo: int, hi: int, classes: int, epochs: int) -> dict[str, np.ndarray]:
     """Loss and prediction histories of rows ``[lo, hi)``, drawn in chunks of 250,000 rows (so
@@ -334,7 +407,7 @@ def _check_issues(out: Path, s: StoreBenchSettings) -> dict[str, Any]:
 
 # -- running, printing, the docs section ------------------------------------------------------
 def run(s: StoreBenchSettings, parts: tuple[str, ...]) -> StoreBenchReport:
-    """Measure the chosen ``parts`` (``hot``, ``scale``, ``issues``)."""
+    """Measure the chosen ``parts`` (``hot``, ``scale``, ``issues``, ``checkpoint``)."""
     settings = asdict(s)
     report = StoreBenchReport(s, _resnet_step_s() if "hot" in parts else float("nan"))
     if "hot" in parts:
@@ -354,6 +427,10 @@ def run(s: StoreBenchSettings, parts: tuple[str, ...]) -> StoreBenchReport:
                 "per_rank": per_rank,
                 **_check_issues(Path(tmp), s),
             }
+    if "checkpoint" in parts:
+        for mode in CKPT_MODES:  # each in fresh processes: peak memory is per process
+            with tempfile.TemporaryDirectory(dir=os.environ.get("DISTNOISY_BENCH_TMP")) as tmp:
+                report.ckpt[mode] = _spawn(_ckpt_worker, s.ckpt_workers, settings, mode, tmp)
     return report
 
 
@@ -443,6 +520,37 @@ def _issues_lines(r: StoreBenchReport) -> list[str]:
     ]
 
 
+def _ckpt_lines(r: StoreBenchReport) -> list[str]:
+    s = r.settings
+    first = r.ckpt[CKPT_MODES[0]][0]
+    whole_mb = s.ckpt_n * first["row_bytes"] / 2**20
+    lines = [
+        "",
+        f"Checkpoints: a partitioned store of N = {s.ckpt_n:,} rows (C = {s.ckpt_classes} float16 "
+        f"ELR targets and probabilities, {s.epochs}-epoch histories: {first['row_bytes']} bytes "
+        f"a row, {whole_mb:.0f} MB in all) on {s.ckpt_workers} ranks, saved and restored into a "
+        "fresh store. *gathered*: the store gathered to rank 0 and saved as one file, which "
+        "every rank loads on restore (checkpoints before per-rank parts); *parts*: each rank "
+        "saves its rows and restores the parts that overlap them (memory-mapped). Memory: each "
+        "rank's peak RSS growth above its filled partition (the restore's includes the fresh "
+        "store's own partition), MB, ranks in order.",
+        "",
+        "| layout | save (s) | restore (s) | extra peak while saving, MB | extra peak after "
+        "restoring, MB | restored bit for bit |",
+        "|---|---:|---:|---|---|---|",
+    ]
+    for mode in CKPT_MODES:
+        ranks = r.ckpt[mode]
+        save = ", ".join(f"{p['saved_rss_mb'] - p['filled_rss_mb']:.0f}" for p in ranks)
+        load = ", ".join(f"{p['max_rss_mb'] - p['filled_rss_mb']:.0f}" for p in ranks)
+        lines.append(
+            f"| {mode} | {max(p['save_s'] for p in ranks):.2f} "
+            f"| {max(p['load_s'] for p in ranks):.2f} | {save} | {load} "
+            f"| {'yes' if all(p['exact'] for p in ranks) else 'NO'} |"
+        )
+    return lines
+
+
 def render(r: StoreBenchReport, command: str) -> dict[str, str]:
     """``{section title: Markdown}`` of the parts measured."""
     m = r.machine
@@ -456,25 +564,32 @@ def render(r: StoreBenchReport, command: str) -> dict[str, str]:
         out[SECTION] = "\n".join(body) + "\n"
     if r.issues:
         out[ISSUES_SECTION] = "\n".join([head, *_issues_lines(r)]) + "\n"
+    if r.ckpt:
+        out[CKPT_SECTION] = "\n".join([head, *_ckpt_lines(r)]) + "\n"
     return out
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("store", help="per-sample store: hot path, memory per rank, label issues")
     d = StoreBenchSettings()
-    p.add_argument("--parts", default="hot,scale,issues", help="comma list of hot,scale,issues")
+    p.add_argument(
+        "--parts",
+        default="hot,scale,issues,checkpoint",
+        help="comma list of hot,scale,issues,checkpoint",
+    )
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--hot-n", type=int, default=d.hot_n)
     p.add_argument("--scale-n", default=",".join(map(str, d.scale_n)))
     p.add_argument("--issues-n", type=int, default=d.issues_n)
+    p.add_argument("--ckpt-n", type=int, default=d.ckpt_n)
     p.add_argument("--out", type=Path, default=None, help="Markdown file to write the section to")
 
 
 def main(args: argparse.Namespace, argv: list[str]) -> StoreBenchReport:
     parts = tuple(x for x in args.parts.split(",") if x)
-    bad = set(parts) - {"hot", "scale", "issues"}
+    bad = set(parts) - {"hot", "scale", "issues", "checkpoint"}
     if bad or not parts:
-        raise SystemExit(f"--parts takes hot, scale and issues, got {args.parts!r}")
+        raise SystemExit(f"--parts takes hot, scale, issues and checkpoint, got {args.parts!r}")
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
     settings = StoreBenchSettings(
@@ -482,6 +597,7 @@ def main(args: argparse.Namespace, argv: list[str]) -> StoreBenchReport:
         hot_n=args.hot_n,
         scale_n=tuple(int(x) for x in args.scale_n.split(",")),
         issues_n=args.issues_n,
+        ckpt_n=args.ckpt_n,
     )
     report = run(settings, parts)
     sections = render(report, "python -m distnoisy.bench store " + " ".join(argv[1:]))
