@@ -187,3 +187,16 @@ def test_loader_bench_measures_both_pipelines_and_writes_its_section(tmp_path: P
     assert "keep me" in text and f"## {SECTION}" in text
     assert "Ratio shards / ImageFolder" in text and "--note" not in text
     assert text.rstrip().endswith("a note")
+
+
+def test_store_bench_checkpoint_part_restores_both_layouts_exactly(tmp_path: Path) -> None:
+    from distnoisy.bench import store as store_bench
+
+    settings = store_bench.StoreBenchSettings(ckpt_n=5_000, ckpt_classes=7, ckpt_workers=2)
+    report = store_bench.run(settings, ("checkpoint",))
+    assert set(report.ckpt) == {"gathered", "parts"}
+    for mode, ranks in report.ckpt.items():
+        assert [p["rows"] for p in ranks] == [2_500, 2_500], mode
+        assert all(p["exact"] for p in ranks), mode
+    text = store_bench.render(report, "cmd")[store_bench.CKPT_SECTION]
+    assert "| parts |" in text and "| gathered |" in text and "NO" not in text
