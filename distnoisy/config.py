@@ -192,7 +192,7 @@ class TrackingConfig:
     run_name: str | None = None
     # Extra MLflow run tags, e.g. tracking.tags.team=vision (values are strings).
     tags: dict[str, str] = field(default_factory=dict)
-    # Log the driver machine's CPU/GPU/memory use as MLflow system metrics (needs psutil).
+    # Log the driver machine's CPU/GPU/memory use as MLflow system metrics (psutil).
     system_metrics: bool = False
 
 

@@ -96,7 +96,6 @@ def source_tags(source: str = "python -m distnoisy.train") -> dict[str, str]:
 def start_system_metrics(uri: str, run_id: str) -> Any:
     """Start logging this machine's CPU/GPU/memory use to the run (MLflow system metrics);
     returns the monitor, whose ``finish()`` stops it."""
-    import ray  # noqa: F401  (puts the psutil that Ray bundles on the path)
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(run_id, tracking_uri=uri, resume_logging=True)

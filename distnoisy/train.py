@@ -105,19 +105,6 @@ def check_output_location(cfg: Config) -> None:
         )
 
 
-def _check_tracking(cfg: Config) -> None:
-    if cfg.tracking.enabled and cfg.tracking.system_metrics:
-        import importlib.util
-
-        import ray  # noqa: F401  (puts the psutil that Ray bundles on the path)
-
-        if importlib.util.find_spec("psutil") is None:
-            raise ConfigError(
-                "tracking.system_metrics=true needs the psutil package (Ray bundles it; this "
-                "Ray install does not): pip install psutil, or drop the key"
-            )
-
-
 def _check_resume_config(cfg: Config, run_dir: Path) -> None:
     """A resumed run keeps the config it was started with (but for :data:`RESUMABLE_KEYS`)."""
     saved_path = run_dir / "config.yaml"
@@ -271,7 +258,6 @@ def train(
     _check_run_dir(run_dir, cfg.resume)
     if cfg.resume:
         _check_resume_config(cfg, run_dir)
-    _check_tracking(cfg)
     spec = prepare_data(cfg)  # validates data and labels; writes only into the data cache
     _check_batch_fits(cfg, spec)
     _dry_build(cfg, spec.num_classes, spec.in_channels)
