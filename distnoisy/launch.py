@@ -232,6 +232,27 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
     reaper.start()
 
 
+def map_tasks(
+    fn: Any, calls: list[tuple[Any, ...]], shared: Any = None, num_cpus: float = 1.0
+) -> list[Any]:
+    """``[fn(shared, *args) for args in calls]`` as Ray tasks on the cluster training uses
+    (joined, or started on this machine as :func:`ensure_ray` does), in order.
+
+    ``shared`` goes to the object store once, not with every call (numpy arrays in it are read
+    zero-copy, read-only). ``fn`` must be importable by reference.
+    """
+    import ray
+
+    ensure_ray(None, len(calls))
+    task = ray.remote(num_cpus=num_cpus)(_call_with_shared)
+    shared_ref = ray.put(shared)
+    return ray.get([task.remote(fn, shared_ref, *args) for args in calls])
+
+
+def _call_with_shared(fn: Any, shared: Any, *args: Any) -> Any:
+    return fn(shared, *args)
+
+
 def _cluster_can_grow() -> bool:
     """Whether the connected Ray cluster may add nodes: False for a cluster this process
     started (``ray.init()`` without an address: a fixed set of local resources)."""

@@ -77,7 +77,7 @@ def check_k(n_ref: int, k: int, metric: str, is_self: bool) -> None:
         )
 
 
-def _ray_blocks(
+def _parallel_blocks(
     q: torch.Tensor,
     ref: torch.Tensor,
     k: int,
@@ -86,29 +86,30 @@ def _ray_blocks(
     num_workers: int,
     block_rows: int,
 ) -> np.ndarray:
-    """The query rows split over ``num_workers`` Ray tasks, each scoring its share in chunks of
-    ``block_rows``; the reference goes to the object store once (numpy: read zero-copy)."""
-    import ray
+    """The query rows split over ``num_workers`` Ray tasks (:func:`distnoisy.launch.map_tasks`),
+    each scoring its share in chunks of ``block_rows``; the reference is shared once."""
+    from distnoisy.launch import map_tasks
 
-    @ray.remote(num_cpus=1)
-    def task(block: np.ndarray, reference: np.ndarray, offset: int | None) -> np.ndarray:
-        torch.set_num_threads(1)
-        return _score_blocks(
-            torch.from_numpy(block),
-            torch.from_numpy(reference.copy()),
-            k,
-            metric,
-            offset,
-            block_rows,
-        )
-
-    ref_ref = ray.put(ref.numpy())
     step = max(block_rows, math.ceil(len(q) / num_workers))
-    futures = [
-        task.remote(q[s : s + step].numpy(), ref_ref, s if is_self else None)
+    calls = [
+        (q[s : s + step].numpy(), s if is_self else None, k, metric, block_rows)
         for s in range(0, len(q), step)
     ]
-    return np.concatenate(ray.get(futures))
+    return np.concatenate(map_tasks(_score_task, calls, shared=ref.numpy()))
+
+
+def _score_task(
+    reference: np.ndarray,
+    block: np.ndarray,
+    offset: int | None,
+    k: int,
+    metric: str,
+    block_rows: int,
+) -> np.ndarray:
+    """One Ray task of :func:`_parallel_blocks` (the reference arrives read-only: copied)."""
+    torch.set_num_threads(1)
+    ref = torch.from_numpy(reference.copy())
+    return _score_blocks(torch.from_numpy(block), ref, k, metric, offset, block_rows)
 
 
 def _score_blocks(
@@ -170,5 +171,5 @@ def knn_density(
     ref = q if is_self else normalise(reference)
     check_k(len(ref), k, metric, is_self)
     if num_workers > 1 and len(q) >= parallel_min_rows:
-        return _ray_blocks(q, ref, k, metric, is_self, num_workers, block_rows)
+        return _parallel_blocks(q, ref, k, metric, is_self, num_workers, block_rows)
     return _score_blocks(q, ref, k, metric, 0 if is_self else None, block_rows)

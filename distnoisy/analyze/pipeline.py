@@ -30,6 +30,8 @@ from distnoisy.runs import FinishedRun, open_run
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("given_label", "clean_label", "final_pred", "pred_hist", "loss_hist", "key")
+#: What :func:`load_history` keeps of each training sample (besides its key).
+PER_SAMPLE = ("given_label", "clean_label", "final_pred", "first_epoch", "stays")
 
 
 @dataclass
@@ -65,20 +67,34 @@ def check_same_dataset(runs: list[FinishedRun]) -> None:
 
 
 def load_history(run: FinishedRun) -> dict[str, np.ndarray]:
-    """The store columns the analysis reads, checked: a history and known clean labels."""
-    cols = run.read_table(columns=HISTORY_COLUMNS)
-    visited = cols["pred_hist"] >= 0
-    if cols["loss_hist"].size == 0 or not visited.any() or np.isnan(cols["loss_hist"]).all():
+    """Per-sample memorisation of a run, checked: a history and known clean labels.
+
+    Read part by part (:meth:`FinishedRun.iter_table`): each batch's ``N x epochs`` loss and
+    prediction histories are reduced to the first memorised epoch and whether it stays
+    memorised, so only per-sample scalars (and the keys) are ever held for the whole set.
+    """
+    kept: dict[str, list[np.ndarray]] = {c: [] for c in (*PER_SAMPLE, "key")}
+    visited = history_left = False
+    for part in run.iter_table(columns=HISTORY_COLUMNS):
+        given, clean = part["given_label"], part["clean_label"]
+        if (clean < 0).any():
+            raise ConfigError(
+                f"run {run.run_dir}: clean labels are not known for every training sample, so "
+                "corrupted samples cannot be told apart; analyse runs with synthetic noise"
+            )
+        pred_hist = part["pred_hist"]
+        visited = visited or bool((pred_hist >= 0).any())
+        history_left = history_left or bool(np.isfinite(part["loss_hist"]).any())
+        first = first_memorized_epoch(pred_hist, given, clean)
+        derived = {"first_epoch": first, "stays": stays_memorized(pred_hist, given, first)}
+        for c in kept:
+            kept[c].append(derived[c] if c in derived else part[c])
+    if not (visited and history_left):
         raise ConfigError(
             f"run {run.run_dir}: its store holds no loss/prediction history (no epoch visited "
             "any sample); analyse a run that trained at least one epoch"
         )
-    if (cols["clean_label"] < 0).any():
-        raise ConfigError(
-            f"run {run.run_dir}: clean labels are not known for every training sample, so "
-            "corrupted samples cannot be told apart; analyse runs with synthetic noise"
-        )
-    return cols
+    return {c: np.concatenate(v) for c, v in kept.items()}
 
 
 def check_reference(ref: FinishedRun) -> None:
@@ -118,15 +134,14 @@ def _run_samples(
     hist: dict[str, np.ndarray], emb: Embedding, train_b: np.ndarray, test_b: np.ndarray
 ) -> RunSamples:
     given, clean = hist["given_label"], hist["clean_label"]
-    first = first_memorized_epoch(hist["pred_hist"], given, clean)
     logits = emb.logits - emb.logits.max(axis=1, keepdims=True)
     prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     return RunSamples(
         train_bucket=train_b,
         corrupted=given != clean,
         memorized_final=hist["final_pred"] == given,
-        first_epoch=first,
-        stays=stays_memorized(hist["pred_hist"], given, first),
+        first_epoch=hist["first_epoch"],
+        stays=hist["stays"],
         test_bucket=test_b,
         test_correct=emb.logits.argmax(axis=1) == emb.labels,
         test_confidence=prob.max(axis=1),
