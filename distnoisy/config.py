@@ -133,6 +133,11 @@ class NoiseConfig:
     # stored (0..255), like the authors' generator; "standardized" = per-feature z-scores (the
     # law of distnoisy's earlier label files; flips spread over more classes).
     instance_features: str = "raw"
+    # ``data.name=longtail``, ``kind=instance`` only: a noise rate that depends on the
+    # subpopulation. The samples of subpopulations of at most ``tail_size`` training instances
+    # get mean rate ``tail_rate``, the others ``rate`` (docs/analysis.md#long-tail-data).
+    tail_rate: float | None = None
+    tail_size: int = 1
 
 
 @dataclass
@@ -324,6 +329,22 @@ def _choose(value: str, choices: tuple[str, ...], key: str) -> None:
         raise ConfigError(f"invalid {key}={value!r}; valid choices: {', '.join(choices)}")
 
 
+def _tail_noise_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """``noise.tail_rate``: a rate in [0, 1), for instance noise on the long-tail set only."""
+    n = cfg.noise
+    if n.tail_rate is None:
+        return []
+    return [
+        (0.0 <= n.tail_rate < 1.0, "noise.tail_rate must be in [0, 1)"),
+        (n.tail_size >= 1, "noise.tail_size must be >= 1 (training instances of a subpopulation)"),
+        (
+            cfg.data.name == "longtail" and n.kind == "instance",
+            "noise.tail_rate applies to data.name=longtail with noise.kind=instance (elsewhere "
+            "the subpopulations are unknown): drop it, or make a label file (noise.kind=file)",
+        ),
+    ]
+
+
 def validate(cfg: Config) -> None:
     """Check value ranges and choices that the type system cannot express."""
     _choose(cfg.data.name, DATASETS, "data.name")
@@ -341,6 +362,7 @@ def validate(cfg: Config) -> None:
     checks = [
         (0.0 <= cfg.noise.rate < 1.0, "noise.rate must be in [0, 1)"),
         (cfg.noise.kind != "file" or cfg.noise.file, "noise.kind=file needs noise.file=PATH"),
+        *_tail_noise_checks(cfg),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
@@ -142,3 +144,40 @@ def test_subpopulation_dependent_noise_rate(tmp_path):
         )
     )
     assert spec.noise_rate == pytest.approx((noisy != clean).mean())
+
+
+def test_tail_noise_rate_from_the_config(tmp_path):
+    """noise.tail_rate: the singletons corrupted near their rate, the rest at noise.rate; the
+    label file is made once and reused; the key is refused where subpopulations are unknown."""
+    from distnoisy.data.noise import load_label_file
+    from distnoisy.data.prepare import prepare_data
+
+    args = [
+        "data.name=longtail",
+        f"data.root={tmp_path}",
+        "data.longtail.subpopulations=300",
+        "data.longtail.max_size=20",
+        "noise.kind=instance",
+        "noise.rate=0.0",
+        "noise.tail_rate=0.5",
+        "noise.seed=3",
+    ]
+    spec = prepare_data(load_config(args))
+    labels = load_label_file(spec.label_file, spec.num_train, spec.num_classes)
+    noisy, clean = labels.labels, labels.clean_labels
+    sizes = subpopulation_sizes(300, 1.0, 20)
+    tail = sizes[np.repeat(np.arange(300), sizes)] == 1
+    assert (noisy[~tail] == clean[~tail]).all()
+    assert 0.4 < (noisy[tail] != clean[tail]).mean() < 0.6
+    # The same draw as the function behind it, and the file is reused as it is.
+    expected, _ = subpopulation_noise(
+        LongtailConfig(subpopulations=300, max_size=20), 0.0, 0.5, tail_size=1, seed=3
+    )
+    assert (noisy == expected).all()
+    made = Path(spec.label_file).stat().st_mtime_ns
+    assert prepare_data(load_config(args)).label_file == spec.label_file
+    assert Path(spec.label_file).stat().st_mtime_ns == made
+    with pytest.raises(ConfigError, match=r"noise\.tail_rate applies to data\.name=longtail"):
+        load_config(["data.name=digits", "noise.kind=instance", "noise.tail_rate=0.5"])
+    with pytest.raises(ConfigError, match=r"noise\.tail_rate must be in \[0, 1\)"):
+        load_config([*args, "noise.tail_rate=1.0"])

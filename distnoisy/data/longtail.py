@@ -239,3 +239,35 @@ def subpopulation_noise(
                 clean[mask], cfg.num_classes, mean, rng, features=pixels[mask]
             )
     return noisy, clean
+
+
+def tail_noise_file(
+    cache_dir: Path,
+    cfg: LongtailConfig,
+    num_samples: int,
+    *,
+    rate: float,
+    tail_rate: float,
+    tail_size: int,
+    seed: int,
+) -> tuple[Path, np.ndarray]:
+    """The label file of :func:`subpopulation_noise` (``noise.tail_rate``), made on first use
+    in ``cache_dir`` (atomically) and reused after; returns it and the clean labels it was
+    drawn from."""
+    from distnoisy.data.noise import load_label_file, save_label_file
+
+    key = f"{cache_root(Path('.'), cfg).name}-r{rate:g}-t{tail_rate:g}-s{tail_size}-seed{seed}"
+    path = Path(cache_dir) / f"noise-longtail-tail-{key}.parquet"
+    if path.exists():
+        try:
+            found = load_label_file(path, num_samples, cfg.num_classes)
+        except DataError:  # damaged: made again below
+            found = None
+        if found is not None and found.clean_labels is not None:
+            return path, found.clean_labels
+    noisy, clean = subpopulation_noise(cfg, rate, tail_rate, tail_size, seed)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    meta = {"kind": "longtail-subpopulation", "rate": rate, "tail_rate": tail_rate,
+            "tail_size": tail_size, "seed": seed}  # fmt: skip
+    save_label_file(path, noisy, clean, meta)
+    return path, clean

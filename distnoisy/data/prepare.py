@@ -316,6 +316,10 @@ def _noisy_labels(
     elif kind != "none":
         # Synthetic noise corrupts the dataset's own labels, which are then the clean ones.
         clean = labels if clean is None or (clean < 0).any() else clean
+        if cfg.noise.tail_rate is not None:  # a rate by subpopulation size (longtail only)
+            label_file = _tail_label_file(cfg, manifest, train_dir, clean)
+            given = noise_mod.load_label_file(label_file, manifest.num_samples, num_classes).labels
+            return label_file, None, given, clean
         features = _train_features(train_dir) if kind == "instance" else None
         label_file = noise_mod.noisy_label_file(
             _noise_dir(cfg, train_dir),
@@ -348,6 +352,30 @@ def _noisy_labels(
                 instance_features=cfg.noise.instance_features,
             )
     return label_file, val_label_file, given, clean
+
+
+def _tail_label_file(
+    cfg: Config, manifest: Manifest, train_dir: str | Path, clean: np.ndarray
+) -> Path:
+    """``noise.tail_rate``: the long-tail set's label file with a rate by subpopulation size."""
+    from distnoisy.data import longtail
+
+    assert cfg.noise.tail_rate is not None
+    path, drawn_from = longtail.tail_noise_file(
+        _noise_dir(cfg, train_dir),
+        cfg.data.longtail,
+        manifest.num_samples,
+        rate=cfg.noise.rate,
+        tail_rate=cfg.noise.tail_rate,
+        tail_size=cfg.noise.tail_size,
+        seed=cfg.noise.seed,
+    )
+    if not np.array_equal(drawn_from, clean):
+        raise DataError(
+            f"the long-tail shards in {train_dir} do not match data.longtail.* (their labels "
+            "differ from the generator's): delete that directory to have it made again"
+        )
+    return path
 
 
 def _measured_noise(
