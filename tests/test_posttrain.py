@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -146,31 +147,46 @@ def test_bad_runs_are_one_line(source, tmp_path, capsys):
         assert not out.exists()
 
 
+def _removed_with_scoring_ranks(source, out: Path, workers: int, launcher: str):
+    """``removed.parquet`` of a post-training whose rounds are scored on ``workers`` ranks."""
+    run_dir, uri, _ = source
+    args = [
+        f"run={run_dir}",
+        f"tracking.uri={uri}",
+        f"output_dir={out}",
+        "posttrain.hessian=ekfac",
+        "posttrain.fraction_per_round=0.1",
+        "posttrain.max_removed=0.2",
+        "posttrain.patience=5",
+        f"posttrain.num_workers={workers}",
+        f"posttrain.launcher={launcher}",
+    ]
+    assert main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["score_workers"] == workers
+    assert not (out / ".scratch").exists()
+    return pq.read_table(out / "removed.parquet").to_pandas()
+
+
+@pytest.mark.slow
+def test_two_ray_scoring_ranks_remove_what_one_process_removes(source, tmp_path, ray_cluster):
+    """posttrain.launcher=ray: each round's EK-FAC scores come from two Ray Train workers
+    inside the command, and equal the one-process ones."""
+    one = _removed_with_scoring_ranks(source, tmp_path / "w1", 1, "local")
+    two = _removed_with_scoring_ranks(source, tmp_path / "ray2", 2, "ray")
+    assert len(one) > 0
+    assert sorted(one["index"]) == sorted(two["index"])
+    np.testing.assert_allclose(
+        one.sort_values("index")["score"], two.sort_values("index")["score"], rtol=1e-9
+    )
+
+
 @pytest.mark.slow
 def test_one_and_two_scoring_ranks_remove_the_same_samples(source, tmp_path):
     """posttrain.num_workers=2 scores each round on two spawned ranks (EK-FAC factors
     all-reduced): the removed set and the scores equal the one-process ones."""
-    run_dir, uri, _ = source
-    got = {}
-    for workers in (1, 2):
-        out = tmp_path / f"w{workers}"
-        args = [
-            f"run={run_dir}",
-            f"tracking.uri={uri}",
-            f"output_dir={out}",
-            "posttrain.hessian=ekfac",
-            "posttrain.fraction_per_round=0.1",
-            "posttrain.max_removed=0.2",
-            "posttrain.patience=5",
-            f"posttrain.num_workers={workers}",
-            "posttrain.launcher=local",
-        ]
-        assert main(args) == 0
-        s = json.loads((out / "summary.json").read_text())
-        assert s["score_workers"] == workers
-        assert not (out / ".scratch").exists()
-        got[workers] = pq.read_table(out / "removed.parquet").to_pandas()
-    one, two = got[1], got[2]
+    one = _removed_with_scoring_ranks(source, tmp_path / "w1", 1, "local")
+    two = _removed_with_scoring_ranks(source, tmp_path / "w2", 2, "local")
     assert len(one) > 0
     assert sorted(one["index"]) == sorted(two["index"])
     np.testing.assert_allclose(
