@@ -133,34 +133,43 @@ def test_help_explains_the_command_and_where_keys_are_documented(module, tmp_pat
 
 
 # -- Ctrl-C: the line names the real command that resumes the run ------------------------------
-@pytest.mark.parametrize("workers", [1, 2])
-def test_interrupt_prints_the_command_that_resumes_the_run(tmp_path, digits_root, workers):
-    # One worker trains in the driver; two are spawned processes, stopped with the driver.
-    run = tmp_path / "run with space"
-    argv = [f"data.root={digits_root}", f"output_dir={run}", "train.epochs=500"]
+def _interrupt_after(cwd, args: list[str], marker: str) -> tuple[int, str]:
+    """Start ``python -m distnoisy.train args``, press Ctrl-C once a stderr line contains
+    ``marker``; its exit code and stderr. Its process group is killed afterwards, whatever
+    happened (the driver's own session: the clean-up reaches spawned workers too)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "distnoisy.train", *argv, *LOCAL, f"scaling.num_workers={workers}"],
-        cwd=tmp_path,
+        [sys.executable, "-m", "distnoisy.train", *args],
+        cwd=cwd,
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # its own process group: the clean-up below reaches the workers
+        start_new_session=True,
         preexec_fn=_default_sigint,
     )
     try:
         seen = []
         for line in proc.stderr:  # the epoch lines are logged to stderr
             seen.append(line)
-            if line.startswith("epoch 1/500"):
+            if marker in line:
                 break
-        assert seen and seen[-1].startswith("epoch 1/500"), "".join(seen)[-3000:]
+        assert seen and marker in seen[-1], "".join(seen)[-3000:]
         proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=120)[1]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-3000:]
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_interrupt_prints_the_command_that_resumes_the_run(tmp_path, digits_root, workers):
+    # One worker trains in the driver; two are spawned processes, stopped with the driver.
+    run = tmp_path / "run with space"
+    argv = [f"data.root={digits_root}", f"output_dir={run}", "train.epochs=500"]
+    args = [*argv, *LOCAL, f"scaling.num_workers={workers}"]
+    returncode, err = _interrupt_after(tmp_path, args, "epoch 1/500")
+    assert returncode == 130, err[-3000:]
     last = err.strip().splitlines()[-1]
     expected = f"python -m distnoisy.train 'output_dir={run}' resume=true"
     assert last == f"distnoisy: interrupted; resume with: {expected}", err[-3000:]
@@ -177,29 +186,9 @@ def test_ray_launcher_interrupt_prints_the_command_that_resumes_the_run(tmp_path
     # SystemExit(1) and exited 1 without the line.
     run = tmp_path / "run"
     argv = [f"data.root={digits_root}", f"output_dir={run}", "train.epochs=300"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distnoisy.train", *argv, "tracking.enabled=false"],
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=_default_sigint,
-    )
-    try:
-        seen = []
-        for line in proc.stderr:  # worker lines come prefixed with "(RayTrainWorker pid=...)"
-            seen.append(line)
-            if "epoch 1/300" in line:
-                break
-        assert "epoch 1/300" in seen[-1], "".join(seen)[-3000:]
-        proc.send_signal(signal.SIGINT)
-        err = proc.communicate(timeout=120)[1]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-3000:]
+    # worker lines come prefixed with "(RayTrainWorker pid=...)"
+    returncode, err = _interrupt_after(tmp_path, [*argv, "tracking.enabled=false"], "epoch 1/300")
+    assert returncode == 130, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last == (
         f"distnoisy: interrupted; resume with: python -m distnoisy.train output_dir={run} "

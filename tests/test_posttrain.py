@@ -169,24 +169,15 @@ def _removed_with_scoring_ranks(source, out: Path, workers: int, launcher: str):
 
 
 @pytest.mark.slow
-def test_two_ray_scoring_ranks_remove_what_one_process_removes(source, tmp_path, ray_cluster):
-    """posttrain.launcher=ray: each round's EK-FAC scores come from two Ray Train workers
-    inside the command, and equal the one-process ones."""
+@pytest.mark.parametrize("launcher", ["local", "ray"])
+def test_one_and_two_scoring_ranks_remove_the_same_samples(source, tmp_path, request, launcher):
+    """posttrain.num_workers=2 scores each round on two ranks, spawned processes or Ray Train
+    workers inside the command (EK-FAC factors all-reduced): the removed set and the scores
+    equal the one-process ones."""
+    if launcher == "ray":
+        request.getfixturevalue("ray_cluster")  # the session's local Ray cluster
     one = _removed_with_scoring_ranks(source, tmp_path / "w1", 1, "local")
-    two = _removed_with_scoring_ranks(source, tmp_path / "ray2", 2, "ray")
-    assert len(one) > 0
-    assert sorted(one["index"]) == sorted(two["index"])
-    np.testing.assert_allclose(
-        one.sort_values("index")["score"], two.sort_values("index")["score"], rtol=1e-9
-    )
-
-
-@pytest.mark.slow
-def test_one_and_two_scoring_ranks_remove_the_same_samples(source, tmp_path):
-    """posttrain.num_workers=2 scores each round on two spawned ranks (EK-FAC factors
-    all-reduced): the removed set and the scores equal the one-process ones."""
-    one = _removed_with_scoring_ranks(source, tmp_path / "w1", 1, "local")
-    two = _removed_with_scoring_ranks(source, tmp_path / "w2", 2, "local")
+    two = _removed_with_scoring_ranks(source, tmp_path / "w2", 2, launcher)
     assert len(one) > 0
     assert sorted(one["index"]) == sorted(two["index"])
     np.testing.assert_allclose(
