@@ -2,11 +2,12 @@
 
 With ``posttrain.num_workers > 1`` (or a run trained on several workers), the approximate-Hessian
 scores (``influence`` and ``self_influence`` with ``hessian=ekfac`` or ``kfac``) are computed by
-:func:`distnoisy.posttrain.ranks.score_rank` on the run's launcher: each round writes the kept
-rows to a scratch ``.npy`` and every rank scores its contiguous share of them. The Kronecker
-factors are all-reduced, so the scores equal the one-process ones up to float64 summation
-order. The exact Hessian, ``grad_norm`` and ``loss_history`` are scored in-process (they are
-cheap, or only exist for small heads).
+:func:`distnoisy.posttrain.ranks.score_rank` on the run's launcher: each round writes the indices
+and labels of the kept rows to a scratch ``.npy`` (16 bytes a row; the features stay in the
+run's cached, memory-mapped feature file) and every rank scores its contiguous share of them.
+The Kronecker factors are all-reduced, so the scores equal the one-process ones up to float64
+summation order. The exact Hessian, ``grad_norm`` and ``loss_history`` are scored in-process
+(they are cheap, or only exist for small heads).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-#: ``(theta, kept features, kept labels, mu) -> scores``
+#: ``(theta, kept rows (indices into the training features), their labels, mu) -> scores``
 Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
 
 
@@ -38,24 +39,26 @@ def parallel_applies(kind: str, hessian: str, world: int) -> bool:
     return world > 1 and kind in ("influence", "self_influence") and hessian in ("ekfac", "kfac")
 
 
-def rank_scorer(setup: RankSetup, kind: str, hessian: str, scratch: Path) -> Scorer:
+def rank_scorer(setup: RankSetup, kind: str, hessian: str, scratch: Path, features: Path) -> Scorer:
     """A scorer that runs :func:`~distnoisy.posttrain.ranks.score_rank` on ``setup.world``
-    ranks; ``scratch`` holds each call's files (removed after the call)."""
+    ranks over rows of the ``(N, d)`` ``.npy`` file ``features``; ``scratch`` holds each call's
+    files (removed after the call)."""
 
-    def score(theta: np.ndarray, h: np.ndarray, y: np.ndarray, mu: float) -> np.ndarray:
+    def score(theta: np.ndarray, rows: np.ndarray, y: np.ndarray, mu: float) -> np.ndarray:
         from distnoisy.launch import run_ranks
         from distnoisy.posttrain.ranks import ScoreTask, score_rank
 
         scratch.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="score-", dir=scratch))
         try:
-            np.save(tmp / "h.npy", np.ascontiguousarray(h))
+            np.save(tmp / "rows.npy", np.asarray(rows, dtype=np.int64))
             np.save(tmp / "y.npy", np.asarray(y, dtype=np.int64))
             out = tmp / "scores.npy"
             np.lib.format.open_memmap(out, mode="w+", dtype=np.float64, shape=(len(y),)).flush()
             task = ScoreTask(
-                features=str(tmp / "h.npy"),
+                features=str(features),
                 labels=str(tmp / "y.npy"),
+                rows=str(tmp / "rows.npy"),
                 theta=np.asarray(theta, np.float64),
                 mu=float(mu),
                 scores=str(out),

@@ -1,6 +1,7 @@
 """EK-FAC influence scores computed by several ranks, each over its own rows.
 
-Rank ``r`` of ``W`` reads rows ``[N r / W, N (r + 1) / W)`` of a memory-mapped feature file,
+Rank ``r`` of ``W`` reads rows ``[N r / W, N (r + 1) / W)`` of a memory-mapped feature file
+(or of the rows a round kept, ``ScoreTask.rows``, read chunk by chunk from the same file),
 sums its part of the two Kronecker factors, all-reduces them (a ``(C, C)`` and a ``(D, D)``
 matrix: the traffic does not grow with ``N``), does the same with the EK-FAC eigenvalue
 correction, then scores its rows and writes them by global index. Every rank computes the same
@@ -24,8 +25,8 @@ from distnoisy.posttrain import influence as infl
 class ScoreTask:
     """Paths and head of one distributed scoring job (plain values: it is pickled)."""
 
-    features: str  # (N, d) .npy
-    labels: str  # (N,) .npy
+    features: str  # (N_all, d) .npy
+    labels: str  # (N,) .npy: the labels of the rows scored
     theta: np.ndarray  # (C, d + 1)
     mu: float
     scores: str  # (N,) float64 .npy, allocated by the driver
@@ -33,6 +34,22 @@ class ScoreTask:
     corrected: bool = True
     chunk: int = 4096
     kind: str = "influence"  # or "self_influence"
+    rows: str | None = None  # (N,) int64 .npy: the feature rows scored (None: all, in order)
+
+
+class RowView:
+    """Rows ``index`` of a (memory-mapped) array, read only when sliced: ``view[a:b]`` reads
+    rows ``index[a:b]``. What the chunked influence functions need (``len`` and slices), so a
+    round's kept rows are never copied whole."""
+
+    def __init__(self, base: np.ndarray, index: np.ndarray) -> None:
+        self.base, self.index = base, np.asarray(index, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.asarray(self.base[self.index[rows]])
 
 
 def _all_reduce(arr: np.ndarray) -> np.ndarray:
@@ -72,7 +89,8 @@ def score_rank(task: ScoreTask, rank: int, world: int) -> None:
     y = np.load(task.labels, mmap_mode="r")
     n = len(y)
     lo, hi = n * rank // world, n * (rank + 1) // world
-    mine, ys = h[lo:hi], np.asarray(y[lo:hi])
+    ys = np.asarray(y[lo:hi])
+    mine = h[lo:hi] if task.rows is None else RowView(h, np.load(task.rows)[lo:hi])
     a, b = infl.kfac_factors(task.theta, mine, task.chunk)
     a, b = _all_reduce(a), _all_reduce(b)
     basis = infl.kfac_basis(a, b, n)

@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -52,6 +53,7 @@ class RoundsInput:
     test: Split | None = None
     loss_history: np.ndarray | None = None  # (N,) mean training loss (the store's loss_hist)
     corrupted: np.ndarray | None = None  # (N,) bool, when the truth is known
+    train_file: Path | None = None  # the .npy ``train`` is mapped from (rank-parallel scoring)
 
 
 @dataclass
@@ -89,19 +91,23 @@ def score(
     kind: str,
     hessian: str,
     theta: np.ndarray,
-    h: np.ndarray,
+    train: np.ndarray,
+    rows: np.ndarray,
     y: np.ndarray,
     mu: float,
     loss_history: np.ndarray | None,
     scorer: Scorer | None = None,
 ) -> np.ndarray:
-    """One score per row of ``h`` (higher = more likely mislabelled); ``scorer``: the
-    rank-parallel EK-FAC/K-FAC scorer (:mod:`distnoisy.posttrain.parallel`), when it applies."""
+    """One score per kept row ``rows`` of ``train`` (higher = more likely mislabelled);
+    ``y``: their labels, ``loss_history``: theirs too. ``scorer``: the rank-parallel
+    EK-FAC/K-FAC scorer (:mod:`distnoisy.posttrain.parallel`), when it applies; it reads the
+    rows itself, so they are not gathered here."""
     if scorer is not None and kind in ("influence", "self_influence") and hessian != "exact":
-        return scorer(theta, h, y, mu)
+        return scorer(theta, rows, y, mu)
     if kind == "loss_history":
         assert loss_history is not None
         return np.asarray(loss_history, np.float64)
+    h = train[rows]
     if kind == "grad_norm":
         return infl.grad_norm_scores(theta, h, y)
     if hessian == "exact":
@@ -187,7 +193,8 @@ def run_rounds(
             params.score,
             hessian,
             theta,
-            inp.train[idx],
+            inp.train,
+            idx,
             inp.given[idx],
             mu,
             None if inp.loss_history is None else inp.loss_history[idx],

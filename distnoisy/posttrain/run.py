@@ -130,6 +130,7 @@ def build_input(prep: Prepared, cfg: PostTrainConfig) -> tuple[RoundsInput, dict
     val = feats.get("val")
     inp = RoundsInput(
         train=np.asarray(feats["train"].features),
+        train_file=feats["train"].path,
         given=labels["given"],
         theta=head_matrix(w, b),
         val=Split(np.asarray(val.features), labels["val_noisy"]) if val is not None else None,
@@ -147,7 +148,7 @@ def build_input(prep: Prepared, cfg: PostTrainConfig) -> tuple[RoundsInput, dict
     return inp, labels
 
 
-def make_scorer(prep: Prepared, cfg: PostTrainConfig, num_params: int) -> tuple[Any, int]:
+def make_scorer(prep: Prepared, cfg: PostTrainConfig, inp: RoundsInput) -> tuple[Any, int]:
     """The rank-parallel scorer when ``num_workers`` (default: the run's) is above 1 and the
     score has one (:mod:`distnoisy.posttrain.parallel`); else ``(None, 1)``."""
     from distnoisy.posttrain.parallel import RankSetup, parallel_applies, rank_scorer
@@ -155,11 +156,13 @@ def make_scorer(prep: Prepared, cfg: PostTrainConfig, num_params: int) -> tuple[
 
     p, scaling = cfg.posttrain, prep.run.config.scaling
     world = int(p.num_workers or scaling.num_workers)
-    hessian = hessian_kind(p, num_params)
+    hessian = hessian_kind(p, inp.theta.size)
     if not parallel_applies(p.score, hessian, world):
         return None, 1
     setup = RankSetup(world, p.launcher or scaling.launcher, scaling.use_gpu, scaling.address)
-    return rank_scorer(setup, p.score, hessian, prep.out_dir / ".scratch"), world
+    assert inp.train_file is not None
+    scorer = rank_scorer(setup, p.score, hessian, prep.out_dir / ".scratch", inp.train_file)
+    return scorer, world
 
 
 def ranking_metrics(res: RoundsResult, corrupted: np.ndarray | None) -> dict[str, Any]:
@@ -264,7 +267,7 @@ def posttrain(cfg: PostTrainConfig) -> dict[str, Any]:
     status = "FAILED"
     try:
         inp, labels = build_input(prep, cfg)
-        scorer, score_workers = make_scorer(prep, cfg, inp.theta.size)
+        scorer, score_workers = make_scorer(prep, cfg, inp)
         try:
             res = run_rounds(inp, cfg.posttrain, scorer)
         finally:
