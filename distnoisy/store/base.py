@@ -56,6 +56,18 @@ def bytes_per_sample(specs: dict[str, FieldSpec], float_dtype: torch.dtype) -> d
     return {name: row_bytes(storage_spec(s, float_dtype)) for name, s in specs.items()}
 
 
+def check_rows(
+    name: str, rows: torch.Tensor, lo: int, num_samples: int, row_shape: tuple[int, ...]
+) -> None:
+    """Rows ``[lo, lo + len(rows))`` of a checkpoint field must lie in ``[0, num_samples)`` and
+    have the field's per-row shape (ValueError otherwise)."""
+    if tuple(rows.shape[1:]) != tuple(row_shape) or not 0 <= lo <= num_samples - len(rows):
+        raise ValueError(
+            f"checkpoint field {name!r}: rows [{lo}, {lo + len(rows)}) of shape "
+            f"{tuple(rows.shape[1:])} do not fit {num_samples} rows of shape {tuple(row_shape)}"
+        )
+
+
 @dataclass
 class Staged:
     """One queued write: rows ``index`` of field ``name`` (one ``column`` of it, or all)."""

@@ -41,6 +41,7 @@ from distnoisy.store.base import (
     FieldSpec,
     Staged,
     bytes_per_sample,
+    check_rows,
     entry_name,
     from_bytes,
     last_occurrence,
@@ -403,12 +404,7 @@ class PartitionedStore:
         for name, t in fields.items():
             if name not in self.parts:
                 continue  # a field a later version dropped
-            if tuple(t.shape[1:]) != self.kept[name].shape or lo + len(t) > self.num_samples:
-                raise ValueError(
-                    f"checkpoint field {name!r}: rows [{lo}, {lo + len(t)}) of shape "
-                    f"{tuple(t.shape[1:])} do not fit {self.num_samples} rows of shape "
-                    f"{self.kept[name].shape}"
-                )
+            check_rows(name, t, lo, self.num_samples, self.kept[name].shape)
             a, b = max(lo, self.lo), min(lo + len(t), self.hi)
             if a < b:
                 self.parts[name][a - self.lo : b - self.lo].copy_(

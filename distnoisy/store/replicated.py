@@ -26,7 +26,6 @@ backend for large N (each rank owns a row range); both offer the same interface.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from distnoisy.store.base import (
     FieldSpec,
     Staged,
     bytes_per_sample,
+    check_rows,
     entry_name,
     last_occurrence,
     same_spec,
@@ -238,31 +238,18 @@ class SampleStore:
         for name, t in fields.items():
             if name not in self.fields:
                 continue  # a field a later version dropped
-            _check_rows(name, t, lo, self.fields[name])
+            check_rows(name, t, lo, self.num_samples, tuple(self.fields[name].shape[1:]))
             self.fields[name][lo : lo + len(t)].copy_(t.to(self.fields[name].dtype))
 
     def export_parquet(self, path: Path, extra: dict[str, np.ndarray] | None = None) -> None:
         """Write one row per sample (``index`` plus every field; vector fields as lists),
         atomically."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        from distnoisy.store.export import field_columns
+        from distnoisy.store.export import atomic_write_table, field_columns
 
         columns: dict[str, pa.Array] = {"index": pa.array(np.arange(self.num_samples))}
         for name, values in (extra or {}).items():
             columns[name] = pa.array(values)
         columns.update(field_columns(self.fields))
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        pq.write_table(pa.table(columns), tmp)
-        os.replace(tmp, path)
-
-
-def _check_rows(name: str, rows: torch.Tensor, lo: int, field: torch.Tensor) -> None:
-    """A part's rows must fit inside the field, with the field's row shape."""
-    if tuple(rows.shape[1:]) != tuple(field.shape[1:]) or not 0 <= lo <= len(field) - len(rows):
-        raise ValueError(
-            f"checkpoint field {name!r}: rows [{lo}, {lo + len(rows)}) of shape "
-            f"{tuple(rows.shape[1:])} do not fit a field of shape {tuple(field.shape)}"
-        )
+        atomic_write_table(pa.table(columns), Path(path))
