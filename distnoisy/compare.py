@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from distnoisy.config import keys_help, load_config
-from distnoisy.errors import DistnoisyError
-from distnoisy.reporting import write_section
+from distnoisy.core.errors import DistnoisyError
+from distnoisy.core.result_docs import write_section
 from distnoisy.train import train
 
 # (summary key, column title, scale, decimals)
@@ -114,7 +114,7 @@ def markdown_table(results: dict[str, list[dict[str, Any]]], command: str) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distnoisy.train import setup_cli
+    from distnoisy.driver.cli import setup_cli
 
     setup_cli()
     parser = argparse.ArgumentParser(

@@ -1,7 +1,7 @@
-"""Run configuration: OmegaConf structured dataclasses, YAML recipes and ``key=value`` overrides.
+"""Run configuration: OmegaConf structured dataclasses, YAML config files and ``key=value`` overrides.
 
 The schema is typed and closed: an unknown key or a value of the wrong type is a
-:class:`~distnoisy.errors.ConfigError` that names the key and the valid choices. Each method
+:class:`~distnoisy.core.errors.ConfigError` that names the key and the valid choices. Each method
 declares its own parameter dataclass (``method.*`` keys), so ``method.lam`` is valid for ELR and
 an error for CE.
 """
@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from distnoisy.choices import (
+from distnoisy.core.choices import (
     DATASETS,
     INSTANCE_FEATURES,
     LAUNCHERS,
@@ -28,8 +28,8 @@ from distnoisy.choices import (
     STORE_BACKENDS,
     STORE_DTYPES,
 )
-from distnoisy.errors import ConfigError
-from distnoisy.method_params import MethodParams
+from distnoisy.core.errors import ConfigError
+from distnoisy.core.method_params import MethodParams
 
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("fp32", "bf16", "fp16")

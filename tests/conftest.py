@@ -17,7 +17,7 @@ def ray_cluster():
     """A local Ray cluster (4 logical CPUs on a 2-core machine), started once (~20-30 s)."""
     import ray
 
-    from distnoisy.launch import ray_runtime_env
+    from distnoisy.launch.cluster import ray_runtime_env
 
     ray.init(num_cpus=4, dashboard_host="127.0.0.1", runtime_env=ray_runtime_env())
     yield ray

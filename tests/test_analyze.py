@@ -17,7 +17,7 @@ from distnoisy.analyze.buckets import (
 from distnoisy.analyze.config import load_analyze_config
 from distnoisy.analyze.knn import knn_density
 from distnoisy.analyze.memorization import first_memorized_epoch, stays_memorized
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 
 # --- memorisation from a hand-written history ---------------------------------------------------
 

@@ -123,7 +123,7 @@ def _mlflow_status(uri: str, run_dir: Path) -> str:
 
 def _loads(state: Path) -> bool:
     """Whether ``state`` is a whole checkpoint file (what a resume would load)."""
-    from distnoisy.checkpoint import CheckpointError, load_state
+    from distnoisy.engine.checkpoint import CheckpointError, load_state
 
     try:
         load_state(state)
@@ -261,7 +261,7 @@ def test_driver_killed_while_a_checkpoint_is_written(cluster, reference, digits_
 
 def test_a_truncated_checkpoint_is_a_one_line_error(reference, tmp_path):
     """What a half-written ``state.pt`` would do to a resume: one clear line, at any cut."""
-    from distnoisy.checkpoint import CheckpointError, load_state
+    from distnoisy.engine.checkpoint import CheckpointError, load_state
 
     whole = (reference / "ray" / "train" / f"epoch={EPOCHS - 1:04d}" / "state.pt").read_bytes()
     assert load_state_ok(reference)
@@ -276,7 +276,7 @@ def test_a_truncated_checkpoint_is_a_one_line_error(reference, tmp_path):
 
 
 def load_state_ok(run_dir: Path) -> bool:
-    from distnoisy.checkpoint import load_state
+    from distnoisy.engine.checkpoint import load_state
 
     state = load_state(run_dir / "ray" / "train" / f"epoch={EPOCHS - 1:04d}" / "state.pt")
     return state["epoch"] == EPOCHS - 1

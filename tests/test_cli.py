@@ -246,7 +246,7 @@ def test_a_ray_job_without_output_dir_is_a_one_line_error(tmp_path, capsys, monk
 # -- a driver killed outright leaves no process of the cluster it started ----------------------
 @pytest.mark.slow
 def test_sigkilled_driver_leaves_no_process_of_its_local_cluster(tmp_path, digits_root):
-    from distnoisy.reaper import _stat, descendants
+    from distnoisy.launch.reaper import _stat, descendants
 
     run = tmp_path / "run"
     argv = [f"data.root={digits_root}", f"output_dir={run}", "train.epochs=300"]

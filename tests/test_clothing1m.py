@@ -16,13 +16,13 @@ import pytest
 from PIL import Image
 
 from distnoisy.config import load_config
+from distnoisy.core.errors import ConfigError, DataError
 from distnoisy.data import clothing1m as c1m
 from distnoisy.data.convert import EncodeOptions, Item, convert_split
 from distnoisy.data.prepare import prepare_data
 from distnoisy.data.shards import read_labels, read_manifest
-from distnoisy.errors import ConfigError, DataError
 
-RECIPES = Path(c1m.__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(c1m.__file__).resolve().parents[1] / "configs"
 CORRUPT = 5  # noisy-train index whose JPEG is damaged on disk
 OVERLAP = 56
 

@@ -1,7 +1,7 @@
 """The comparison report: sections are replaced in place and the table aggregates seeds."""
 
 from distnoisy.compare import markdown_table
-from distnoisy.reporting import replace_section
+from distnoisy.core.result_docs import replace_section
 
 
 def test_replace_section_keeps_other_sections() -> None:

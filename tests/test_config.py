@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distnoisy.config import from_dict, load_config, save_config, to_dict
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 
 
 def test_defaults_are_the_documented_job() -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from distnoisy.data.shards import read_manifest
 from distnoisy.data.stream import count_bad, samples_lost
-from distnoisy.label_issues import rank_by_score
+from distnoisy.issues.ranking import rank_by_score
 from distnoisy.train import main
 
 CORRUPT = b"\x89PNG\r\n\x1a\n" + b"not an image at all" * 8

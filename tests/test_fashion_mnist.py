@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from distnoisy.core.errors import ConfigError, DataError
 from distnoisy.data import fashion_mnist as fm
 from distnoisy.data.shards import read_labels, read_manifest
-from distnoisy.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from distnoisy.config import load_config
-from distnoisy.errors import ConfigError
-from distnoisy.features import (
+from distnoisy.core.errors import ConfigError
+from distnoisy.finished.features import (
     ExtractTask,
     _allocate,
     _split_dirs,
@@ -19,8 +19,8 @@ from distnoisy.features import (
     predicting_networks,
     prediction_head,
 )
+from distnoisy.finished.runs import open_run
 from distnoisy.models import build_model
-from distnoisy.runs import open_run
 from distnoisy.train import train
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from distnoisy.config import load_config
+from distnoisy.core.errors import ConfigError
 from distnoisy.data.shards import read_manifest
 from distnoisy.data.stream import KeptSubset, TrainStream, make_transform
 from distnoisy.data.stream.sampling import read_index_file
-from distnoisy.errors import ConfigError
 from distnoisy.train import train
 
 

@@ -17,16 +17,16 @@ import pytest
 import torch
 from PIL import Image
 
-from distnoisy.accel import CompiledOrEager, Precision, maybe_compile, resolve_precision
 from distnoisy.config import load_config
+from distnoisy.core.errors import ConfigError
+from distnoisy.data.device_augment import DeviceAugment, crop_flip, decode_batch
 from distnoisy.data.shards import Sample, write_shards
 from distnoisy.data.stream import TrainStream, make_transform
 from distnoisy.data.stream.decode import decode_jpegs, jpeg_decode_device
-from distnoisy.device_aug import DeviceAugment, crop_flip, decode_batch
-from distnoisy.errors import ConfigError
+from distnoisy.engine.precision import CompiledOrEager, Precision, maybe_compile, resolve_precision
+from distnoisy.engine.step import declare_run_fields, train_step
 from distnoisy.methods import METHODS
 from distnoisy.methods.base import StepInput
-from distnoisy.step import declare_run_fields, train_step
 from distnoisy.store import SampleStore
 
 CPU = torch.device("cpu")
@@ -75,7 +75,7 @@ def test_config_accepts_the_keys_and_rejects_bad_values():
 
 # -- precision ----------------------------------------------------------------------------------
 def test_precision_falls_back_with_a_notice(caplog):
-    with caplog.at_level(logging.WARNING, logger="distnoisy.accel"):
+    with caplog.at_level(logging.WARNING, logger="distnoisy.engine.precision"):
         fp16 = resolve_precision("fp16", CPU)
     assert fp16 == Precision("fp32", "cpu") and fp16.grad_scaler() is None
     assert "train.precision=fp16 is not supported on cpu: training in fp32" in caplog.text
@@ -184,7 +184,7 @@ def test_compile_matches_eager_or_falls_back_with_a_notice(caplog):
         raise RuntimeError("no compiler here")
 
     failing = CompiledOrEager(net, name="model", backend=broken)
-    with caplog.at_level(logging.WARNING, logger="distnoisy.accel"):
+    with caplog.at_level(logging.WARNING, logger="distnoisy.engine.precision"):
         out = failing(x)
     assert failing.failed and torch.equal(out, net(x))
     assert "train.compile: compiling network 'model' failed" in caplog.text
@@ -400,7 +400,7 @@ def test_digits_bf16_channels_last_on_the_device_path_matches_fp32(tmp_path, dig
         "tracking.enabled=false",
     ]
     fp32 = train(load_config([*common, f"output_dir={tmp_path / 'fp32'}"]))
-    with caplog.at_level(logging.INFO, logger="distnoisy.loop"):
+    with caplog.at_level(logging.INFO, logger="distnoisy.engine.trainer"):
         fast = train(
             load_config(
                 [

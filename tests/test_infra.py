@@ -293,7 +293,7 @@ def test_rayjob_runs_the_training_cli_on_gpu_workers_with_shared_storage() -> No
     assert command[:3] == ["python", "-m", "distnoisy.train"]
     args = dict(a.split("=", 1) for a in command[3:] if "=" in a)
     assert Path(command[4]).name == "clothing1m_elr.yaml"
-    assert (ROOT / "distnoisy/recipes/clothing1m_elr.yaml").exists()
+    assert (ROOT / "distnoisy/configs/clothing1m_elr.yaml").exists()
     assert args["data.urls"].startswith("s3://")
     assert args["output_dir"].startswith("/shared/")
     assert args["tracking.uri"].startswith("http://distnoisy-mlflow.")

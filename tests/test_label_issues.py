@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distnoisy.config import load_config
-from distnoisy.label_issues import (
+from distnoisy.issues.ranking import (
     auroc,
     confident_joint,
     estimate_noise_rate,

@@ -10,6 +10,7 @@ from scipy.stats import spearmanr
 
 from distnoisy.analyze.knn import knn_density
 from distnoisy.config import LongtailConfig, load_config
+from distnoisy.core.errors import ConfigError
 from distnoisy.data.longtail import (
     held_out_sizes,
     prepare_longtail,
@@ -18,7 +19,6 @@ from distnoisy.data.longtail import (
     subpopulations,
 )
 from distnoisy.data.shards import read_labels, read_manifest
-from distnoisy.errors import ConfigError
 
 SMALL = LongtailConfig(subpopulations=60, max_size=40, num_classes=5)
 

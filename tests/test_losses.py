@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 from distnoisy.losses import (
     LOSSES,
     BackwardCorrectionLoss,

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from distnoisy.config import load_config
-from distnoisy.errors import ConfigError, DistnoisyError
+from distnoisy.core.errors import ConfigError, DistnoisyError
 from distnoisy.losses import (
     BackwardCorrectionLoss,
     BootstrapLoss,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from distnoisy.metrics import auroc
+from distnoisy.issues.ranking import auroc
 
 
 def test_auroc_hand_values() -> None:

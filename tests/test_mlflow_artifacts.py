@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from distnoisy.data.shards import read_manifest
-from distnoisy.run_report import THUMB_PX, TOP_ISSUES
+from distnoisy.driver.review import THUMB_PX, TOP_ISSUES
 from distnoisy.train import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 from distnoisy.models import MODELS, FeatureClassifier, build_model
 
 EXPECTED_MODELS = {

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distnoisy.config import INSTANCE_FEATURES as CONFIG_INSTANCE_FEATURES
+from distnoisy.core.errors import ConfigError, DataError
 from distnoisy.data.noise import (
     CIFAR10_PAIR_MAP,
     GENERATOR_VERSION,
@@ -30,7 +31,6 @@ from distnoisy.data.noise import (
     save_label_file,
     transition_matrix,
 )
-from distnoisy.errors import ConfigError, DataError
 
 C = 10
 

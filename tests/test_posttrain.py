@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from distnoisy.config import load_config
-from distnoisy.features import extract_features
+from distnoisy.finished.features import extract_features
+from distnoisy.finished.runs import open_run
 from distnoisy.posttrain.cli import main
-from distnoisy.runs import open_run
 from distnoisy.train import train
 
 

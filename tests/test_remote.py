@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from distnoisy.config import load_config
+from distnoisy.core.errors import ConfigError, DataError
 from distnoisy.data import fs
 from distnoisy.data.noise import load_label_file, save_label_file
 from distnoisy.data.prepare import prepare_data
 from distnoisy.data.shards import Manifest, read_labels, read_manifest, shard_list_dir
 from distnoisy.data.stream import EvalStream, TrainStream, make_transform
-from distnoisy.errors import ConfigError, DataError
 from distnoisy.train import main, train
 
 IDENTITY = make_transform("digits", [0.0], [1.0])

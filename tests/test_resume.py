@@ -3,7 +3,8 @@ run ends (history, weights, every per-sample store field), for every family of m
 
 The interruption is real: a finished run's directory is copied and its last checkpoint deleted,
 as if the job had died after the previous epoch was checkpointed; ``resume=true`` then trains
-the lost epoch again from the checkpoint on disk (a fresh :class:`~distnoisy.trainer.Trainer`).
+the lost epoch again from the checkpoint on disk (a fresh
+:class:`~distnoisy.engine.trainer.Trainer`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distnoisy import checkpoint as ckpt
 from distnoisy.config import load_config
-from distnoisy.errors import DistnoisyError
+from distnoisy.core.errors import DistnoisyError
+from distnoisy.engine import checkpoint as ckpt
 from distnoisy.train import train
 
 EPOCHS = 3

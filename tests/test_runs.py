@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from distnoisy.config import load_config
-from distnoisy.errors import ConfigError
-from distnoisy.runs import open_run, resolve_run_dir
+from distnoisy.core.errors import ConfigError
+from distnoisy.finished.runs import open_run, resolve_run_dir
 from distnoisy.train import train
 
 

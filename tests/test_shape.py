@@ -148,9 +148,80 @@ def test_config_imports_neither_torch_nor_the_methods():
 
 
 def test_lists_of_choices_match_their_registries():
-    from distnoisy.choices import DATASETS, NOISE_KINDS
+    from distnoisy.core.choices import DATASETS, NOISE_KINDS
     from distnoisy.data.noise import NOISE
     from distnoisy.data.prepare import DATASET_LOADERS
 
     assert sorted(DATASETS) == DATASET_LOADERS.names()
     assert sorted(NOISE_KINDS) == sorted(["none", "file", *NOISE.names()])
+
+
+# -- the layers, by path ------------------------------------------------------------------------
+#: At most this many modules directly in distnoisy/ (entry points and the config schema): every
+#: other module lives in the package of its layer.
+MAX_TOP_LEVEL_MODULES = 8
+
+
+def _imported_names(tree: ast.AST) -> set[str]:
+    """Every absolute module name a module imports, anywhere in its body."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def _layer_violations(in_layer: str, forbidden: tuple[str, ...]) -> list[str]:
+    """Modules under ``distnoisy/<in_layer>`` that import a name in (or under) ``forbidden``."""
+    bad = []
+    for name, (path, _, tree) in _parsed().items():
+        if not (name == f"distnoisy.{in_layer}" or name.startswith(f"distnoisy.{in_layer}.")):
+            continue
+        for imported in sorted(_imported_names(tree)):
+            if any(imported == f or imported.startswith(f + ".") for f in forbidden):
+                bad.append(f"{_rel(path)} imports {imported}")
+    return bad
+
+
+def _importers_of(top: str) -> set[str]:
+    """The distnoisy packages (first level below distnoisy) whose modules import ``top``."""
+    out = set()
+    for name, (_, _, tree) in _parsed().items():
+        if any(n == top or n.startswith(top + ".") for n in _imported_names(tree)):
+            out.add(name.split(".")[1] if "." in name else name)
+    return out
+
+
+def test_core_imports_no_torch_and_nothing_outside_core():
+    others = tuple(
+        f"distnoisy.{p.stem}"
+        for p in PACKAGE.iterdir()
+        if p.stem not in ("core", "__pycache__", "__init__") and (p.is_dir() or p.suffix == ".py")
+    )
+    assert not _layer_violations("core", ("torch", "torchvision", *others))
+
+
+def test_engine_imports_neither_launch_nor_driver_nor_mlflow_nor_ray():
+    forbidden = ("distnoisy.launch", "distnoisy.driver", "distnoisy.tracking", "mlflow", "ray")
+    assert not _layer_violations("engine", forbidden)
+
+
+def test_only_launch_and_tune_import_ray():
+    assert _importers_of("ray") <= {"launch", "tune"}, _importers_of("ray")
+
+
+def test_only_tracking_imports_mlflow():
+    assert _importers_of("mlflow") <= {"tracking"}, _importers_of("mlflow")
+
+
+def test_few_modules_at_the_top_level():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+
+
+def test_layer_check_sees_a_violation():
+    # The checks above must be able to fail: the import finder sees every kind of import.
+    tree = ast.parse("import ray.train\nfrom mlflow import client\ndef f():\n    import torch\n")
+    assert _imported_names(tree) == {"ray.train", "mlflow", "torch"}

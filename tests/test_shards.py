@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from distnoisy.core.errors import ConfigError, DataError
 from distnoisy.data.shards import (
     FORMAT,
     Sample,
@@ -23,7 +24,6 @@ from distnoisy.data.shards import (
     read_manifest,
     write_shards,
 )
-from distnoisy.errors import ConfigError, DataError
 
 CLASSES = ["cat", "dog", "eel"]
 

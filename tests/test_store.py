@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distnoisy.errors import DistnoisyError
+from distnoisy.core.errors import DistnoisyError
 from distnoisy.store import FieldSpec, SampleStore
 
 

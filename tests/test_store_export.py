@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distnoisy.label_issues import flag_cut, flags_from_cut, is_label_issue, rank_by_score
+from distnoisy.issues.ranking import flag_cut, flags_from_cut, is_label_issue, rank_by_score
 from distnoisy.store import FieldSpec, make_store
 from distnoisy.store.export import (
     LABEL_ISSUES_TOP,

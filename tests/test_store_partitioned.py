@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distnoisy.errors import DistnoisyError
+from distnoisy.core.errors import DistnoisyError
 from distnoisy.store import FieldSpec, PartitionedStore, SampleStore, make_store
 
 N, C, E, STEPS, BATCH = 103, 5, 3, 12, 16

@@ -19,8 +19,8 @@ import torch.multiprocessing as mp
 from test_store_partitioned import N, _reference, _run, _same, _specs
 
 from distnoisy.config import load_config
-from distnoisy.errors import DistnoisyError
-from distnoisy.runs import open_run
+from distnoisy.core.errors import DistnoisyError
+from distnoisy.finished.runs import open_run
 from distnoisy.store import make_store
 from distnoisy.store.parts import load_parts, part_file, save_part
 from distnoisy.train import train

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from distnoisy.core.errors import ConfigError, DataError
 from distnoisy.data.shards import Manifest, Sample, read_manifest, write_shards
 from distnoisy.data.stream import (
     BalancedSubset,
@@ -23,7 +24,6 @@ from distnoisy.data.stream import (
     decode_image_bytes,
     make_transform,
 )
-from distnoisy.errors import ConfigError, DataError
 
 # mean 0 / std 1 on the 0..1 scale: a decoded pixel * 255 is the stored uint8 value.
 IDENTITY = make_transform("digits", [0.0], [1.0])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from distnoisy.train import format_summary
+from distnoisy.driver.summary import format_summary
 
 BASE = {
     "method": "ce",

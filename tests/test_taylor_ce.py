@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distnoisy.config import load_config
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 from distnoisy.methods import METHODS
 from distnoisy.methods.taylor_ce import TaylorCELoss
 

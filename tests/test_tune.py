@@ -16,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from distnoisy.config import load_config
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 from distnoisy.tune import (
     Group,
     TrialRow,

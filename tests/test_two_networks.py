@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from distnoisy.config import load_config
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 from distnoisy.losses import limit_terms, sample_grad_noise
 from distnoisy.losses.elr_plus import (
     PROB_CLAMP,

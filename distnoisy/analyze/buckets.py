@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 
 
 def bucket_edges(train_scores: np.ndarray, num_buckets: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from pathlib import Path
 from distnoisy.analyze.config import AnalyzeConfig, load_analyze_config
 from distnoisy.analyze.pipeline import Analysis, analyse
 from distnoisy.analyze.report import write_outputs
-from distnoisy.errors import DistnoisyError
+from distnoisy.core.errors import DistnoisyError
 
 KEYS_HELP = """keys:
   run=[A,B,...]              runs to compare: output directories or MLflow run ids
@@ -75,7 +75,7 @@ def track(cfg: AnalyzeConfig, result: Analysis, out_dir: Path, paths: list[Path]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distnoisy.train import setup_cli
+    from distnoisy.driver.cli import setup_cli
 
     setup_cli()
     parser = argparse.ArgumentParser(

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distnoisy.config import _load_yaml, split_argv
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 
 #: ``analysis.frequency``: k-NN density in a feature space, or (longtail only) the true
 #: training size of the sample's subpopulation.

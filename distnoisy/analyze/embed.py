@@ -2,9 +2,9 @@
 
 The features the frequency score is computed in and the logits of the method's prediction
 (ELR+ averages its two networks, LIMIT predicts with its classifier) come from
-:func:`distnoisy.features.extract_features`: computed on the run's own launcher and workers,
-cached in the run directory. The alternative feature space ``pixels`` (the normalised input
-images, which no training changes) is read here, in the calling process.
+:func:`distnoisy.finished.features.extract_features`: computed on the run's own launcher
+and workers, cached in the run directory. The alternative feature space ``pixels`` (the
+normalised input images, which no training changes) is read here, in the calling process.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distnoisy.errors import DataError
-from distnoisy.runs import FinishedRun
+from distnoisy.core.errors import DataError
+from distnoisy.finished.runs import FinishedRun
 
 EVAL_BATCH = 512
 
@@ -63,7 +63,7 @@ def run_embeddings(
     from distnoisy.data.prepare import prepare_data
     from distnoisy.data.shards import read_labels, read_manifest
     from distnoisy.data.stream import make_transform
-    from distnoisy.features import extract_features
+    from distnoisy.finished.features import extract_features
 
     spec = prepare_data(run.config)  # the cached shards: nothing is rewritten
     dirs = {"train": spec.train_dir, "test": spec.test_dir, "val": spec.val_dir}

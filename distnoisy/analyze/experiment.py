@@ -28,7 +28,7 @@ from distnoisy.analyze.cli import track
 from distnoisy.analyze.config import load_analyze_config
 from distnoisy.analyze.pipeline import Analysis, analyse
 from distnoisy.analyze.report import write_outputs
-from distnoisy.errors import DistnoisyError
+from distnoisy.core.errors import DistnoisyError
 
 #: Noise of each data set: instance-dependent (the paper's setting), 30% mean rate.
 NOISE = ["noise.kind=instance", "noise.rate=0.3"]
@@ -175,8 +175,8 @@ def analyse_data(data: str, dirs: dict[str, Path], out: Path, uri: str) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distnoisy.reporting import write_section
-    from distnoisy.train import setup_cli
+    from distnoisy.core.result_docs import write_section
+    from distnoisy.driver.cli import setup_cli
 
     setup_cli()
     p = argparse.ArgumentParser(prog="python -m distnoisy.analyze.experiment", description=__doc__)

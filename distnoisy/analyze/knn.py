@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 
 #: ``analysis.metric`` choices.
 METRICS = ("cosine", "l2")
@@ -86,9 +86,10 @@ def _parallel_blocks(
     num_workers: int,
     block_rows: int,
 ) -> np.ndarray:
-    """The query rows split over ``num_workers`` Ray tasks (:func:`distnoisy.launch.map_tasks`),
-    each scoring its share in chunks of ``block_rows``; the reference is shared once."""
-    from distnoisy.launch import map_tasks
+    """The query rows split over ``num_workers`` Ray tasks
+    (:func:`distnoisy.launch.cluster.map_tasks`), each scoring its share in chunks of
+    ``block_rows``; the reference is shared once."""
+    from distnoisy.launch.cluster import map_tasks
 
     step = max(block_rows, math.ceil(len(q) / num_workers))
     calls = [

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distnoisy.errors import DataError
+from distnoisy.core.errors import DataError
 
 
 def _check(pred_hist: np.ndarray, given: np.ndarray, clean: np.ndarray) -> None:

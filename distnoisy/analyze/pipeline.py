@@ -24,8 +24,8 @@ from distnoisy.analyze.config import AnalyzeConfig
 from distnoisy.analyze.embed import Embedding, run_embeddings
 from distnoisy.analyze.knn import check_k, knn_density
 from distnoisy.analyze.memorization import first_memorized_epoch, stays_memorized
-from distnoisy.errors import ConfigError
-from distnoisy.runs import FinishedRun, open_run
+from distnoisy.core.errors import ConfigError
+from distnoisy.finished.runs import FinishedRun, open_run
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from distnoisy import reporting
+from distnoisy.core import result_docs as reporting
 
 DOC_HEADER = reporting.BENCHMARKS_HEADER
 

@@ -8,7 +8,7 @@ layout) and measures images per second of one training step per method:
 - **model**: the step on device-resident tensors (the ceiling the input path should reach);
 - **cpu decode**: end to end from the shards: loader processes decode with libjpeg and batch
   uint8 images; the crop, flip and normalisation run on the device
-  (:mod:`distnoisy.device_aug`);
+  (:mod:`distnoisy.data.device_augment`);
 - **gpu decode**: end to end, the loader reads JPEG bytes only and the device decodes them
   (torchvision's nvJPEG), then augments.
 
@@ -130,10 +130,10 @@ class _Subject:
     """One method with its networks, optimizers and store, as the trainer sets them up."""
 
     def __init__(self, name: str, s: GpuBenchSettings, n: int, device: torch.device) -> None:
-        from distnoisy.accel import maybe_compile, resolve_precision, to_channels_last
+        from distnoisy.engine.precision import maybe_compile, resolve_precision, to_channels_last
+        from distnoisy.engine.step import declare_run_fields
         from distnoisy.methods import METHODS as REGISTRY
         from distnoisy.models import build_model
-        from distnoisy.step import declare_run_fields
         from distnoisy.store import SampleStore
 
         cls = REGISTRY.get(name)
@@ -157,8 +157,8 @@ class _Subject:
         self.method.attach(self.store)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, k: int) -> None:
+        from distnoisy.engine.step import train_step
         from distnoisy.methods.base import StepInput
-        from distnoisy.step import train_step
 
         for phase in self.method.phases():
             batch = StepInput(x, y, index, epoch=0, step=k, steps_per_epoch=10**6, phase=phase)
@@ -174,7 +174,7 @@ def _sync(device: torch.device) -> None:
 
 def _time_model(subject: _Subject, s: GpuBenchSettings, device: torch.device) -> float:
     """Images/s of the step on device-resident tensors."""
-    from distnoisy.accel import input_layout
+    from distnoisy.engine.precision import input_layout
 
     g = torch.Generator().manual_seed(s.seed)
     x = torch.randn(s.batch, 3, s.image_size, s.image_size, generator=g).to(device)
@@ -199,8 +199,8 @@ def _time_stream(
     decode_on: torch.device,
 ) -> float:
     """Images/s end to end over ``batches`` (the first ``warmup`` untimed)."""
-    from distnoisy.accel import input_layout
-    from distnoisy.device_aug import DeviceAugment, decode_batch, to_device
+    from distnoisy.data.device_augment import DeviceAugment, decode_batch, to_device
+    from distnoisy.engine.precision import input_layout
 
     aug = DeviceAugment("imagenet_train", MEAN, STD, s.image_size)
     t0, done = 0.0, 0
@@ -495,7 +495,7 @@ def main(args: argparse.Namespace, argv: list[str]) -> GpuBenchReport:
         write_json(report, args.json)
         print(f"wrote {args.json}")
     if args.doc is not None:
-        from distnoisy import reporting
+        from distnoisy.core import result_docs as reporting
 
         reporting.write_section(args.doc, SECTION, section, header=reporting.BENCHMARKS_HEADER)
         print(f"wrote {SECTION!r} to {args.doc}")

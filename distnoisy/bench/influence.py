@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distnoisy import reporting
 from distnoisy.bench.common import machine_info
+from distnoisy.core import result_docs as reporting
 
 SECTION = "Post-training: influence scores at scale (EK-FAC, synthetic features)"
 
@@ -50,7 +50,7 @@ def make_features(path: Path, n: int, d: int, c: int, seed: int = 0, chunk: int 
 
 
 def run_one(path: Path, theta: np.ndarray, workers: int) -> dict:
-    from distnoisy.launch import run_ranks
+    from distnoisy.launch.ranks import run_ranks
     from distnoisy.posttrain.ranks import ScoreTask, score_rank
 
     n = len(np.load(path / "y.npy", mmap_mode="r"))

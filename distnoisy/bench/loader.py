@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distnoisy import reporting
 from distnoisy.bench.common import DOC_HEADER, _load_average, machine_info
+from distnoisy.core import result_docs as reporting
 
 SECTION = "Data loader: WebDataset shards vs ImageFolder"
 MEAN = (0.6959, 0.6537, 0.6371)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from distnoisy import reporting
+from distnoisy.core import result_docs as reporting
 
 SECTION = "Class-ordered image folder: distnoisy vs a plain PyTorch loop"
 MEAN, STD = 0.5, 0.25  # what data.name=shards normalises grey images with

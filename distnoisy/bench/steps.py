@@ -5,7 +5,7 @@ plain cross-entropy, on the same model, batch and inputs, on the CPU::
 
 Two numbers per method:
 
-- the **full step** exactly as :func:`distnoisy.loop.run_worker` runs it (forward,
+- the **full step** exactly as :func:`distnoisy.engine.trainer.run_worker` runs it (forward,
   ``method.loss``, ``zero_grad``/``backward``/``step``, staging the CE loss history and
   predictions, ``store.flush()``). Rounds interleave the methods in a fresh shuffled order each
   round, so machine noise hits all of them alike; the ratio to CE comes with a bootstrap
@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from distnoisy import reporting
 from distnoisy.bench.common import DOC_HEADER, _load_average, _without_note, machine_info
-from distnoisy.loop import declare_run_fields, train_step
+from distnoisy.core import result_docs as reporting
+from distnoisy.engine.step import declare_run_fields, train_step
 from distnoisy.methods import METHODS, Method
 from distnoisy.methods.base import StepInput
 from distnoisy.models import build_model
@@ -235,7 +235,7 @@ def _train_step(
     y: torch.Tensor,
     index: torch.Tensor,
 ) -> None:
-    """One training step: :func:`distnoisy.loop.train_step`, exactly what the trainer runs."""
+    """One training step: :func:`distnoisy.engine.step.train_step`, as the trainer runs it."""
     batch = StepInput(x, y, index, epoch=0, step=0, steps_per_epoch=1)
     train_step(subject.method, {"model": model}, {"model": opt}, subject.store, batch)
 
@@ -589,7 +589,7 @@ def format_section(report: StepBenchReport, command: str, note: str | None = Non
         f"Date: {report.date} (benchmark wall time {report.wall_s:.0f} s; 1-minute load "
         f"average {report.load[0]:.1f} at the start, {report.load[1]:.1f} at the end).",
         "",
-        f"One training step as `distnoisy.loop` runs it (forward, `method.loss`, "
+        f"One training step as `distnoisy.engine.step` runs it (forward, `method.loss`, "
         f"`zero_grad`/`backward`/SGD-momentum `step`, staging the CE loss history and "
         f"predictions, `store.flush()`), model `{s.model}`, one fixed random batch of "
         f"{s.batch} {s.image}x{s.image} images, C={s.classes}, CPU, same initial weights for "

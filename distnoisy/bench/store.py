@@ -43,7 +43,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from distnoisy.bench.common import DOC_HEADER, machine_info
-from distnoisy.reporting import write_section
+from distnoisy.core.result_docs import write_section
 from distnoisy.store import FieldSpec, make_store
 
 SECTION = "Per-sample store at scale: replicated vs partitioned"
@@ -128,7 +128,7 @@ def _entry(rank: int, world: int, port: int, tmp: str, fn: Any, args: tuple) -> 
 
 # -- hot path and scale: timed store steps ----------------------------------------------------
 def _elr_specs(classes: int, epochs: int) -> dict[str, FieldSpec]:
-    from distnoisy.loop import run_field_specs
+    from distnoisy.engine.step import run_field_specs
 
     specs = run_field_specs(epochs, classes)
     specs["elr_target"] = FieldSpec(shape=(classes,), lowp=True)
@@ -245,7 +245,7 @@ def _filled_store(s: dict[str, Any], world: int, seed: int) -> Any:
 
 
 def _ckpt_worker(rank: int, world: int, s: dict[str, Any], mode: str, tmp: str) -> dict[str, Any]:
-    from distnoisy.checkpoint import save_atomic
+    from distnoisy.engine.checkpoint import save_atomic
     from distnoisy.store.parts import load_parts, save_part
 
     directory = Path(tmp) / mode
@@ -321,7 +321,7 @@ def _synthetic_chunk(lo: int, hi: int, classes: int, epochs: int) -> dict[str, n
 def _issues_worker(rank: int, world: int, s: dict[str, Any], out_dir: str) -> dict[str, Any]:
     import pyarrow as pa
 
-    from distnoisy.label_issues import flag_cut, flags_from_cut
+    from distnoisy.issues.ranking import flag_cut, flags_from_cut
     from distnoisy.store import history
     from distnoisy.store.export import (
         LABEL_ISSUES_DIR,

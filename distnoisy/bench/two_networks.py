@@ -12,7 +12,7 @@
 - ``ema forward``: one no-grad forward of one network in train mode (ELR+'s target pass),
   to split ELR+'s cost into its network passes and the rest.
 
-Every step is :func:`distnoisy.loop.train_step`, exactly what the trainer runs (per-sample
+Every step is :func:`distnoisy.engine.step.train_step`, exactly what the trainer runs (per-sample
 bookkeeping and ``store.flush()`` included). The subjects are interleaved in a fresh shuffled
 order every round and each ratio is the median over rounds of the per-round ratio, with a
 bootstrap interval, so machine noise hits numerator and denominator alike.
@@ -37,10 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distnoisy import reporting
 from distnoisy.bench.common import DOC_HEADER, _without_note, machine_info
 from distnoisy.config import load_config
-from distnoisy.loop import declare_run_fields, train_step
+from distnoisy.core import result_docs as reporting
+from distnoisy.engine.step import declare_run_fields, train_step
 from distnoisy.methods import METHODS
 from distnoisy.methods.base import StepInput
 from distnoisy.models import build_model
@@ -279,7 +279,7 @@ def format_section(report: TwoNetworkReport, command: str, note: str | None = No
         f"{report.load[0]:.1f} at the start, {report.load[1]:.1f} at the end).",
         "",
         f"Model `{s.model}`, one fixed random batch of {s.batch} {s.image}x{s.image} images, "
-        f"C={s.classes}, SGD with momentum, CPU; every step is `distnoisy.loop.train_step`. "
+        f"C={s.classes}, SGD with momentum, CPU; every step is `distnoisy.engine.step.train_step`. "
         f"{s.rounds} rounds of {s.steps} timed iteration(s) per subject (each turn after one "
         f"untimed iteration) after {s.warmup} warm-up iteration(s), subjects interleaved in a "
         "shuffled order each round; ratios are medians over rounds of the per-round ratio, with "

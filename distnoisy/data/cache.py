@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from distnoisy.core.errors import DataError
 from distnoisy.data.shards import Manifest, Sample, read_manifest, write_shards
-from distnoisy.errors import DataError
 
 log = logging.getLogger(__name__)
 

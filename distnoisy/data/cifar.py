@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distnoisy.core.errors import DataError, DistnoisyError
 from distnoisy.data.convert import EncodeOptions, Item, convert_split, make_pool
-from distnoisy.errors import DataError, DistnoisyError
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ step, so training decodes small JPEGs); without it the original bytes are copied
 ``--workers`` processes, shows progress, and is resumable: re-running skips finished shards (and
 splits), as long as the parameters are the same.
 
-Training: ``python -m distnoisy.train --config distnoisy/recipes/clothing1m_elr.yaml
+Training: ``python -m distnoisy.train --config distnoisy/configs/clothing1m_elr.yaml
 data.root=OUT``.
 """
 
@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distnoisy.core.errors import DataError, DistnoisyError
 from distnoisy.data.convert import (
     EncodeOptions,
     Item,
@@ -55,7 +56,6 @@ from distnoisy.data.convert import (
     default_workers,
     make_pool,
 )
-from distnoisy.errors import DataError, DistnoisyError
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distnoisy.core.errors import ConfigError
 from distnoisy.data.shards import (
     Manifest,
     Sample,
@@ -34,7 +35,6 @@ from distnoisy.data.shards import (
     read_manifest,
     write_shard,
 )
-from distnoisy.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

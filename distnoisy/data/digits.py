@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from distnoisy.core.errors import ConfigError
 from distnoisy.data.cache import all_cached, clean_png_samples, write_cached_sets
-from distnoisy.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

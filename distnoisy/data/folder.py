@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distnoisy.core.errors import DataError, DistnoisyError
 from distnoisy.data.convert import (
     EncodeOptions,
     Item,
@@ -35,7 +36,6 @@ from distnoisy.data.convert import (
     make_pool,
 )
 from distnoisy.data.shards import Manifest
-from distnoisy.errors import DataError, DistnoisyError
 
 log = logging.getLogger(__name__)
 

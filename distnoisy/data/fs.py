@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from distnoisy.errors import ConfigError, DataError, DistnoisyError
+from distnoisy.core.errors import ConfigError, DataError, DistnoisyError
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Optional extras of distnoisy (pyproject.toml) that install a backend.

@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distnoisy.core.errors import ConfigError, DataError
 from distnoisy.data import fs
-from distnoisy.errors import ConfigError, DataError
 
 __all__ = ["LabelFile", "load_label_file", "save_label_file"]
 

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from distnoisy.config import LongtailConfig
+from distnoisy.core.errors import ConfigError, DataError
 from distnoisy.data.cache import all_cached, encode_png, write_cached_sets
 from distnoisy.data.shards import Manifest, Sample, read_labels, read_manifest
-from distnoisy.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -42,15 +42,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from distnoisy.choices import INSTANCE_FEATURES
+from distnoisy.core.choices import INSTANCE_FEATURES
+from distnoisy.core.errors import ConfigError, DataError
+from distnoisy.core.registry import Registry
 from distnoisy.data.label_files import (
     LabelFile,
     _check_num_classes,
     load_label_file,
     save_label_file,
 )
-from distnoisy.errors import ConfigError, DataError
-from distnoisy.registry import Registry
 
 __all__ = [
     "CIFAR10_PAIR_MAP",

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from distnoisy.config import Config
+from distnoisy.core.errors import ConfigError, DataError
+from distnoisy.core.registry import Registry
 from distnoisy.data import fs
-from distnoisy.errors import ConfigError, DataError
-from distnoisy.registry import Registry
 
 if TYPE_CHECKING:
     from distnoisy.data.shards import Manifest
@@ -119,7 +119,7 @@ class _Sets:
 
 
 #: ``data.name`` -> the function that makes (or finds) its shard sets; the source of truth of
-#: :data:`distnoisy.choices.DATASETS` (``tests/test_shape.py`` checks that they agree).
+#: :data:`distnoisy.core.choices.DATASETS` (``tests/test_shape.py`` checks that they agree).
 DATASET_LOADERS: Registry[Callable[[Config], _Sets]] = Registry("dataset")
 
 

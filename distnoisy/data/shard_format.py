@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from distnoisy.core.errors import DataError
 from distnoisy.data import fs
-from distnoisy.errors import DataError
 
 # The logger of distnoisy.data.shards, which re-exports this module's readers.
 log = logging.getLogger("distnoisy.data.shards")

@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from distnoisy.core.errors import ConfigError, DataError
 from distnoisy.data.shard_format import (
     FORMAT,
     IMAGE_EXTS,
@@ -49,7 +50,6 @@ from distnoisy.data.shard_format import (
     shard_list_dir,
     shard_name,
 )
-from distnoisy.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

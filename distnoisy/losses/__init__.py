@@ -3,7 +3,7 @@
 Every module takes logits ``[B, C]`` and integer labels ``[B]`` (``ELRLoss`` also the samples'
 global indices, ``LIMITLoss`` also the q-network's logits). The math, defaults and sources are in
 each class's docstring and in docs/methods.md. Invalid hyperparameters raise
-:class:`~distnoisy.errors.ConfigError` at construction.
+:class:`~distnoisy.core.errors.ConfigError` at construction.
 
 ``LOSSES`` maps the ``method.name`` of the config to the class that implements its loss.
 """

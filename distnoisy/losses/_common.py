@@ -8,7 +8,7 @@ import operator
 import torch.nn.functional as F
 from torch import Tensor
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 
 # Clamp used by the DAL repository (``eps = 1e-6`` in ``utils/losses.py``) for GCE, RCE and DAL,
 # which distnoisy adopts for these baselines

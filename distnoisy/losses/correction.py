@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 from distnoisy.losses._common import check_inputs, check_range, gather_label
 
 # Forward correction clamps p into [1e-10, 1] before multiplying by T
@@ -121,7 +121,7 @@ class BackwardCorrectionLoss(nn.Module):
     transition_matrix
         ``C x C`` row-stochastic, non-negative ``T`` as for :class:`ForwardCorrectionLoss`, and
         invertible: a singular (or numerically singular, condition number > 1e8) ``T`` raises
-        :class:`~distnoisy.errors.ConfigError`. ``T^{-1}`` is computed once in float64 and kept
+        :class:`~distnoisy.core.errors.ConfigError`. ``T^{-1}`` is computed once in float64 and kept
         as the ``inverse`` buffer.
     """
 

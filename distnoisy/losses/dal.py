@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 from distnoisy.losses._common import check_inputs, check_int, check_num_classes, check_range
 from distnoisy.losses.gce import gce_per_sample
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 from distnoisy.losses._common import check_inputs, check_num_classes, check_range
 
 LimitVariant = Literal["gaussian", "laplace"]

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from distnoisy.method_params import MethodParams
-from distnoisy.registry import Registry
+from distnoisy.core.method_params import MethodParams
+from distnoisy.core.registry import Registry
 from distnoisy.store import FieldSpec, Store
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -149,7 +149,7 @@ class Method(ABC):
 
     @classmethod  # noqa: B027 (an optional hook: no checks by default)
     def validate_params(cls, params: Any) -> None:
-        """Raise :class:`~distnoisy.errors.ConfigError` for invalid ``method.*`` values.
+        """Raise :class:`~distnoisy.core.errors.ConfigError` for invalid ``method.*`` values.
 
         Called when the config is loaded, before anything runs.
         """

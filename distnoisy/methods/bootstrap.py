@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from distnoisy.core.method_params import MethodParams
 from distnoisy.losses import BootstrapLoss
-from distnoisy.method_params import MethodParams
 from distnoisy.methods.base import METHODS
 from distnoisy.methods.loss_method import LossMethod
 

@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from distnoisy.errors import ConfigError, DistnoisyError
+from distnoisy.core.errors import ConfigError, DistnoisyError
+from distnoisy.core.method_params import MethodParams
 from distnoisy.losses import (
     BackwardCorrectionLoss,
     ForwardCorrectionLoss,
     check_transition_matrix,
     estimate_transition_matrix,
 )
-from distnoisy.method_params import MethodParams
 from distnoisy.methods.base import METHODS, PrepareContext
 from distnoisy.methods.loss_method import LossMethod, param_errors
 

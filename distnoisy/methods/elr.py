@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
+from distnoisy.core.method_params import MethodParams
 from distnoisy.losses.elr import elr_loss, elr_target_update
-from distnoisy.method_params import MethodParams
 from distnoisy.methods.base import METHODS, Method, StepOutput
 from distnoisy.store import FieldSpec
 

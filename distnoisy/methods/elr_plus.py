@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distnoisy import dist
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
+from distnoisy.core.method_params import MethodParams
+from distnoisy.engine import collectives
 from distnoisy.losses.elr_plus import (
     elr_plus_loss,
     elr_plus_target_update,
@@ -44,7 +45,6 @@ from distnoisy.losses.elr_plus import (
     mixup_coefficient,
     sigmoid_rampup,
 )
-from distnoisy.method_params import MethodParams
 from distnoisy.methods.base import (
     METHODS,
     Method,
@@ -191,22 +191,22 @@ class ELRPlus(Method):
         self.store.stage(field, index, targets)
 
         one_hot = F.one_hot(y, self.num_classes).to(targets.dtype)
-        pooled = p.mixup_pairs == "global" and dist.world_size() > 1
+        pooled = p.mixup_pairs == "global" and collectives.world_size() > 1
         lam = mixup_coefficient(p.mixup_alpha, self._rng(batch, 0))
         if pooled:
             # Gather the global batch (inputs, labels, new targets in one message); this rank's
             # rows start at rank * local batch size.
             c = self.num_classes
             packed = torch.cat([x.flatten(1).float(), one_hot.float(), targets.float()], dim=1)
-            packed = dist.all_gather_cat(packed)
+            packed = collectives.all_gather_cat(packed)
             all_x = packed[:, : -2 * c].reshape(-1, *x.shape[1:]).to(x.dtype)
             all_y, all_t = packed[:, -2 * c : -c], packed[:, -c:]
-            all_index = dist.all_gather_cat(index.to(x.device)).cpu()
+            all_index = collectives.all_gather_cat(index.to(x.device)).cpu()
             rows = self._partners(all_index, self._rng(batch, 1))
-            start = dist.rank() * len(index)
+            start = collectives.rank() * len(index)
             partner = rows[start : start + len(index)].to(x.device)
         else:
-            rank = None if dist.world_size() == 1 else dist.rank()
+            rank = None if collectives.world_size() == 1 else collectives.rank()
             rows = self._partners(index, self._rng(batch, 1, rank))
             partner = rows.to(x.device)
             all_x, all_y, all_t = x, one_hot, targets

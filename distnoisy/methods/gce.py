@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
+from distnoisy.core.method_params import MethodParams
 from distnoisy.losses import GCELoss, TruncatedGCELoss
-from distnoisy.method_params import MethodParams
 from distnoisy.methods.base import METHODS, Method, StepOutput
 from distnoisy.methods.loss_method import LossMethod, param_errors
 from distnoisy.store import FieldSpec

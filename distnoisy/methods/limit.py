@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from distnoisy import dist
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
+from distnoisy.core.method_params import MethodParams
+from distnoisy.engine import collectives
 from distnoisy.losses.limit import limit_terms, sample_grad_noise
-from distnoisy.method_params import MethodParams
 from distnoisy.methods.base import (
     METHODS,
     Method,
@@ -196,7 +196,9 @@ class LIMIT(Method):
     def _noise_generator(self) -> torch.Generator:
         # One stream per rank (ranks see different samples), created at the first draw.
         if self._noise_gen is None:
-            self._noise_gen = torch.Generator().manual_seed(self.seed * 1000 + dist.rank() + 1)
+            self._noise_gen = torch.Generator().manual_seed(
+                self.seed * 1000 + collectives.rank() + 1
+            )
         return self._noise_gen
 
     def _noise(self, shape: torch.Size, device: torch.device) -> torch.Tensor | None:

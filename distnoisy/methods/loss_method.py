@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 from distnoisy.methods.base import Method, StepOutput
 from distnoisy.store import Store
 

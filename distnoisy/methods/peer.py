@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from distnoisy.core.method_params import MethodParams
 from distnoisy.losses import PeerLoss
 from distnoisy.losses._common import check_int
-from distnoisy.method_params import MethodParams
 from distnoisy.methods.base import METHODS, StepOutput
 from distnoisy.methods.loss_method import LossMethod
 

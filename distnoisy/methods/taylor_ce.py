@@ -12,8 +12,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distnoisy.core.method_params import MethodParams
 from distnoisy.losses._common import DAL_EPS, check_inputs, check_int
-from distnoisy.method_params import MethodParams
 from distnoisy.methods.base import METHODS
 from distnoisy.methods.loss_method import LossMethod
 

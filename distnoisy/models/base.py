@@ -9,9 +9,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
+from distnoisy.core.registry import Registry
 from distnoisy.models.weights import load_pretrained
-from distnoisy.registry import Registry
 
 
 class FeatureClassifier(nn.Module, ABC):

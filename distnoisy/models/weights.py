@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 
 #: Heads of the checkpoints we accept: torchvision (``fc``), ours (``classifier``) and the
 #: DivideMix/ELR CIFAR nets (``linear``). They are dropped: the new head has another size.

@@ -6,7 +6,7 @@ import dataclasses
 import sys
 from typing import Any
 
-from distnoisy.errors import DistnoisyError
+from distnoisy.core.errors import DistnoisyError
 
 
 def _keys(node: Any, prefix: str = "") -> list[str]:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in args or "--help" in args:
         print(usage(), end="")
         return 0
-    from distnoisy.train import setup_cli
+    from distnoisy.driver.cli import setup_cli
 
     setup_cli()
     try:

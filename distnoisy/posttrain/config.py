@@ -2,7 +2,7 @@
 
 ``python -m distnoisy.posttrain run=<dir | MLflow id> [--config FILE] [key=value ...]``; later
 sources win (defaults < YAML files < overrides). Unknown keys and bad values are one
-:class:`~distnoisy.errors.ConfigError` line before anything runs.
+:class:`~distnoisy.core.errors.ConfigError` line before anything runs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 
 SCORES = ("influence", "self_influence", "grad_norm", "loss_history")
 HESSIANS = ("auto", "exact", "ekfac", "kfac")

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="redo finished post-trainings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("mlflow", "alembic", "distnoisy.loop"):
+    for noisy in ("mlflow", "alembic", "distnoisy.engine.trainer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     root = Path(args.runs).resolve()
     root.mkdir(parents=True, exist_ok=True)

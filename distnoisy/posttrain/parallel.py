@@ -45,7 +45,7 @@ def rank_scorer(setup: RankSetup, kind: str, hessian: str, scratch: Path, featur
     files (removed after the call)."""
 
     def score(theta: np.ndarray, rows: np.ndarray, y: np.ndarray, mu: float) -> np.ndarray:
-        from distnoisy.launch import run_ranks
+        from distnoisy.launch.ranks import run_ranks
         from distnoisy.posttrain.ranks import ScoreTask, score_rank
 
         scratch.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ sums its part of the two Kronecker factors, all-reduces them (a ``(C, C)`` and a
 matrix: the traffic does not grow with ``N``), does the same with the EK-FAC eigenvalue
 correction, then scores its rows and writes them by global index. Every rank computes the same
 eigendecomposition from the same reduced sums, so the scores do not depend on the number of
-ranks beyond float64 summation order. Ranks run on :func:`distnoisy.launch.run_ranks`.
+ranks beyond float64 summation order. Ranks run on :func:`distnoisy.launch.ranks.run_ranks`.
 """
 
 from __future__ import annotations

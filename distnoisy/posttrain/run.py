@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
+from distnoisy.finished.runs import FinishedRun, open_run
 from distnoisy.posttrain import outputs
 from distnoisy.posttrain.config import PostTrainConfig, save
 from distnoisy.posttrain.rounds import RoundsInput, RoundsResult, Split, run_rounds
-from distnoisy.runs import FinishedRun, open_run
 
 log = logging.getLogger("distnoisy.posttrain")
 
@@ -83,7 +83,7 @@ def _check_finetune(cfg: PostTrainConfig, run: FinishedRun, out_dir: Path) -> No
 def _labels(spec: Any) -> dict[str, Any]:
     from distnoisy.data.noise import load_label_file
     from distnoisy.data.shards import read_labels, read_manifest
-    from distnoisy.loop import training_labels
+    from distnoisy.engine.components import training_labels
 
     given, clean, keys = training_labels(spec)
     out: dict[str, Any] = {"given": given, "keys": keys, "corrupted": None}
@@ -113,7 +113,7 @@ def _loss_history(run: FinishedRun, n: int) -> np.ndarray:
 
 def build_input(prep: Prepared, cfg: PostTrainConfig) -> tuple[RoundsInput, dict[str, Any]]:
     """Features (cached in the run directory) and labels as the rounds' input."""
-    from distnoisy.features import extract_features, prediction_head
+    from distnoisy.finished.features import extract_features, prediction_head
     from distnoisy.posttrain.influence import head_matrix
 
     p = cfg.posttrain
@@ -170,7 +170,7 @@ def ranking_metrics(res: RoundsResult, corrupted: np.ndarray | None) -> dict[str
     of the first :data:`FIRST_SHARE` of the training set removed."""
     if corrupted is None:
         return {}
-    from distnoisy.label_issues import auroc, precision_at_k
+    from distnoisy.issues.ranking import auroc, precision_at_k
 
     n = len(corrupted)
     first = res.tried[: math.ceil(FIRST_SHARE * n)]  # removal order, undone rounds included
@@ -223,7 +223,7 @@ def write_all(
     summary: dict[str, Any],
     best_weights: bool,
 ) -> None:
-    from distnoisy.features import predicting_networks
+    from distnoisy.finished.features import predicting_networks
     from distnoisy.posttrain.refit import predict
 
     out = prep.out_dir

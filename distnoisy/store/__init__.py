@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from distnoisy.choices import STORE_BACKENDS
+from distnoisy.core.choices import STORE_BACKENDS
 from distnoisy.store.base import FLOAT_DTYPES, FieldSpec, bytes_per_sample
 from distnoisy.store.partitioned import PartitionedStore
 from distnoisy.store.replicated import SampleStore

@@ -8,7 +8,7 @@ so a dataset with an index is complete. Readers go part by part and batch by bat
 (:func:`iter_sample_stats`, :func:`iter_parts`): no step holds a whole table.
 
 Label issues: each part is ranked on its own (:func:`rank_part`, by decreasing score, NaN last,
-ties by sample index: the order of :func:`distnoisy.label_issues.rank_by_score`), and
+ties by sample index: the order of :func:`distnoisy.issues.ranking.rank_by_score`), and
 :func:`merge_top_k` merges the parts' heads into the ``k`` most likely issues overall, keeping
 at most ``2k`` rows in memory.
 """

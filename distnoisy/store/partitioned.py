@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from distnoisy import dist
-from distnoisy.errors import DistnoisyError
+from distnoisy.core.errors import DistnoisyError
+from distnoisy.engine import collectives
 from distnoisy.store.base import (
     FieldSpec,
     Staged,
@@ -118,12 +118,12 @@ class PartitionedStore:
     ) -> None:
         self.num_samples = int(num_samples)
         self.float_dtype = float_dtype
-        self.world, self.rank = dist.world_size(), dist.rank()
+        self.world, self.rank = collectives.world_size(), collectives.rank()
         self.rows_per = max(1, -(-self.num_samples // self.world))
         self.lo = min(self.rank * self.rows_per, self.num_samples)
         self.hi = min(self.lo + self.rows_per, self.num_samples)
         # new_group is a collective of the default group: every rank builds its store together.
-        self._group = tdist.new_group(backend="gloo") if dist.is_distributed() else None
+        self._group = tdist.new_group(backend="gloo") if collectives.is_distributed() else None
         self.specs: dict[str, FieldSpec] = {}
         self.kept: dict[str, FieldSpec] = {}
         self.parts: dict[str, torch.Tensor] = {}

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from distnoisy.errors import DistnoisyError
+from distnoisy.core.errors import DistnoisyError
 
 if TYPE_CHECKING:
     from distnoisy.store import Store
@@ -42,7 +42,7 @@ def part_range(num_samples: int, parts: int, part: int) -> tuple[int, int]:
 
 def save_part(store: Store, directory: Path, rank: int) -> None:
     """Write this rank's rows of every field to ``directory`` (atomically)."""
-    from distnoisy.checkpoint import save_atomic
+    from distnoisy.engine.checkpoint import save_atomic
 
     lo, hi = store.owned_range()
     part = {

@@ -15,7 +15,7 @@ Rules that keep replicas identical:
 - every rank stages the same entries (field, column) in the same order before a flush; only the
   rows differ. :meth:`flush` checks this with the all-reduce it already makes (entry count and a
   hash of the entry sequence, compared as max and min over ranks) and raises
-  :class:`~distnoisy.errors.DistnoisyError` on every rank rather than mixing up fields;
+  :class:`~distnoisy.core.errors.DistnoisyError` on every rank rather than mixing up fields;
 - a sample written twice in one flush keeps the value of the last writer (highest rank, then
   latest position), so the merge is deterministic.
 
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distnoisy import dist
-from distnoisy.errors import DistnoisyError
+from distnoisy.core.errors import DistnoisyError
+from distnoisy.engine import collectives
 from distnoisy.store.base import (
     FieldSpec,
     Staged,
@@ -93,7 +93,7 @@ class SampleStore:
     def owned_range(self) -> tuple[int, int]:
         """The rows this rank answers for in reductions and exports (every row is here; the
         ranks split them evenly so that per-rank sums add up to each row once)."""
-        n, w, r = self.num_samples, dist.world_size(), dist.rank()
+        n, w, r = self.num_samples, collectives.world_size(), collectives.rank()
         per = -(-n // w) if n else 0
         return min(r * per, n), min((r + 1) * per, n)
 
@@ -151,7 +151,7 @@ class SampleStore:
     def flush(self) -> None:
         """Gather every rank's staged writes and apply them on every rank (a collective)."""
         staged, self._staged = self._staged, []
-        if not staged and dist.world_size() == 1:
+        if not staged and collectives.world_size() == 1:
             return
         # One gather of all staged rows: each entry becomes a block of rows
         # [entry id, index, values...] in float64 (exact for float32 values and for integers
@@ -168,7 +168,7 @@ class SampleStore:
         # min over ranks come back together and must be equal.
         width = max((r.shape[1] for r in rows), default=2)
         sig = signature(staged)
-        agreed = dist.all_reduce_max(
+        agreed = collectives.all_reduce_max(
             torch.tensor([width, *sig, *(-v for v in sig)], device=self.comm_device)
         ).tolist()
         width = int(agreed[0])
@@ -177,7 +177,7 @@ class SampleStore:
         local = torch.zeros((0, width), dtype=torch.float64)
         if rows:
             local = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows])
-        gathered = dist.all_gather_cat(local.to(self.comm_device)).cpu()
+        gathered = collectives.all_gather_cat(local.to(self.comm_device)).cpu()
         # All ranks staged the same entries in the same order (checked above), so entry ids
         # refer to the same (name, column) everywhere; apply them in entry order.
         for entry_id, s in enumerate(staged):
@@ -200,7 +200,7 @@ class SampleStore:
         """Fail on every rank, naming each rank's staged entries (only after a mismatch was
         seen by all ranks, so the extra collective here cannot hang)."""
         names = [entry_name(s) for s in staged]
-        per_rank = dist.all_gather_object(names)
+        per_rank = collectives.all_gather_object(names)
         described = "; ".join(
             f"rank {r}: {len(e)} entries [{', '.join(e)}]" for r, e in enumerate(per_rank)
         )

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from distnoisy.config import keys_help
-from distnoisy.errors import DistnoisyError
+from distnoisy.core.errors import DistnoisyError
 from distnoisy.tune.run import format_report, run_sweep
 
 
@@ -25,7 +25,7 @@ def _description() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distnoisy.train import setup_cli
+    from distnoisy.driver.cli import setup_cli
 
     setup_cli()  # SIGTERM -> KeyboardInterrupt: the sweep ends like Ctrl-C, resumable
     parser = argparse.ArgumentParser(

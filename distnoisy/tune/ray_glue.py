@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from distnoisy.config import from_dict, to_dict
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 from distnoisy.tune.spec import TIME_ATTR, Sweep, _point_label, trial_config
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from distnoisy.config import Config, from_dict
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 from distnoisy.tune.mlflow_cleanup import close_orphaned_runs, mark_interrupted_runs
 from distnoisy.tune.ray_glue import _tuner
 from distnoisy.tune.report import (
@@ -34,7 +34,7 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run (or resume) a sweep; returns the report (also in ``results.json``)."""
     from distnoisy import tracking
-    from distnoisy.launch import ensure_ray
+    from distnoisy.launch.cluster import ensure_ray
 
     space_file = Path(space_file)
     where = f"search space {space_file}"

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
+from distnoisy.core.errors import ConfigError, DataError
 from distnoisy.data.stream.decode import _short, decode_image_bytes
 from distnoisy.data.stream.tar_index import Raw, _LocalMember
 from distnoisy.data.stream.transforms import ImageTransform, Transform
-from distnoisy.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import torch
 
+from distnoisy.core.errors import ConfigError
 from distnoisy.data.shards import Manifest
 from distnoisy.data.stream.batching import _BadRegistry, _BatchBuilder, _check_rank, _Decoder
 from distnoisy.data.stream.readers import _read_raw
 from distnoisy.data.stream.transforms import Transform
-from distnoisy.errors import ConfigError
 
 
 class EvalStream:

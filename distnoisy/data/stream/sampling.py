@@ -188,7 +188,7 @@ def read_index_file(path: str, num_samples: int, key: str = "data.exclude_file")
     """
     from pathlib import Path
 
-    from distnoisy.errors import ConfigError
+    from distnoisy.core.errors import ConfigError
 
     p = Path(path).expanduser()
     if not p.is_file():

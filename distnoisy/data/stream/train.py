@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from distnoisy.choices import SPLITS
+from distnoisy.core.choices import SPLITS
+from distnoisy.core.errors import ConfigError, DataError
 from distnoisy.data.shards import Manifest
 from distnoisy.data.stream.batching import _BadRegistry, _check_rank, _Decoder, _identity
 from distnoisy.data.stream.readers import _read_raw
@@ -28,7 +29,6 @@ from distnoisy.data.stream.sampling import (
 from distnoisy.data.stream.seeds import _TAG_BUFFER, _TAG_INTERLEAVE, _TAG_SHARD_ORDER, mix_seed
 from distnoisy.data.stream.tar_index import Raw
 from distnoisy.data.stream.transforms import Transform
-from distnoisy.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

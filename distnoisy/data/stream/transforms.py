@@ -6,8 +6,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from distnoisy.core.errors import ConfigError
 from distnoisy.data.stream.seeds import _TAG_AUGMENT, mix_seed
-from distnoisy.errors import ConfigError
 
 TRANSFORM_KINDS = ("digits", "cifar_train", "cifar_eval", "imagenet_train", "imagenet_eval", "raw")
 #: Kinds whose crop, flip and normalisation can run on the training device (``defer``).
@@ -41,8 +41,8 @@ class ImageTransform:
         (256). Smaller sizes give cheap runs (tests, quick experiments).
     defer
         Leave the crop, flip and normalisation to the training device
-        (:class:`distnoisy.device_aug.DeviceAugment`, ``data.augment_on=device``): the loader
-        batches uint8 images of one size with each sample's crop offsets and flip, drawn here
+        (:class:`distnoisy.data.device_augment.DeviceAugment`, ``data.augment_on=device``): the
+        loader batches uint8 images of one size with each sample's crop offsets and flip, drawn here
         from the same generator as the host path. ``imagenet_train`` images whose resized
         size is not square are first cut to their central square (batches need one size).
     encoded
@@ -148,7 +148,8 @@ class ImageTransform:
 
     def _deferred(self, img: torch.Tensor, index: int, epoch: int) -> tuple[torch.Tensor, tuple]:
         """The loader's part with ``defer``: the uint8 image to batch and its ``(top, left,
-        flip)`` for :class:`distnoisy.device_aug.DeviceAugment` (zeros without augmentation)."""
+        flip)`` for :class:`distnoisy.data.device_augment.DeviceAugment` (zeros without
+        augmentation)."""
         import torchvision.transforms.v2.functional as F
 
         if self.kind == "imagenet_train":

@@ -6,7 +6,7 @@ Two layouts, by the store's backend:
   and ``sample_stats.parquet``, one file each, plus the top-k (:func:`write_outputs`);
 - **partitioned** (web scale): every rank writes the rows it owns, in parallel, as its part of
   ``sample_stats/`` and ``label_issues/`` (:func:`write_rank_outputs`). The label-issue flags
-  need one global cut (:func:`distnoisy.label_issues.flag_cut`), the top-k a merge of the
+  need one global cut (:func:`distnoisy.issues.ranking.flag_cut`), the top-k a merge of the
   parts' heads and the summary a few global figures: rank 0 receives the per-sample columns
   these need (score, final prediction, trained, read: 18 bytes a sample) and each part's
   ``top_k`` first rows, never a part's table.
@@ -25,12 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from distnoisy import dist
 from distnoisy.config import Config
 from distnoisy.data.prepare import DataSpec
-from distnoisy.label_issues import flag_cut, flags_from_cut, rank_by_score
+from distnoisy.engine import collectives
+from distnoisy.issues.ranking import auroc, flag_cut, flags_from_cut, rank_by_score
 from distnoisy.methods import Method
-from distnoisy.metrics import auroc
 from distnoisy.store import Store
 from distnoisy.store.export import (
     LABEL_ISSUES_DIR,
@@ -188,17 +187,19 @@ def write_rank_outputs(
     rows = score_rows(info, {n: store.local(n) for n in store.specs}, lo)
     whole = _gather_rows(rows, store.num_samples, comm_device)
     cut = _cut(whole.score, whole.trained) if whole is not None else None
-    cut = dist.broadcast_object(cut)
+    cut = collectives.broadcast_object(cut)
     issues = rank_part(_issue_table(info, rows, _flags(rows, cut)))
     stats = _stats_table(info, rows)
-    part = dist.rank()
+    part = collectives.rank()
     entries = (
         write_part(out / SAMPLE_STATS_DIR, part, stats, lo),
         write_part(out / LABEL_ISSUES_DIR, part, issues, lo),
     )
     head = issues.slice(0, info.cfg.store.top_k)
     # every rank's part entries and head (at most top_k rows each, small)
-    gathered: list[Any] = dist.all_gather_object((entries, head, stats.schema, issues.schema))
+    gathered: list[Any] = collectives.all_gather_object(
+        (entries, head, stats.schema, issues.schema)
+    )
     if whole is None:
         return None
     write_index(out / SAMPLE_STATS_DIR, [g[0][0] for g in gathered], gathered[0][2])
@@ -225,8 +226,8 @@ def _gather_rows(rows: Rows, num_samples: int, device: torch.device) -> Rows | N
         torch.from_numpy(rows.pred.astype(np.int64)),
         torch.from_numpy(rows.read),
     ]
-    whole = [dist.gather_cat(c, device) for c in columns]
-    if dist.rank() != 0:
+    whole = [collectives.gather_cat(c, device) for c in columns]
+    if collectives.rank() != 0:
         return None
     score, trained, pred, read = (w.numpy() for w in whole)
     assert len(score) == num_samples
@@ -260,7 +261,7 @@ def summarize(store: Store, info: RunInfo, rows: Rows) -> dict[str, Any]:
         "num_classes": info.spec.num_classes,
         "noise_kind": cfg.noise.kind,
         "noise_rate_realised": info.spec.noise_rate,
-        "num_workers": dist.world_size(),
+        "num_workers": collectives.world_size(),
         "epochs": len(history),
         "test_acc": history[-1].get("test_acc") if history else None,
         "best_test_acc": max(test_accs) if test_accs else None,

@@ -11,7 +11,7 @@ The work is split like evaluation during training: rank ``r`` of ``W`` reads the
 block of an :class:`~distnoisy.data.stream.EvalStream` and writes its rows, by global index, into
 ``.npy`` files the driver created beforehand (opened as ``np.memmap``). Rows never touch each
 other, so no collective is needed and the result does not depend on the number of ranks. The
-ranks run on the run's launcher (:func:`distnoisy.launch.run_ranks`: Ray Train workers, or the
+ranks run on the run's launcher (:func:`distnoisy.launch.ranks.run_ranks`: Ray Train workers, or the
 local launcher's processes); one rank runs in-process. The files are filled in a temporary
 directory that is renamed into place when every rank has finished (a cache entry appears whole or
 not at all). Samples that cannot be decoded keep NaN rows.
@@ -36,14 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
     from distnoisy.config import Config
     from distnoisy.data.prepare import DataSpec
-    from distnoisy.runs import FinishedRun
+    from distnoisy.finished.runs import FinishedRun
 
 SPLITS = ("train", "val", "test")
 WEIGHTS = {"final": "weights.pt", "best": "weights_best.pt"}
@@ -251,7 +251,7 @@ def extract_features(
     Parameters
     ----------
     run
-        The finished run (see :func:`distnoisy.runs.open_run`).
+        The finished run (see :func:`distnoisy.finished.runs.open_run`).
     splits
         Any of ``train``, ``val``, ``test``.
     weights
@@ -327,7 +327,7 @@ def _run(
     launcher: str | None,
     scratch: Path,
 ) -> None:
-    from distnoisy.launch import run_ranks
+    from distnoisy.launch.ranks import run_ranks
 
     scaling = run.config.scaling
     world = int(num_workers or scaling.num_workers)

@@ -3,7 +3,7 @@
 ``ray.init()`` makes its head processes (GCS, raylet, dashboard, monitors) die with the driver,
 but processes the raylet starts (the dashboard and runtime-env agents, idle workers) outlive a
 driver killed with SIGKILL: they are left orphaned, holding memory and ports. ``python -m
-distnoisy.reaper PID`` watches the driver ``PID`` from a process of its own: it notes the
+distnoisy.launch.reaper PID`` watches the driver ``PID`` from a process of its own: it notes the
 driver's descendants every half second and, once the driver is gone, kills the ones noted that
 are still the same processes (same start time: a reused PID is never touched). Linux only
 (``/proc``); elsewhere :func:`start` does nothing.
@@ -79,7 +79,7 @@ def start() -> subprocess.Popen | None:
     if not Path("/proc/self/stat").exists():
         return None
     return subprocess.Popen(
-        [sys.executable, "-m", "distnoisy.reaper", str(os.getpid())],
+        [sys.executable, "-m", "distnoisy.launch.reaper", str(os.getpid())],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

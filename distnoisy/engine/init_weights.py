@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 
 
 def read_init_weights(path: str) -> dict[str, dict[str, torch.Tensor]]:

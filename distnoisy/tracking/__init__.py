@@ -10,8 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from distnoisy.engine.job import Job
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ def source_tags(source: str = "python -m distnoisy.train") -> dict[str, str]:
     tags = {"mlflow.source.name": source, "mlflow.source.type": "LOCAL"}
     with contextlib.suppress(Exception):  # no user name in some containers
         tags["mlflow.user"] = getpass.getuser()
-    checkout = Path(__file__).resolve().parents[1]
+    checkout = Path(__file__).resolve().parents[2]
     if (checkout / ".git").exists():
         try:
             done = subprocess.run(
@@ -149,6 +153,16 @@ def log_artifacts(uri: str, run_id: str, paths: list[Path]) -> None:
             client.log_artifact(run_id, str(p))
 
 
+def run_tags(uri: str, run_id: str) -> dict[str, str] | None:
+    """The tags of run ``run_id``, or None when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(_client(uri).get_run(run_id).data.tags)
+    except MlflowException:
+        return None
+
+
 def run_status(uri: str, run_id: str) -> str:
     return _client(uri).get_run(run_id).info.status
 
@@ -189,3 +203,10 @@ class RunLogger:
             self._logged[m.key].add(step)
         if batch:
             self._client.log_batch(self.run_id, metrics=batch)
+
+
+def rank_logger(job: Job, rank: int) -> Callable[[dict[str, float], int], None]:
+    """``log_metrics(metrics, step)`` of one rank of ``job``: into its MLflow run from rank 0,
+    a no-op elsewhere or without tracking (what the launchers put in the worker context)."""
+    t = job.tracking
+    return RunLogger(t.uri if t else None, t.run_id if t else None, rank).log_metrics

@@ -37,8 +37,8 @@ def train_step(
     batch
         The local batch (inputs and labels on the training device, indices on the CPU).
     autocast
-        The forward passes' autocast context (:meth:`distnoisy.accel.Precision.autocast`);
-        None = full precision.
+        The forward passes' autocast context
+        (:meth:`distnoisy.engine.precision.Precision.autocast`); None = full precision.
 
     Returns
     -------

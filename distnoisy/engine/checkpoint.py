@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from distnoisy import dist
-from distnoisy.errors import DistnoisyError
+from distnoisy.core.errors import DistnoisyError
+from distnoisy.engine import collectives
 
 if TYPE_CHECKING:
     from distnoisy.methods.base import Method
@@ -50,6 +50,8 @@ STATE_FILE = "state.pt"
 WEIGHTS_FILE = "weights.pt"
 #: The weights of the best validation epoch, same layout as :data:`WEIGHTS_FILE`.
 BEST_WEIGHTS_FILE = "weights_best.pt"
+#: The run's outputs inside its final checkpoint, which the driver publishes into the run dir.
+OUTPUTS_DIR = "outputs"
 
 
 class CheckpointError(DistnoisyError):
@@ -158,7 +160,7 @@ def restore_rng(state: dict[str, Any], device: torch.device, method: Method) -> 
 
 def gather_rng(device: torch.device, method: Method) -> list[dict[str, Any]]:
     """:func:`capture_rng` of every rank, in rank order (a collective: call on all ranks)."""
-    return list(dist.all_gather_object(capture_rng(device, method)))  # type: ignore[arg-type]
+    return list(collectives.all_gather_object(capture_rng(device, method)))  # type: ignore[arg-type]
 
 
 def restore_rank_rng(per_rank: list[dict[str, Any]], device: torch.device, method: Method) -> None:
@@ -168,13 +170,13 @@ def restore_rank_rng(per_rank: list[dict[str, Any]], device: torch.device, metho
     matching state: the generators keep their fresh seeds and the run continues, no longer
     bit-identical to an uninterrupted one (it already is not: the data split changed).
     """
-    if len(per_rank) != dist.world_size():
-        if dist.rank() == 0:
+    if len(per_rank) != collectives.world_size():
+        if collectives.rank() == 0:
             log.warning(
                 "checkpoint written by %d workers, resuming on %d: random generators start "
                 "fresh, so the run will not repeat an uninterrupted one exactly",
                 len(per_rank),
-                dist.world_size(),
+                collectives.world_size(),
             )
         return
-    restore_rng(per_rank[dist.rank()], device, method)
+    restore_rng(per_rank[collectives.rank()], device, method)

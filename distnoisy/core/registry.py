@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -29,36 +29,38 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from distnoisy import checkpoint as ckpt
-from distnoisy import dist
-from distnoisy.accel import input_layout, maybe_compile, resolve_precision, to_channels_last
+from distnoisy.data.device_augment import DeviceAugment, decode_batch, to_device
 from distnoisy.data.mixing import distinct_classes
-from distnoisy.device_aug import DeviceAugment, decode_batch, to_device
-from distnoisy.job import Job
-from distnoisy.loop import (
-    OUTPUTS_DIR,
-    WorkerContext,
-    accuracies,
+from distnoisy.engine import checkpoint as ckpt
+from distnoisy.engine import collectives
+from distnoisy.engine.checks import (
     check_bad_samples,
     check_class_mix,
     count_bad_samples,
     gather_bad_samples,
+)
+from distnoisy.engine.components import (
     make_optimizer,
     make_scheduler,
     network_builder,
-    predict,
-    run_field_specs,
-    train_step,
     training_labels,
 )
+from distnoisy.engine.evaluate import accuracies, predict
+from distnoisy.engine.job import Job, WorkerContext
+from distnoisy.engine.outputs import RunInfo, write_outputs, write_rank_outputs
+from distnoisy.engine.precision import (
+    input_layout,
+    maybe_compile,
+    resolve_precision,
+    to_channels_last,
+)
+from distnoisy.engine.step import run_field_specs, train_step
 from distnoisy.methods import METHODS, Method
 from distnoisy.methods.base import Networks, StepInput
-from distnoisy.outputs import RunInfo, write_outputs, write_rank_outputs
 from distnoisy.store import make_store
 from distnoisy.store.parts import load_parts, save_part
-from distnoisy.tracking import RunLogger
 
-log = logging.getLogger("distnoisy.loop")  # the epoch lines keep their logger name
+log = logging.getLogger(__name__)
 
 #: Batch size of the evaluation streams (per rank).
 EVAL_BATCH_SIZE = 256
@@ -138,10 +140,6 @@ class Trainer:
         self._setup_store_and_optimizers()
         self._setup_train_streams()
         self._setup_eval_sets()
-        tracking = self.job.tracking
-        self.logger = RunLogger(
-            tracking.uri if tracking else None, tracking.run_id if tracking else None, self.rank
-        )
 
     def _setup_model(self) -> None:
         cfg, spec = self.cfg, self.spec
@@ -162,7 +160,7 @@ class Trainer:
             k: to_channels_last(m.to(self.device), t.channels_last) for k, m in models.items()
         }
         if cfg.train.init_weights:  # before the method's setup (teachers copy the start)
-            from distnoisy.init_weights import load_init_weights
+            from distnoisy.engine.init_weights import load_init_weights
 
             load_init_weights(self.models, cfg.train.init_weights)
         self.method.setup(self.models, self.device)
@@ -383,11 +381,9 @@ class Trainer:
                 host_sums += torch.tensor([b, mix, 1], dtype=torch.float32)
         for sched in self.scheds.values():
             sched.step()
-        metrics["bad_samples"] = check_bad_samples(
-            self.first_stream, self.spec.num_train, self.cfg, self.comm_device
-        )
+        metrics["bad_samples"] = check_bad_samples(self.first_stream, self.spec.num_train, self.cfg)
         sums = torch.cat([dev_sums.cpu(), host_sums])
-        totals = dist.all_reduce_sum(sums.to(self.comm_device)).cpu()
+        totals = collectives.all_reduce_sum(sums.to(self.comm_device)).cpu()
         metrics["train_loss"] = float(totals[0] / totals[2])
         metrics["train_acc_given"] = float(totals[1] / totals[2])
         metrics["batch_class_mix"] = check_class_mix(
@@ -434,12 +430,12 @@ class Trainer:
             pred = self.store.local("train_pred")
             mask = self.corrupted[lo:hi] & (pred >= 0)
             counts = [float((pred[mask] == self.given[lo:hi][mask]).sum()), float(mask.sum())]
-            hits, total = dist.all_reduce_sum(torch.tensor(counts, device=self.comm_device))
+            hits, total = collectives.all_reduce_sum(torch.tensor(counts, device=self.comm_device))
             metrics["memorized"] = float(hits / total) if total > 0 else float("nan")
         return metrics
 
     def _log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        self.ctx.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, epoch)
         if self.rank != 0:
             return
         log.info(
@@ -494,7 +490,7 @@ class Trainer:
     def state(
         self, epoch: int, rng: list[dict[str, Any]], store: dict[str, Tensor]
     ) -> dict[str, Any]:
-        """The checkpoint dict after ``epoch`` (layout in :mod:`distnoisy.checkpoint`)."""
+        """The checkpoint dict after ``epoch`` (layout in :mod:`distnoisy.engine.checkpoint`)."""
         return {
             "format": ckpt.FORMAT_VERSION,
             "epoch": epoch,
@@ -560,7 +556,7 @@ class Trainer:
             bad_samples=final.num_bad,
             bad_sample_list=final.bad_list,
         )
-        out = ckpt_dir / OUTPUTS_DIR if ckpt_dir is not None else None
+        out = ckpt_dir / ckpt.OUTPUTS_DIR if ckpt_dir is not None else None
         if out is not None:
             out.mkdir()
         if self.store.backend == "partitioned":

@@ -4,7 +4,7 @@ A phase names a run the way a user sees it: its output directory, or its MLflow 
 id the summary line and the MLflow UI show). :func:`open_run` resolves either, checks that the
 run finished and wrote the outputs the phase needs, and returns a :class:`FinishedRun` with
 its resolved config, summary and readers for its per-sample tables. Every problem is one
-:class:`~distnoisy.errors.ConfigError` line naming the run and the fix.
+:class:`~distnoisy.core.errors.ConfigError` line naming the run and the fix.
 
 The per-sample tables are read column by column and, for large runs, batch by batch
 (:meth:`FinishedRun.iter_table`), so a phase never needs the whole table in memory at once.
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from distnoisy.config import Config, load_config
-from distnoisy.errors import ConfigError
+from distnoisy.core.errors import ConfigError
 
 #: An MLflow run id: 32 lower-case hex digits.
 MLFLOW_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -147,26 +147,22 @@ def resolve_run_dir(ref: str, tracking_uri: str | None = None) -> tuple[Path, st
 
 
 def _run_dir_from_mlflow(run_id: str, tracking_uri: str | None) -> Path:
-    from distnoisy.tracking import default_tracking_uri
+    from distnoisy import tracking
 
-    uri = tracking_uri or default_tracking_uri()
+    uri = tracking_uri or tracking.default_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         # Opening a client would create an empty database at the path; say what is missing.
         raise ConfigError(
             f"run={run_id}: no MLflow store at {uri}; run from the directory that holds "
             "mlflow.db, or pass tracking.uri=..."
         )
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        run = MlflowClient(tracking_uri=uri).get_run(run_id)
-    except MlflowException:
+    tags = tracking.run_tags(uri, run_id)
+    if tags is None:
         raise ConfigError(
             f"run={run_id}: no such MLflow run at {uri}; check the id in the MLflow UI, or pass "
             "tracking.uri=..."
-        ) from None
-    out = run.data.tags.get(OUTPUT_DIR_TAG)
+        )
+    out = tags.get(OUTPUT_DIR_TAG)
     if not out:
         raise ConfigError(
             f"MLflow run {run_id} has no {OUTPUT_DIR_TAG} tag (not a distnoisy training run); "

@@ -1,0 +1,149 @@
+"""The Ray cluster a distnoisy command runs on: joined or started locally, and whether it can
+hold a worker group; Ray tasks for work that needs no process group."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from distnoisy.config import Config
+from distnoisy.core.errors import DistnoisyError
+
+log = logging.getLogger(__name__)
+
+
+def ray_runtime_env() -> dict[str, Any]:
+    """The job-level runtime environment of distnoisy's Ray jobs (also used by the tests)."""
+    return {
+        "env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"},
+        # Lets Ray Train clean up placement groups of stopped runs when several Ray clusters
+        # share a machine (see distnoisy.launch.worker_setup).
+        "worker_process_setup_hook": "distnoisy.launch.worker_setup.pin_ray_address",
+    }
+
+
+def ensure_ray(address: str | None, num_workers: int) -> None:
+    """Connect to a Ray cluster, starting a local one (bound to 127.0.0.1) when there is none."""
+    import ray
+
+    # Train V2's controller polls workers every 2 s and a report waits for that poll, which
+    # caps a run at one epoch per 2 s (measured: 8 digits epochs 50 s -> 39 s at 0.25 s). A
+    # local cluster's processes inherit it from this driver (set before it starts); a user's
+    # value wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    if ray.is_initialized():
+        return
+    env = ray_runtime_env()
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        return
+    # Logical CPUs may exceed physical ones: every worker needs one, the controller too.
+    num_cpus = max(os.cpu_count() or 1, num_workers + 1)
+    ray.init(
+        num_cpus=num_cpus,
+        # The dashboard (State API) lets Ray clean up placement groups of stopped Train runs;
+        # it listens on loopback only.
+        dashboard_host="127.0.0.1",
+        runtime_env=env,
+    )
+    # Ray's agents outlive a driver killed with SIGKILL; a watcher process stops them.
+    from distnoisy.launch import reaper
+
+    reaper.start()
+
+
+def map_tasks(
+    fn: Any, calls: list[tuple[Any, ...]], shared: Any = None, num_cpus: float = 1.0
+) -> list[Any]:
+    """``[fn(shared, *args) for args in calls]`` as Ray tasks on the cluster training uses
+    (joined, or started on this machine as :func:`ensure_ray` does), in order.
+
+    ``shared`` goes to the object store once, not with every call (numpy arrays in it are read
+    zero-copy, read-only). ``fn`` must be importable by reference.
+    """
+    import ray
+
+    ensure_ray(None, len(calls))
+    task = ray.remote(num_cpus=num_cpus)(_call_with_shared)
+    shared_ref = ray.put(shared)
+    return ray.get([task.remote(fn, shared_ref, *args) for args in calls])
+
+
+def _call_with_shared(fn: Any, shared: Any, *args: Any) -> Any:
+    return fn(shared, *args)
+
+
+def _cluster_can_grow() -> bool:
+    """Whether the connected Ray cluster may add nodes: False for a cluster this process
+    started (``ray.init()`` without an address: a fixed set of local resources)."""
+    import ray
+
+    # ray.init() without an address makes this process's node the head; joining a cluster
+    # makes a non-head node object, a Ray client none.
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None and node.is_head():
+        return bool(getattr(node, "_ray_params", None) and node._ray_params.autoscaling_config)
+    return True
+
+
+def _needed_resources(cfg: Config) -> dict[str, float]:
+    """What the Train worker group asks of the cluster: one CPU per worker, one GPU each with
+    ``scaling.use_gpu`` (Ray Train's defaults)."""
+    need = {"CPU": float(cfg.scaling.num_workers)}
+    if cfg.scaling.use_gpu:
+        need["GPU"] = float(cfg.scaling.num_workers)
+    return need
+
+
+def _shortfall(need: dict[str, float]) -> dict[str, tuple[float, float]]:
+    import ray
+
+    have = ray.cluster_resources()
+    return {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) < v}
+
+
+def check_ray_resources(cfg: Config, poll_s: float = 2.0) -> None:
+    """Fail in seconds, with one line, when the Ray cluster cannot hold the worker group.
+
+    Without this, Ray Train waits for the resources forever (a GPU recipe on a machine
+    without a GPU prints autoscaler errors every ~35 s). A cluster that cannot grow (the local
+    one) fails at once; one that may (an autoscaler may add nodes) is given
+    ``scaling.resource_timeout_s`` seconds.
+
+    Raises
+    ------
+    DistnoisyError
+        The cluster lacks the resources (after the timeout on a cluster that can grow).
+    """
+    import time
+
+    ensure_ray(cfg.scaling.address, cfg.scaling.num_workers)
+    need = _needed_resources(cfg)
+    missing = _shortfall(need)
+    if not missing:
+        return
+    grows = _cluster_can_grow()
+    timeout = cfg.scaling.resource_timeout_s if grows else 0.0
+    if timeout > 0:
+        log.warning("waiting up to %g s for the Ray cluster to provide %s", timeout, need)
+        deadline = time.monotonic() + timeout
+        while missing and time.monotonic() < deadline:
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+            missing = _shortfall(need)
+        if not missing:
+            return
+    what = ", ".join(f"{v:g} {k}" for k, (v, _) in missing.items())
+    has = ", ".join(f"{h:g} {k}" for k, (_, h) in missing.items())
+    gpu = " set scaling.use_gpu=false (train on CPUs), or" if "GPU" in missing else ""
+    where = (
+        f"did not get them within scaling.resource_timeout_s={timeout:g} s"
+        if grows
+        else "cannot grow (a local cluster)"
+    )
+    raise DistnoisyError(
+        f"scaling.num_workers={cfg.scaling.num_workers} with scaling.use_gpu="
+        f"{str(cfg.scaling.use_gpu).lower()} needs {what}, but the Ray cluster has {has} and "
+        f"{where}:{gpu} lower scaling.num_workers, or give scaling.address of a cluster that "
+        "has them"
+    )

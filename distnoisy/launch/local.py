@@ -1,0 +1,135 @@
+"""The local launcher: the training loop without Ray.
+
+One worker runs in-process; several run in spawned processes joined in a gloo (CPU) or NCCL
+(GPU) process group, as Ray Train would give them (useful on a GPU machine without Ray).
+Checkpoints go to ``run_dir/checkpoints/epoch=NNNN``, the last :data:`KEEP_CHECKPOINTS` kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distnoisy import tracking
+from distnoisy.config import Config
+from distnoisy.core.errors import DistnoisyError
+from distnoisy.engine import collectives
+from distnoisy.engine.job import Job, WorkerContext
+from distnoisy.engine.trainer import run_worker
+
+KEEP_CHECKPOINTS = 2
+
+
+# -- local launcher ---------------------------------------------------------------------------
+def _local_checkpoints(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("epoch=*") if p.is_dir())
+
+
+def _local_context(
+    job: Job, rank: int, world: int, device: torch.device, ckpt_root: Path, resume: bool
+) -> WorkerContext:
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        # Every rank calls this (as Ray Train's report, a barrier). The ranks' directories are
+        # merged into one (rank 0's state.pt and each rank's own files, e.g. its store part),
+        # which appears under its final name whole or not at all.
+        final = ckpt_root / f"epoch={int(metrics['epoch']):04d}"
+        tmp = ckpt_root / f".{final.name}.tmp"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        collectives.barrier()
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
+        collectives.barrier()
+        if rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in _local_checkpoints(ckpt_root)[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(old, ignore_errors=True)
+        collectives.barrier()  # no rank goes on before the checkpoint is in place
+
+    @contextlib.contextmanager
+    def restore() -> Iterator[Path | None]:
+        found = _local_checkpoints(ckpt_root) if resume else []
+        yield found[-1] if found else None
+
+    return WorkerContext(rank, world, device, report, restore, tracking.rank_logger(job, rank))
+
+
+def _local_device(cfg: Config, rank: int) -> torch.device:
+    if cfg.scaling.use_gpu:
+        if not torch.cuda.is_available():
+            raise DistnoisyError("scaling.use_gpu=true but no CUDA device is visible")
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _spawned_worker(
+    rank: int, world: int, port: int, job: Job, ckpt_root: str, resume: bool
+) -> None:
+    # A spawned process starts without the driver's logging set-up: keep the epoch lines.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("distnoisy").setLevel(logging.INFO)
+    device = _local_device(job.config, rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        run_worker(job, _local_context(job, rank, world, device, Path(ckpt_root), resume))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_and_join(world: int, args: tuple[Any, ...]) -> None:
+    """Run :func:`_spawned_worker` on ``world`` processes; stop them if this one is stopped.
+
+    A SIGTERM to the driver alone (a scheduler, ``kill``) or a Ctrl-C while it waits would
+    otherwise leave the workers training: they are not daemons, so the driver's exit waits for
+    them to finish every epoch.
+    """
+    context = torch.multiprocessing.start_processes(
+        _spawned_worker, args=args, nprocs=world, join=False, start_method="spawn"
+    )
+    try:
+        while not context.join():
+            pass
+    except BaseException:
+        for proc in context.processes:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in context.processes:
+            proc.join(timeout=30)
+        raise
+
+
+def launch_local(job: Job, cfg: Config, run_dir: Path) -> Path:
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    world = cfg.scaling.num_workers
+    if world == 1:
+        ctx = _local_context(job, 0, 1, _local_device(cfg, 0), ckpt_root, cfg.resume)
+        run_worker(job, ctx)
+    else:
+        _spawn_and_join(world, (world, _free_port(), job, str(ckpt_root), cfg.resume))
+    found = _local_checkpoints(ckpt_root)
+    if not found:
+        raise DistnoisyError(f"training ended without a checkpoint in {ckpt_root}")
+    return found[-1]

@@ -1,0 +1,205 @@
+"""The Ray Train launcher: the training loop on a Ray Train V2 ``TorchTrainer``.
+
+DDP over gloo on CPU, NCCL on GPU; a checkpoint per epoch through ``ray.train.report``, resume
+through ``ray.train.get_checkpoint()``; errors a worker raised for the user (bad data) come back
+to the driver as the one-line :class:`~distnoisy.core.errors.DistnoisyError` they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from distnoisy import tracking
+from distnoisy.config import Config
+from distnoisy.core.errors import DistnoisyError
+from distnoisy.engine.job import Job, WorkerContext
+from distnoisy.engine.trainer import run_worker
+from distnoisy.launch.cluster import check_ray_resources
+from distnoisy.launch.local import KEEP_CHECKPOINTS
+
+log = logging.getLogger(__name__)
+
+
+# -- Ray launcher -----------------------------------------------------------------------------
+def _ray_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point on each worker (importable: Ray pickles it by reference).
+
+    ``config`` is the ``train_loop_config``: ``{"job": Job}`` (Ray Train takes a dict).
+    """
+    import ray.train
+    import ray.train.torch
+
+    # Ray Train logs every report and checkpoint at INFO; keep the terminal to our epoch lines.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # this one logs under its file path, not under "ray.train"
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):
+        pass
+    logging.getLogger("distnoisy").setLevel(logging.INFO)
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        checkpoint = (
+            ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        )
+        ray.train.report(
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch={int(metrics['epoch']):04d}"
+        )
+
+    @contextlib.contextmanager
+    def restore() -> Iterator[Path | None]:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as d:
+            yield Path(d)
+
+    ctx = WorkerContext(
+        rank=rank,
+        world_size=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        report=report,
+        restore=restore,
+        log_metrics=tracking.rank_logger(config["job"], rank),
+    )
+    run_worker(config["job"], ctx)
+
+
+def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None = None) -> Path:
+    """Run the job as a Ray Train run named ``train`` under ``run_dir/ray``.
+
+    ``callbacks`` are Ray Train ``UserCallback``s for the Train ``RunConfig`` (e.g. Tune's
+    ``TuneReportCallback``, which forwards every per-epoch report to a Tune trial).
+    """
+    import ray.train
+
+    check_ray_resources(cfg)
+    trainer = _trainer_class()(
+        _ray_worker,
+        train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu
+        ),
+        run_config=ray.train.RunConfig(
+            # A stable name per run dir: re-running with resume=true continues this Train run.
+            name="train",
+            storage_path=str((run_dir / "ray").resolve()),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.scaling.max_failures,
+                # A worker group that cannot start (its resources never came back, e.g. a lost
+                # node) is a controller failure, retried forever by default: count it too, so
+                # such a run fails after max_failures instead of waiting forever.
+                controller_failure_limit=cfg.scaling.max_failures,
+            ),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            callbacks=list(callbacks or []),
+        ),
+    )
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    except BaseException as exc:  # Ray raises the workers' errors wrapped: unwrap ours
+        if trainer.interrupted:  # Ctrl-C: Ray aborted the run (RayActorError, SystemExit)
+            raise KeyboardInterrupt("SIGINT") from None
+        user = _user_error(exc)
+        if user is exc:
+            user = _gave_up_error(exc, cfg, run_dir)
+        if user is exc:
+            raise
+        raise user from None
+    finally:
+        # Ray Train leaves its handler installed, bound to the finished run's controller.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+    if trainer.interrupted:
+        raise KeyboardInterrupt("SIGINT")
+    if result.error is not None:
+        raise _gave_up_error(_user_error(result.error), cfg, run_dir)
+    if result.checkpoint is None:
+        raise DistnoisyError("Ray Train finished without a checkpoint")
+    return Path(result.checkpoint.path)
+
+
+def _trainer_class() -> type:
+    """``TorchTrainer`` that notes a Ctrl-C: Ray Train's own SIGINT handler aborts the run,
+    after which ``fit`` raises a Ray error (or ``SystemExit``) that says nothing of it."""
+    from ray.train.torch import TorchTrainer
+
+    class _Trainer(TorchTrainer):
+        interrupted = False
+
+        def _register_sigint_handler(self, controller: Any) -> None:
+            super()._register_sigint_handler(controller)
+            ray_handler = signal.getsignal(signal.SIGINT)
+
+            def note(signum: int, frame: Any) -> None:
+                self.interrupted = True
+                if callable(ray_handler):
+                    ray_handler(signum, frame)
+
+            signal.signal(signal.SIGINT, note)
+
+    return _Trainer
+
+
+def _user_error(err: BaseException) -> BaseException:
+    """The :class:`DistnoisyError` a worker raised (bad data found while training, e.g. past
+    ``data.max_bad_fraction``), so the CLI prints its one line; otherwise Ray's error."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for _, failure in sorted(failures.items()):
+        # Ray Train V2 wraps a worker's exception with its traceback text.
+        base = getattr(failure, "_base_exc", failure)
+        if isinstance(base, DistnoisyError):
+            return base
+    return err
+
+
+def _gave_up_error(err: BaseException, cfg: Config, run_dir: Path) -> BaseException:
+    """One line for a run that Ray Train stopped after ``scaling.max_failures`` recoveries.
+
+    Ray's own error is pages of worker reprs; the user needs what failed and how to continue
+    (the checkpoints stay in ``run_dir/ray``, so ``resume=true`` picks the run up later).
+    Other errors (an exception in the training code itself) are returned as they are, with
+    their traceback.
+    """
+    import ray.exceptions
+    import ray.train
+
+    def died(failure: BaseException) -> bool:  # the process or its node, not the code
+        health = getattr(failure, "health_check_failure", None)  # Ray Train's wrapper
+        return isinstance(failure, ray.exceptions.RayActorError) or isinstance(
+            health, ray.exceptions.RayActorError
+        )
+
+    if isinstance(err, ray.train.WorkerGroupError):
+        # When one rank dies the others fail on their collectives: one death is the cause.
+        if not any(map(died, err.worker_failures.values())):
+            return err
+        reason = "a worker or its node died"
+    elif isinstance(err, ray.train.ControllerError):
+        timeout = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+        reason = (
+            f"its {cfg.scaling.num_workers} workers could not be started within "
+            f"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S={timeout} s (the cluster lacks the "
+            "resources, e.g. a node was lost)"
+            if "timed out" in str(err.controller_failure)
+            else f"controller error: {str(err.controller_failure).splitlines()[0]}"
+        )
+    else:
+        return err
+    return DistnoisyError(
+        f"Ray Train stopped the run after scaling.max_failures={cfg.scaling.max_failures} "
+        f"recoveries: {reason}; its checkpoints are kept: restore the cluster's resources, then "
+        f"continue with: python -m distnoisy.train output_dir={run_dir} resume=true"
+    )
