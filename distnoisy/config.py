@@ -1,4 +1,4 @@
-"""Run configuration: OmegaConf structured dataclasses, YAML config files and ``key=value`` overrides.
+"""Run configuration: OmegaConf structured dataclasses, YAML config files, ``key=value`` overrides.
 
 The schema is typed and closed: an unknown key or a value of the wrong type is a
 :class:`~distnoisy.core.errors.ConfigError` that names the key and the valid choices. Each method
@@ -135,7 +135,7 @@ class NoiseConfig:
     instance_features: str = "raw"
     # ``data.name=longtail``, ``kind=instance`` only: a noise rate that depends on the
     # subpopulation. The samples of subpopulations of at most ``tail_size`` training instances
-    # get mean rate ``tail_rate``, the others ``rate`` (docs/analysis.md#long-tail-data).
+    # get mean rate ``tail_rate``, the others ``rate`` (docs/analysis.md#the-long-tail-dataset).
     tail_rate: float | None = None
     tail_size: int = 1
 
@@ -460,7 +460,8 @@ RESUMABLE_KEYS = (
     "scaling.use_gpu",
     "scaling.address",
     "scaling.max_failures",
-    # Checkpoints hold the store whole, so either backend resumes them.
+    # A checkpoint's store (whole in state.pt, or one part file per rank of a partitioned
+    # store) restores into either backend on any number of ranks (distnoisy.store.parts).
     "store.backend",
     "scaling.resource_timeout_s",
 )
