@@ -64,6 +64,7 @@ class Plan:
     seed: int
     fashion_mnist: str
     keep_source: bool
+    resume: bool = False
 
 
 def phase_commands(plan: Plan) -> dict[str, list[list[str]]]:
@@ -137,11 +138,31 @@ def _figures(plan: Plan, records: list[CommandRecord], t0: float, t1: float) -> 
     }
 
 
-def run_phases(plan: Plan) -> dict[str, dict[str, Any]]:
-    """Every phase in turn; their figures by name (``label_issues`` is cut out of ``train``)."""
+def _clear(out: Path, phase: str) -> None:
+    """Remove what an unfinished ``phase`` left (``--resume`` runs it again from the start)."""
+    leftovers = {
+        "convert": [out / "data"],
+        "train": [out / "run", out / "data" / "noise"],
+        "posttrain": [*(out / "run").glob("posttrain-*"), out / "run" / "features"],
+        "analyze": [out / "analysis"],
+    }[phase]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_phases(plan: Plan, report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every phase in turn; their figures by name (``label_issues`` is cut out of ``train``).
+
+    ``report["phases"]`` holds the phases an earlier (``--resume``) run finished: they are kept
+    and skipped. After each phase the report is written to ``pipeline.json`` (``complete``
+    false until every phase and check is done)."""
     commands = phase_commands(plan)
-    out, phases = plan.out, {}
+    out, phases = plan.out, report.setdefault("phases", {})
     for phase in ("convert", "train", "posttrain", "analyze"):
+        if phase in phases:
+            print(f"{phase}: done by an earlier run (--resume), kept", flush=True)
+            continue
+        _clear(out, phase)
         load_start = _load()
         records = [_run(plan, phase, argv) for argv in commands[phase]]
         load_end = _load()
@@ -163,8 +184,15 @@ def run_phases(plan: Plan) -> dict[str, dict[str, Any]]:
         phases[phase]["commands"] = [shlex.join(a) for a in commands[phase]]
         phases[phase]["processes"] = _largest_processes(records)
         _phase_disk(out, phase, phases)
+        _write(out, report)
         print(f"{phase}: {json.dumps(_brief(phases[phase]))}", flush=True)
     return {p: phases[p] for p in PHASES}
+
+
+def _write(out: Path, report: dict[str, Any]) -> None:
+    tmp = out / ".pipeline.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out / "pipeline.json")
 
 
 def _brief(figures: dict[str, Any]) -> dict[str, Any]:
@@ -209,18 +237,30 @@ def _check_plan(plan: Plan) -> None:
             "--workers and --epochs must be >= 1 and --batch-size a multiple of --workers"
         )
     taken = [name for name in OUTPUTS if (plan.out / name).exists()]
-    if taken:
+    if taken and not plan.resume:
         raise ConfigError(
             f"--out {plan.out} already holds {', '.join(taken)} from an earlier run; give a new "
-            "directory (a generated source/ folder of the same size is reused)"
+            "directory (a generated source/ folder of the same size is reused), or --resume "
+            "to keep its finished phases"
         )
 
 
 def run_pipeline(plan: Plan) -> dict[str, Any]:
     """Generate, run every phase, check the outputs; returns (and writes) ``pipeline.json``."""
-    from distnoisy.bench.pipeline_checks import check_outputs
-
     _check_plan(plan)
+    earlier = plan.out / "pipeline.json"
+    if plan.resume and earlier.is_file():
+        report = json.loads(earlier.read_text())
+        if (report["samples"], report["epochs"], report["workers"]) != (
+            plan.samples,
+            plan.epochs,
+            plan.workers,
+        ):
+            raise ConfigError(f"--resume: {earlier} is of another --samples/--epochs/--workers")
+        report.pop("checks", None)
+        report["phases"] = {p: f for p, f in report["phases"].items() if p in PHASES}
+        report["resumed"] = report.get("resumed", 0) + 1
+        return _finish(plan, report)
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "logs").mkdir(exist_ok=True)
     n_eval = pipeline_data.eval_size(plan.samples)
@@ -247,11 +287,20 @@ def run_pipeline(plan: Plan) -> dict[str, Any]:
             "disk_mb": round(disk_mb(plan.out / "source"), 1),
         },
     }
-    report["phases"] = run_phases(plan)
+    report["complete"] = False
+    return _finish(plan, report)
+
+
+def _finish(plan: Plan, report: dict[str, Any]) -> dict[str, Any]:
+    """The phases not done yet, the checks, ``pipeline.json``."""
+    from distnoisy.bench.pipeline_checks import check_outputs
+
+    report["phases"] = run_phases(plan, report)
     report["checks"] = check_outputs(plan.out, plan.samples)
     report["disk_mb_total"] = round(disk_mb(plan.out), 1)
     report["mlflow_db_mb"] = round(disk_mb(plan.out / "mlflow.db"), 1)
-    (plan.out / "pipeline.json").write_text(json.dumps(report, indent=2))
+    report["complete"] = True
+    _write(plan.out, report)
     return report
 
 
@@ -274,6 +323,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep the generated training folder after conversion (deleted by default)",
     )
+    s.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the phases an earlier run in --out finished (pipeline.json), run the rest",
+    )
 
 
 def main(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -286,6 +340,7 @@ def main(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         seed=args.seed,
         fashion_mnist=args.fashion_mnist,
         keep_source=args.keep_source,
+        resume=args.resume,
     )
     try:
         report = run_pipeline(plan)

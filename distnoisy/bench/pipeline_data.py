@@ -121,10 +121,12 @@ def generate(spec: FolderSpec, workers: int) -> dict:
     """Write the whole folder with ``workers`` processes; returns what was written.
 
     An earlier complete folder of the same spec (``ROOT/folder.json``) is kept as it is.
+    (The pipeline deletes the training images once converted: then they are written again.)
     """
     root = Path(spec.root)
     done = root / "folder.json"
-    if done.is_file() and json.loads(done.read_text()).get("spec") == vars(spec):
+    complete = done.is_file() and (root / "train").is_dir()
+    if complete and json.loads(done.read_text()).get("spec") == vars(spec):
         return json.loads(done.read_text())
     if spec.n_eval > 5000:
         raise ValueError("at most 5,000 validation and test images each (Fashion-MNIST's test set)")
