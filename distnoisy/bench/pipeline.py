@@ -130,9 +130,12 @@ def _run(plan: Plan, phase: str, argv: list[str]) -> CommandRecord:
 def _figures(plan: Plan, records: list[CommandRecord], t0: float, t1: float) -> dict[str, Any]:
     peak, name = max((r.peak(max(t0, r.start), min(t1, r.end)) for r in records), default=(0, ""))
     wall = t1 - t0
+    cpu = sum(r.cpu_seconds(max(t0, r.start), min(t1, r.end)) for r in records)
     return {
         "wall_s": round(wall, 2),
         "samples_per_s": round(plan.samples / wall, 1) if wall > 0 else None,
+        "cpu_s": round(cpu, 1),
+        "cpu_us_per_sample": round(1e6 * cpu / plan.samples, 1),
         "peak_rss_mb": round(peak, 1),
         "peak_process": name,
     }

@@ -85,22 +85,31 @@ def _augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out.astype(np.float32) * scale, 0, 255).astype(np.uint8)
 
 
+def _path(root: Path, split: str, i: int, label: int) -> Path:
+    return root / split / class_dirs()[label] / f"{i // 1000:04d}" / f"{i:07d}.png"
+
+
 def _write(root: Path, split: str, i: int, label: int, image: np.ndarray) -> None:
-    d = root / split / class_dirs()[label] / f"{i // 1000:04d}"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / f"{i:07d}.png").write_bytes(_png(image))
+    path = _path(root, split, i, label)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_png(image))
 
 
 def _train_block(spec: FolderSpec, block: int) -> int:
-    """Write training images ``[block * BLOCK, ...)``; returns how many."""
+    """Write training images ``[block * BLOCK, ...)``; returns how many. A block whose last
+    image exists was written whole by an earlier, interrupted call (the images are written in
+    order) and is skipped."""
     images, labels = _load(spec.source)["train"]
     lo, hi = block * BLOCK, min(spec.n, (block + 1) * BLOCK)
     if spec.n <= len(images):  # without replacement: one permutation of the whole set
         base = np.random.default_rng(spec.seed).permutation(len(images))[lo:hi]
     else:
         base = np.random.default_rng([spec.seed, block, 0]).integers(0, len(images), hi - lo)
-    rng = np.random.default_rng([spec.seed, block, 1])
     root = Path(spec.root)
+    last = _path(root, "train", hi - 1, int(labels[base[-1]]))
+    if last.is_file() and last.stat().st_size > 0:
+        return hi - lo
+    rng = np.random.default_rng([spec.seed, block, 1])
     for i, j in zip(range(lo, hi), base.tolist(), strict=True):
         _write(root, "train", i, int(labels[j]), _augment(images[j], rng))
     return hi - lo

@@ -3,9 +3,12 @@
 :func:`run_command` starts one command line, records the time of every line it prints, and
 samples the command's whole process tree (the command and every descendant: a local Ray
 cluster's GCS, raylet and workers, loader and converter processes) every ``interval`` seconds
-in a thread: each process's resident set (``VmRSS``) and its high-water mark (``VmHWM``, the
-kernel's own record of its peak, exact between samples). :meth:`CommandRecord.peak` gives the
-largest process of the command, or of a time window inside it.
+in a thread: each process's resident set (``VmRSS``), its high-water mark (``VmHWM``, the
+kernel's own record of its peak, exact between samples) and the CPU time it has used (user +
+system). :meth:`CommandRecord.peak` gives the largest process of the command, or of a time
+window inside it; :meth:`CommandRecord.cpu_seconds` the CPU time of the whole tree (on a shared
+machine the work done, whatever the wait: a process that ends between two samples loses at
+most its last ``interval``).
 """
 
 from __future__ import annotations
@@ -25,11 +28,19 @@ INTERVAL = 0.25
 
 @dataclass
 class ProcessTrace:
-    """One process's samples: ``(time, rss_mb, hwm_mb)``."""
+    """One process's samples: ``(time, rss_mb, hwm_mb, cpu_s)``."""
 
     pid: int
     name: str
-    samples: list[tuple[float, float, float]] = field(default_factory=list)
+    samples: list[tuple[float, float, float, float]] = field(default_factory=list)
+
+    def cpu(self, t0: float, t1: float) -> float:
+        """CPU seconds it used in ``[t0, t1]`` (as sampled)."""
+        before = [s[3] for s in self.samples if s[0] < t0]
+        inside = [s[3] for s in self.samples if t0 <= s[0] <= t1]
+        if not inside:
+            return 0.0
+        return max(inside) - (max(before) if before else 0.0)
 
     def peak(self, t0: float, t1: float) -> float:
         """Its largest resident set in ``[t0, t1]`` (MB; 0 when it did not run then).
@@ -74,6 +85,12 @@ class CommandRecord:
                 best = (mb, trace.name)
         return best
 
+    def cpu_seconds(self, t0: float | None = None, t1: float | None = None) -> float:
+        """CPU seconds (user + system) of the whole tree in ``[t0, t1]`` (default: all)."""
+        t0 = self.start if t0 is None else t0
+        t1 = self.end if t1 is None else t1
+        return sum(trace.cpu(t0, t1) for trace in self.processes.values())
+
     def first_line(self, needle: str, after: float = 0.0) -> float | None:
         """Time of the first output line containing ``needle`` printed after ``after``."""
         return next((t for t, line in self.lines if needle in line and t > after), None)
@@ -83,16 +100,24 @@ class CommandRecord:
         return next((t for t, line in reversed(self.lines) if needle in line), None)
 
 
-def _status_mb(pid: int) -> tuple[float, float] | None:
-    """``(VmRSS, VmHWM)`` of a process in MB, or None when it is gone (or a zombie)."""
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _status_mb(pid: int) -> tuple[float, float, float] | None:
+    """``(VmRSS MB, VmHWM MB, CPU seconds)`` of a process, or None when it is gone (or a
+    zombie)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
-    except (OSError, ValueError):
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
         return None
     if "VmRSS" not in fields:
         return None
-    return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
+    cpu = (int(stat[11]) + int(stat[12])) / _TICK  # utime, stime (fields 14, 15)
+    rss, hwm = (int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))
+    return rss, hwm, cpu
 
 
 def _name(proc: psutil.Process) -> str:
