@@ -147,6 +147,10 @@ def _sample(root: psutil.Process, record: CommandRecord, stop: threading.Event) 
             trace = record.processes.get(proc.pid)
             if trace is None:
                 trace = record.processes[proc.pid] = ProcessTrace(proc.pid, _name(proc))
+            elif not trace.name.startswith("ray::") and len(trace.samples) % 8 == 0:
+                # A Ray worker starts as ``python setup_worker.py ...`` and takes its
+                # ``ray::<actor or task>`` title once it runs one.
+                trace.name = _name(proc)
             trace.samples.append((now, *mb))
         if stop.wait(INTERVAL):
             return
