@@ -108,9 +108,47 @@ def _post_acc(c: dict[str, Any]) -> str:
     return ", ".join("-" if v is None else f"{100 * v:.1f}%" for v in vals)
 
 
+def knn_agreement(out: Path, k: int = 10, buckets: int = 5) -> dict[str, Any]:
+    """The approximate (IVF) frequency score against the exact one on a finished pipeline's
+    cached training features, side by side in this process: times, Spearman correlation, the
+    share of samples in the same quantile bucket."""
+    import time
+
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from distnoisy.analyze.buckets import assign_buckets, bucket_edges
+    from distnoisy.analyze.knn import knn_density
+
+    files = sorted((out / "run" / "features").glob("*/train.features.npy"))
+    feats = np.load(files[0], mmap_mode="r")
+    scores, seconds = {}, {}
+    for search in ("ivf", "exact"):
+        t0 = time.perf_counter()
+        scores[search] = knn_density(feats, None, k=k, search=search)
+        seconds[search] = round(time.perf_counter() - t0, 1)
+    exact, ivf = scores["exact"], scores["ivf"]
+    same = assign_buckets(exact, bucket_edges(exact, buckets)) == assign_buckets(
+        ivf, bucket_edges(ivf, buckets)
+    )
+    return {
+        "n": len(feats),
+        "d": int(feats.shape[1]),
+        "seconds": seconds,
+        "spearman": round(float(spearmanr(exact, ivf).statistic), 5),
+        "same_bucket": round(float(same.mean()), 4),
+        "ivf_below_exact": round(float((ivf <= exact + 1e-6).mean()), 4),
+    }
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("pipeline-report", help="Markdown tables of finished pipeline benchmarks")
     s.add_argument("dirs", type=Path, nargs="+", help="the --out directories of `bench pipeline`")
+    s.add_argument(
+        "--knn",
+        action="store_true",
+        help="also time the exact and the IVF frequency score on each run's cached features",
+    )
 
 
 def main(args: argparse.Namespace, argv: list[str]) -> str:
@@ -118,5 +156,8 @@ def main(args: argparse.Namespace, argv: list[str]) -> str:
     text = phase_table(reports) + "\n" + checks_table(reports)
     for r in reports:
         text += f"\nAnalysis at {r['samples']:,}:\n\n{r['checks']['analysis']['markdown']}\n"
+    if args.knn:
+        for d in args.dirs:
+            text += f"\nk-NN agreement, {d}: {json.dumps(knn_agreement(d))}\n"
     print(text)
     return text
