@@ -37,6 +37,17 @@ KMEANS_ROWS_PER_LIST = 40
 ASSIGN_ROWS = 65536
 
 
+def to_score(top: torch.Tensor, metric: str) -> np.ndarray:
+    """Scores from each query's ``k`` largest cosine similarities (one row per query):
+    their mean (``cosine``), or minus the mean distance ``sqrt(2 - 2 cos)`` of unit vectors
+    (``l2``); shared with the exact search."""
+    if metric == "cosine":
+        return top.mean(1).numpy().astype(np.float64)
+    # ||a - b|| = sqrt(2 - 2 cos) for unit vectors; clamp rounding below zero.
+    dist = torch.sqrt(torch.clamp(2.0 - 2.0 * top.double(), min=0.0))
+    return (-dist.mean(1)).numpy()
+
+
 def num_lists(n: int) -> int:
     """Lists for ``n`` training rows: ``2 sqrt(n)`` (about ``sqrt(n) / 2`` rows each), so the
     work per query grows as ``sqrt(n)``."""
@@ -163,8 +174,6 @@ def score_lists(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(query ids, scores)`` of the queries of ``lists`` (``queries`` None: the reference
     rows themselves, each one's own row excluded)."""
-    from distnoisy.analyze.knn import to_score
-
     r, q = ref.open(), (queries.open() if queries is not None else None)
     ids, scores = [], []
     for c in lists:

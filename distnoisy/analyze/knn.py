@@ -30,7 +30,7 @@ import math
 import numpy as np
 import torch
 
-from distnoisy.analyze.ivf import DEFAULT_PROBES
+from distnoisy.analyze.ivf import DEFAULT_PROBES, to_score
 from distnoisy.core.errors import ConfigError
 
 #: ``analysis.metric`` choices.
@@ -69,15 +69,6 @@ def block_scores(
         rows = torch.arange(len(queries))
         sim[rows, rows + self_offset] = -math.inf
     return to_score(sim.topk(k, dim=1).values, metric)
-
-
-def to_score(top: torch.Tensor, metric: str) -> np.ndarray:
-    """Scores from each query's ``k`` largest cosine similarities (one row per query)."""
-    if metric == "cosine":
-        return top.mean(1).numpy().astype(np.float64)
-    # ||a - b|| = sqrt(2 - 2 cos) for unit vectors; clamp rounding below zero.
-    dist = torch.sqrt(torch.clamp(2.0 - 2.0 * top.double(), min=0.0))
-    return (-dist.mean(1)).numpy()
 
 
 def check_k(n_ref: int, k: int, metric: str, is_self: bool) -> None:
