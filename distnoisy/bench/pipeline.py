@@ -141,6 +141,16 @@ def _figures(plan: Plan, records: list[CommandRecord], t0: float, t1: float) -> 
     }
 
 
+def _delete_source(source: Path) -> None:
+    """Delete the converted training images: first the record that they are complete, then
+    the folder under another name, so an interrupted deletion is never taken for a folder."""
+    (source / "folder.json").unlink(missing_ok=True)
+    gone = source / ".train-deleted"
+    if (source / "train").is_dir():
+        os.replace(source / "train", gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def _clear(out: Path, phase: str) -> None:
     """Remove what an unfinished ``phase`` left (``--resume`` runs it again from the start)."""
     leftovers = {
@@ -171,7 +181,7 @@ def run_phases(plan: Plan, report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         load_end = _load()
         t0, t1 = records[0].start, records[-1].end
         if phase == "convert" and not plan.keep_source:
-            shutil.rmtree(out / "source" / "train", ignore_errors=True)
+            _delete_source(out / "source")
         if phase == "train":
             cut = records[0].last_line(f"epoch {plan.epochs}/{plan.epochs}")
             if cut is None:

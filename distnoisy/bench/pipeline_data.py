@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -134,6 +135,7 @@ def generate(spec: FolderSpec, workers: int) -> dict:
     """
     root = Path(spec.root)
     done = root / "folder.json"
+    shutil.rmtree(root / ".train-deleted", ignore_errors=True)  # an interrupted deletion
     complete = done.is_file() and (root / "train").is_dir()
     if complete and json.loads(done.read_text()).get("spec") == vars(spec):
         return json.loads(done.read_text())

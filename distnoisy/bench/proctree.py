@@ -133,6 +133,10 @@ def _name(proc: psutil.Process) -> str:
     return text[:120]
 
 
+def _provisional(name: str) -> bool:
+    return not name.startswith("ray::") or name.startswith("ray::IDLE")
+
+
 def _sample(root: psutil.Process, record: CommandRecord, stop: threading.Event) -> None:
     while True:
         now = time.perf_counter()
@@ -147,9 +151,9 @@ def _sample(root: psutil.Process, record: CommandRecord, stop: threading.Event) 
             trace = record.processes.get(proc.pid)
             if trace is None:
                 trace = record.processes[proc.pid] = ProcessTrace(proc.pid, _name(proc))
-            elif not trace.name.startswith("ray::") and len(trace.samples) % 8 == 0:
-                # A Ray worker starts as ``python setup_worker.py ...`` and takes its
-                # ``ray::<actor or task>`` title once it runs one.
+            elif _provisional(trace.name) and len(trace.samples) % 8 == 0:
+                # A Ray worker starts as ``python setup_worker.py ...``, is ``ray::IDLE``
+                # while it waits, and takes its ``ray::<actor or task>`` title once it runs one.
                 trace.name = _name(proc)
             trace.samples.append((now, *mb))
         if stop.wait(INTERVAL):
