@@ -66,6 +66,9 @@ def check_label_issues(out: Path, n: int, given: np.ndarray, corrupted: np.ndarr
     }
 
 
+ROUND_KEYS = ("round", "removed", "precision_removed", "val_acc_noisy", "test_acc")
+
+
 def check_posttrain(out: Path, n: int, corrupted: np.ndarray) -> dict:
     """Precision of post-training's removed set against the noisy subset (read by index)."""
     import pyarrow.parquet as pq
@@ -89,7 +92,11 @@ def check_posttrain(out: Path, n: int, corrupted: np.ndarray) -> dict:
         "test_acc_before": summary.get("test_acc_before"),
         "test_acc_refit_only": summary.get("test_acc_refit_only"),
         "test_acc": summary.get("test_acc"),
-        "hessian": (summary.get("hessian") or summary.get("influence", {})),
+        # the first round's ranking of every training sample, and every round tried (the
+        # stopping rule may undo them: then nothing is removed)
+        "ranking_auroc": summary.get("auroc"),
+        "precision_first_20pct": summary.get("precision_first_20pct"),
+        "rounds": [{k: r.get(k) for k in ROUND_KEYS} for r in summary.get("rounds", [])],
     }
 
 

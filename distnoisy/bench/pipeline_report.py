@@ -85,6 +85,8 @@ def checks_table(reports: list[dict[str, Any]]) -> str:
         ("post-training removed (share)", lambda c: f"{c['posttrain']['removed']:,} "
          f"({100 * c['posttrain']['removed_fraction']:.1f}%)"),
         ("removed-set precision (noise rate)", lambda c: _precision(c["posttrain"])),
+        ("precision of each round tried", lambda c: _tried(c["posttrain"])),
+        ("influence ranking AUROC (round 1)", lambda c: _num(c["posttrain"].get("ranking_auroc"))),
         ("post-training test accuracy: before, refit, best round", lambda c: _post_acc(c)),
         ("analysis buckets cover the training set", lambda c: "yes"
          if c["analysis"]["buckets_cover_training_set"] else "NO"),
@@ -100,6 +102,19 @@ def _precision(p: dict[str, Any]) -> str:
     if p.get("precision_removed") is None:
         return f"- ({100 * p['noise_rate']:.1f}%)"
     return f"{100 * p['precision_removed']:.1f}% ({100 * p['noise_rate']:.1f}%)"
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _tried(p: dict[str, Any]) -> str:
+    cells = [
+        f"r{r['round']}: {100 * r['precision_removed']:.1f}%"
+        for r in p.get("rounds", [])
+        if r.get("precision_removed") is not None
+    ]
+    return ", ".join(cells) or "-"
 
 
 def _post_acc(c: dict[str, Any]) -> str:
