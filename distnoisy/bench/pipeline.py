@@ -180,8 +180,6 @@ def run_phases(plan: Plan, report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         records = [_run(plan, phase, argv) for argv in commands[phase]]
         load_end = _load()
         t0, t1 = records[0].start, records[-1].end
-        if phase == "convert" and not plan.keep_source:
-            _delete_source(out / "source")
         if phase == "train":
             cut = records[0].last_line(f"epoch {plan.epochs}/{plan.epochs}")
             if cut is None:
@@ -199,6 +197,8 @@ def run_phases(plan: Plan, report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         _phase_disk(out, phase, phases)
         _write(out, report)
         print(f"{phase}: {json.dumps(_brief(phases[phase]))}", flush=True)
+        if phase == "convert" and not plan.keep_source:  # after its record: 1M files take a while
+            _delete_source(out / "source")
     return {p: phases[p] for p in PHASES}
 
 
