@@ -85,7 +85,7 @@ def checks_table(reports: list[dict[str, Any]]) -> str:
         ("post-training removed (share)", lambda c: f"{c['posttrain']['removed']:,} "
          f"({100 * c['posttrain']['removed_fraction']:.1f}%)"),
         ("removed-set precision (noise rate)", lambda c: _precision(c["posttrain"])),
-        ("precision of each round tried", lambda c: _tried(c["posttrain"])),
+        ("removed-set precision after each round tried", lambda c: _tried(c["posttrain"])),
         ("influence ranking AUROC (round 1)", lambda c: _num(c["posttrain"].get("ranking_auroc"))),
         ("post-training test accuracy: before, refit, best round", lambda c: _post_acc(c)),
         ("analysis buckets cover the training set", lambda c: "yes"
