@@ -33,6 +33,8 @@ KEYS_HELP = """keys:
   analysis.buckets=5         frequency quantile buckets (0 = rarest)
   analysis.features_from=reference  reference (else the first run), self, pixels, or a run
   analysis.num_workers=1     Ray tasks for the k-NN search of large sets
+  analysis.search=auto       exact, ivf (approximate), auto (exact up to 50,000 training rows)
+  analysis.probes=16         ivf: lists searched per query list
   tracking.enabled=true tracking.uri=... tracking.experiment=distnoisy-analysis
   output_dir=DIR             default analyses/<timestamp>
 """

@@ -29,7 +29,7 @@ from distnoisy.finished.runs import FinishedRun, open_run
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ("given_label", "clean_label", "final_pred", "pred_hist", "loss_hist", "key")
+HISTORY_COLUMNS = ("given_label", "clean_label", "final_pred", "pred_hist", "loss_hist")
 #: What :func:`load_history` keeps of each training sample (besides its key).
 PER_SAMPLE = ("given_label", "clean_label", "final_pred", "first_epoch", "stays")
 
@@ -66,16 +66,19 @@ def check_same_dataset(runs: list[FinishedRun]) -> None:
             )
 
 
-def load_history(run: FinishedRun) -> dict[str, np.ndarray]:
+def load_history(run: FinishedRun, keys: bool = False) -> dict[str, np.ndarray]:
     """Per-sample memorisation of a run, checked: a history and known clean labels.
 
     Read part by part (:meth:`FinishedRun.iter_table`): each batch's ``N x epochs`` loss and
     prediction histories are reduced to the first memorised epoch and whether it stays
-    memorised, so only per-sample scalars (and the keys) are ever held for the whole set.
+    memorised, so only per-sample scalars (about 40 bytes a sample; and the keys with
+    ``keys=True``, which only ``analysis.frequency=subpopulation`` reads) are held for the
+    whole set.
     """
-    kept: dict[str, list[np.ndarray]] = {c: [] for c in (*PER_SAMPLE, "key")}
+    kept: dict[str, list[np.ndarray]] = {c: [] for c in (*PER_SAMPLE, *(("key",) if keys else ()))}
     visited = history_left = False
-    for part in run.iter_table(columns=HISTORY_COLUMNS):
+    columns = (*HISTORY_COLUMNS, *(("key",) if keys else ()))
+    for part in run.iter_table(columns=columns):
         given, clean = part["given_label"], part["clean_label"]
         if (clean < 0).any():
             raise ConfigError(
@@ -114,19 +117,20 @@ def _label(run: FinishedRun, taken: set[str]) -> str:
 
 
 def _frequency_scores(
-    cfg: AnalyzeConfig, emb: dict[str, Embedding], runs_keys: np.ndarray
+    cfg: AnalyzeConfig, emb: dict[str, Embedding], runs_keys: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) frequency scores from one run's embeddings (or the longtail truth)."""
     a = cfg.analysis
     if a.frequency == "subpopulation":
         from distnoisy.data.longtail import parse_keys
 
+        assert runs_keys is not None
         train_ids = parse_keys(runs_keys)
         sizes = np.bincount(train_ids)
         test_ids = parse_keys(emb["test"].keys)
         return sizes[train_ids].astype(float), sizes[test_ids].astype(float)
     tr, te = emb["train"].features, emb["test"].features
-    k = dict(k=a.k, metric=a.metric, num_workers=a.num_workers)
+    k = dict(k=a.k, metric=a.metric, num_workers=a.num_workers, search=a.search, probes=a.probes)
     return knn_density(tr, None, **k), knn_density(te, tr, **k)
 
 
@@ -134,7 +138,8 @@ def _run_samples(
     hist: dict[str, np.ndarray], emb: Embedding, train_b: np.ndarray, test_b: np.ndarray
 ) -> RunSamples:
     given, clean = hist["given_label"], hist["clean_label"]
-    logits = emb.logits - emb.logits.max(axis=1, keepdims=True)
+    raw = np.asarray(emb.logits, dtype=np.float32)  # the test split's: small
+    logits = raw - raw.max(axis=1, keepdims=True)
     prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     return RunSamples(
         train_bucket=train_b,
@@ -143,7 +148,7 @@ def _run_samples(
         first_epoch=hist["first_epoch"],
         stays=hist["stays"],
         test_bucket=test_b,
-        test_correct=emb.logits.argmax(axis=1) == emb.labels,
+        test_correct=raw.argmax(axis=1) == emb.labels,
         test_confidence=prob.max(axis=1),
     )
 
@@ -191,7 +196,8 @@ def analyse(cfg: AnalyzeConfig) -> Analysis:
     """Run the whole analysis described by ``cfg`` (no files written)."""
     runs, ref, feat = _open_all(cfg)
     everyone = runs + ([ref] if ref is not None else [])
-    hists = [load_history(r) for r in everyone]
+    with_keys = cfg.analysis.frequency == "subpopulation"
+    hists = [load_history(r, keys=with_keys) for r in everyone]
     n_train = len(hists[0]["given_label"])
     if cfg.analysis.buckets > n_train:
         bucket_edges(np.zeros(n_train), cfg.analysis.buckets)  # raises the one-line error
@@ -201,9 +207,9 @@ def analyse(cfg: AnalyzeConfig) -> Analysis:
     fixed = _fixed_features(cfg, everyone, embs, ref, feat)
     labels: list[str] = []
     rows: dict[str, list[dict[str, Any]]] = {}
-    shared = _frequency_scores(cfg, fixed, hists[0]["key"]) if fixed is not None else None
+    shared = _frequency_scores(cfg, fixed, hists[0].get("key")) if fixed is not None else None
     for run, hist, emb in zip(everyone, hists, embs, strict=True):
-        train_s, test_s = shared or _frequency_scores(cfg, emb, hist["key"])
+        train_s, test_s = shared or _frequency_scores(cfg, emb, hist.get("key"))
         edges = bucket_edges(train_s, cfg.analysis.buckets)
         samples = _run_samples(
             hist, emb["test"], assign_buckets(train_s, edges), assign_buckets(test_s, edges)

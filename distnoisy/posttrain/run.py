@@ -139,10 +139,14 @@ def build_input(prep: Prepared, cfg: PostTrainConfig) -> tuple[RoundsInput, dict
         loss_history=_loss_history(prep.run, n) if p.score == "loss_history" else None,
         corrupted=labels["corrupted"],
     )
-    bad = ~np.isfinite(inp.train).all(1)
-    if bad.any():  # undecodable samples: no features, so neither scored nor fitted
+    # chunk by chunk: a whole-set boolean copy would be N x d bytes
+    step = 1 << 16
+    bad = sum(
+        int((~np.isfinite(inp.train[lo : lo + step]).all(1)).sum()) for lo in range(0, n, step)
+    )
+    if bad:  # undecodable samples: no features, so neither scored nor fitted
         raise ConfigError(
-            f"{int(bad.sum())} training samples of run {prep.run.run_dir} could "
+            f"{bad} training samples of run {prep.run.run_dir} could "
             "not be decoded; post-training needs features of every sample"
         )
     return inp, labels
