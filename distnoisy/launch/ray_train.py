@@ -118,7 +118,8 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
         # Ray Train leaves its handler installed, bound to the finished run's controller.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)
-            ray_compat.check_sigint_hooked(trainer)
+    if threading.current_thread() is threading.main_thread():
+        ray_compat.check_sigint_hooked(trainer)  # fit() ran its controller: Ray called the hook
     if trainer.interrupted:
         raise KeyboardInterrupt("SIGINT")
     if result.error is not None:
