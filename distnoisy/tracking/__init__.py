@@ -14,6 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# MLflow's system-metrics internals live in mlflow_compat; the driver calls them from here.
+from distnoisy.tracking.mlflow_compat import start_system_metrics as start_system_metrics
+from distnoisy.tracking.mlflow_compat import stop_system_metrics as stop_system_metrics
+
 if TYPE_CHECKING:
     from distnoisy.engine.job import Job
 
@@ -95,33 +99,6 @@ def source_tags(source: str = "python -m distnoisy.train") -> dict[str, str]:
         if done.returncode == 0 and done.stdout.strip():
             tags["mlflow.source.git.commit"] = done.stdout.strip()
     return tags
-
-
-def start_system_metrics(uri: str, run_id: str) -> Any:
-    """Start logging this machine's CPU/GPU/memory use to the run (MLflow system metrics);
-    returns the monitor, whose ``finish()`` stops it."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    monitor = SystemMetricsMonitor(run_id, tracking_uri=uri, resume_logging=True)
-    monitor.start()
-    return monitor
-
-
-def stop_system_metrics(monitor: Any) -> None:
-    """Stop the monitor and log the samples of its last, partial interval.
-
-    MLflow's monitor drops those on shutdown, so a run shorter than one sampling interval
-    (10 s by default) would otherwise get no system metrics at all. Never raises: the
-    machine's use is a diagnostic and must not fail a finished run.
-    """
-    try:
-        monitor.finish()
-        if not any(m.metrics for m in monitor.monitors):
-            monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-        monitor.mlflow_logger.flush()
-    except Exception as e:
-        log.warning("could not log the last system metrics: %s", e)
 
 
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
