@@ -202,10 +202,10 @@ def build_components(job: Job, ctx: WorkerContext) -> Components:
     """
     cfg, spec, device = job.config, job.data, ctx.device
     comm_device = device if device.type == "cuda" else torch.device("cpu")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # 1.
     np.random.seed(cfg.seed + ctx.rank)
-    labels = build_labels(spec, device)
-    method: Method = METHODS.get(cfg.method.name)(
+    labels = build_labels(spec, device)  # 2.
+    method: Method = METHODS.get(cfg.method.name)(  # 3.
         cfg.method,
         num_samples=spec.num_train,
         num_classes=spec.num_classes,
@@ -213,14 +213,14 @@ def build_components(job: Job, ctx: WorkerContext) -> Components:
         resources=dict(job.resources),
         seed=cfg.seed,
     )
-    precision = resolve_precision(cfg.train.precision, device)
+    precision = resolve_precision(cfg.train.precision, device)  # 4.
     method.grad_scaler = precision.grad_scaler()
-    networks = build_networks(cfg, spec, method, ctx)
-    store = build_store(cfg, spec, method, comm_device, ctx.world_size)
-    optimizers = method.build_optimizers(networks.nets, lambda p: make_optimizer(cfg, p))
+    networks = build_networks(cfg, spec, method, ctx)  # 5.
+    store = build_store(cfg, spec, method, comm_device, ctx.world_size)  # 6.
+    optimizers = method.build_optimizers(networks.nets, lambda p: make_optimizer(cfg, p))  # 7.
     schedulers = {name: make_scheduler(cfg, opt) for name, opt in optimizers.items()}
-    train = build_train_streams(cfg, spec, method.phases(), labels, ctx)
-    evals = build_eval_sets(cfg, spec, ctx)
+    train = build_train_streams(cfg, spec, method.phases(), labels, ctx)  # 8.
+    evals = build_eval_sets(cfg, spec, ctx)  # 9.
     return Components(
         comm_device=comm_device,
         labels=labels,
