@@ -37,8 +37,15 @@ def _terminate_as_interrupt(signum: int, frame: Any) -> None:
 
 def setup_cli() -> None:
     """Logging and signal handling of the command-line drivers (:func:`run_command` calls it)."""
+    import pyarrow
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    # pyarrow cancels a read on SIGINT/SIGTERM with its own handler and sends the signal again
+    # afterwards; a signal that arrives in a read could then reach the process a second time,
+    # after the command had printed its line, and kill it (exit -2 instead of 130). Python's
+    # handler alone raises KeyboardInterrupt once the read returns.
+    pyarrow.enable_signal_handlers(False)
     for noisy in ("mlflow", "alembic", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -105,6 +112,11 @@ def run_command(command: Command[Any], argv: list[str] | None = None) -> int:
         # Ctrl-C, SIGTERM (setup_cli), or Ray's handlers (SIGTERM: sys.exit(15); Ray Train
         # aborts on SIGINT and the driver sees SystemExit).
         print(command.interrupted(parsed), file=sys.stderr)
+        # Done: the line is printed and the MLflow run ended KILLED. A SIGINT that reaches the
+        # process while the interpreter tears down (seconds with torch and MLflow loaded) would
+        # otherwise kill it by the signal (exit -2, not 130): seen once the handler had been
+        # reset by finalization.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         return 130
     if text:
         print(text)
