@@ -192,8 +192,26 @@ def _fixed_features(
     return run_embeddings(feat)
 
 
-def analyse(cfg: AnalyzeConfig) -> Analysis:
-    """Run the whole analysis described by ``cfg`` (no files written)."""
+@dataclass
+class Inputs:
+    """The checked inputs of an analysis: the runs (the reference last), their labels in the
+    tables, their per-sample histories, and the run whose features bucket them (or None)."""
+
+    runs: list[FinishedRun]
+    labels: list[str]
+    hists: list[dict[str, np.ndarray]]
+    reference: FinishedRun | None
+    features_run: FinishedRun | None
+
+    @property
+    def run_ids(self) -> dict[str, str | None]:
+        """``{label: MLflow run id}`` of the analysed runs."""
+        return {lab: r.mlflow_run_id for lab, r in zip(self.labels, self.runs, strict=True)}
+
+
+def check_inputs(cfg: AnalyzeConfig) -> Inputs:
+    """Every input check (the module docstring's list); raises a one-line ``ConfigError``
+    before any feature is computed."""
     runs, ref, feat = _open_all(cfg)
     everyone = runs + ([ref] if ref is not None else [])
     with_keys = cfg.analysis.frequency == "subpopulation"
@@ -203,19 +221,31 @@ def analyse(cfg: AnalyzeConfig) -> Analysis:
         bucket_edges(np.zeros(n_train), cfg.analysis.buckets)  # raises the one-line error
     if cfg.analysis.frequency == "knn":
         check_k(n_train, cfg.analysis.k, cfg.analysis.metric, is_self=True)
-    embs = [run_embeddings(r) for r in everyone]
-    fixed = _fixed_features(cfg, everyone, embs, ref, feat)
     labels: list[str] = []
+    for run in runs:
+        labels.append(_label(run, set(labels)))
+    if ref is not None:
+        labels.append("reference (clean labels)")
+    return Inputs(everyone, labels, hists, ref, feat)
+
+
+def analyse(cfg: AnalyzeConfig, inputs: Inputs | None = None) -> Analysis:
+    """Run the whole analysis described by ``cfg`` (no files written) on its checked inputs
+    (:func:`check_inputs`, run here when not given)."""
+    inputs = check_inputs(cfg) if inputs is None else inputs
+    everyone, ref, labels = inputs.runs, inputs.reference, inputs.labels
+    embs = [run_embeddings(r) for r in everyone]
+    fixed = _fixed_features(cfg, everyone, embs, ref, inputs.features_run)
     rows: dict[str, list[dict[str, Any]]] = {}
-    shared = _frequency_scores(cfg, fixed, hists[0].get("key")) if fixed is not None else None
-    for run, hist, emb in zip(everyone, hists, embs, strict=True):
+    shared = (
+        _frequency_scores(cfg, fixed, inputs.hists[0].get("key")) if fixed is not None else None
+    )
+    for label, hist, emb in zip(labels, inputs.hists, embs, strict=True):
         train_s, test_s = shared or _frequency_scores(cfg, emb, hist.get("key"))
         edges = bucket_edges(train_s, cfg.analysis.buckets)
         samples = _run_samples(
             hist, emb["test"], assign_buckets(train_s, edges), assign_buckets(test_s, edges)
         )
-        label = "reference (clean labels)" if run is ref else _label(run, set(labels))
-        labels.append(label)
         rows[label] = bucket_stats(samples, cfg.analysis.buckets)
         for row, lo, hi in zip(rows[label], [-np.inf, *edges], [*edges, np.inf], strict=True):
             row.update(score_lo=float(lo), score_hi=float(hi))
@@ -226,8 +256,8 @@ def analyse(cfg: AnalyzeConfig) -> Analysis:
         labels=labels,
         rows=rows,
         edges=edges,
-        dataset=runs[0].config.data.name,
+        dataset=everyone[0].config.data.name,
         frequency=cfg.analysis.frequency,
-        run_ids={lab: r.mlflow_run_id for lab, r in zip(labels, everyone, strict=True)},
+        run_ids=inputs.run_ids,
         reference=labels[-1] if ref is not None else None,
     )

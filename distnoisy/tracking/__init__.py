@@ -1,8 +1,9 @@
 """MLflow tracking: the driver owns the run's lifecycle, rank 0 logs metrics into it.
 
 The driver creates the run (params, tags), hands its id to the workers and ends it: FINISHED on
-success, FAILED on any error, KILLED on Ctrl-C. A crashed or killed worker therefore never leaves
-a run stuck in RUNNING. Workers log with :class:`RunLogger`, which is a no-op off rank 0.
+success, FAILED on any error, KILLED on Ctrl-C or SIGTERM; every command does this through
+:func:`distnoisy.tracking.lifecycle.tracked_run`. A crashed or killed worker therefore never
+leaves a run stuck in RUNNING. Workers log with :class:`RunLogger`, a no-op off rank 0.
 """
 
 from __future__ import annotations
@@ -55,8 +56,13 @@ def start_run(
     params: dict[str, Any],
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
+    source: str = "python -m distnoisy.train",
 ) -> str:
-    """Create an MLflow run and log its params; returns the run id."""
+    """Create an MLflow run and log its params; returns the run id.
+
+    Commands open their runs through :func:`distnoisy.tracking.lifecycle.tracked_run`, which
+    also ends them; ``source`` is the command recorded as the run's source.
+    """
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = (
@@ -68,7 +74,7 @@ def start_run(
         # MLflow 3's UI shows such an experiment as model training (runs, metrics, artifacts),
         # not as a GenAI app; it guesses when the tag is missing.
         client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, "custom_model_development")
-    all_tags = {**source_tags(), **(tags or {})}
+    all_tags = {**source_tags(source), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id  # what the UI uses to nest runs
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
@@ -124,9 +130,13 @@ def reopen_run(uri: str, run_id: str) -> None:
 
 
 def log_artifacts(uri: str, run_id: str, paths: list[Path]) -> None:
+    """Log the files and directories among ``paths`` that exist (a directory under its name,
+    e.g. a partitioned store's ``label_issues/``)."""
     client = _client(uri)
     for p in paths:
-        if p.exists():
+        if p.is_dir():
+            client.log_artifacts(run_id, str(p), artifact_path=p.name)
+        elif p.exists():
             client.log_artifact(run_id, str(p))
 
 
