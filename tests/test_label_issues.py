@@ -10,7 +10,6 @@ import pytest
 
 from distnoisy.config import load_config
 from distnoisy.issues.ranking import (
-    auroc,
     confident_joint,
     estimate_noise_rate,
     estimate_num_label_issues,
@@ -51,16 +50,6 @@ def test_precision_at_k_hand_values() -> None:
     assert precision_at_k(np.array([0.5, 0.5]), np.array([False, True]), k=1) == 0.0
     with pytest.raises(ValueError, match="k must be"):
         precision_at_k(score, issue, k=0)
-
-
-def test_auroc_matches_sklearn_with_ties() -> None:
-    from sklearn.metrics import roc_auc_score
-
-    assert auroc(np.array([0.9, 0.4, 0.5, 0.1]), np.array([1, 1, 0, 0], bool)) == 0.75
-    rng = np.random.default_rng(1)
-    score = rng.integers(0, 10, 300).astype(float)
-    y = rng.random(300) < 0.2
-    assert auroc(score, y) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
 
 
 def test_thresholds_are_mean_self_confidence_per_class() -> None:
