@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from distnoisy.config import load_config
 from distnoisy.core.errors import ConfigError
 from distnoisy.finished.features import (
     ExtractTask,
@@ -22,27 +21,13 @@ from distnoisy.finished.features import (
 )
 from distnoisy.finished.runs import open_run
 from distnoisy.models import build_model
-from distnoisy.train import train
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, digits_root):
-    """A short real CE run (digits, with a validation split, local launcher)."""
-    tmp = tmp_path_factory.mktemp("feat")
-    cfg = load_config(
-        [
-            f"data.root={digits_root}",
-            f"output_dir={tmp / 'run'}",
-            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-            "method.name=ce",
-            "data.val_fraction=0.1",
-            "scaling.launcher=local",
-            "scaling.num_workers=1",
-            "train.epochs=2",
-        ]
-    )
-    train(cfg)
-    return open_run(str(tmp / "run"))
+def run(ce_run):
+    """The session's short real CE run (digits, with a validation split, local launcher; see
+    tests/conftest.py)."""
+    return open_run(str(ce_run.run_dir))
 
 
 def test_features_reproduce_the_runs_predictions(run, tmp_path):
