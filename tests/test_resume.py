@@ -93,8 +93,8 @@ def _assert_same_history(a: dict, b: dict, atol: float) -> None:
 
 
 def _assert_same_training_state(a: Path, b: Path, epochs: int, atol: float) -> None:
-    """The last checkpoints hold the same networks, optimizer and scheduler states and method
-    state (e.g. ELR+'s EMA networks, LIMIT's noise generator)."""
+    """The last checkpoints hold the same networks, optimizer and scheduler states, method state
+    (ELR+'s EMA networks) and method generators (LIMIT's noise, per rank)."""
     name = f"epoch={epochs - 1:04d}"
     sa, sb = (ckpt.load_state(d / "checkpoints" / name / ckpt.STATE_FILE) for d in (a, b))
 
@@ -117,6 +117,8 @@ def _assert_same_training_state(a: Path, b: Path, epochs: int, atol: float) -> N
 
     for key in ("networks", "optimizers", "schedulers", "method"):
         walk(sa[key], sb[key], key)
+    # Each rank's own method generators (LIMIT's gradient noise).
+    walk([r["method"] for r in sa["rng"]], [r["method"] for r in sb["rng"]], "rng.method")
 
 
 def _check_resume_exact(

@@ -146,6 +146,8 @@ def _rows_stream(
     only the shards that overlap them."""
     from distnoisy.data.stream import EvalStream
 
+    # EvalStream splits by rank into even shares; here the block is given. Narrow a one-rank
+    # stream to it: the rows it yields and the shards it opens.
     stream = EvalStream(manifest, rank=0, world_size=1, batch_size=batch_size, transform=transform)
     lo, hi = rows
     stream.lo, stream.hi = lo, hi
