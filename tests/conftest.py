@@ -81,7 +81,9 @@ CE_RUN_EPOCHS = 3
 def ce_run(tmp_path_factory, digits_root) -> TrainedRun:
     """A short real CE run on digits with a noisy validation split (10%), local launcher, one
     process, tracked in SQLite: the finished run that features, post-training, run reading and
-    validation-selection tests read (none of them changes it; copy it to change it)."""
+    validation-selection tests read. None of them changes what another reads: post-training
+    adds feature cache entries (keyed by the weights) and child MLflow runs; copy the run to
+    change it."""
     return _train(
         tmp_path_factory.mktemp("ce_run"),
         f"data.root={digits_root}",
