@@ -155,6 +155,7 @@ def test_config_parses_run_list_and_rejects_unknown_keys():
         load_analyze_config(["run=[/a]", "analysis.metric=manhattan"])
 
 
+@pytest.mark.slow  # the only fast test that needed the session's Ray cluster (~20-30 s to start)
 def test_knn_density_on_ray_tasks_equals_in_process(ray_cluster):
     """Row blocks on Ray tasks give the same scores as one process (self-exclusion offsets)."""
     rng = np.random.default_rng(1)

@@ -38,14 +38,15 @@ def _run(tmp, uri, name, *args):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, digits_root):
+def runs(tmp_path_factory, ce_run):
+    """Two long-tail runs (noisy and clean) and, for the bad-input cases, the session's digits
+    run (tests/conftest.py)."""
     tmp = tmp_path_factory.mktemp("analyze")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     lt = ["data.name=longtail", f"data.root={tmp / 'data'}", *TINY]
     noisy = _run(tmp, uri, "noisy", *lt, "noise.kind=instance", "noise.rate=0.3")
     clean = _run(tmp, uri, "clean", *lt, "noise.kind=none")
-    digits = _run(tmp, uri, "digits", f"data.root={digits_root}", "train.epochs=1")
-    return tmp, uri, noisy, clean, digits
+    return tmp, uri, noisy, clean, ce_run.run_dir
 
 
 def test_analysis_outputs_and_mlflow_run(runs, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -63,13 +64,26 @@ def test_steps_writes_section_and_keeps_others(tmp_path: Path, capsys) -> None:
     assert list(report.methods) == ["ce", "elr"]  # CE first, then the requested ones
     assert "not_a_method" in report.skipped
     ce = report.methods["ce"]
-    assert ce.ratio == 1.0
-    assert ce.loss_extra_us == 0.0
+    ce_rounds = np.asarray(ce.rounds_ms)
     for t in report.methods.values():
-        assert t.step_ms > 0 and t.loss_us > 0 and t.loss_p10_us > 0
-        assert t.ratio > 0 and t.ratio_lo <= t.ratio_hi
-        assert len(t.rounds_ms) == 2
-        assert t.step_min_ms <= t.step_ms <= t.step_max_ms
+        rounds = np.asarray(t.rounds_ms)
+        assert len(rounds) == 2
+        # The figures are the rounds' statistics ...
+        assert t.step_ms == pytest.approx(np.median(rounds))
+        assert (t.step_min_ms, t.step_max_ms) == (rounds.min(), rounds.max())
+        assert t.ratio == pytest.approx(t.step_ms / ce.step_ms)
+        # ... and, with 2 rounds, the bootstrap's resamples are rounds (0, 0), (1, 1) and the
+        # pooled (0, 1): its 95% interval spans exactly the two per-round ratios.
+        per_round = rounds / ce_rounds
+        if t.name != "ce":
+            assert t.ratio_lo == pytest.approx(per_round.min())
+            assert t.ratio_hi == pytest.approx(per_round.max())
+        assert t.loss_extra_us == pytest.approx(t.loss_us - ce.loss_us)
+        assert t.loss_extra_p10_us == pytest.approx(t.loss_p10_us - ce.loss_p10_us)
+        assert t.loss_extra_frac == pytest.approx(t.loss_extra_us / (ce.step_ms * 1e3))
+        # A step runs the loss and its backward too, and the model's forward and backward.
+        assert t.step_min_ms * 1e3 > t.loss_p10_us
+    assert (ce.ratio, ce.ratio_lo, ce.ratio_hi, ce.loss_extra_us) == (1.0, 1.0, 1.0, 0.0)
     assert report.machine["torch_threads"] == "1"
 
     text = out.read_text()
@@ -79,7 +93,9 @@ def test_steps_writes_section_and_keeps_others(tmp_path: Path, capsys) -> None:
     assert text.index("## Store flush cost") < text.index(SECTION_TITLE)
     assert text.index(SECTION_TITLE) < text.index("## Data loading")
     section = text[text.index(SECTION_TITLE) : text.index("## Data loading")]
-    assert "| ce |" in section and "| elr |" in section
+    for t in report.methods.values():  # the table shows the report's numbers
+        assert f"| {t.name} | {t.step_ms:.1f} | {t.step_min_ms:.1f}–{t.step_max_ms:.1f} " in section
+        assert f"| {t.ratio:.3f} " in section and f"| {t.loss_extra_us:+.1f} (" in section
     assert "python -m distnoisy.bench steps --model small_cnn" in section
     assert "torch " in section and "logical CPUs" in section
     assert section.rstrip().endswith(note) and "--note" not in section
@@ -162,13 +178,21 @@ def test_two_networks_bench_times_elr_plus_and_limit_against_two_ce(tmp_path: Pa
     ]
     report = main(argv)
     assert set(report.rounds_ms) == set(SUBJECTS)
-    assert all(len(v) == 2 and min(v) > 0 for v in report.rounds_ms.values())
+    assert all(len(v) == 2 for v in report.rounds_ms.values())
+    two_ce = np.asarray(report.rounds_ms["2x ce"])
+    for name in ("elr_plus", "limit"):
+        # With 2 rounds: the median of the per-round ratios is their mean, and the bootstrap's
+        # resampled medians are the two ratios and their mean, so its interval spans them.
+        per_round = np.asarray(report.rounds_ms[name]) / two_ce
+        med, lo, hi = report.ratios[name]
+        assert med == pytest.approx(per_round.mean())
+        assert (lo, hi) == pytest.approx((per_round.min(), per_round.max()))
     # A LIMIT step does the work of two networks' CE steps (forward and backward of each),
     # an ELR+ iteration that and two more no-grad forwards: neither can be free.
     assert report.ratios["limit"][0] > 0.3 and report.ratios["elr_plus"][0] > 0.5
-    for med, lo, hi in report.ratios.values():
-        assert lo <= med <= hi
     text = out.read_text()
+    for name, (med, lo, hi) in report.ratios.items():  # the table shows the report's numbers
+        assert f"| {name} | {med:.3f} [{lo:.3f}, {hi:.3f}] |" in text
     assert "keep me" in text and f"## {TWO_TITLE}" in text and "tiny run" in text
     assert "--note" not in text.split(f"## {TWO_TITLE}")[1].split("\n")[2]
 
@@ -181,12 +205,43 @@ def test_loader_bench_measures_both_pipelines_and_writes_its_section(tmp_path: P
     argv = ["loader", "--images", "32", "--batch", "8", "--repeats", "2", "--workers", "0"]
     report = main([*argv, "--out", str(out), "--note", "a note"])
     assert len(report.shards_ips) == len(report.folder_ips) == 2
-    assert min(report.shards_ips) > 0 and min(report.folder_ips) > 0
-    assert report.ratio > 0 and report.convert_ips > 0 and report.cores == 1
+    # An epoch that read no image would count 0 images/s.
+    assert min(report.shards_ips) > 0 and min(report.folder_ips) > 0 and report.cores == 1
     text = out.read_text()
-    assert "keep me" in text and f"## {SECTION}" in text
-    assert "Ratio shards / ImageFolder" in text and "--note" not in text
+    assert "keep me" in text and f"## {SECTION}" in text and "--note" not in text
+    assert f"Ratio shards / ImageFolder: {report.ratio:.2f}**" in text
+    assert f"**{report.convert_ips:.0f} images/s**" in text
     assert text.rstrip().endswith("a note")
+
+
+def test_loader_bench_feeds_both_pipelines_the_same_images(tmp_path: Path) -> None:
+    # The comparison is fair only if ImageFolder reads the very JPEG bytes the shards hold.
+    import tarfile
+
+    from distnoisy.bench.loader import run_loader_bench
+    from distnoisy.data.shards import read_labels, read_manifest
+
+    run_loader_bench(images=20, workers=0, batch=4, repeats=1, work_dir=tmp_path)
+    m = read_manifest(tmp_path / "shards" / "train")
+    labels, _, keys = read_labels(m)
+    in_shards = {}
+    for url in m.urls:
+        with tarfile.open(url) as tf:
+            for member in tf.getmembers():
+                if member.name.endswith(".jpg"):
+                    i = int(member.name.split(".", 1)[0])
+                    name = f"{m.classes[labels[i]]}/{Path(keys[i]).name}"
+                    in_shards[name] = tf.extractfile(member).read()
+    folder = {
+        str(p.relative_to(tmp_path / "folder")): p.read_bytes()
+        for p in (tmp_path / "folder").rglob("*.jpg")
+    }
+    assert len(in_shards) == 20 and folder == in_shards
+    # ... resized to a shorter side of 256 px by the converter (the originals are 320-480 px).
+    from PIL import Image
+
+    for data in folder.values():
+        assert min(Image.open(io.BytesIO(data)).size) == 256
 
 
 def test_store_bench_checkpoint_part_restores_both_layouts_exactly(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """``python -m distnoisy.bench pipeline``: the process-tree memory it reports, its input checks,
-and (slow) the whole job at 20,000 images end to end."""
+and (slow) the whole job at 5,000 images end to end."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -82,27 +83,45 @@ def _fashion_mnist_or_skip() -> None:
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 
+#: Training images of the slow test's job, and its epochs: 2 epochs of 5,000 images learn enough
+#: to rank the label issues (AUROC 0.78 measured; 0.83 at 20,000 and 1 epoch) for about half the
+#: work (303 vs 556 CPU seconds over the job's processes; docs/benchmarks.md).
+N = 5000
+EPOCHS = 2
+
+
 @pytest.mark.slow
-def test_pipeline_at_20000_images_end_to_end(tmp_path):
+def test_pipeline_end_to_end(tmp_path):
     """The whole job as a user runs it; every phase measured, every output checked."""
     _fashion_mnist_or_skip()
     out = tmp_path / "job"
+    t0 = time.monotonic()
+    argv = ["pipeline", "--samples", str(N), "--epochs", str(EPOCHS), "--out", str(out)]
     done = subprocess.run(
-        [sys.executable, "-m", "distnoisy.bench", "pipeline", "--samples", "20000", "--out", out],
+        [sys.executable, "-m", "distnoisy.bench", *argv],
         cwd=tmp_path,
         env=_env(),
         capture_output=True,
         text=True,
         timeout=3600,
     )
+    wall = time.monotonic() - t0
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "pipeline.json").read_text())
-    assert report["complete"] and report["samples"] == 20000
+    assert report["complete"] and report["samples"] == N
     assert report["machine"]["cpu_count"] and report["machine"]["memory_gb"] > 0
     phases = report["phases"]
     assert list(phases) == ["convert", "train", "label_issues", "posttrain", "analyze"]
+    # The phases run one after another inside the command: their wall times add up to less
+    # than the command's, and each rate is the samples over that phase's wall time (and CPU time,
+    # which the report rounds to 0.1 s).
+    assert 0 < sum(p["wall_s"] for p in phases.values()) <= wall
     for name, p in phases.items():
-        assert p["wall_s"] > 0 and p["samples_per_s"] > 0, name
+        assert p["samples_per_s"] == pytest.approx(N / p["wall_s"], abs=0.06), name
+        assert p["cpu_us_per_sample"] == pytest.approx(1e6 * p["cpu_s"] / N, abs=5e4 / N + 0.1), (
+            name
+        )
+        assert p["cpu_s"] > 0, name  # every phase's tree was seen working
         assert p["peak_rss_mb"] > 50 and p["peak_process"], name
         assert p["disk_mb"] > 0, name
         assert len(p["load_avg_start"]) == 3, name
@@ -111,14 +130,22 @@ def test_pipeline_at_20000_images_end_to_end(tmp_path):
     assert phases["train"]["commands"][0].startswith("python -m distnoisy.train data.name=shards")
     checks = report["checks"]
     issues = checks["label_issues"]
-    assert issues["rows"] == 20000 and issues["every_sample_once"]
+    assert issues["rows"] == N and issues["every_sample_once"]
     assert issues["given_labels_match_noise_file"]
-    assert 0.3 < issues["noisy"] / 20000 < 0.5  # 40% symmetric noise, realised
-    assert issues["auroc"] > 0.75  # 0.83 measured: 1 epoch of ELR on 20,000 images
+    assert 0.3 < issues["noisy"] / N < 0.5  # 40% symmetric noise, realised
+    assert issues["auroc"] > 0.7  # 0.78 measured: 2 epochs of ELR on 5,000 images
     assert issues["auroc"] == pytest.approx(issues["run_summary_auroc"], abs=1e-3)
     post = checks["posttrain"]
-    if post["removed"]:  # what it removed is mostly noise
-        assert post["precision_removed"] > 0.6
+    # Round 1's removals (tried whatever the stopping rule keeps) are mostly noise: 79% at
+    # 5,000, 87% at 20,000 and 95% at 100,000 measured, against a noise rate of 40%.
+    assert post["rounds"][1]["round"] == 1 and post["rounds"][1]["precision_removed"] > 0.6
+    # Something is removed exactly when a removal round is kept, and the check's precision of
+    # the kept removals (read by index from the noise file) is the run's own.
+    assert (post["removed"] > 0) == (post["best_round"] >= 1)
+    if post["removed"]:
+        assert post["precision_removed"] == pytest.approx(
+            post["summary_precision_removed"], abs=1e-4
+        )
     assert checks["analysis"]["buckets_cover_training_set"]
     assert len(checks["analysis"]["table"]) == 5
     for path in ("run/label_issues/index.json", "run/sample_stats/index.json", "mlflow.db"):

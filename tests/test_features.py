@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from distnoisy.config import load_config
 from distnoisy.core.errors import ConfigError
 from distnoisy.finished.features import (
     ExtractTask,
@@ -18,30 +17,17 @@ from distnoisy.finished.features import (
     extract_rank,
     predicting_networks,
     prediction_head,
+    rank_rows,
 )
 from distnoisy.finished.runs import open_run
 from distnoisy.models import build_model
-from distnoisy.train import train
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, digits_root):
-    """A short real CE run (digits, with a validation split, local launcher)."""
-    tmp = tmp_path_factory.mktemp("feat")
-    cfg = load_config(
-        [
-            f"data.root={digits_root}",
-            f"output_dir={tmp / 'run'}",
-            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-            "method.name=ce",
-            "data.val_fraction=0.1",
-            "scaling.launcher=local",
-            "scaling.num_workers=1",
-            "train.epochs=2",
-        ]
-    )
-    train(cfg)
-    return open_run(str(tmp / "run"))
+def run(ce_run):
+    """The session's short real CE run (digits, with a validation split, local launcher; see
+    tests/conftest.py)."""
+    return open_run(str(ce_run.run_dir))
 
 
 def test_features_reproduce_the_runs_predictions(run, tmp_path):
@@ -58,44 +44,99 @@ def test_features_reproduce_the_runs_predictions(run, tmp_path):
     np.testing.assert_allclose(probs[final["index"]], final["final_prob"], atol=1e-5)
 
 
-def test_one_and_two_workers_and_rank_order_give_identical_features(run, tmp_path):
-    one = extract_features(run, launcher="local", num_workers=1, cache_dir=tmp_path / "a")
-    two = extract_features(run, launcher="local", num_workers=2, cache_dir=tmp_path / "b")
-    # Ranks run by hand in reverse order into freshly allocated files.
-    from distnoisy.data.prepare import prepare_data
+def test_rank_blocks_are_whole_batches_that_cover_the_split_once():
+    for n in (0, 1, 255, 256, 257, 1294, 1437):
+        for b in (1, 37, 256):
+            k = -(-n // b)  # batches in the split
+            for w in (1, 2, 3, 7, 40):
+                blocks = [rank_rows(n, b, r, w) for r in range(w)]
+                assert blocks[0][0] == 0 and blocks[-1][1] == n
+                assert all(blocks[r][1] == blocks[r + 1][0] for r in range(w - 1))
+                assert all(lo % b == 0 and lo <= hi for lo, hi in blocks)
+                # Whole batches (the last block's end is the split's), shared out evenly.
+                assert all(hi % b == 0 or hi == n for _, hi in blocks)
+                counts = [-(-(hi - lo) // b) for lo, hi in blocks]
+                assert sum(counts) == k and max(counts) - min(counts) <= 1
+    # 1437 rows, 2 ranks: they meet at row 768 (3 of the 6 batches each), not at row 718,
+    # inside batch 2.
+    assert rank_rows(1437, 256, 0, 2) == (0, 768) and rank_rows(1437, 256, 1, 2) == (768, 1437)
+    with pytest.raises(ValueError, match=r"rank 2 is not in 0\.\.1"):
+        rank_rows(10, 4, 2, 2)
 
-    spec = prepare_data(run.config)
-    dirs = _split_dirs(spec, ["train", "test"])
-    tmp_path.joinpath("c").mkdir()
-    _allocate(tmp_path / "c", dirs, 256, spec.num_classes, "float32")
-    task = ExtractTask(
+
+def _task(run, spec, dirs, out, batch_size):
+    out.mkdir()
+    _allocate(out, dirs, 256, spec.num_classes, "float32")
+    return ExtractTask(
         run.config,
         spec,
         str(run.path("weights.pt")),
         ("model",),
         tuple(
-            (
-                s,
-                d,
-                str(tmp_path / "c" / f"{s}.features.npy"),
-                str(tmp_path / "c" / f"{s}.logits.npy"),
-            )
+            (s, d, str(out / f"{s}.features.npy"), str(out / f"{s}.logits.npy"))
             for s, d in dirs.items()
         ),
-        batch_size=37,  # other batch boundaries too
+        batch_size=batch_size,
     )
-    for rank in (2, 0, 1):
-        extract_rank(task, rank, 3, torch.device("cpu"))
+
+
+def test_one_and_two_workers_and_rank_order_give_identical_features(run, tmp_path):
+    # Each rank's block is a run of whole batches, so every sample meets the same batch
+    # neighbours whatever the number of ranks: the files are bitwise equal (a CPU convolution
+    # may sum in an order that depends on the batch's shape, so equal batches are what this
+    # needs; blocks split inside a batch differed by up to 7e-7 on other machines).
+    one = extract_features(run, launcher="local", num_workers=1, cache_dir=tmp_path / "a")
+    two = extract_features(run, launcher="local", num_workers=2, cache_dir=tmp_path / "b")
     for s in one:
         np.testing.assert_array_equal(one[s].features, two[s].features)
         np.testing.assert_array_equal(one[s].logits, two[s].logits)
-    # Other batch boundaries: equal up to float32 rounding (a multi-threaded CPU convolution
-    # may sum in a batch-size-dependent order; with the same batches the files are bitwise
-    # equal, as checked above for 1 and 2 workers).
+    # Another batch size, ranks run by hand in reverse order into freshly allocated files: the
+    # same bits as one rank with that batch size.
+    from distnoisy.data.prepare import prepare_data
+
+    spec = prepare_data(run.config)
+    dirs = _split_dirs(spec, ["train", "test"])
+    three = _task(run, spec, dirs, tmp_path / "c", batch_size=37)
+    for rank in (2, 0, 1):
+        extract_rank(three, rank, 3, torch.device("cpu"))
+    single = _task(run, spec, dirs, tmp_path / "d", batch_size=37)
+    extract_rank(single, 0, 1, torch.device("cpu"))
     for s in dirs:
-        np.testing.assert_allclose(
-            np.load(tmp_path / "c" / f"{s}.features.npy"), one[s].features, rtol=1e-4, atol=1e-5
-        )
+        for kind in ("features", "logits"):
+            got = np.load(tmp_path / "c" / f"{s}.{kind}.npy")
+            np.testing.assert_array_equal(got, np.load(tmp_path / "d" / f"{s}.{kind}.npy"))
+    # Batches of 37 and of 256 differ only by float32 rounding: both agree with the float64
+    # forward of the same weights on the same inputs to within the rounding a float32 forward
+    # can carry. A float32 sum of K terms in any order is off by about sqrt(K) u of its terms'
+    # magnitude (u = 2**-24; Higham and Mary, SIAM J. Sci. Comput. 41(5), 2019); the widest
+    # sum here has K = 2048 and four layers add theirs: 4 sqrt(2048) u = 1.1e-5 of the largest
+    # feature. Seen: about 3e-7 of it. A batch that leaked into a sample's features (e.g. a
+    # BatchNorm in training mode) moves them by 1e-2 and more.
+    net = build_model("small_cnn", spec.num_classes, spec.in_channels).double().eval()
+    net.load_state_dict(run.weights()["model"])
+    with torch.no_grad():
+        exact = net.forward_features(_inputs(run, spec).double()).numpy()
+    tol = 4 * np.sqrt(2048) * 2.0**-24 * np.abs(exact).max()
+    batch37 = np.load(tmp_path / "c" / "test.features.npy")
+    for got in (batch37, one["test"].features):
+        assert np.abs(got.astype(np.float64) - exact).max() <= tol
+
+
+def _inputs(run, spec) -> torch.Tensor:
+    """The evaluation inputs of the test split, as extraction sees them (index order)."""
+    from distnoisy.data.shards import read_manifest
+    from distnoisy.data.stream import EvalStream, make_transform
+
+    transform = make_transform(
+        spec.eval_transform, spec.mean, spec.std, size=run.config.data.image_size
+    )
+    stream = EvalStream(
+        read_manifest(spec.test_dir), rank=0, world_size=1, batch_size=4096, transform=transform
+    )
+    batches = list(stream.batches())
+    index = torch.cat([b["index"] for b in batches])
+    assert torch.equal(index, torch.arange(len(index)))
+    return torch.cat([b["image"] for b in batches])
 
 
 def test_second_call_loads_the_cache_and_float16_is_its_own_entry(run, tmp_path):

@@ -366,9 +366,18 @@ def test_bench_gpu_smoke_runs_without_the_rest_of_the_stack(tmp_path):
     assert "LOADED []" in run.stdout
     assert "| elr_plus |" in run.stdout and "gpu decode falls back to the CPU" in run.stdout
     doc = json.loads(out.read_text())
-    for m in ("ce", "elr_plus"):
-        for col in ("model", "cpu_decode", "gpu_decode"):
-            assert doc["medians"][m][col] > 0
+    ips, medians = doc["ips"], doc["medians"]
+    cols = ("model", "cpu_decode", "gpu_decode")
+    for m, images in (("ce", 1_000_000), ("elr_plus", 192_000)):
+        # One round: each median is its round; the printed row shows them, the rate relative to
+        # CE, no peak memory (a CPU) and the epoch projected from the faster end-to-end rate
+        # (ELR+: its protocol's 192k images; 8 GPUs at 90% of linear scaling).
+        assert all(len(ips[m][c]) == 1 and medians[m][c] == ips[m][c][0] for c in cols)
+        best = max(medians[m]["cpu_decode"], medians[m]["gpu_decode"])
+        cells = [f"{medians[m][c]:,.0f} | {ips['ce'][c][0] / ips[m][c][0]:.3f}" for c in cols]
+        row = f"| {m} | {' | '.join(cells)} | - | {images / best:,.0f} s "
+        assert row + f"| {images / (8 * 0.9 * best):,.0f} s |" in run.stdout, run.stdout
+    assert doc["peak_mem_gib"] == {"ce": None, "elr_plus": None}
     assert doc["environment"]["torch"] == torch.__version__
 
 
@@ -394,7 +403,9 @@ def test_digits_bf16_channels_last_on_the_device_path_matches_fp32(tmp_path, dig
 
     common = [
         f"data.root={digits_root}",
-        "train.epochs=10",
+        # ELR on digits is past its early-learning phase by epoch 6 (~95% clean test accuracy
+        # from epoch 5 on, in three 60-epoch seeds).
+        "train.epochs=6",
         "scaling.launcher=local",
         "scaling.num_workers=1",
         "tracking.enabled=false",
@@ -418,7 +429,7 @@ def test_digits_bf16_channels_last_on_the_device_path_matches_fp32(tmp_path, dig
     assert fast["history"][0]["train_loss"] != pytest.approx(
         fp32["history"][0]["train_loss"], rel=1e-6
     )
-    # Seed-to-seed spread of this 10-epoch run is ~1-2 points of test accuracy.
+    # Seed-to-seed spread of this 6-epoch run is ~1-2 points of test accuracy.
     assert fast["test_acc"] > 0.85 and abs(fast["test_acc"] - fp32["test_acc"]) < 0.04
     # The sync-free epoch metrics equal what the store recorded per sample.
     stats = pq.read_table(tmp_path / "bf16" / "sample_stats.parquet").to_pandas()

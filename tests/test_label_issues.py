@@ -8,9 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from distnoisy.config import load_config
 from distnoisy.issues.ranking import (
-    auroc,
     confident_joint,
     estimate_noise_rate,
     estimate_num_label_issues,
@@ -19,7 +17,6 @@ from distnoisy.issues.ranking import (
     precision_at_k,
     rank_by_score,
 )
-from distnoisy.train import train
 
 # Six samples, three classes. Sample 2 is labelled 0 but predicted 1 with confidence 0.8.
 LABELS = np.array([0, 0, 0, 1, 1, 2])
@@ -51,16 +48,6 @@ def test_precision_at_k_hand_values() -> None:
     assert precision_at_k(np.array([0.5, 0.5]), np.array([False, True]), k=1) == 0.0
     with pytest.raises(ValueError, match="k must be"):
         precision_at_k(score, issue, k=0)
-
-
-def test_auroc_matches_sklearn_with_ties() -> None:
-    from sklearn.metrics import roc_auc_score
-
-    assert auroc(np.array([0.9, 0.4, 0.5, 0.1]), np.array([1, 1, 0, 0], bool)) == 0.75
-    rng = np.random.default_rng(1)
-    score = rng.integers(0, 10, 300).astype(float)
-    y = rng.random(300) < 0.2
-    assert auroc(score, y) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
 
 
 def test_thresholds_are_mean_self_confidence_per_class() -> None:
@@ -126,21 +113,9 @@ def test_is_label_issue_flags_the_top_of_the_ranking() -> None:
 
 
 @pytest.mark.slow
-def test_run_writes_is_label_issue_column(tmp_path, digits_root, mlflow_uri) -> None:
-    cfg = load_config(
-        [
-            f"data.root={digits_root}",
-            f"output_dir={tmp_path / 'run'}",
-            f"tracking.uri={mlflow_uri}",
-            "method.name=elr",
-            "train.epochs=15",
-            "scaling.launcher=local",
-            "scaling.num_workers=1",
-            "tracking.enabled=false",
-        ]
-    )
-    train(cfg)
-    run = tmp_path / "run"
+def test_run_writes_is_label_issue_column(long_elr_run) -> None:
+    # The session's long ELR run on digits (tests/conftest.py).
+    run = long_elr_run.run_dir
     issues = pq.read_table(run / "label_issues.parquet").to_pandas()
     assert issues["is_label_issue"].dtype == bool
     flagged = issues["is_label_issue"].to_numpy()

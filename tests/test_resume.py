@@ -23,7 +23,8 @@ from distnoisy.core.errors import DistnoisyError
 from distnoisy.engine import checkpoint as ckpt
 from distnoisy.train import train
 
-EPOCHS = 3
+#: Epochs of a resume case: the second is lost and trained again from the first's checkpoint.
+EPOCHS = 2
 _METHOD_NAMES = [
     "backward", "bootstrap", "ce", "dal", "elr", "elr_plus", "forward", "gce", "limit", "ls",
     "mae", "nce_rce", "peer", "sce", "taylor_ce", "tgce",
@@ -91,6 +92,35 @@ def _assert_same_history(a: dict, b: dict, atol: float) -> None:
             assert ha[key] == pytest.approx(hb[key], rel=0, abs=atol), key
 
 
+def _assert_same_training_state(a: Path, b: Path, epochs: int, atol: float) -> None:
+    """The last checkpoints hold the same networks, optimizer and scheduler states, method state
+    (ELR+'s EMA networks) and method generators (LIMIT's noise, per rank)."""
+    name = f"epoch={epochs - 1:04d}"
+    sa, sb = (ckpt.load_state(d / "checkpoints" / name / ckpt.STATE_FILE) for d in (a, b))
+
+    def walk(x, y, where: str) -> None:
+        if isinstance(x, dict):
+            assert isinstance(y, dict) and x.keys() == y.keys(), where
+            for k in x:
+                walk(x[k], y[k], f"{where}.{k}")
+        elif isinstance(x, (list, tuple)):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                walk(u, v, f"{where}[{i}]")
+        elif isinstance(x, torch.Tensor):
+            if atol == 0 or not x.is_floating_point():
+                assert torch.equal(x, y), where
+            else:
+                assert torch.allclose(x, y, rtol=0, atol=atol), where
+        else:
+            assert x == y, where
+
+    for key in ("networks", "optimizers", "schedulers", "method"):
+        walk(sa[key], sb[key], key)
+    # Each rank's own method generators (LIMIT's gradient noise).
+    walk([r["method"] for r in sa["rng"]], [r["method"] for r in sb["rng"]], "rng.method")
+
+
 def _check_resume_exact(
     tmp_path: Path, digits_root: Path, atol: float, *overrides: str, epochs: int = EPOCHS
 ) -> dict:
@@ -101,6 +131,7 @@ def _check_resume_exact(
     _assert_same_history(straight, resumed, atol)
     _assert_same_weights(straight_dir / "weights.pt", resumed_dir / "weights.pt", atol)
     _assert_same_store(straight_dir, resumed_dir, atol)
+    _assert_same_training_state(straight_dir, resumed_dir, epochs, atol)
     for key in ("test_acc", "memorized", "label_issue_auroc"):
         assert resumed[key] == pytest.approx(straight[key], rel=0, abs=atol), key
     return straight
@@ -109,7 +140,8 @@ def _check_resume_exact(
 # Each case protects one kind of state a checkpoint must carry:
 # - ce: networks, optimizer, scheduler, the store's loss history and predictions;
 # - elr: the method's per-sample targets (a store field written by the loss);
-# - elr_plus: two networks, two optimizers, EMA weights (method state), per-network streams;
+# - elr_plus: two networks, two optimizers, EMA weights (method state), per-network streams,
+#   both networks' targets;
 # - limit with sample_from_q: LIMIT's per-rank gradient-noise generator, a method RNG that
 #   advances every step (before the checkpoint format carried it, a resumed run drew epoch 0's
 #   noise again and diverged);

@@ -16,22 +16,10 @@ from distnoisy.train import train
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, digits_root):
-    """A short real run (local launcher, digits, 2 epochs) tracked in a SQLite store."""
-    tmp = tmp_path_factory.mktemp("runs")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cfg = load_config(
-        [
-            f"data.root={digits_root}",
-            f"output_dir={tmp / 'run'}",
-            f"tracking.uri={uri}",
-            "scaling.launcher=local",
-            "scaling.num_workers=1",
-            "train.epochs=2",
-        ]
-    )
-    summary = train(cfg)
-    return tmp / "run", uri, summary
+def finished(ce_run):
+    """The session's short real run (local launcher, digits) tracked in a SQLite store (see
+    tests/conftest.py): ``(run_dir, tracking uri, summary)``."""
+    return ce_run.run_dir, ce_run.uri, ce_run.summary
 
 
 def test_open_by_directory_and_by_mlflow_id_agree(finished):
@@ -40,12 +28,14 @@ def test_open_by_directory_and_by_mlflow_id_agree(finished):
     by_id = open_run(summary["mlflow_run_id"], tracking_uri=uri)
     assert by_dir.run_dir == by_id.run_dir == run_dir.resolve()
     assert by_id.mlflow_run_id == by_dir.mlflow_run_id == summary["mlflow_run_id"]
-    assert by_dir.config.train.epochs == 2 and by_dir.summary["test_acc"] == summary["test_acc"]
+    assert by_dir.config.train.epochs == summary["epochs"] == len(summary["history"])
+    assert by_dir.summary["test_acc"] == summary["test_acc"]
     assert set(by_dir.weights()) == {"model"}
 
 
 def test_tables_read_in_batches_equal_the_whole_file(finished):
     run = open_run(str(finished[0]))
+    epochs = finished[2]["epochs"]
     cols = ["index", "loss_hist", "pred_hist", "is_corrupted", "given_label"]
     whole = run.read_table(columns=cols)
     parts = list(run.iter_table(columns=cols, batch_rows=100))
@@ -53,7 +43,7 @@ def test_tables_read_in_batches_equal_the_whole_file(finished):
     for c in cols:
         np.testing.assert_array_equal(np.concatenate([p[c] for p in parts]), whole[c])
     ref = pq.read_table(run.path("sample_stats.parquet")).to_pandas()
-    assert whole["loss_hist"].shape == (len(ref), 2)
+    assert whole["loss_hist"].shape == (len(ref), epochs)
     np.testing.assert_array_equal(whole["loss_hist"], np.stack(ref["loss_hist"].to_numpy()))
     # A prediction per epoch exactly where a loss was recorded (the last partial batch of
     # an epoch is dropped, so a few samples miss an epoch).

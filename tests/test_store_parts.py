@@ -128,42 +128,50 @@ def _assert_tables_equal(a: pa.Table, b: pa.Table, what: str) -> None:
         assert a.column(name).to_pylist() == b.column(name).to_pylist(), f"{what}: {name}"
 
 
+@pytest.fixture(scope="module")
+def partitioned(tmp_path_factory, digits_root) -> tuple[Path, dict]:
+    """A finished partitioned run (2 ranks), shared by the tests below (they copy it to change
+    it): its directory and summary."""
+    run_dir = tmp_path_factory.mktemp("partitioned") / "par"
+    return run_dir, _train(run_dir, digits_root, "partitioned")
+
+
 @pytest.mark.slow
 def test_partitioned_run_writes_its_parts_in_parallel_and_equals_a_replicated_run(
-    tmp_path, digits_root
+    tmp_path, digits_root, partitioned
 ) -> None:
     rep = _train(tmp_path / "rep", digits_root, "replicated")
-    par = _train(tmp_path / "par", digits_root, "partitioned")
+    par_dir, par = partitioned
     assert par["store"]["backend"] == "partitioned"
     for key in ("test_acc", "memorized", "clean_train_acc", "label_issue_auroc",
                 "label_issue_precision_at_k", "train_acc_given", "num_train_seen"):  # fmt: skip
         assert par[key] == rep[key], key
     # The checkpoint: state.pt without the store's rows, one part per rank beside it.
-    last = sorted((tmp_path / "par" / "checkpoints").glob("epoch=*"))[-1]
+    last = sorted((par_dir / "checkpoints").glob("epoch=*"))[-1]
     state = torch.load(last / "state.pt", weights_only=True)
     assert state["store"] == {} and state["store_parts"] == 2
     assert (last / part_file(0)).exists() and (last / part_file(1)).exists()
     # The outputs: a part per rank, equal row for row to the replicated run's single files.
     for name in ("sample_stats", "label_issues"):
-        parts = sorted(p.name for p in (tmp_path / "par" / name).glob("part-*.parquet"))
+        parts = sorted(p.name for p in (par_dir / name).glob("part-*.parquet"))
         assert parts == ["part-00000.parquet", "part-00001.parquet"], name
-    a, b = open_run(str(tmp_path / "rep")), open_run(str(tmp_path / "par"))
+    a, b = open_run(str(tmp_path / "rep")), open_run(str(par_dir))
     _assert_same_rows(a.read_table(), b.read_table(), "sample_stats")
     issues_b = b.read_table("label_issues.parquet")
     _assert_same_rows(a.read_table("label_issues.parquet"), issues_b, "label_issues")
     assert 0 < int(np.sum(issues_b["is_label_issue"])) < len(issues_b["index"])
     # The merged top-k is the replicated ranking's head, in the same order.
     top_a = pq.read_table(tmp_path / "rep" / "label_issues_top.parquet")
-    top_b = pq.read_table(tmp_path / "par" / "label_issues_top.parquet")
+    top_b = pq.read_table(par_dir / "label_issues_top.parquet")
     assert top_b.num_rows == 50
     _assert_tables_equal(top_a, top_b, "label_issues_top")
 
 
 @pytest.mark.slow
-def test_partitioned_run_resumes_exactly_from_its_parts(tmp_path, digits_root) -> None:
-    straight = _train(tmp_path / "straight", digits_root, "partitioned")
+def test_partitioned_run_resumes_exactly_from_its_parts(tmp_path, digits_root, partitioned) -> None:
+    straight_dir, straight = partitioned
     resumed_dir = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "straight", resumed_dir)
+    shutil.copytree(straight_dir, resumed_dir)
     for name in ("summary.json", "sample_stats", "label_issues", "label_issues_top.parquet"):
         target = resumed_dir / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -171,5 +179,5 @@ def test_partitioned_run_resumes_exactly_from_its_parts(tmp_path, digits_root) -
     resumed = _train(resumed_dir, digits_root, "partitioned", "resume=true")
     for key in ("test_acc", "memorized", "label_issue_auroc"):
         assert resumed[key] == straight[key], key
-    a, b = open_run(str(tmp_path / "straight")), open_run(str(resumed_dir))
+    a, b = open_run(str(straight_dir)), open_run(str(resumed_dir))
     _assert_same_rows(a.read_table(), b.read_table(), "sample_stats")

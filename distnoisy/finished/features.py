@@ -7,10 +7,14 @@ evaluation transform (no augmentation), and caches them under
 ``<cache_dir or run_dir>/features/<weights>-<dtype>-<hash of the weights file>/``, so a second
 call loads them instead of recomputing.
 
-The work is split like evaluation during training: rank ``r`` of ``W`` reads the contiguous index
-block of an :class:`~distnoisy.data.stream.EvalStream` and writes its rows, by global index, into
-``.npy`` files the driver created beforehand (opened as ``np.memmap``). Rows never touch each
-other, so no collective is needed and the result does not depend on the number of ranks. The
+The work is split like evaluation during training, in contiguous index blocks read with an
+:class:`~distnoisy.data.stream.EvalStream`, but each rank's block is a run of whole batches
+(:func:`rank_rows`): sample ``i`` is always in batch ``i // BATCH_SIZE``, with the same
+neighbours, whatever the number of ranks. A CPU convolution may sum in an order that depends on
+the batch's shape, so equal batches are what make the features bitwise independent of the number
+of ranks (when every sample decodes: a skipped sample's place in its batch is taken by the next
+one). Each rank writes its rows, by global index, into ``.npy`` files the driver created
+beforehand (opened as ``np.memmap``); rows never touch each other, so no collective is needed. The
 ranks run on the run's launcher (:func:`distnoisy.launch.ranks.run_ranks`: Ray Train workers, or the
 local launcher's processes); one rank runs in-process. The files are filled in a temporary
 directory that is renamed into place when every rank has finished (a cache entry appears whole or
@@ -43,6 +47,8 @@ if TYPE_CHECKING:
 
     from distnoisy.config import Config
     from distnoisy.data.prepare import DataSpec
+    from distnoisy.data.shards import Manifest
+    from distnoisy.data.stream import EvalStream, Transform
     from distnoisy.finished.runs import FinishedRun
 
 SPLITS = ("train", "val", "test")
@@ -118,6 +124,41 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
 
 
 # -- per rank -----------------------------------------------------------------------------------
+def rank_rows(num_samples: int, batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s rows ``[lo, hi)`` of ``num_samples``: a contiguous run of whole batches.
+
+    The split's batches are ``[k B, (k + 1) B)`` (the last may be shorter); rank ``r`` of ``W``
+    takes batches ``[K r // W, K (r + 1) // W)`` of the ``K = ceil(N / B)``. A rank holds no rows
+    when ``W > K``.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    k = -(-num_samples // batch_size)
+    lo = min(num_samples, batch_size * (k * rank // world_size))
+    hi = min(num_samples, batch_size * (k * (rank + 1) // world_size))
+    return lo, hi
+
+
+def _rows_stream(
+    manifest: Manifest, rows: tuple[int, int], batch_size: int, transform: Transform
+) -> EvalStream:
+    """An :class:`EvalStream` over the rows ``[lo, hi)`` (instead of a rank's even share), reading
+    only the shards that overlap them."""
+    from distnoisy.data.stream import EvalStream
+
+    # EvalStream splits by rank into even shares; here the block is given. Narrow a one-rank
+    # stream to it: the rows it yields and the shards it opens.
+    stream = EvalStream(manifest, rank=0, world_size=1, batch_size=batch_size, transform=transform)
+    lo, hi = rows
+    stream.lo, stream.hi = lo, hi
+    stream._shards = [
+        i
+        for i, s in enumerate(manifest.shards)
+        if s.first_index < hi and s.first_index + s.count > lo
+    ]
+    return stream
+
+
 def _load_networks(task: ExtractTask, device: torch.device) -> list[torch.nn.Module]:
     import torch
 
@@ -138,7 +179,7 @@ def extract_rank(task: ExtractTask, rank: int, world_size: int, device: torch.de
     import torch
 
     from distnoisy.data.shards import read_manifest
-    from distnoisy.data.stream import EvalStream, make_transform
+    from distnoisy.data.stream import make_transform
 
     spec = task.spec
     transform = make_transform(
@@ -146,13 +187,9 @@ def extract_rank(task: ExtractTask, rank: int, world_size: int, device: torch.de
     )
     nets = _load_networks(task, device)
     for _split, set_dir, feat_path, logit_path in task.splits:
-        stream = EvalStream(
-            read_manifest(set_dir),
-            rank=rank,
-            world_size=world_size,
-            batch_size=task.batch_size,
-            transform=transform,
-        )
+        manifest = read_manifest(set_dir)
+        rows = rank_rows(manifest.num_samples, task.batch_size, rank, world_size)
+        stream = _rows_stream(manifest, rows, task.batch_size, transform)
         feats = np.load(feat_path, mmap_mode="r+")
         logits = np.load(logit_path, mmap_mode="r+")
         with torch.no_grad():
