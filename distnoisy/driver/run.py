@@ -109,11 +109,16 @@ def train(
 
 
 def validate_run(cfg: Config, run_dir: Path) -> None:
-    """Phase 1, validate: where the run writes, and that a resume keeps its saved config."""
+    """Phase 1, validate: where the run writes, that a resume keeps its saved config, and that
+    the tracking server answers."""
     check_output_location(cfg)
     check_run_dir(run_dir, cfg.resume)
     if cfg.resume:
         check_resume_config(cfg, run_dir)
+    if cfg.tracking.enabled and cfg.tracking.uri:
+        from distnoisy.tracking.reach import check_server
+
+        check_server(cfg.tracking.uri)  # a server that is not up: one line now, no run dir
 
 
 def prepare(cfg: Config) -> DataSpec:

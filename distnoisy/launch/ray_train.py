@@ -27,12 +27,17 @@ from distnoisy.launch.local import KEEP_CHECKPOINTS
 
 log = logging.getLogger(__name__)
 
+#: A worker's :class:`DistnoisyError` goes to ``run_dir/ray/<prefix><rank>.txt`` instead of out
+#: of Ray Train's training function (storage Ray Train needs every node to reach anyway).
+USER_ERROR_PREFIX = ".user-error-rank"
+
 
 # -- Ray launcher -----------------------------------------------------------------------------
 def _ray_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point on each worker (importable: Ray pickles it by reference).
 
-    ``config`` is the ``train_loop_config``: ``{"job": Job}`` (Ray Train takes a dict).
+    ``config`` is the ``train_loop_config``: ``{"job": Job, "error_dir": str}`` (Ray Train
+    takes a dict).
     """
     import ray.train
     import ray.train.torch
@@ -69,7 +74,41 @@ def _ray_worker(config: dict[str, Any]) -> None:
         restore=restore,
         log_metrics=tracking.rank_logger(config["job"], rank),
     )
-    run_worker(config["job"], ctx)
+    try:
+        run_worker(config["job"], ctx)
+    except DistnoisyError as e:
+        # A user error (bad data past data.max_bad_fraction, a full disk) is not a crash: raised
+        # out of the training function, Ray would log its traceback on every worker and in the
+        # controller, and retry the run scaling.max_failures times. The engine raises these on
+        # every rank together (its checks are collective verdicts), so each rank leaves its line
+        # where the driver looks after fit() (launch_ray raises it there) and returns.
+        _write_user_error(Path(config["error_dir"]), rank, e)
+
+
+def _user_error_file(error_dir: Path, rank: int) -> Path:
+    return error_dir / f"{USER_ERROR_PREFIX}{rank:05d}.txt"
+
+
+def _write_user_error(error_dir: Path, rank: int, error: DistnoisyError) -> None:
+    path = _user_error_file(error_dir, rank)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{type(error).__name__}\t{error}")
+    os.replace(tmp, path)
+
+
+def _read_user_error(error_dir: Path) -> DistnoisyError | None:
+    """The :class:`DistnoisyError` the lowest rank left (as its own class where it is one of
+    :mod:`distnoisy.core.errors`; the CLI prints any of them as the same one line)."""
+    from distnoisy.core import errors
+
+    found = sorted(error_dir.glob(f"{USER_ERROR_PREFIX}*.txt"))
+    if not found:
+        return None
+    name, _, message = found[0].read_text().partition("\t")
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, DistnoisyError)):
+        cls = DistnoisyError
+    return cls(message)
 
 
 def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None = None) -> Path:
@@ -81,9 +120,13 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
     import ray.train
 
     check_ray_resources(cfg)
+    error_dir = (run_dir / "ray").resolve()
+    error_dir.mkdir(parents=True, exist_ok=True)
+    for stale in error_dir.glob(f"{USER_ERROR_PREFIX}*"):  # an earlier segment's (resume)
+        stale.unlink()
     trainer = ray_compat.sigint_noting_trainer()(
         _ray_worker,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "error_dir": str(error_dir)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu
         ),
@@ -108,7 +151,8 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
     except BaseException as exc:  # Ray raises the workers' errors wrapped: unwrap ours
         if trainer.interrupted:  # Ctrl-C: Ray aborted the run (RayActorError, SystemExit)
             raise KeyboardInterrupt("SIGINT") from None
-        user = _user_error(exc)
+        # A rank's own line explains the others' failures (a peer that left a collective).
+        user = _read_user_error(error_dir) or _user_error(exc)
         if user is exc:
             user = _gave_up_error(exc, cfg, run_dir)
         if user is exc:
@@ -124,6 +168,9 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
         raise KeyboardInterrupt("SIGINT")
     if result.error is not None:
         raise _gave_up_error(_user_error(result.error), cfg, run_dir)
+    reported = _read_user_error(error_dir)
+    if reported is not None:
+        raise reported
     if result.checkpoint is None:
         raise DistnoisyError("Ray Train finished without a checkpoint")
     return Path(result.checkpoint.path)
