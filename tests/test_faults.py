@@ -7,12 +7,15 @@ Each command runs as ``python -m distnoisy.train`` in a subprocess, so everythin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -31,12 +34,14 @@ def _env(**extra: str) -> dict[str, str]:
     return dict(env, PYTHONPATH=path, OMP_NUM_THREADS="1", **extra)
 
 
-def _train(cwd: Path, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+def _train(
+    cwd: Path, args: list[str], timeout: float = 600, **env: str
+) -> subprocess.CompletedProcess:
     """``python -m distnoisy.train args`` in ``cwd``; stdout and stderr together in ``.stdout``."""
     return subprocess.run(
         [sys.executable, "-m", "distnoisy.train", *args],
         cwd=cwd,
-        env=_env(),
+        env=_env(**env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -52,6 +57,105 @@ def _one_error_line(done: subprocess.CompletedProcess) -> str:
     last = out.rstrip().splitlines()[-1]
     assert last.startswith("distnoisy: error: "), out[-4000:]
     return last
+
+
+def _start(cwd: Path, args: list[str]) -> tuple[subprocess.Popen, Path]:
+    """``python -m distnoisy.train args`` in the background; its process and output file."""
+    out = cwd / "train.out"
+    with out.open("w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "distnoisy.train", *args],
+            cwd=cwd,
+            env=_env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    return proc, out
+
+
+def _wait_for(proc: subprocess.Popen, out: Path, text: str, limit_s: float = 600) -> None:
+    deadline = time.monotonic() + limit_s
+    while text not in out.read_text():
+        assert proc.poll() is None, f"exited {proc.returncode}:\n{out.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, out.read_text()[-4000:]
+        time.sleep(0.2)
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite store, artifacts served by it) that a test
+    stops and starts again on the same port and store."""
+
+    def __init__(self, root: Path) -> None:
+        (self.port,) = free_ports(1)
+        self.root, self.url = root, f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        mlflow = str(Path(sys.executable).with_name("mlflow"))
+        cmd = [
+            mlflow, "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]  # fmt: skip
+        with (self.root / "server.log").open("a") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"),
+            )  # fmt: skip
+        deadline = time.monotonic() + 180
+        while not self._answers():
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer /health"
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the server's own group (its workers)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+        self.proc = None
+        assert not self._answers()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _logged_once(uri: str, run_dir: Path) -> dict:
+    """The run's summary, after checking that MLflow holds every epoch's metrics exactly once
+    (one value per step, equal to the run's own history) and the final figures."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    client = MlflowClient(tracking_uri=uri)
+    run_id = summary["mlflow_run_id"]
+    history = summary["history"]
+    for key in [k for k in history[0] if k != "epoch"]:
+        logged = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in logged) == list(range(len(history))), (key, logged)
+        for m in logged:
+            assert m.value == pytest.approx(history[m.step][key], nan_ok=True), key
+    final = client.get_metric_history(run_id, "final_test_acc")
+    assert [(m.step, m.value) for m in final] == [(summary["epochs"], summary["test_acc"])]
+    return summary
 
 
 def _run_status(uri: str, run_dir: Path) -> str:
@@ -102,3 +206,159 @@ def test_bad_data_on_two_ray_workers_is_one_line_last_and_the_run_failed(
     assert "Error in training function" not in done.stdout
     assert _run_status(uri, run) == "FAILED"
     assert not (run / "summary.json").exists()
+
+
+# -- (b) a tracking server that goes away while the run trains ---------------------------------
+def _tracked_args(digits_root: Path, run: Path, uri: str, epochs: int) -> list[str]:
+    return [
+        f"data.root={digits_root}",
+        f"output_dir={run}",
+        f"tracking.uri={uri}",
+        f"train.epochs={epochs}",
+        *LOCAL,
+    ]
+
+
+@pytest.mark.slow
+def test_a_tracking_server_restarted_mid_run_gets_every_epoch_once(
+    tmp_path, digits_root, mlflow_server
+) -> None:
+    run = tmp_path / "run"
+    # 20 epochs (2-20 s each on a shared 2-core machine): the server is back long before the
+    # end (the test checks that rank 0 saw it back), and rank 0 retries 15 s after a failure.
+    proc, out = _start(tmp_path, _tracked_args(digits_root, run, mlflow_server.url, epochs=20))
+    try:
+        _wait_for(proc, out, "epoch 1/20")
+        mlflow_server.stop()
+        _wait_for(proc, out, "did not answer")  # rank 0 could not log an epoch: it trains on
+        mlflow_server.start()
+        assert proc.wait(timeout=900) == 0, out.read_text()[-4000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = out.read_text()
+    assert "Traceback" not in text and "warning" not in text.lower(), text[-4000:]
+    assert "Retrying" not in text  # urllib3's per-retry lines stay off the terminal
+    assert "is back: the queued metrics are logged" in text, text[-4000:]
+    _logged_once(mlflow_server.url, run)
+    assert _run_status(mlflow_server.url, run) == "FINISHED"
+    assert not (run / "tracking_pending.json").exists()
+
+
+@pytest.mark.slow
+def test_a_tracking_server_gone_for_good_leaves_a_run_that_sync_logs(
+    tmp_path, digits_root, mlflow_server
+) -> None:
+    run = tmp_path / "run"
+    proc, out = _start(tmp_path, _tracked_args(digits_root, run, mlflow_server.url, epochs=3))
+    try:
+        _wait_for(proc, out, "epoch 1/3")
+        mlflow_server.stop()
+        assert proc.wait(timeout=900) == 0, out.read_text()[-4000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = out.read_text()
+    assert "Traceback" not in text and "Retrying" not in text, text[-4000:]
+    warnings = [line for line in text.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1, warnings
+    command = f"python -m distnoisy.tracking.sync {run}"
+    assert warnings[0].startswith("distnoisy: warning: ") and command in warnings[0], warnings
+    for name in ("summary.json", "label_issues_top.parquet", "weights.pt", "training_curves.png"):
+        assert (run / name).exists(), name  # the run's own outputs are complete
+    assert (run / "tracking_pending.json").exists()
+
+    mlflow_server.start()
+    done = subprocess.run(
+        [sys.executable, "-m", "distnoisy.tracking.sync", str(run)],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "logged" in done.stdout and "the status FINISHED" in done.stdout, done.stdout
+    _logged_once(mlflow_server.url, run)
+    assert _run_status(mlflow_server.url, run) == "FINISHED"
+    assert not (run / "tracking_pending.json").exists()
+    run_id = json.loads((run / "run.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"summary.json", "weights.pt", "config.yaml", "training_curves.png"} <= names, names
+    assert len(client.get_run(run_id).data.params) > 30
+    # Again: nothing left, nothing logged twice.
+    again = subprocess.run(
+        [sys.executable, "-m", "distnoisy.tracking.sync", str(run)],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0 and "nothing to log" in again.stdout, again.stdout
+    _logged_once(mlflow_server.url, run)
+
+
+# -- (c) a disk that fills while a checkpoint is written -----------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs (a real small device: its writes fail with ENOSPC when it is full)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_at_a_checkpoint_and_the_run_resumes_exactly(
+    tmp_path, digits_root, small_disk
+) -> None:
+    from test_resume import _assert_same_history, _assert_same_store, _assert_same_weights
+
+    from distnoisy.engine import checkpoint as ckpt
+
+    common = [f"data.root={digits_root}", "train.epochs=3", "tracking.enabled=false", *LOCAL]
+    straight_dir = tmp_path / "straight"  # uninterrupted, in the same environment (threads)
+    assert _train(tmp_path, [*common, f"output_dir={straight_dir}"]).returncode == 0
+    straight = json.loads((straight_dir / "summary.json").read_text())
+
+    run = small_disk / "run"
+    proc, out = _start(tmp_path, [*common, f"output_dir={run}"])
+    filler = small_disk / "filler"
+    try:
+        first = run / "checkpoints" / "epoch=0000"
+        deadline = time.monotonic() + 600
+        while not first.exists():
+            assert proc.poll() is None, out.read_text()[-4000:]
+            assert time.monotonic() < deadline, out.read_text()[-4000:]
+            time.sleep(0.05)
+        # Another writer fills the device while epoch 2 trains: 2 MiB stay free, less than the
+        # checkpoint of epoch 2 (several MiB: weights, optimizer, per-sample store).
+        free = shutil.disk_usage(small_disk).free
+        with filler.open("wb") as f:
+            f.write(b"\0" * (free - (2 << 20)))
+        assert proc.wait(timeout=600) == 2, out.read_text()[-4000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = out.read_text()
+    assert "Traceback" not in text, text[-4000:]
+    line = text.rstrip().splitlines()[-1]
+    assert line.startswith("distnoisy: error: no space left on the device of "), text[-4000:]
+    assert str(run / "checkpoints") in line and "the checkpoint of epoch 2" in line, line
+    assert "MiB free" in line and "resume=true" in line, line
+    # The last complete checkpoint is there and whole; nothing partial is left behind.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=0000"]
+    assert ckpt.load_state(first / ckpt.STATE_FILE)["epoch"] == 0
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+    assert not (run / "summary.json").exists()
+
+    filler.unlink()  # space freed: the run continues from its last checkpoint
+    done = _train(tmp_path, [*common, f"output_dir={run}", "resume=true"])
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "resumed from" in done.stdout and "at epoch 1" in done.stdout, done.stdout[-4000:]
+    resumed = json.loads((run / "summary.json").read_text())
+    _assert_same_history(straight, resumed, 0.0)
+    _assert_same_weights(straight_dir / "weights.pt", run / "weights.pt", 0.0)
+    _assert_same_store(straight_dir, run, 0.0)

@@ -21,7 +21,7 @@ import torch
 from distnoisy import tracking
 from distnoisy.config import Config
 from distnoisy.core.errors import DistnoisyError
-from distnoisy.engine import collectives
+from distnoisy.engine import collectives, space
 from distnoisy.engine.job import Job, WorkerContext
 from distnoisy.engine.trainer import run_worker
 
@@ -42,13 +42,26 @@ def _local_context(
         # which appears under its final name whole or not at all.
         final = ckpt_root / f"epoch={int(metrics['epoch']):04d}"
         tmp = ckpt_root / f".{final.name}.tmp"
+        what = f"the checkpoint of epoch {int(metrics['epoch']) + 1}"
+        # A full disk: every rank raises together, the previous checkpoint untouched.
+        space.check_room(what, ckpt_root, checkpoint_dir, ckpt_root.parent)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         collectives.barrier()
+        failed = False
         if checkpoint_dir is not None:
-            shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
-        collectives.barrier()
+            try:
+                shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
+            except OSError as e:  # the disk filled since the check (another writer)
+                if not space.is_no_space(e):
+                    raise
+                failed = True
+        if any(collectives.all_gather_object(failed)):
+            collectives.barrier()  # every rank stopped writing: no partial checkpoint stays
+            space.remove(tmp)
+            need = space.tree_bytes(checkpoint_dir)
+            raise space.no_space_error(what, ckpt_root, need, ckpt_root.parent)
         if rank == 0:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)

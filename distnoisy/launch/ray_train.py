@@ -19,6 +19,7 @@ from typing import Any
 from distnoisy import tracking
 from distnoisy.config import Config
 from distnoisy.core.errors import DistnoisyError
+from distnoisy.engine import space
 from distnoisy.engine.job import Job, WorkerContext
 from distnoisy.engine.trainer import run_worker
 from distnoisy.launch import ray_compat
@@ -49,7 +50,12 @@ def _ray_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
 
+    storage = Path(config["error_dir"])  # run_dir/ray: Ray Train's storage_path
+
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        # A full disk: every rank raises together before Ray writes a partial checkpoint.
+        what = f"the checkpoint of epoch {int(metrics['epoch']) + 1}"
+        space.check_room(what, storage, checkpoint_dir, storage.parent)
         checkpoint = (
             ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         )
@@ -82,7 +88,10 @@ def _ray_worker(config: dict[str, Any]) -> None:
         # controller, and retry the run scaling.max_failures times. The engine raises these on
         # every rank together (its checks are collective verdicts), so each rank leaves its line
         # where the driver looks after fit() (launch_ray raises it there) and returns.
-        _write_user_error(Path(config["error_dir"]), rank, e)
+        try:
+            _write_user_error(storage, rank, e)
+        except OSError:  # nowhere to leave it (a full disk): Ray reports it, with its traceback
+            raise e from None
 
 
 def _user_error_file(error_dir: Path, rank: int) -> Path:
