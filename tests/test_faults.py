@@ -8,14 +8,18 @@ Each command runs as ``python -m distnoisy.train`` in a subprocess, so everythin
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -362,3 +366,206 @@ def test_a_full_disk_stops_at_a_checkpoint_and_the_run_resumes_exactly(
     _assert_same_history(straight, resumed, 0.0)
     _assert_same_weights(straight_dir / "weights.pt", run / "weights.pt", 0.0)
     _assert_same_store(straight_dir, run, 0.0)
+
+
+# -- (d) shards at a URL that stall or fail ------------------------------------------------------
+class _FaultyHandler(SimpleHTTPRequestHandler):
+    """Static files with ``Range`` support; ``server.faults[path]`` is a list of what its next
+    GETs do: ``"503"`` (answer 503), ``"stall"`` (send half the body, then nothing until the
+    test ends), ``"ok"``; a path's GETs past its list are served normally, unless the list
+    ends with ``"forever"`` (its last fault then repeats)."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        faults = self.server.faults.get(self.path, [])
+        with self.server.lock:
+            self.server.gets[self.path] = n = self.server.gets.get(self.path, 0) + 1
+        forever = faults[-1:] == ["forever"]
+        plan = faults[:-1] if forever else faults
+        fault = plan[n - 1] if n <= len(plan) else (plan[-1] if forever and plan else "ok")
+        if fault == "503":
+            self.send_error(503, "busy")
+            return
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            super().do_GET()
+            return
+        data = path.read_bytes()
+        match = re.match(r"bytes=(\d+)-$", self.headers.get("Range", ""))
+        start = int(match.group(1)) if match else 0
+        self.send_response(206 if match else 200)
+        if match:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = data[start:]
+        if fault == "stall":
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.server.release.wait(600)  # a read that never finishes (until the test ends)
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def shard_server(digits_root):
+    httpd = ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_FaultyHandler, directory=str(digits_root))
+    )
+    httpd.daemon_threads = True
+    httpd.faults, httpd.gets = {}, {}
+    httpd.lock, httpd.release = threading.Lock(), threading.Event()
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.release.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _shard_args(url: str, tmp_path: Path) -> list[str]:
+    return [
+        "data.name=shards",
+        f"data.urls={url}",
+        f"data.root={tmp_path / 'cache'}",
+        f"output_dir={tmp_path / 'run'}",
+        "train.epochs=1",
+        "tracking.enabled=false",
+        *LOCAL,
+    ]
+
+
+@pytest.mark.slow
+def test_a_stalled_read_and_503s_are_retried_and_the_run_finishes(tmp_path, shard_server) -> None:
+    httpd, url = shard_server
+    httpd.faults = {"/train/train-000001.tar": ["stall"], "/train/train-000002.tar": ["503", "503"]}
+    done = _train(tmp_path, _shard_args(url, tmp_path), DISTNOISY_READ_TIMEOUT_S="3")
+    out = done.stdout
+    assert done.returncode == 0, out[-4000:]
+    assert "Traceback" not in out
+    stalled = re.findall(r"remote shard train-000001.tar: read failed at byte (\d+) \((.*)\)", out)
+    busy = re.findall(r"remote shard train-000002.tar: read failed at byte 0 \(HTTP 503", out)
+    assert len(stalled) == 1 and int(stalled[0][0]) > 0, out[-4000:]  # resumed part way
+    assert "timed out" in stalled[0][1], stalled
+    assert len(busy) == 2, out[-4000:]
+    assert "retry 1/4 in 0.5 s" in out and "retry 2/4 in 1.0 s" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["bad_samples"] == 0  # every sample arrived
+    assert summary["bad_sample_list"] == [] and "skipped" not in out
+
+
+@pytest.mark.slow
+def test_shards_that_keep_failing_stop_the_run_with_the_bad_data_line_in_bounded_time(
+    tmp_path, shard_server
+) -> None:
+    httpd, url = shard_server
+    httpd.faults = {
+        "/train/train-000001.tar": ["503", "forever"],
+        "/train/train-000002.tar": ["stall", "forever"],
+    }
+    # The bound: interpreter, data check and one epoch (~60 s on a loaded 2-core machine),
+    # plus per shard at most 5 tries of 3 s and 0.5 + 1 + 2 + 4 s of backoff (22.5 s).
+    t0 = time.monotonic()
+    done = _train(tmp_path, _shard_args(url, tmp_path), timeout=400, DISTNOISY_READ_TIMEOUT_S="3")
+    took = time.monotonic() - t0
+    line = _one_error_line(done)
+    assert "unusable training samples, more than data.max_bad_fraction=0.01" in line, line
+    assert "train-000001.tar: shard yielded 0 of 256" in line, line
+    assert "train-000002.tar: shard yielded" in line, line
+    assert "5 tries failed" in done.stdout or "RemoteReadError" in done.stdout, done.stdout[-3000:]
+    assert took < 240, took
+
+
+# -- fast checks of the pieces ----------------------------------------------------------------
+def test_the_outbox_keeps_what_a_missing_server_did_not_take_and_sends_it_once(tmp_path) -> None:
+    from distnoisy import tracking
+    from distnoisy.tracking.outbox import PENDING_FILE, Outbox
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run(uri, "exp", "r", {})
+    (port,) = free_ports(1)  # nothing listens there: a server that went away
+    away = Outbox(tmp_path, f"http://127.0.0.1:{port}", run_id)
+    t0 = time.monotonic()
+    assert not away.log_steps([({"loss": 1.0}, 0), ({"loss": 0.5}, 1)])
+    assert time.monotonic() - t0 < 15  # bounded: MLflow's retries are seconds, not minutes
+    assert not away.log_params({"a": 1})  # queued untried: the server is left alone a while
+    (tmp_path / "f.txt").write_text("x")
+    assert not away.log_artifacts([tmp_path / "f.txt", tmp_path / "missing.txt"])
+    assert not away.end("FINISHED")
+    assert (
+        away.describe()
+        == "2 metric values (steps 0..1), 1 params, 1 output files, the status FINISHED"
+    )
+    # One of the two steps did arrive before (a call that timed out after it was stored).
+    tracking.RunLogger(uri, run_id, 0).log_metrics({"loss": 1.0}, step=0)
+    pending = json.loads((tmp_path / PENDING_FILE).read_text())
+    back = Outbox(tmp_path, uri, pending["run_id"])
+    assert back.flush(force=True) and not (tmp_path / PENDING_FILE).exists()
+    client = MlflowClient(tracking_uri=uri)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [0, 1]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"a": "1"}
+    assert [a.path for a in client.list_artifacts(run_id)] == ["f.txt"]
+
+
+def test_a_rank_logger_never_raises_and_sends_its_queue_later(tmp_path) -> None:
+    from distnoisy import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run(uri, "exp", "r", {})
+    (port,) = free_ports(1)
+    logger = tracking.RunLogger(f"http://127.0.0.1:{port}", run_id, 0)
+    logger.log_metrics({"loss": 2.0}, step=0)  # the server is away: queued, no exception
+    logger.log_metrics({"loss": 1.0}, step=1)
+    assert [(k, s) for k, _, s, _ in logger.queued] == [("loss", 0), ("loss", 1)]
+    logger._client, logger._quiet_until = MlflowClient(tracking_uri=uri), 0.0  # back (same run)
+    logger.log_metrics({"loss": 0.5}, step=2)
+    assert logger.queued == []
+    steps = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in steps) == [(0, 2.0), (1, 1.0), (2, 0.5)]
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_line_before_anything_is_written(tmp_path) -> None:
+    from distnoisy.engine import space
+
+    free = shutil.disk_usage(tmp_path).free
+    own = tmp_path / "ckpt"
+    own.mkdir()
+    with (own / "state.pt").open("wb") as f:
+        f.truncate(free + (64 << 20))  # sparse: as many bytes as the device lacks, none used
+    dest = tmp_path / "run" / "checkpoints"
+    with pytest.raises(space.DiskFullError) as e:
+        space.check_room("the checkpoint of epoch 3", dest, own, tmp_path / "run")
+    line = str(e.value)
+    assert f"no space left on the device of {dest} for the checkpoint of epoch 3" in line
+    assert "MiB free" in line and "resume=true" in line and not dest.exists()
+    space.check_room("the checkpoint of epoch 3", dest, None, tmp_path / "run")  # nothing: fits
+
+
+def test_a_remote_read_resumes_after_503s_and_a_stall_with_range(digits_root, monkeypatch) -> None:
+    from distnoisy.data import fs
+
+    httpd = ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_FaultyHandler, directory=str(digits_root))
+    )
+    httpd.daemon_threads = True
+    httpd.gets, httpd.lock, httpd.release = {}, threading.Lock(), threading.Event()
+    name = "/train/train-000000.tar"
+    httpd.faults = {name: ["503", "stall", "ok"]}
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}{name}"
+    monkeypatch.setenv("DISTNOISY_READ_TIMEOUT_S", "1")
+    try:
+        with fs.open_binary(url) as f:
+            data = f.read()
+    finally:
+        httpd.release.set()
+        httpd.shutdown()
+        httpd.server_close()
+    assert data == (digits_root / name.lstrip("/")).read_bytes()
+    assert httpd.gets[name] == 3
