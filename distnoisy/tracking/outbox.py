@@ -141,44 +141,59 @@ class Outbox:
             pending[kind].extend(i for i in items if i not in pending[kind])
         else:
             pending[kind].extend(items)
-        self._save(pending)
-        return self.flush()
+        return self._flush(pending, force=False)
 
     # -- sending -------------------------------------------------------------------------------
     def flush(self, force: bool = False) -> bool:
         """Send what is queued (unless the server failed less than :data:`QUIET_S` ago and
         not ``force``); True when nothing is left."""
-        pending = self._load()
         if not self.path.exists():
             return True
-        if not force and time.monotonic() < self._quiet_until:
-            return False
+        return self._flush(self._load(), force)
+
+    def _flush(self, pending: dict[str, Any], force: bool) -> bool:
+        """Send ``pending``; what did not arrive is saved to the queue file (which is written
+        only then: a run whose server answers never writes it, even on a full disk)."""
+        sent = False
+        if force or time.monotonic() >= self._quiet_until:
+            try:
+                self._send(pending)
+                sent = True
+            except Exception as e:  # any failure of the server or the network: keep it queued
+                self.last_error = short_reason(e)
+                self._quiet_until = time.monotonic() + QUIET_S
+        if sent:
+            self.path.unlink(missing_ok=True)
+            return True
         try:
-            self._send(pending)
-        except Exception as e:  # any failure of the server or the network: keep it queued
-            self.last_error = short_reason(e)
-            self._quiet_until = time.monotonic() + QUIET_S
-            return False
-        return True
+            self._save(pending)
+        except OSError as e:  # a full disk too: say what is lost rather than mask the run's end
+            log.warning(
+                "distnoisy: warning: the MLflow server %s did not take part of run %s (%s) and "
+                "%s cannot keep it (%s): it is not logged",
+                self.uri,
+                self.run_id,
+                self.last_error,
+                self.path,
+                e.strerror or e,
+            )
+        return False
 
     def _send(self, pending: dict[str, Any]) -> None:
-        """Log ``pending`` in order, saving the queue after each part that arrived."""
+        """Log ``pending`` in order, removing each part from it once it arrived."""
         from distnoisy.tracking import _client, log_params, set_terminated_or_raise
 
         client = _client(self.uri)
         if pending["params"]:
             log_params(self.uri, self.run_id, pending["params"])
             pending["params"] = {}
-            self._save(pending)
         if pending["tags"]:
             for k, v in pending["tags"].items():
                 client.set_tag(self.run_id, k, v)
             pending["tags"] = {}
-            self._save(pending)
         if pending["metrics"]:
             send_metrics_once(client, self.run_id, pending["metrics"])
             pending["metrics"] = []
-            self._save(pending)
         while pending["artifacts"]:
             p = self.run_dir / pending["artifacts"][0]
             if p.is_dir():
@@ -186,11 +201,9 @@ class Outbox:
             elif p.exists():
                 client.log_artifact(self.run_id, str(p))
             pending["artifacts"].pop(0)
-            self._save(pending)
         if pending["status"]:
             set_terminated_or_raise(self.uri, self.run_id, pending["status"])
             pending["status"] = None
-            self._save(pending)
 
     def describe(self) -> str:
         """What is still queued, in words (empty when nothing is)."""
