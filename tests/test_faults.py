@@ -184,8 +184,9 @@ def test_an_unreachable_tracking_server_is_one_line_in_seconds(tmp_path, digits_
 
 # -- (e) a user error on Ray Train workers -----------------------------------------------------
 @pytest.mark.slow
-def test_bad_data_on_two_ray_workers_is_one_line_last_and_the_run_failed(
-    tmp_path, digits_root
+@pytest.mark.parametrize("launcher", ["ray", "local"])
+def test_bad_data_on_two_workers_is_one_line_last_and_the_run_failed(
+    tmp_path, digits_root, launcher
 ) -> None:
     root = tmp_path / "digits"
     shutil.copytree(digits_root, root)
@@ -197,7 +198,7 @@ def test_bad_data_on_two_ray_workers_is_one_line_last_and_the_run_failed(
         f"data.root={root}",
         f"output_dir={run}",
         f"tracking.uri={uri}",
-        "scaling.launcher=ray",
+        f"scaling.launcher={launcher}",
         "scaling.num_workers=2",
         "train.epochs=2",
     ]

@@ -24,6 +24,7 @@ from distnoisy.core.errors import DistnoisyError
 from distnoisy.engine import collectives, space
 from distnoisy.engine.job import Job, WorkerContext
 from distnoisy.engine.trainer import run_worker
+from distnoisy.launch import worker_errors
 
 KEEP_CHECKPOINTS = 2
 
@@ -101,6 +102,11 @@ def _spawned_worker(
     torch.distributed.init_process_group(backend, rank=rank, world_size=world)
     try:
         run_worker(job, _local_context(job, rank, world, device, Path(ckpt_root), resume))
+    except DistnoisyError as e:  # a user error, not a crash: its line goes to the driver
+        try:
+            worker_errors.leave(Path(ckpt_root).parent, rank, e)
+        except OSError:  # nowhere to leave it (a full disk): it ends the process as it is
+            raise e from None
     finally:
         torch.distributed.destroy_process_group()
 
@@ -141,7 +147,11 @@ def launch_local(job: Job, cfg: Config, run_dir: Path) -> Path:
         ctx = _local_context(job, 0, 1, _local_device(cfg, 0), ckpt_root, cfg.resume)
         run_worker(job, ctx)
     else:
+        worker_errors.clear(run_dir)
         _spawn_and_join(world, (world, _free_port(), job, str(ckpt_root), cfg.resume))
+        error = worker_errors.left(run_dir)
+        if error is not None:
+            raise error
     found = _local_checkpoints(ckpt_root)
     if not found:
         raise DistnoisyError(f"training ended without a checkpoint in {ckpt_root}")

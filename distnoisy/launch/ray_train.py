@@ -22,15 +22,11 @@ from distnoisy.core.errors import DistnoisyError
 from distnoisy.engine import space
 from distnoisy.engine.job import Job, WorkerContext
 from distnoisy.engine.trainer import run_worker
-from distnoisy.launch import ray_compat
+from distnoisy.launch import ray_compat, worker_errors
 from distnoisy.launch.cluster import check_ray_resources
 from distnoisy.launch.local import KEEP_CHECKPOINTS
 
 log = logging.getLogger(__name__)
-
-#: A worker's :class:`DistnoisyError` goes to ``run_dir/ray/<prefix><rank>.txt`` instead of out
-#: of Ray Train's training function (storage Ray Train needs every node to reach anyway).
-USER_ERROR_PREFIX = ".user-error-rank"
 
 
 # -- Ray launcher -----------------------------------------------------------------------------
@@ -83,41 +79,11 @@ def _ray_worker(config: dict[str, Any]) -> None:
     try:
         run_worker(config["job"], ctx)
     except DistnoisyError as e:
-        # A user error (bad data past data.max_bad_fraction, a full disk) is not a crash: raised
-        # out of the training function, Ray would log its traceback on every worker and in the
-        # controller, and retry the run scaling.max_failures times. The engine raises these on
-        # every rank together (its checks are collective verdicts), so each rank leaves its line
-        # where the driver looks after fit() (launch_ray raises it there) and returns.
+        # A user error, not a crash: its one line goes to the driver (launch.worker_errors).
         try:
-            _write_user_error(storage, rank, e)
+            worker_errors.leave(storage, rank, e)
         except OSError:  # nowhere to leave it (a full disk): Ray reports it, with its traceback
             raise e from None
-
-
-def _user_error_file(error_dir: Path, rank: int) -> Path:
-    return error_dir / f"{USER_ERROR_PREFIX}{rank:05d}.txt"
-
-
-def _write_user_error(error_dir: Path, rank: int, error: DistnoisyError) -> None:
-    path = _user_error_file(error_dir, rank)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{type(error).__name__}\t{error}")
-    os.replace(tmp, path)
-
-
-def _read_user_error(error_dir: Path) -> DistnoisyError | None:
-    """The :class:`DistnoisyError` the lowest rank left (as its own class where it is one of
-    :mod:`distnoisy.core.errors`; the CLI prints any of them as the same one line)."""
-    from distnoisy.core import errors
-
-    found = sorted(error_dir.glob(f"{USER_ERROR_PREFIX}*.txt"))
-    if not found:
-        return None
-    name, _, message = found[0].read_text().partition("\t")
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, DistnoisyError)):
-        cls = DistnoisyError
-    return cls(message)
 
 
 def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None = None) -> Path:
@@ -130,9 +96,7 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
 
     check_ray_resources(cfg)
     error_dir = (run_dir / "ray").resolve()
-    error_dir.mkdir(parents=True, exist_ok=True)
-    for stale in error_dir.glob(f"{USER_ERROR_PREFIX}*"):  # an earlier segment's (resume)
-        stale.unlink()
+    worker_errors.clear(error_dir)  # an earlier segment's (resume)
     trainer = ray_compat.sigint_noting_trainer()(
         _ray_worker,
         train_loop_config={"job": job, "error_dir": str(error_dir)},
@@ -161,7 +125,7 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
         if trainer.interrupted:  # Ctrl-C: Ray aborted the run (RayActorError, SystemExit)
             raise KeyboardInterrupt("SIGINT") from None
         # A rank's own line explains the others' failures (a peer that left a collective).
-        user = _read_user_error(error_dir) or _user_error(exc)
+        user = worker_errors.left(error_dir) or _user_error(exc)
         if user is exc:
             user = _gave_up_error(exc, cfg, run_dir)
         if user is exc:
@@ -177,7 +141,7 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
         raise KeyboardInterrupt("SIGINT")
     if result.error is not None:
         raise _gave_up_error(_user_error(result.error), cfg, run_dir)
-    reported = _read_user_error(error_dir)
+    reported = worker_errors.left(error_dir)
     if reported is not None:
         raise reported
     if result.checkpoint is None:
