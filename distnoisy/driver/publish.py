@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from distnoisy.engine import space
 from distnoisy.engine.checkpoint import OUTPUTS_DIR
 
 if TYPE_CHECKING:
@@ -34,14 +35,24 @@ def publish(final_ckpt: Path, run_dir: Path) -> None:
     """Copy the finished run's outputs from its final checkpoint into the run dir, atomically."""
     src = final_ckpt / OUTPUTS_DIR
     optional = [n for n in OPTIONAL_OUTPUT_FILES if (src / n).exists()]
-    for name in (*OUTPUT_FILES, *optional):
+    names = (*OUTPUT_FILES, *optional)
+    # A full disk is one line (the final checkpoint holds the outputs: resume publishes them).
+    need = sum(space.tree_bytes(src / n) for n in names)
+    space.check_room("the run's outputs", run_dir, src, run_dir)
+    for name in names:
         tmp = run_dir / f".{name}.tmp"
-        if (src / name).is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src / name, tmp)
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        else:
-            shutil.copyfile(src / name, tmp)
+        try:
+            if (src / name).is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src / name, tmp)
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+            else:
+                shutil.copyfile(src / name, tmp)
+        except OSError as e:
+            if not space.is_no_space(e):
+                raise
+            space.remove(tmp)
+            raise space.no_space_error("the run's outputs", run_dir, need, run_dir) from None
         os.replace(tmp, run_dir / name)
 
 
@@ -123,13 +134,20 @@ ARTIFACT_FILES = (
 
 
 def log_final(uri: str, run_id: str, run_dir: Path, summary: dict[str, Any]) -> None:
-    """Log the summary figures, the report and the run's output files to its MLflow run."""
-    from distnoisy import tracking
+    """Log the summary figures, the report and the run's output files to its MLflow run, and
+    every epoch's metrics the server does not hold yet (rank 0 could not log them while it was
+    away); what the server does not take waits in the run's outbox
+    (:class:`~distnoisy.tracking.outbox.Outbox`)."""
     from distnoisy.driver import review
+    from distnoisy.tracking.outbox import Outbox
 
+    outbox = Outbox(run_dir, uri, run_id)
+    steps = [
+        ({k: v for k, v in h.items() if k != "epoch"}, int(h["epoch"]))
+        for h in summary.get("history") or []
+    ]
     final = {k: summary[k] for k in FINAL_METRICS if summary.get(k) is not None}
-    tracking.RunLogger(uri, run_id, 0).log_metrics(
-        {f"final_{k}": v for k, v in final.items()}, step=summary["epochs"]
-    )
+    steps.append(({f"final_{k}": v for k, v in final.items()}, summary["epochs"]))
+    outbox.log_steps(steps)
     report = (review.CURVES_FILE, review.ISSUES_HTML_FILE, review.ISSUES_MD_FILE)
-    tracking.log_artifacts(uri, run_id, [run_dir / n for n in (*ARTIFACT_FILES, *report)])
+    outbox.log_artifacts([run_dir / n for n in (*ARTIFACT_FILES, *report)])

@@ -109,11 +109,16 @@ def train(
 
 
 def validate_run(cfg: Config, run_dir: Path) -> None:
-    """Phase 1, validate: where the run writes, and that a resume keeps its saved config."""
+    """Phase 1, validate: where the run writes, that a resume keeps its saved config, and that
+    the tracking server answers."""
     check_output_location(cfg)
     check_run_dir(run_dir, cfg.resume)
     if cfg.resume:
         check_resume_config(cfg, run_dir)
+    if cfg.tracking.enabled and cfg.tracking.uri:
+        from distnoisy.tracking.reach import check_server
+
+        check_server(cfg.tracking.uri)  # a server that is not up: one line now, no run dir
 
 
 def prepare(cfg: Config) -> DataSpec:
@@ -158,6 +163,7 @@ def open_tracking(
     from distnoisy import tracking
     from distnoisy.engine.job import Tracking
     from distnoisy.tracking.lifecycle import tracked_run
+    from distnoisy.tracking.outbox import Outbox
 
     uri = cfg.tracking.uri or tracking.default_tracking_uri()
     info_path = run_dir / "run.json"
@@ -179,13 +185,14 @@ def open_tracking(
         parent_run_id=parent_run_id,
         reopen=reopen,
         system_metrics=cfg.tracking.system_metrics,
+        run_dir=run_dir,
     ) as run_id:
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
         info.update(mlflow_run_id=run_id, tracking_uri=uri)  # keeps earlier segments' wall times
         _write_json(info_path, info)
         if run_id is not None and spec.noise_rate is not None:
             noise = {"noise_rate_realised": spec.noise_rate}
-            tracking.RunLogger(uri, run_id, 0).log_metrics(noise, step=0)
+            Outbox(run_dir, uri, run_id).log_metrics(noise, step=0)
         yield Tracking(uri, run_id) if run_id is not None else None
 
 

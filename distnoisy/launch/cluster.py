@@ -13,6 +13,9 @@ from distnoisy.launch import ray_compat
 
 log = logging.getLogger(__name__)
 
+#: Whether :func:`ensure_ray` started this process's local Ray cluster.
+_started_here = False
+
 
 def ray_runtime_env() -> dict[str, Any]:
     """The job-level runtime environment of distnoisy's Ray jobs (also used by the tests)."""
@@ -48,10 +51,30 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
         dashboard_host="127.0.0.1",
         runtime_env=env,
     )
+    global _started_here
+    _started_here = True
     # Ray's agents outlive a driver killed with SIGKILL; a watcher process stops them.
     from distnoisy.launch import reaper
 
     reaper.start()
+
+
+def stop_started_ray() -> None:
+    """Stop the local Ray cluster this process started (:func:`ensure_ray`), if it did.
+
+    A command that ends with its error line calls this first: the cluster's processes would
+    otherwise go on printing to this terminal while the interpreter exits (a loaded machine's
+    Ray prints its own teardown messages), after the line that must come last. A cluster this
+    process joined, or one a test session started, is left alone.
+    """
+    global _started_here
+    if not _started_here:
+        return
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _started_here = False
 
 
 def map_tasks(

@@ -21,9 +21,10 @@ import torch
 from distnoisy import tracking
 from distnoisy.config import Config
 from distnoisy.core.errors import DistnoisyError
-from distnoisy.engine import collectives
+from distnoisy.engine import collectives, space
 from distnoisy.engine.job import Job, WorkerContext
 from distnoisy.engine.trainer import run_worker
+from distnoisy.launch import worker_errors
 
 KEEP_CHECKPOINTS = 2
 
@@ -42,13 +43,26 @@ def _local_context(
         # which appears under its final name whole or not at all.
         final = ckpt_root / f"epoch={int(metrics['epoch']):04d}"
         tmp = ckpt_root / f".{final.name}.tmp"
+        what = f"the checkpoint of epoch {int(metrics['epoch']) + 1}"
+        # A full disk: every rank raises together, the previous checkpoint untouched.
+        space.check_room(what, ckpt_root, checkpoint_dir, ckpt_root.parent)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         collectives.barrier()
+        failed = False
         if checkpoint_dir is not None:
-            shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
-        collectives.barrier()
+            try:
+                shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
+            except OSError as e:  # the disk filled since the check (another writer)
+                if not space.is_no_space(e):
+                    raise
+                failed = True
+        if any(collectives.all_gather_object(failed)):
+            collectives.barrier()  # every rank stopped writing: no partial checkpoint stays
+            space.remove(tmp)
+            need = space.tree_bytes(checkpoint_dir)
+            raise space.no_space_error(what, ckpt_root, need, ckpt_root.parent)
         if rank == 0:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -88,6 +102,11 @@ def _spawned_worker(
     torch.distributed.init_process_group(backend, rank=rank, world_size=world)
     try:
         run_worker(job, _local_context(job, rank, world, device, Path(ckpt_root), resume))
+    except DistnoisyError as e:  # a user error, not a crash: its line goes to the driver
+        try:
+            worker_errors.leave(Path(ckpt_root).parent, rank, e)
+        except OSError:  # nowhere to leave it (a full disk): it ends the process as it is
+            raise e from None
     finally:
         torch.distributed.destroy_process_group()
 
@@ -128,7 +147,11 @@ def launch_local(job: Job, cfg: Config, run_dir: Path) -> Path:
         ctx = _local_context(job, 0, 1, _local_device(cfg, 0), ckpt_root, cfg.resume)
         run_worker(job, ctx)
     else:
+        worker_errors.clear(run_dir)
         _spawn_and_join(world, (world, _free_port(), job, str(ckpt_root), cfg.resume))
+        error = worker_errors.left(run_dir)
+        if error is not None:
+            raise error
     found = _local_checkpoints(ckpt_root)
     if not found:
         raise DistnoisyError(f"training ended without a checkpoint in {ckpt_root}")

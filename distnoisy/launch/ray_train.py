@@ -19,9 +19,10 @@ from typing import Any
 from distnoisy import tracking
 from distnoisy.config import Config
 from distnoisy.core.errors import DistnoisyError
+from distnoisy.engine import space
 from distnoisy.engine.job import Job, WorkerContext
 from distnoisy.engine.trainer import run_worker
-from distnoisy.launch import ray_compat
+from distnoisy.launch import ray_compat, worker_errors
 from distnoisy.launch.cluster import check_ray_resources
 from distnoisy.launch.local import KEEP_CHECKPOINTS
 
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 def _ray_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point on each worker (importable: Ray pickles it by reference).
 
-    ``config`` is the ``train_loop_config``: ``{"job": Job}`` (Ray Train takes a dict).
+    ``config`` is the ``train_loop_config``: ``{"job": Job, "error_dir": str}`` (Ray Train
+    takes a dict).
     """
     import ray.train
     import ray.train.torch
@@ -44,7 +46,12 @@ def _ray_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
 
+    storage = Path(config["error_dir"])  # run_dir/ray: Ray Train's storage_path
+
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        # A full disk: every rank raises together before Ray writes a partial checkpoint.
+        what = f"the checkpoint of epoch {int(metrics['epoch']) + 1}"
+        space.check_room(what, storage, checkpoint_dir, storage.parent)
         checkpoint = (
             ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         )
@@ -69,7 +76,14 @@ def _ray_worker(config: dict[str, Any]) -> None:
         restore=restore,
         log_metrics=tracking.rank_logger(config["job"], rank),
     )
-    run_worker(config["job"], ctx)
+    try:
+        run_worker(config["job"], ctx)
+    except DistnoisyError as e:
+        # A user error, not a crash: its one line goes to the driver (launch.worker_errors).
+        try:
+            worker_errors.leave(storage, rank, e)
+        except OSError:  # nowhere to leave it (a full disk): Ray reports it, with its traceback
+            raise e from None
 
 
 def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None = None) -> Path:
@@ -81,9 +95,11 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
     import ray.train
 
     check_ray_resources(cfg)
+    error_dir = (run_dir / "ray").resolve()
+    worker_errors.clear(error_dir)  # an earlier segment's (resume)
     trainer = ray_compat.sigint_noting_trainer()(
         _ray_worker,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "error_dir": str(error_dir)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu
         ),
@@ -108,7 +124,8 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
     except BaseException as exc:  # Ray raises the workers' errors wrapped: unwrap ours
         if trainer.interrupted:  # Ctrl-C: Ray aborted the run (RayActorError, SystemExit)
             raise KeyboardInterrupt("SIGINT") from None
-        user = _user_error(exc)
+        # A rank's own line explains the others' failures (a peer that left a collective).
+        user = worker_errors.left(error_dir) or _user_error(exc)
         if user is exc:
             user = _gave_up_error(exc, cfg, run_dir)
         if user is exc:
@@ -124,6 +141,9 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
         raise KeyboardInterrupt("SIGINT")
     if result.error is not None:
         raise _gave_up_error(_user_error(result.error), cfg, run_dir)
+    reported = worker_errors.left(error_dir)
+    if reported is not None:
+        raise reported
     if result.checkpoint is None:
         raise DistnoisyError("Ray Train finished without a checkpoint")
     return Path(result.checkpoint.path)

@@ -18,6 +18,12 @@ from typing import TYPE_CHECKING, Any
 # MLflow's system-metrics internals live in mlflow_compat; the driver calls them from here.
 from distnoisy.tracking.mlflow_compat import start_system_metrics as start_system_metrics
 from distnoisy.tracking.mlflow_compat import stop_system_metrics as stop_system_metrics
+from distnoisy.tracking.outbox import (
+    QUIET_S,
+    bound_http_retries,
+    send_metrics_once,
+    short_reason,
+)
 
 if TYPE_CHECKING:
     from distnoisy.engine.job import Job
@@ -25,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow's HTTP retries bounded to seconds (tracking.outbox queues what still fails).
+bound_http_retries()
 
 _MAX_PARAM_LEN = 6000
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -116,10 +124,15 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=items[i : i + 100])
 
 
+def set_terminated_or_raise(uri: str, run_id: str, status: str) -> None:
+    """Terminate the run with ``status`` (raises what MLflow raises)."""
+    _client(uri).set_terminated(run_id, status=status)
+
+
 def end_run(uri: str, run_id: str, status: str) -> None:
     """Terminate the run with ``FINISHED``, ``FAILED`` or ``KILLED``; never raises."""
     try:
-        _client(uri).set_terminated(run_id, status=status)
+        set_terminated_or_raise(uri, run_id, status)
     except Exception as e:  # the run's status must not mask the original error
         log.warning("could not mark MLflow run %s as %s: %s", run_id, status, e)
 
@@ -158,38 +171,49 @@ class RunLogger:
     """Per-epoch metric logging from rank 0 (a no-op elsewhere or when tracking is off).
 
     A step already logged for a metric is not logged again: a resumed run repeats the epochs
-    after its last checkpoint, which may have been logged before it stopped.
+    after its last checkpoint, which may have been logged before it stopped. A server that does
+    not answer never stops training: the metrics are queued in memory and sent with the next
+    epoch's once it answers again (after a failure it is left alone for
+    :data:`~distnoisy.tracking.outbox.QUIET_S` seconds). What is still queued when the run ends
+    is logged by the driver from the run's history (:func:`distnoisy.driver.publish.log_final`).
     """
 
     def __init__(self, uri: str | None, run_id: str | None, rank: int) -> None:
         self.enabled = bool(uri and run_id and rank == 0)
-        self.run_id = run_id
+        self.uri, self.run_id = uri, run_id
         self._client = _client(uri) if self.enabled else None
-        self._logged: dict[str, set[int]] = {}
-
-    def _steps(self, key: str) -> set[int]:
-        if key not in self._logged:
-            history = self._client.get_metric_history(self.run_id, key)
-            self._logged[key] = {m.step for m in history}
-        return self._logged[key]
+        self._logged: dict[str, set[int]] = {}  # steps the server holds, by metric
+        self.queued: list[list[Any]] = []  # [key, value, step, timestamp_ms] not yet taken
+        self._quiet_until = 0.0
+        self._away = False
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
         import time
 
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        batch = [
-            Metric(k, float(v), now, step)
-            for k, v in metrics.items()
-            if v is not None and step not in self._steps(k)
-        ]
-        for m in batch:
-            self._logged[m.key].add(step)
-        if batch:
-            self._client.log_batch(self.run_id, metrics=batch)
+        self.queued += [[k, float(v), step, now] for k, v in metrics.items() if v is not None]
+        if time.monotonic() < self._quiet_until:
+            return
+        try:
+            send_metrics_once(self._client, self.run_id, self.queued, self._logged)
+        except Exception as e:  # the server or the network: keep them, train on
+            self._logged.clear()  # a call that failed may have been stored: read back later
+            self._quiet_until = time.monotonic() + QUIET_S
+            if not self._away:
+                log.info(
+                    "MLflow server %s did not answer (%s); training goes on, metrics are "
+                    "queued and logged when it is back",
+                    self.uri,
+                    short_reason(e),
+                )
+            self._away = True
+            return
+        self.queued = []
+        if self._away:
+            log.info("MLflow server %s is back: the queued metrics are logged", self.uri)
+            self._away = False
 
 
 def rank_logger(job: Job, rank: int) -> Callable[[dict[str, float], int], None]:

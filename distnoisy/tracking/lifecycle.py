@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from distnoisy import tracking
+from distnoisy.tracking.outbox import Outbox
 
 #: The terminal statuses :func:`tracked_run` ends a run with.
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
@@ -39,6 +41,7 @@ def tracked_run(
     reopen: str | None = None,
     source: str = "python -m distnoisy.train",
     system_metrics: bool = False,
+    run_dir: Path | None = None,
 ) -> Iterator[str | None]:
     """An MLflow run for the ``with`` block; yields its id, or None when ``uri`` is None.
 
@@ -60,6 +63,12 @@ def tracked_run(
         The command recorded as the run's source (``mlflow.source.name``).
     system_metrics
         Log this machine's CPU/GPU/memory use into the run while the block runs.
+    run_dir
+        The run's directory: once the run exists, a server that fails a call does not stop
+        the block; the params and the final status wait in the run directory's outbox
+        (:class:`~distnoisy.tracking.outbox.Outbox`), and what is still there at the end is
+        named in one warning line with the command that logs it later. None: calls after
+        the start raise as MLflow does (the final status never does).
 
     Yields
     ------
@@ -84,9 +93,13 @@ def tracked_run(
         )
     error: BaseException | None = None
     monitor = None
+    outbox = Outbox(run_dir, uri, run_id) if run_dir is not None else None
     try:
         if reopen is None and params:
-            tracking.log_params(uri, run_id, dict(params))
+            if outbox is not None:
+                outbox.log_params(dict(params))
+            else:
+                tracking.log_params(uri, run_id, dict(params))
         if system_metrics:
             monitor = tracking.start_system_metrics(uri, run_id)
         yield run_id
@@ -96,4 +109,8 @@ def tracked_run(
     finally:
         if monitor is not None:
             tracking.stop_system_metrics(monitor)
-        tracking.end_run(uri, run_id, end_status(error))
+        if outbox is not None:
+            outbox.end(end_status(error))
+            outbox.close()
+        else:
+            tracking.end_run(uri, run_id, end_status(error))
