@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distnoisy.config import load_config
+from distnoisy.issues import count, dynamics, find, suggest
 from distnoisy.issues.ranking import (
     auroc,
     confident_joint,
@@ -154,3 +155,214 @@ def test_run_writes_is_label_issue_column(tmp_path, digits_root, mlflow_uri) -> 
     corrupted = issues["is_corrupted"].to_numpy(dtype=bool)
     noise_rate = json.loads((run / "summary.json").read_text())["noise_rate_realised"]
     assert corrupted[flagged].mean() > 2 * noise_rate
+
+
+# -- the calibrated count, the early-learning window and the suggestions ----------------------
+def test_confident_joint_from_sums_hand_example() -> None:
+    # cleanlab's thresholds (every sample): t = (0.8+0.6+0.1)/3, (0.7+0.5)/2, 0.6 = .5 .6 .6
+    sums = count.self_confidence_sums(LABELS, PROBS)
+    np.testing.assert_allclose(sums, [[1.5, 1.2, 0.6], [3, 2, 1]])
+    t = count.thresholds_from_sums(sums)
+    np.testing.assert_allclose(t, [0.5, 0.6, 0.6])
+    np.testing.assert_array_equal(count.thresholds_from_sums(np.array([[1.0], [0.0]])), [np.inf])
+    # sample 2 (given 0) is confidently 1; sample 4 passes no threshold
+    joint = count.joint_counts(LABELS, PROBS, thresholds=t)
+    np.testing.assert_array_equal(joint, [[2, 1, 0], [0, 1, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(joint, confident_joint(LABELS, PROBS))  # the older function
+    # calibration: class 1's row (one counted sample of two) becomes [0, 2, 0]
+    np.testing.assert_allclose(
+        count.calibrate_joint(joint, np.array([3, 2, 1])), [[2, 1, 0], [0, 2, 0], [0, 0, 1]]
+    )
+    est = count.estimate_label_noise(LABELS, PROBS, thresholds="all")
+    assert est.num_issues == 1 and est.num_per_class.tolist() == [1, 0, 0]
+    np.testing.assert_allclose(est.rate, 1 / 6)
+    np.testing.assert_allclose(est.rate_per_class, [1 / 3, 0, 0])
+
+
+def test_agreeing_thresholds_hand_example() -> None:
+    # Only samples whose argmax is their label set the thresholds: sample 2 (argmax 1, given 0)
+    # is left out of class 0's mean: t0 = (0.8 + 0.6) / 2 = 0.7, t1 = 0.6, t2 = 0.6.
+    mask = count.threshold_mask(LABELS, PROBS, thresholds="agreeing")
+    assert mask.tolist() == [True, True, False, True, True, True]
+    # sample 1 (0.6 < 0.7) now passes no threshold; class 0's counted row is [1, 1, 0]
+    est = count.estimate_label_noise(LABELS, PROBS)
+    np.testing.assert_allclose(est.joint[0], [1.5, 1.5, 0])
+    assert est.num_issues == 2 and est.num_per_class.tolist() == [2, 0, 0]
+    with pytest.raises(ValueError, match="thresholds"):
+        count.threshold_mask(LABELS, PROBS, thresholds="median")
+
+
+def test_rounding_keeps_per_class_counts_summing_to_the_total() -> None:
+    # off-diagonal 1.4, 1.4, 1.2 (total 4.0): floors 1, 1, 1 and one more to a largest remainder
+    joint = np.array([[6, 14, 0], [14, 6, 0], [12, 0, 8]])
+    est = count.noise_from_joint(joint, np.array([20, 20, 20]))
+    np.testing.assert_allclose(est.joint.sum(1) - np.diag(est.joint), [14, 14, 12])
+    assert est.num_issues == 40 and est.num_per_class.tolist() == [14, 14, 12]
+    est = count.noise_from_joint(np.array([[3, 2], [1, 3]]), np.array([3, 3]))
+    # 3 * 2/5 = 1.2 and 3 * 1/4 = 0.75: total round(1.95) = 2 -> [1, 1]
+    assert est.num_per_class.tolist() == [1, 1] and est.num_issues == 2
+
+
+def _threaded_blocks(blocks, fn):
+    """Run ``fn(block, reduce)`` on every block at once, ``reduce`` summing across blocks (an
+    all-reduce with threads); returns each block's result."""
+    import threading
+
+    barrier = threading.Barrier(len(blocks))
+    box: list = []
+    lock = threading.Lock()
+    results: list = [None] * len(blocks)
+
+    def reduce(a):
+        with lock:
+            box.append(np.asarray(a, dtype=np.float64))
+        barrier.wait()
+        total = sum(box[: len(blocks)])
+        barrier.wait()
+        with lock:
+            box.pop()
+        barrier.wait()
+        return total
+
+    def run(i):
+        results[i] = fn(blocks[i], reduce)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(blocks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_count_and_window_from_blocks_equal_the_whole_table() -> None:
+    rng = np.random.default_rng(0)
+    n, c, e = 600, 5, 12
+    given = rng.integers(0, c, n)
+    pred = np.where(rng.random((n, e)) < 0.7, given[:, None], rng.integers(0, c, (n, e)))
+    pred[rng.random((n, e)) < 0.05] = -1  # not visited
+    trained = rng.random(n) > 0.02
+    votes = dynamics.prediction_votes(pred, num_classes=c, epochs=8)
+    whole = count.estimate_label_noise(given, votes, mask=trained)
+    whole_w = find.early_window(pred, given, mask=trained)
+    cuts = [(0, 150), (150, 151), (151, 600)]  # uneven blocks, one of a single row
+
+    def block(lohi, reduce):
+        lo, hi = lohi
+        est = count.estimate_label_noise(given[lo:hi], votes[lo:hi], mask=trained[lo:hi],
+                                         reduce_sum=reduce)  # fmt: skip
+        w = find.early_window(pred[lo:hi], given[lo:hi], mask=trained[lo:hi], reduce_sum=reduce)
+        return est, w
+
+    for est, w in _threaded_blocks(cuts, block):
+        assert w == whole_w
+        assert est.num_issues == whole.num_issues
+        np.testing.assert_array_equal(est.num_per_class, whole.num_per_class)
+        np.testing.assert_allclose(est.joint, whole.joint)
+
+
+def test_count_with_all_thresholds_matches_cleanlab() -> None:
+    cleanlab_count = pytest.importorskip("cleanlab.count")
+    rng = np.random.default_rng(1)
+    n, c = 500, 4
+    clean = rng.integers(0, c, n)
+    given = np.where(rng.random(n) < 0.3, (clean + rng.integers(1, c, n)) % c, clean)
+    logits = 2.0 * np.eye(c)[clean] + rng.normal(size=(n, c))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    ours = count.estimate_label_noise(given, probs, thresholds="all")
+    joint = cleanlab_count.compute_confident_joint(given, probs, calibrate=False)
+    t = count.thresholds_from_sums(count.self_confidence_sums(given, probs))
+    np.testing.assert_array_equal(count.joint_counts(given, probs, thresholds=t), joint)
+    theirs = cleanlab_count.num_label_issues(
+        given, probs, estimation_method="off_diagonal_calibrated"
+    )
+    assert abs(ours.num_issues - theirs) <= 1  # cleanlab rounds per cell, we round the total
+
+
+def test_switch_counts_and_early_learning_end_by_hand() -> None:
+    # sample 0: predicted 0 at epoch 0 (a suspect at epoch 1) then its label 1: one switch;
+    # sample 1: never its label before epoch 3 (not visited at 2), then switches at 3
+    pred = np.array([[0, 1, 1, 1], [0, 0, -1, 1]])
+    switched, suspects = dynamics.switch_counts(pred, np.array([1, 1]))
+    assert switched.tolist() == [0, 1, 0, 1] and suspects.tolist() == [0, 2, 0, 1]
+    su = np.array([0, 100, 100, 100, 100, 100, 100])
+    # shares .4 .1 .06 .08 .09 .20: the lowest before epoch 6 is .06; .20 > .06 + .05
+    assert dynamics.early_learning_end(np.array([0, 40, 10, 6, 8, 9, 20]), su) == 6
+    # .10 at epoch 6 is within .05 of .06: no memorisation, every epoch
+    assert dynamics.early_learning_end(np.array([0, 40, 10, 6, 8, 9, 10]), su) == 7
+    # the phase lasts at least min_epochs
+    assert dynamics.early_learning_end(np.array([0, 5, 90]), np.array([0, 100, 100])) == 2
+    assert dynamics.early_learning_end(np.array([0, 5, 90]), np.array([0, 100, 100]),
+                                       min_epochs=3) == 3  # fmt: skip
+    assert dynamics.early_learning_end(np.zeros(3), np.zeros(3)) == 3
+    with pytest.raises(ValueError, match="rise"):
+        dynamics.early_learning_end(su, su, rise=0)
+
+
+def test_prediction_votes_window_and_unvisited_rows() -> None:
+    pred = np.array([[2, 2, 0, 1], [-1, -1, -1, 1]])
+    np.testing.assert_allclose(
+        dynamics.prediction_votes(pred, num_classes=3, epochs=3), [[1 / 3, 0, 2 / 3], [0, 0, 0]]
+    )
+    np.testing.assert_allclose(dynamics.prediction_votes(pred, num_classes=3)[1], [0, 1, 0])
+    with pytest.raises(ValueError, match="num_classes"):
+        dynamics.prediction_votes(pred, num_classes=2)
+
+
+def test_suggestions_never_name_the_given_label() -> None:
+    rng = np.random.default_rng(2)
+    n, c = 300, 6
+    given = rng.integers(0, c, n)
+    ev = rng.random((n, c)) ** 4
+    ev[:50] = np.eye(c)[given[:50]]  # all evidence on the given label: no alternative
+    final = rng.random((n, c))
+    s, conf = suggest.suggest_labels(given, ev, tiebreak=[final])
+    assert (s != given).all()
+    # the best alternative by evidence; with none, the final probabilities decide, confidence 0
+    masked = np.where(np.eye(c, dtype=bool)[given], -1, ev)
+    np.testing.assert_array_equal(s[50:], masked[50:].argmax(1))
+    alt_final = np.where(np.eye(c, dtype=bool)[given], -1, final)
+    np.testing.assert_array_equal(s[:50], alt_final[:50].argmax(1))
+    np.testing.assert_allclose(conf[50:], ev[50:][np.arange(250), s[50:]] / ev[50:].sum(1))
+    assert (conf[:50] == 0).all()
+    np.testing.assert_allclose(suggest.alternative_share(given[:50], ev[:50]), 0)
+
+
+def test_find_label_issues_on_a_hand_built_run() -> None:
+    # 4 classes, 8 epochs. Clean samples are predicted as their label from epoch 1; the 3
+    # mislabelled ones (given 0, truly 2) are predicted 2 for 4 epochs, then memorised.
+    n, e = 40, 8
+    given = np.repeat(np.arange(4), 10)
+    wrong = np.array([0, 1, 2])
+    pred = np.tile(given[:, None], (1, e))
+    pred[:, 0] = (given + 1) % 4  # epoch 0: a network that has learnt nothing
+    pred[wrong, 1:5] = 2
+    final = np.eye(4)[given] * 0.9 + 0.025
+    score = np.zeros(n)
+    score[wrong] = [3.0, 2.0, 1.0]
+    score[10] = 2.5  # a clean sample that scores high
+    fields = {"pred_hist": pred, "final_prob": final}
+    found = find.find_label_issues(given, fields, score, num_classes=4)
+    # suspects (mostly not their label so far) predicted as their label: epoch 1: 37 of 40;
+    # epochs 2-4: 0 of the 3 mislabelled; epoch 5: 3 of 3 (memorised): the phase is epochs 0-4
+    assert found.window == 5
+    # in those epochs the 3 are voted 2 (4 of 5 votes) >= t_2: counted off-diagonal in row 0
+    assert found.estimate.num_issues == 3 and found.estimate.num_per_class.tolist() == [3, 0, 0, 0]
+    # the flags are the top 3 of the ranking (the clean sample 10 ranks second)
+    assert np.flatnonzero(found.is_label_issue).tolist() == [0, 1, 10]
+    # suggestions: the votes of every epoch name 2 for the mislabelled ones; never the given
+    assert found.suggested_label[wrong].tolist() == [2, 2, 2]
+    np.testing.assert_allclose(found.suggestion_confidence[wrong], 4 / 8)
+    assert (found.suggested_label != given).all()
+    # ineligible rows get no suggestion and no flag
+    ineligible = np.ones(n, bool)
+    ineligible[0] = False
+    found = find.find_label_issues(given, fields, score, num_classes=4, eligible=ineligible)
+    assert found.suggested_label[0] == -1 and not found.is_label_issue[0]
+    # a method's distribution (ELR's target) is what the suggestion comes from
+    target = np.full((n, 4), 0.1)
+    target[np.arange(n), (given + 3) % 4] = 0.7
+    ev = find.run_evidence({**fields, "elr_target": target}, num_classes=4, window=5)
+    assert ev.suggest_source == "ELR target"
+    s, _ = suggest.suggest_labels(given, ev.suggest, tiebreak=ev.tiebreak)
+    np.testing.assert_array_equal(s, (given + 3) % 4)
