@@ -153,8 +153,35 @@ def test_run_writes_is_label_issue_column(tmp_path, digits_root, mlflow_uri) -> 
     assert flagged[seen].tolist() == [True] * n + [False] * (int(seen.sum()) - n)
     # ...and they find corrupted labels far above the noise rate.
     corrupted = issues["is_corrupted"].to_numpy(dtype=bool)
-    noise_rate = json.loads((run / "summary.json").read_text())["noise_rate_realised"]
+    summary = json.loads((run / "summary.json").read_text())
+    noise_rate = summary["noise_rate_realised"]
     assert corrupted[flagged].mean() > 2 * noise_rate
+    # The count is the calibrated estimate the summary reports, and the engine's columns are
+    # find_label_issues recomputed from the run's own per-sample stats.
+    assert summary["num_label_issues"] == n
+    assert n == round(summary["noise_rate_estimated"] * int(seen.sum()))
+    assert len(summary["noise_rate_estimated_per_class"]) == 10
+    assert summary["flagged_suggesting_given_label"] == 0
+    stats = stats.sort_values("index")
+    fields = {c: np.stack(stats[c].to_numpy()) for c in ("pred_hist", "final_prob", "elr_target")}
+    found = find.find_label_issues(
+        stats["given_label"].to_numpy(),
+        fields,
+        stats["label_issue_score"].to_numpy(),
+        num_classes=10,
+        eligible=stats["train_pred"].to_numpy() >= 0,
+    )
+    by_index = issues.sort_values("index")
+    assert found.estimate.num_issues == n and found.window == summary["early_learning_epochs"]
+    np.testing.assert_array_equal(by_index["is_label_issue"], found.is_label_issue)
+    np.testing.assert_array_equal(by_index["suggested_label"], found.suggested_label)
+    np.testing.assert_allclose(by_index["suggestion_confidence"], found.suggestion_confidence)
+    assert (by_index["suggested_label"] != by_index["given_label"]).all()
+    hit = flagged & corrupted
+    clean = stats["clean_label"].to_numpy()[issues["index"].to_numpy()]
+    right = (issues["suggested_label"].to_numpy()[hit] == clean[hit]).mean()
+    assert summary["suggestion_acc_on_flagged_corrupted"] == pytest.approx(right)
+    assert right > 0.8
 
 
 # -- the calibrated count, the early-learning window and the suggestions ----------------------
