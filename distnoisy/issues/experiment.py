@@ -182,24 +182,25 @@ def _task(kind: str, root: str, dataset: str, noise: str, method: str, seed: int
 def tasks(
     datasets: Iterable[str], noises: Iterable[str], methods: Iterable[str], seeds: list[int]
 ) -> list[tuple[str, str, str, str, int]]:
-    """Every training of the page, the bars' first: per noise, CE and ELR, then the CV folds,
-    then the other methods."""
+    """Every training of the page, in the order they are trained: first CE and ELR under
+    symmetric noise for every seed (the bars), then seed by seed, noise by noise: CE and ELR,
+    the cross-validated CE folds of the peer, the other methods. A page rendered part-way
+    thus has every noise and method at the first seed."""
     from distnoisy.driver.grid import CV_FOLDS
 
-    methods = list(methods)
+    datasets, noises, methods = list(datasets), list(noises), list(methods)
     first = [m for m in methods if m in BAR_METHODS]
     rest = [m for m in methods if m not in BAR_METHODS]
-    out = []
-    for noise in noises:
-        for group in ("first", "cv", "rest"):
-            for seed in seeds:
-                for dataset in datasets:
-                    if group == "cv":
-                        out += [("cv", dataset, noise, str(k), seed) for k in range(CV_FOLDS)]
-                    else:
-                        for m in first if group == "first" else rest:
-                            out.append(("run", dataset, noise, m, seed))
-    return out
+    out: list[tuple[str, str, str, str, int]] = []
+    if "symmetric" in noises:
+        out += [("run", d, "symmetric", m, s) for s in seeds for d in datasets for m in first]
+    for seed in seeds:
+        for noise in noises:
+            for d in datasets:
+                out += [("run", d, noise, m, seed) for m in first]
+                out += [("cv", d, noise, str(k), seed) for k in range(CV_FOLDS)]
+                out += [("run", d, noise, m, seed) for m in rest]
+    return list(dict.fromkeys(out))
 
 
 def train_all(root: Path, todo: list[tuple[str, str, str, str, int]], jobs: int) -> None:
@@ -212,7 +213,10 @@ def train_all(root: Path, todo: list[tuple[str, str, str, str, int]], jobs: int)
             except Exception:
                 log.exception("grid run %s failed", t)
         return
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+    # one process per training (max_tasks_per_child=1): nothing a run leaves behind (threads,
+    # torch state) reaches the next
+    pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), max_tasks_per_child=1)
+    with pool:
         futures = {pool.submit(_task, t[0], str(root), *t[1:]): t for t in todo}
         for fut in as_completed(futures):
             try:
