@@ -174,6 +174,7 @@ def _task(kind: str, root: str, dataset: str, noise: str, method: str, seed: int
     from distnoisy.driver import grid
 
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # a fresh process: its log
     if kind == "cv":
         return str(grid.train_cv_fold(Path(root), dataset, noise, seed, int(method)))
     return str(grid.train_or_reuse(Path(root), dataset, noise, method, seed))

@@ -1,0 +1,55 @@
+"""The label-issue page's grid pieces: cross-validation folds, training order, flag quality."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distnoisy.driver.grid import cv_fold_dir, cv_folds, run_dir
+from distnoisy.issues.experiment import BAR_METHODS, flag_quality, tasks
+
+
+def test_cv_folds_are_stratified_balanced_and_seeded() -> None:
+    given = np.repeat(np.arange(3), [10, 7, 4])
+    fold = cv_folds(given, 5, seed=0)
+    # every sample in exactly one fold; each class spread over the folds to within one sample
+    assert set(fold.tolist()) == set(range(5))
+    for c in range(3):
+        counts = np.bincount(fold[given == c], minlength=5)
+        assert counts.max() - counts.min() <= 1, c
+    # dealing continues across classes: fold sizes 21 / 5 -> 5 or 4 each
+    sizes = np.bincount(fold, minlength=5)
+    assert sizes.max() - sizes.min() <= 1 and sizes.sum() == 21
+    np.testing.assert_array_equal(fold, cv_folds(given, 5, seed=0))
+    assert not np.array_equal(fold, cv_folds(given, 5, seed=1))
+
+
+def test_grid_paths_keep_the_shared_layout(tmp_path) -> None:
+    assert run_dir(tmp_path, "digits", "pair", "ce", 2) == tmp_path / "digits-pair" / "ce-seed2"
+    assert cv_fold_dir(tmp_path, "digits", "pair", 2, 4) == (
+        tmp_path / "digits-pair" / "cv-ce-seed2" / "fold4"
+    )
+
+
+def test_tasks_train_the_bars_first_then_seed_by_seed() -> None:
+    todo = tasks(["digits", "fashion_mnist"], ["symmetric", "pair"], ["ce", "gce", "elr"], [0, 1])
+    assert len(todo) == len(set(todo))
+    n_bars = 2 * 2 * len(BAR_METHODS)  # seeds x datasets x (ce, elr), symmetric
+    assert all(t[0] == "run" and t[2] == "symmetric" and t[3] in BAR_METHODS for t in todo[:n_bars])
+    # every training of seed 0 comes before any other of seed 1
+    first_seed1 = next(i for i, t in enumerate(todo[n_bars:]) if t[4] == 1) + n_bars
+    assert all(t[4] == 0 for t in todo[n_bars:first_seed1])
+    # 2 datasets x 2 noises x 2 seeds x (3 runs + 5 folds)
+    assert len(todo) == 2 * 2 * 2 * 8
+
+
+def test_flag_quality_by_hand() -> None:
+    flags = np.array([1, 1, 1, 0, 0], bool)
+    corrupted = np.array([1, 1, 0, 1, 0], bool)
+    given = np.array([0, 1, 2, 3, 4])
+    clean = np.array([5, 6, 2, 7, 4])
+    suggested = np.array([5, 0, 2, 7, 1])
+    q = flag_quality(flags, corrupted, suggested, given, clean)
+    assert q["flagged"] == 3 and q["corrupted"] == 3
+    assert q["precision"] == 2 / 3 and q["recall"] == 2 / 3 and q["f1"] == 2 / 3
+    assert q["suggestion_acc"] == 0.5  # rows 0 (right) and 1 (wrong)
+    assert q["self_suggested"] == 1  # row 2 suggests its given label 2
