@@ -212,7 +212,7 @@ def test_agreeing_thresholds_hand_example() -> None:
     mask = count.threshold_mask(LABELS, PROBS, thresholds="agreeing")
     assert mask.tolist() == [True, True, False, True, True, True]
     # sample 1 (0.6 < 0.7) now passes no threshold; class 0's counted row is [1, 1, 0]
-    est = count.estimate_label_noise(LABELS, PROBS)
+    est = count.estimate_label_noise(LABELS, PROBS, thresholds="agreeing")
     np.testing.assert_allclose(est.joint[0], [1.5, 1.5, 0])
     assert est.num_issues == 2 and est.num_per_class.tolist() == [2, 0, 0]
     with pytest.raises(ValueError, match="thresholds"):
@@ -355,26 +355,78 @@ def test_suggestions_never_name_the_given_label() -> None:
     np.testing.assert_allclose(suggest.alternative_share(given[:50], ev[:50]), 0)
 
 
-def test_find_label_issues_on_a_hand_built_run() -> None:
-    # 4 classes, 8 epochs. Clean samples are predicted as their label from epoch 1; the 3
-    # mislabelled ones (given 0, truly 2) are predicted 2 for 4 epochs, then memorised.
+def test_early_probabilities_from_the_histories() -> None:
+    # epoch 0: predicted 2, p_given = .2 and margin log(.2/.5): p_2 = .5; epoch 1 not visited;
+    # epoch 2: predicted the given label 0 with p = .6 (the runner-up is unknown)
+    pred = np.array([[2, -1, 0]])
+    loss = -np.log(np.array([[0.2, np.nan, 0.6]]))
+    margin = np.array([[np.log(0.2 / 0.5), np.nan, 1.0]])
+    p = dynamics.early_probabilities(pred, loss, margin, np.array([0]), num_classes=3)
+    np.testing.assert_allclose(p, [[0.4, 0, 0.25]])
+    one = dynamics.early_probabilities(pred, loss, margin, np.array([0]), num_classes=3, epochs=1)
+    np.testing.assert_allclose(one, [[0.2, 0, 0.5]])
+    # the same from real logits: softmax entries of the given and the predicted class
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(50, 4, 5)) * 3  # 50 samples, 4 classes, 5 epochs
+    given = rng.integers(0, 4, 50)
+    prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    pred = logits.argmax(1)
+    own = prob[np.arange(50), given]  # [50, 5]
+    others = logits.copy()
+    others[np.arange(50), given] = -np.inf
+    margin = logits[np.arange(50), given] - others.max(1)
+    want = np.zeros((50, 4))
+    for e in range(5):
+        want[np.arange(50), given] += own[:, e] / 5
+        off = pred[:, e] != given
+        want[np.flatnonzero(off), pred[off, e]] += prob[np.flatnonzero(off), pred[off, e], e] / 5
+    got = dynamics.early_probabilities(pred, -np.log(own), margin, given, num_classes=4)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def _hand_built_run() -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """4 classes x 10 samples, 8 epochs. Epoch 0: every sample predicted as the next class
+    (p_given .2, p_pred .3). Clean samples: predicted their label with p .9 from epoch 1. The 3
+    mislabelled ones (given 0, truly 2): predicted 2 with p .97 (p_given .02) in epochs 1-4,
+    then memorised (0 with p .9)."""
     n, e = 40, 8
     given = np.repeat(np.arange(4), 10)
     wrong = np.array([0, 1, 2])
     pred = np.tile(given[:, None], (1, e))
-    pred[:, 0] = (given + 1) % 4  # epoch 0: a network that has learnt nothing
+    p_given = np.full((n, e), 0.9)
+    margin = np.full((n, e), np.log(0.9 / 0.05))
+    pred[:, 0] = (given + 1) % 4
+    p_given[:, 0], margin[:, 0] = 0.2, np.log(0.2 / 0.3)
     pred[wrong, 1:5] = 2
+    p_given[np.ix_(wrong, range(1, 5))] = 0.02
+    margin[np.ix_(wrong, range(1, 5))] = np.log(0.02 / 0.97)
     final = np.eye(4)[given] * 0.9 + 0.025
+    fields = {
+        "pred_hist": pred,
+        "loss_hist": -np.log(p_given),
+        "margin_hist": margin,
+        "final_prob": final,
+    }
     score = np.zeros(n)
     score[wrong] = [3.0, 2.0, 1.0]
     score[10] = 2.5  # a clean sample that scores high
-    fields = {"pred_hist": pred, "final_prob": final}
+    return given, fields, score
+
+
+def test_find_label_issues_on_a_hand_built_run() -> None:
+    given, fields, score = _hand_built_run()
+    n, wrong = len(given), np.array([0, 1, 2])
     found = find.find_label_issues(given, fields, score, num_classes=4)
     # suspects (mostly not their label so far) predicted as their label: epoch 1: 37 of 40;
     # epochs 2-4: 0 of the 3 mislabelled; epoch 5: 3 of 3 (memorised): the phase is epochs 0-4
     assert found.window == 5
-    # in those epochs the 3 are voted 2 (4 of 5 votes) >= t_2: counted off-diagonal in row 0
+    # in it: clean p_given = (.2 + 4 * .9) / 5 = .76; the mislabelled p_2 = 4 * .97 / 5 = .776,
+    # p_0 = (.2 + 4 * .02) / 5 = .056. Thresholds: t_0 = (7 * .76 + 3 * .056) / 10 = .5488,
+    # t_1..3 = .76: the 3 count in cell (0, 2), every clean sample on the diagonal.
+    ev = find.run_evidence(fields, given, num_classes=4, window=5)
+    np.testing.assert_allclose(ev.count[wrong[0]], [0.056, 0.3 / 5, 0.776, 0])
     assert found.estimate.num_issues == 3 and found.estimate.num_per_class.tolist() == [3, 0, 0, 0]
+    np.testing.assert_allclose(found.estimate.rate_per_class, [0.3, 0, 0, 0])
     # the flags are the top 3 of the ranking (the clean sample 10 ranks second)
     assert np.flatnonzero(found.is_label_issue).tolist() == [0, 1, 10]
     # suggestions: the votes of every epoch name 2 for the mislabelled ones; never the given
@@ -389,7 +441,7 @@ def test_find_label_issues_on_a_hand_built_run() -> None:
     # a method's distribution (ELR's target) is what the suggestion comes from
     target = np.full((n, 4), 0.1)
     target[np.arange(n), (given + 3) % 4] = 0.7
-    ev = find.run_evidence({**fields, "elr_target": target}, num_classes=4, window=5)
+    ev = find.run_evidence({**fields, "elr_target": target}, given, num_classes=4, window=5)
     assert ev.suggest_source == "ELR target"
     s, _ = suggest.suggest_labels(given, ev.suggest, tiebreak=ev.tiebreak)
     np.testing.assert_array_equal(s, (given + 3) % 4)

@@ -140,7 +140,7 @@ def find_issues(info: RunInfo, rows: Rows, reduce: Reduce | None = None) -> Foun
     given = info.given[rows.lo : rows.hi]
     fields = _numpy_fields(rows.fields)
     window = early_window(fields["pred_hist"], given, mask=rows.trained, reduce_sum=reduce)
-    ev = run_evidence(fields, num_classes=info.spec.num_classes, window=window)
+    ev = run_evidence(fields, given, num_classes=info.spec.num_classes, window=window)
     estimate = estimate_label_noise(given, ev.count, mask=rows.trained, reduce_sum=reduce)
     suggested, confidence = suggest_labels(given, ev.suggest, tiebreak=ev.tiebreak)
     rows.suggested = np.where(rows.trained, suggested, -1)

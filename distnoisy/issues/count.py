@@ -15,8 +15,8 @@ a partitioned store computes it part by part and adds ``[C]`` and ``[C, C]`` arr
 5. :func:`noise_from_joint`: per given class, the estimated number and rate of wrong labels.
 
 :func:`estimate_label_noise` runs 1-5 on a table, block by block (``reduce_sum`` adds the
-blocks' sums). One choice differs from cleanlab: by default only the samples whose evidence
-agrees with their given label set the thresholds (:func:`threshold_mask`).
+blocks' sums). ``thresholds="agreeing"`` sets the thresholds from the samples whose evidence
+agrees with their given label only (:func:`threshold_mask`; cleanlab's is ``"all"``).
 """
 
 from __future__ import annotations
@@ -234,24 +234,26 @@ def noise_from_joint(joint: np.ndarray, label_counts: np.ndarray) -> NoiseEstima
 
 
 #: Which samples set the per-class thresholds (:func:`threshold_mask`).
-THRESHOLDS = ("agreeing", "all")
+THRESHOLDS = ("all", "agreeing")
 
 
 def threshold_mask(
     labels: np.ndarray,
     probs: np.ndarray,
     *,
-    thresholds: str = "agreeing",
+    thresholds: str = "all",
     mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """The rows whose self-confidence sets the per-class thresholds.
 
-    ``"all"``: every (masked) row, cleanlab's choice: ``t_j`` is the mean ``p_{i,j}`` over the
-    samples labelled ``j``. ``"agreeing"`` (the default here): only the rows whose evidence
+    ``"all"`` (the default): every (masked) row, cleanlab's choice: ``t_j`` is the mean
+    ``p_{i,j}`` over the samples labelled ``j``. ``"agreeing"``: only the rows whose evidence
     names their given label (``argmax_k p_{i,k} = ỹ_i``). Under heavy noise the mislabelled
     samples (``p_{i,j}`` near 0) drag the mean of ``"all"`` down to about ``(1 - ρ)`` times the
-    typical confidence, low enough that a weak model's errors on clean samples pass it
-    (``docs/methods.md#flags``).
+    typical confidence; with coarse evidence (the share of epochs that predicted each class)
+    a weak model's consistent errors on clean samples then pass it, and ``"agreeing"`` counts
+    closer to the truth (``docs/methods.md#flags``). With evidence as sharp for the mislabelled
+    samples' true class as for the clean ones' it is the other way round.
 
     Returns
     -------
@@ -272,7 +274,7 @@ def estimate_label_noise(
     probs: np.ndarray,
     *,
     mask: np.ndarray | None = None,
-    thresholds: str = "agreeing",
+    thresholds: str = "all",
     reduce_sum: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> NoiseEstimate:
     """The calibrated confident-joint noise estimate (steps 1-5) of a table, block by block.
@@ -285,8 +287,8 @@ def estimate_label_noise(
         ``[N, C]`` out-of-sample probabilities or vote shares of the same rows.
     mask : np.ndarray, optional
         ``[N]`` bool, the rows to use (e.g. those trained on). Default: all.
-    thresholds : {"agreeing", "all"}
-        Which rows set the per-class thresholds (:func:`threshold_mask`).
+    thresholds : {"all", "agreeing"}
+        Which rows set the per-class thresholds (:func:`threshold_mask`); ``"all"``: cleanlab's.
     reduce_sum : callable, optional
         Sums an array over every block of the table (e.g. an all-reduce across the ranks of a
         partitioned store); called three times, on ``[2, C]``, ``[C]`` and ``[C, C]`` arrays, in

@@ -12,7 +12,10 @@ the suggested labels are built on (``docs/methods.md#suggested-labels`` and
   parts' counts);
 - :func:`early_learning_end`: where the early-learning phase ends, from those sums;
 - :func:`prediction_votes`: each sample's share of visited epochs (in a window) that predicted
-  each class.
+  each class;
+- :func:`early_probabilities`: each sample's training probabilities averaged over the visited
+  epochs of a window, from the loss, prediction and margin histories (the evidence the
+  label-issue count is built on).
 
 All functions are row-wise or return sums, so they run on a whole table or on one part of a
 partitioned one; none modifies its inputs.
@@ -174,3 +177,78 @@ def prediction_votes(
     np.add.at(counts, (rows, pred[rows, cols]), 1.0)
     total = counts.sum(axis=1, keepdims=True)
     return np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
+
+
+def early_probabilities(
+    pred_hist: np.ndarray,
+    loss_hist: np.ndarray,
+    margin_hist: np.ndarray,
+    given: np.ndarray,
+    *,
+    num_classes: int,
+    epochs: int | None = None,
+) -> np.ndarray:
+    """Each sample's training probabilities, averaged over visited epochs (in a window), as far
+    as the store's histories determine them.
+
+    Per epoch the store keeps the cross-entropy on the given label (``loss_hist``: so
+    ``p_given = exp(-loss)``), the prediction and the margin (the given label's logit minus the
+    largest other logit). When the prediction is another class ``k``, the largest other logit
+    is ``k``'s, so ``p_k = p_given * exp(-margin)``. Those two entries of the softmax are exact;
+    when the prediction is the given label, the runner-up is unknown and gets nothing (rows then
+    sum to less than 1).
+
+    Parameters
+    ----------
+    pred_hist : np.ndarray
+        ``[n, E]`` training predictions, -1 where not visited.
+    loss_hist, margin_hist : np.ndarray
+        ``[n, E]`` training cross-entropy on the given label and margin (NaN where not visited).
+    given : np.ndarray
+        ``[n]`` given labels.
+    num_classes : int
+        ``C``.
+    epochs : int, optional
+        Average only the first ``epochs`` epochs (the early-learning phase,
+        :func:`early_learning_end`). Default: all.
+
+    Returns
+    -------
+    np.ndarray
+        ``[n, C]`` float64; all 0 for a sample not visited in the window.
+
+    Examples
+    --------
+    Epoch 0 predicts class 1 with ``p_0 = 0.4`` and margin ``log(0.4 / 0.6)``, so ``p_1 = 0.6``;
+    epoch 1 predicts the given class 0 with ``p_0 = 0.8``:
+
+    >>> p = early_probabilities(np.array([[1, 0]]), -np.log(np.array([[0.4, 0.8]])),
+    ...                         np.log(np.array([[0.4 / 0.6, 4.0]])), np.array([0]), num_classes=2)
+    >>> p.round(4).tolist()
+    [[0.6, 0.3]]
+    """
+    given = np.asarray(given, dtype=np.int64)
+    pred = _check_hist(pred_hist, len(given))
+    loss = np.asarray(loss_hist, dtype=np.float64)
+    margin = np.asarray(margin_hist, dtype=np.float64)
+    if loss.shape != pred.shape or margin.shape != pred.shape:
+        raise ValueError(
+            f"pred_hist, loss_hist and margin_hist must have one shape, got {pred.shape}, "
+            f"{loss.shape}, {margin.shape}"
+        )
+    if epochs is not None:
+        keep = max(int(epochs), 0)
+        pred, loss, margin = pred[:, :keep], loss[:, :keep], margin[:, :keep]
+    if len(pred) and pred.max(initial=-1) >= num_classes:
+        raise ValueError(f"pred_hist holds a class >= num_classes = {num_classes}")
+    n = len(pred)
+    visited = (pred >= 0) & np.isfinite(loss)
+    p_given = np.where(visited, np.exp(-np.where(visited, loss, 0.0)), 0.0)
+    other = visited & (pred != given[:, None]) & np.isfinite(margin)
+    p_other = np.where(other, p_given * np.exp(-np.where(other, margin, 0.0)), 0.0)
+    total = np.zeros((n, num_classes), dtype=np.float64)
+    total[np.arange(n), given] = p_given.sum(axis=1)
+    rows, cols = np.nonzero(other)
+    np.add.at(total, (rows, pred[rows, cols]), p_other[rows, cols])
+    count = visited.sum(axis=1, keepdims=True)
+    return np.divide(total, count, out=np.zeros_like(total), where=count > 0)

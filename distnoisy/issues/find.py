@@ -5,8 +5,10 @@ out-of-sample probabilities (a model trained ``k`` times, cross-validated). A di
 already holds the out-of-sample evidence in its per-sample store (``docs/methods.md#flags``,
 ``docs/methods.md#suggested-labels``):
 
-- the **early-learning votes**: each sample's training predictions (``pred_hist``) during the
-  epochs before the network starts fitting wrong labels (:mod:`distnoisy.issues.dynamics`);
+- the **early-learning probabilities**: each sample's training probabilities (from
+  ``loss_hist``, ``pred_hist`` and ``margin_hist``) averaged over the epochs before the network
+  starts fitting wrong labels (:mod:`distnoisy.issues.dynamics`), what the count is built on;
+- the **votes** of every epoch (``pred_hist``): what loss-only methods' suggestions come from;
 - the **method's own per-sample state** where it has one: ELR's target, the mean of ELR+'s two
   targets, LIMIT's q-network probabilities (``elr_target``, ``elr_target_net1``/``_net2``,
   ``limit_q_prob``).
@@ -27,7 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from distnoisy.issues.count import NoiseEstimate, estimate_label_noise
-from distnoisy.issues.dynamics import early_learning_end, prediction_votes, switch_counts
+from distnoisy.issues.dynamics import (
+    early_learning_end,
+    early_probabilities,
+    prediction_votes,
+    switch_counts,
+)
 from distnoisy.issues.ranking import is_label_issue
 from distnoisy.issues.suggest import suggest_labels
 
@@ -42,6 +49,8 @@ METHOD_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 #: The store columns :func:`run_evidence` may read.
 EVIDENCE_COLUMNS = (
     "pred_hist",
+    "loss_hist",
+    "margin_hist",
     "final_prob",
     *(name for _, names in METHOD_FIELDS for name in names),
 )
@@ -73,14 +82,19 @@ def method_distribution(fields: Mapping[str, np.ndarray]) -> tuple[str, np.ndarr
     return None
 
 
-def run_evidence(fields: Mapping[str, np.ndarray], *, num_classes: int, window: int) -> Evidence:
+def run_evidence(
+    fields: Mapping[str, np.ndarray], given: np.ndarray, *, num_classes: int, window: int
+) -> Evidence:
     """The evidence of a block of rows of a run's store.
 
     Parameters
     ----------
     fields : mapping of str to np.ndarray
-        The block's store columns: ``pred_hist`` ``[n, E]`` and ``final_prob`` ``[n, C]``
-        always; a method's distribution (:data:`METHOD_FIELDS`) where it has one.
+        The block's store columns: ``pred_hist``, ``loss_hist``, ``margin_hist`` ``[n, E]`` and
+        ``final_prob`` ``[n, C]`` always; a method's distribution (:data:`METHOD_FIELDS`) where
+        it has one.
+    given : np.ndarray
+        ``[n]`` the rows' given labels.
     num_classes : int
         ``C``.
     window : int
@@ -89,22 +103,29 @@ def run_evidence(fields: Mapping[str, np.ndarray], *, num_classes: int, window: 
     Returns
     -------
     Evidence
-        Counted on: the early-learning votes, or the method's distribution. Suggested from: the
-        method's distribution, or (loss-only methods) the votes of every epoch, whose best
-        alternative to the given label is the class predicted longest before the network
-        memorised the wrong label. Ties are broken by the early votes, the votes of every
+        Counted on: the early-learning probabilities. Suggested from: the method's
+        distribution, or (loss-only methods) the votes of every epoch, whose best alternative
+        to the given label is the class predicted longest before the network memorised the
+        wrong label. Ties are broken by the early-learning probabilities, the votes of every
         epoch and the final probabilities.
     """
     pred_hist = np.asarray(fields["pred_hist"])
     final = np.asarray(fields["final_prob"], dtype=np.float64)
-    early = prediction_votes(pred_hist, num_classes=num_classes, epochs=window)
+    early = early_probabilities(
+        pred_hist,
+        fields["loss_hist"],
+        fields["margin_hist"],
+        given,
+        num_classes=num_classes,
+        epochs=window,
+    )
     every = prediction_votes(pred_hist, num_classes=num_classes)
     own = method_distribution(fields)
-    epochs = f"training predictions of epochs 0-{window - 1}"
+    source = f"training probabilities of epochs 0-{window - 1}"
     if own is None:
-        return Evidence(early, every, (early, final), epochs, "training predictions, every epoch")
+        return Evidence(early, every, (early, final), source, "training predictions, every epoch")
     name, dist = own
-    return Evidence(early, dist, (early, every, final), epochs, name)
+    return Evidence(early, dist, (early, every, final), source, name)
 
 
 def early_window(
@@ -177,7 +198,7 @@ def find_label_issues(
     given = np.asarray(given, dtype=np.int64)
     keep = np.ones(len(given), bool) if eligible is None else np.asarray(eligible, dtype=bool)
     window = early_window(fields["pred_hist"], given, mask=keep)
-    ev = run_evidence(fields, num_classes=num_classes, window=window)
+    ev = run_evidence(fields, given, num_classes=num_classes, window=window)
     estimate = estimate_label_noise(given, ev.count, mask=keep)
     flags = is_label_issue(score, keep, estimate.num_issues)
     suggested, confidence = suggest_labels(given, ev.suggest, tiebreak=ev.tiebreak)
