@@ -221,8 +221,8 @@ def count_note(summary: dict[str, Any]) -> str:
         note += f" (realised {_pct(summary['noise_rate_realised'])})"
     note += (
         f" from a confident joint on the {summary.get('label_issue_count_source')}. "
-        f"Suggested labels: the best alternative to the given label in the "
-        f"{summary.get('suggested_label_source')}, with the evidence's share for it."
+        f"Suggested label: the most likely class other than the given one by the "
+        f"{summary.get('suggested_label_source')} (in brackets: the evidence's share for it)."
     )
     return note
 
