@@ -445,3 +445,41 @@ def test_find_label_issues_on_a_hand_built_run() -> None:
     assert ev.suggest_source == "ELR target"
     s, _ = suggest.suggest_labels(given, ev.suggest, tiebreak=ev.tiebreak)
     np.testing.assert_array_equal(s, (given + 3) % 4)
+
+
+def test_review_rows_show_the_suggestion_its_confidence_and_the_count() -> None:
+    import pandas as pd
+
+    from distnoisy.driver import review
+
+    frame = pd.DataFrame(
+        {
+            "index": [7, 3],
+            "key": ["a", "b"],
+            "given_label": [1, 2],
+            "suggested_label": [0, 1],
+            "score": [2.5, 1.0],
+            "is_label_issue": [True, False],
+            "trained": [True, True],
+            "suggestion_confidence": [0.625, 0.0],
+            "is_corrupted": [True, False],
+        }
+    )
+    rows = review._rows(frame, ["bag", "coat", "shirt"])
+    assert rows[0]["suggested (confidence)"] == "0 bag (62%)"
+    assert rows[1]["suggested (confidence)"] == "1 coat (no confident alternative)"
+    summary = {
+        "num_label_issues": 12,
+        "noise_rate_estimated": 0.3,
+        "noise_rate_realised": 0.25,
+        "label_issue_count_source": "training probabilities of epochs 0-9",
+        "suggested_label_source": "ELR target",
+    }
+    note = review.count_note(summary)
+    assert note.startswith("12 samples flagged") and "30.0% (realised 25.0%)" in note
+    assert "epochs 0-9" in note and "ELR target" in note
+    md = review.issues_markdown(rows, "Top 2", note)
+    assert md.splitlines()[2] == note and "| 0 bag (62%) |" in md
+    page = review.issues_html(rows, {}, "Top 2", note)
+    assert "<p>12 samples flagged" in page
+    assert review.count_note({}) == ""  # older runs: no line
