@@ -163,7 +163,10 @@ def test_run_writes_is_label_issue_column(tmp_path, digits_root, mlflow_uri) -> 
     assert len(summary["noise_rate_estimated_per_class"]) == 10
     assert summary["flagged_suggesting_given_label"] == 0
     stats = stats.sort_values("index")
-    fields = {c: np.stack(stats[c].to_numpy()) for c in ("pred_hist", "final_prob", "elr_target")}
+    fields = {
+        c: np.stack(stats[c].to_numpy())
+        for c in ("pred_hist", "loss_hist", "margin_hist", "final_prob", "elr_target")
+    }
     found = find.find_label_issues(
         stats["given_label"].to_numpy(),
         fields,
