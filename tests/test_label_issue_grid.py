@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from distnoisy.driver.grid import cv_fold_dir, cv_folds, run_dir
 from distnoisy.issues.experiment import BAR_METHODS, flag_quality, tasks
@@ -53,3 +54,40 @@ def test_flag_quality_by_hand() -> None:
     assert q["precision"] == 2 / 3 and q["recall"] == 2 / 3 and q["f1"] == 2 / 3
     assert q["suggestion_acc"] == 0.5  # rows 0 (right) and 1 (wrong)
     assert q["self_suggested"] == 1  # row 2 suggests its given label 2
+
+
+def test_cleanlab_peer_assembles_the_held_out_rows(tmp_path) -> None:
+    filt = pytest.importorskip("cleanlab.filter")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distnoisy.issues.experiment import measure_cleanlab
+    from distnoisy.store.export import field_columns
+
+    rng = np.random.default_rng(0)
+    n, c, k = 200, 4, 3
+    clean = rng.integers(0, c, n)
+    given = np.where(rng.random(n) < 0.3, (clean + 1) % c, clean)
+    fold = cv_folds(given, k, seed=0)
+    folds, held, want = [], [], np.zeros((n, c))
+    for f in range(k):
+        # each fold's model: right on its held-out rows' clean class, noise elsewhere
+        probs = rng.dirichlet(np.ones(c), n)
+        rows = np.flatnonzero(fold == f)
+        probs[rows] = 0.1 / (c - 1)
+        probs[rows, clean[rows]] = 0.9
+        want[rows] = probs[rows]
+        out = tmp_path / f"fold{f}"
+        out.mkdir()
+        cols = {"index": pa.array(np.arange(n)), "given_label": pa.array(given)}
+        cols["clean_label"] = pa.array(clean)
+        cols.update(field_columns({"final_prob": probs.astype(np.float32)}))
+        pq.write_table(pa.table(cols), out / "sample_stats.parquet")
+        folds.append(out)
+        held.append(rows)
+    got = measure_cleanlab(folds, held)
+    want = want.astype(np.float32).astype(np.float64)
+    flags = filt.find_label_issues(labels=given, pred_probs=want / want.sum(1, keepdims=True))
+    assert got["flagged"] == int(flags.sum()) and got["corrupted"] == int((given != clean).sum())
+    # the held-out probabilities name the clean class: every corrupted row found, suggested right
+    assert got["recall"] == 1.0 and got["suggestion_acc"] == 1.0
