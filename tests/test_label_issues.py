@@ -486,3 +486,18 @@ def test_review_rows_show_the_suggestion_its_confidence_and_the_count() -> None:
     page = review.issues_html(rows, {}, "Top 2", note)
     assert "<p>12 samples flagged" in page
     assert review.count_note({}) == ""  # older runs: no line
+
+
+def test_console_summary_prints_the_count_and_both_noise_rates() -> None:
+    from distnoisy.driver.summary import format_summary
+
+    base = {"method": "ce", "dataset": "digits", "num_train": 1000, "noise_kind": "symmetric",
+            "num_workers": 1, "epochs": 3}  # fmt: skip
+    lines = format_summary(
+        {**base, "num_label_issues": 371, "noise_rate_estimated": 0.371, "noise_rate_realised": 0.4}
+    ).splitlines()
+    assert (
+        "  label issues          371 flagged; estimated noise rate 37.1% (realised 40.0%)" in lines
+    )
+    older = format_summary(base)  # a summary from before the count: n/a, no crash
+    assert "n/a flagged; estimated noise rate n/a (realised n/a)" in older
