@@ -1,4 +1,5 @@
-"""The label-issue page's grid pieces: cross-validation folds, training order, flag quality."""
+"""The label-issue page's grid pieces: cross-validation folds, training order, flag quality,
+the list of shortfalls."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from distnoisy.driver.grid import cv_fold_dir, cv_folds, run_dir
-from distnoisy.issues.experiment import BAR_METHODS, flag_quality, tasks
+from distnoisy.issues.experiment import BAR_METHODS, flag_quality, shortfalls, tasks
 
 
 def test_cv_folds_are_stratified_balanced_and_seeded() -> None:
@@ -91,3 +92,28 @@ def test_cleanlab_peer_assembles_the_held_out_rows(tmp_path) -> None:
     assert got["flagged"] == int(flags.sum()) and got["corrupted"] == int((given != clean).sum())
     # the held-out probabilities name the clean class: every corrupted row found, suggested right
     assert got["recall"] == 1.0 and got["suggestion_acc"] == 1.0
+
+
+def _row(seed: int, flagged: int, corrupted: int, sugg: float, f1: float) -> dict:
+    return {"seed": seed, "flagged": flagged, "corrupted": corrupted, "suggestion_acc": sugg,
+            "f1": f1}  # fmt: skip
+
+
+def test_shortfalls_name_each_missed_bar_and_by_how_much() -> None:
+    results = {
+        # within 15% (0.90x, 1.14x), suggestions >= 80%, F1 above cleanlab's: not listed
+        ("digits", "symmetric", "ce"): [_row(0, 90, 100, 0.9, 0.9), _row(1, 114, 100, 0.8, 0.9)],
+        ("digits", "symmetric", "cleanlab"): [_row(0, 140, 100, 0.7, 0.8)],
+        # seed 1 counts 0.43x; seed 0's suggestions 75%; mean F1 0.6 vs cleanlab's 0.7 (seed 0 only)
+        ("digits", "pair", "limit"): [_row(0, 100, 100, 0.75, 0.6), _row(1, 43, 100, 0.9, 0.5)],
+        ("digits", "pair", "cleanlab"): [_row(0, 120, 100, 0.9, 0.7)],
+        ("digits", "instance", "elr"): [],
+    }
+    text = shortfalls(results)
+    assert text.splitlines() == [
+        "- LIMIT, digits, pair: count off by more than 15% in 1 of 2 seeds (worst 0.43x, -57%); "
+        "suggestions right on 75.0% (worst seed; bar 80%) in 1 of 2 seeds; F1 60.0% below "
+        "cleanlab's 70.0% (-10.0 points, 1 seeds)."
+    ]
+    ok = {k: v for k, v in results.items() if k[1] == "symmetric"}
+    assert shortfalls(ok) == "Every finished run meets every bar.\n"
