@@ -113,7 +113,7 @@ def test_shortfalls_name_each_missed_bar_and_by_how_much() -> None:
     assert text.splitlines() == [
         "- LIMIT, digits, pair: count off by more than 15% in 1 of 2 seeds (worst 0.43x, -57%); "
         "suggestions right on 75.0% (worst seed; bar 80%) in 1 of 2 seeds; F1 60.0% below "
-        "cleanlab's 70.0% (-10.0 points, 1 seeds)."
+        "cleanlab's 70.0% (-10.0 points, 1 seed)."
     ]
     ok = {k: v for k, v in results.items() if k[1] == "symmetric"}
     assert shortfalls(ok) == "Every finished run meets every bar.\n"

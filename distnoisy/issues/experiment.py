@@ -310,7 +310,7 @@ def bars(results: dict[tuple[str, str, str], list[dict[str, Any]]]) -> str:
             ok_count = all(abs(x - 1) <= COUNT_TOLERANCE for x in ratios)
             ok_sugg = all(s >= SUGGESTION_BAR for s in sugg)
             lines.append(
-                f"- {METHOD_NAMES[method]}, {dataset}, symmetric ({len(rows)} seeds): flag count "
+                f"- {METHOD_NAMES[method]}, {dataset}, symmetric ({_seeds(len(rows))}): flag count "
                 f"{', '.join(f'{x:.2f}' for x in ratios)} x the corrupted count (worst "
                 f"{100 * (worst - 1):+.1f}%; bar ±{100 * COUNT_TOLERANCE:.0f}%: "
                 f"{'met' if ok_count else 'NOT met'}); suggestions right on "
@@ -343,6 +343,10 @@ def bars(results: dict[tuple[str, str, str], list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def shortfalls(results: dict[tuple[str, str, str], list[dict[str, Any]]]) -> str:
     """Every dataset x noise x method that misses a bar of the page (applied beyond the bars'
     CE and ELR under symmetric noise), by how much: a seed's flag count off by more than
@@ -359,14 +363,14 @@ def shortfalls(results: dict[tuple[str, str, str], list[dict[str, Any]]]) -> str
             worst = max(off, key=lambda x: abs(x - 1))
             misses.append(
                 f"count off by more than {100 * COUNT_TOLERANCE:.0f}% in {len(off)} of "
-                f"{len(rows)} seeds (worst {worst:.2f}x, {100 * (worst - 1):+.0f}%)"
+                f"{_seeds(len(rows))} (worst {worst:.2f}x, {100 * (worst - 1):+.0f}%)"
             )
         sugg = [r["suggestion_acc"] for r in rows if r["suggestion_acc"] == r["suggestion_acc"]]
         low = [x for x in sugg if x < SUGGESTION_BAR]
         if low:
             misses.append(
                 f"suggestions right on {100 * min(low):.1f}% (worst seed; bar "
-                f"{100 * SUGGESTION_BAR:.0f}%) in {len(low)} of {len(sugg)} seeds"
+                f"{100 * SUGGESTION_BAR:.0f}%) in {len(low)} of {_seeds(len(sugg))}"
             )
         lab = {r["seed"]: r["f1"] for r in results.get((dataset, noise, "cleanlab"), [])}
         pairs = [(r["f1"], lab[r["seed"]]) for r in rows if r["seed"] in lab]
@@ -374,7 +378,7 @@ def shortfalls(results: dict[tuple[str, str, str], list[dict[str, Any]]]) -> str
             ours, peer = (100 * float(np.mean(x)) for x in zip(*pairs, strict=True))
             misses.append(
                 f"F1 {ours:.1f}% below cleanlab's {peer:.1f}% ({ours - peer:+.1f} points, "
-                f"{len(pairs)} seeds)"
+                f"{_seeds(len(pairs))})"
             )
         if misses:
             name = METHOD_NAMES.get(method, method)
