@@ -64,7 +64,8 @@ def test_summary_figures_tags_and_experiment_kind(finished):
     run = client.get_run(finished["summary"]["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     metrics, summary = run.data.metrics, finished["summary"]
-    for key in ("clean_train_acc", "label_issue_precision_at_k", "label_issue_auroc", "memorized"):
+    for key in ("clean_train_acc", "label_issue_precision_at_k", "label_issue_auroc", "memorized",
+                "noise_rate_estimated", "num_label_issues"):  # fmt: skip
         assert metrics[f"final_{key}"] == pytest.approx(summary[key]), key
     assert metrics["final_wall_s"] == pytest.approx(summary["wall_s"])
     tags = run.data.tags

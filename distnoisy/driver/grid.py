@@ -8,6 +8,13 @@ lock file beside the run directory; the second waits for it, then reuses the fin
 
 Every run is a plain ``python -m distnoisy.train`` run (one process, no tracking); its
 directory name says what it is: ``<dataset>-<noise>/<method>-seed<seed>``.
+
+Cross-validation (the label-issue page's peer, cleanlab on out-of-sample probabilities):
+:func:`cv_fold_dir` / :func:`train_cv_fold` train CE on all but one of ``k`` folds of the
+training set (``data.exclude_file``, the held-out fold) with the grid run's set-up, in
+``<dataset>-<noise>/cv-ce-seed<seed>/fold<f>``; the fold's ``final_prob`` rows of the held-out
+samples are then predictions of a model that never trained on them. The folds are stratified by
+the given label (read from the finished CE run of the same seed) and fixed by the seed.
 """
 
 from __future__ import annotations
@@ -15,9 +22,12 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +79,83 @@ def train_or_reuse(
     A run that was interrupted resumes from its last checkpoint. ``extra`` keys apply to a run
     trained here (not to one found finished).
     """
-    from distnoisy.config import load_config
-    from distnoisy.driver.run import train
-
     out = run_dir(root, dataset, noise, method, seed)
     if _finished(out) is not None:
         return out
+    return _train_locked(out, [*run_args(dataset, noise, method, seed), *extra])
+
+
+def _train_locked(out: Path, args: list[str]) -> Path:
+    """Train the run ``args`` into ``out`` unless it is finished, holding ``out``'s lock."""
+    from distnoisy.config import load_config
+    from distnoisy.driver.run import train
+
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another command training this run: wait for it
         if _finished(out) is None:
             resume = (out / "run.json").is_file()
-            args = [*run_args(dataset, noise, method, seed), *extra, f"output_dir={out}"]
             log.info("grid: training %s", out)
-            train(load_config([*args, f"resume={str(resume).lower()}"]))
+            train(load_config([*args, f"output_dir={out}", f"resume={str(resume).lower()}"]))
     return out
+
+
+#: Folds of the cross-validated CE peer (cleanlab's default, ``cv_n_folds=5``).
+CV_FOLDS = 5
+
+
+def cv_fold_dir(root: Path, dataset: str, noise: str, seed: int, fold: int) -> Path:
+    """Where the grid keeps fold ``fold`` of the cross-validated CE runs of that seed."""
+    return Path(root) / f"{dataset}-{noise}" / f"cv-ce-seed{seed}" / f"fold{fold}"
+
+
+def cv_folds(given: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """``[N]`` fold of each sample: stratified by given label, shuffled by ``seed``.
+
+    Within each class the samples are shuffled, then dealt to the folds in turn, so every fold
+    holds each class's share to within one sample (as scikit-learn's ``StratifiedKFold``).
+    """
+    given = np.asarray(given, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(given), dtype=np.int64)
+    start = 0
+    for c in np.unique(given):
+        members = rng.permutation(np.flatnonzero(given == c))
+        # continue dealing where the previous class stopped, so fold sizes stay balanced
+        fold[members] = (start + np.arange(len(members))) % folds
+        start = (start + len(members)) % folds
+    return fold
+
+
+def _given_labels(run: Path) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(run / "sample_stats.parquet", columns=["index", "given_label"])
+    order = np.argsort(table.column("index").to_numpy())
+    return table.column("given_label").to_numpy()[order]
+
+
+def train_cv_fold(
+    root: Path, dataset: str, noise: str, seed: int, fold: int, folds: int = CV_FOLDS
+) -> Path:
+    """The finished CE run trained without fold ``fold`` (of ``folds``), trained if missing.
+
+    The folds come from the given labels of the grid's CE run of the same seed (trained first
+    if missing); the held-out indices are written beside the fold's run directory as
+    ``fold<f>-heldout.npy``.
+    """
+    out = cv_fold_dir(root, dataset, noise, seed, fold)
+    if _finished(out) is not None:
+        return out
+    given = _given_labels(train_or_reuse(root, dataset, noise, "ce", seed))
+    heldout = out.parent / f"{out.name}-heldout.npy"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = heldout.with_name(f".{heldout.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, np.flatnonzero(cv_folds(given, folds, seed) == fold))
+    os.replace(tmp, heldout)
+    return _train_locked(
+        out, [*run_args(dataset, noise, "ce", seed), f"data.exclude_file={heldout}"]
+    )
 
 
 def run_grid(

@@ -111,6 +111,8 @@ FINAL_METRICS = (
     "label_issue_auroc",
     "label_issue_precision_at_k",
     "noise_rate_realised",
+    "noise_rate_estimated",
+    "num_label_issues",
     "num_train_seen",
     "bad_samples",
     "wall_s",

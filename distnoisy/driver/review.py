@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -124,18 +125,30 @@ def _class_name(classes: Sequence[str], label: int) -> str:
     return f"{label} {classes[label]}" if label < len(classes) else str(label)
 
 
+def _suggestion(classes: Sequence[str], label: int, confidence: float | None) -> str:
+    """The suggested label as a reviewer reads it: with its confidence, or saying that the
+    evidence names no other class (the label is then only the final model's runner-up)."""
+    name = _class_name(classes, label)
+    if label < 0 or confidence is None or confidence != confidence:
+        return name
+    if confidence <= 0:
+        return f"{name} (no confident alternative)"
+    return f"{name} ({100 * confidence:.0f}%)"
+
+
 def _rows(issues: Any, classes: Sequence[str]) -> list[dict[str, str]]:
     """Display strings of the table's rows (a pandas frame of ``label_issues.parquet``)."""
     rows = []
     for rank, r in enumerate(issues.itertuples(index=False), start=1):
         corrupted = getattr(r, "is_corrupted", None)
+        confidence = getattr(r, "suggestion_confidence", None)
         rows.append(
             {
                 "rank": str(rank),
                 "index": str(r.index),
                 "key": str(r.key),
                 "given": _class_name(classes, int(r.given_label)),
-                "suggested": _class_name(classes, int(r.suggested_label)),
+                "suggested (confidence)": _suggestion(classes, int(r.suggested_label), confidence),
                 "score": f"{r.score:.4f}",
                 "flagged": "yes" if r.is_label_issue else "no",
                 "trained": "yes" if getattr(r, "trained", True) else "no",
@@ -147,18 +160,24 @@ def _rows(issues: Any, classes: Sequence[str]) -> list[dict[str, str]]:
     return rows
 
 
-def issues_markdown(rows: list[dict[str, str]], title: str) -> str:
-    """The rows as a Markdown table under a heading."""
+def issues_markdown(rows: list[dict[str, str]], title: str, note: str = "") -> str:
+    """The rows as a Markdown table under a heading (and a line of ``note``)."""
     cols = list(rows[0]) if rows else ["rank"]
-    lines = [f"# {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = [f"# {title}", ""]
+    if note:
+        lines += [note, ""]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         cells = [row[c].replace("|", "\\|") for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def issues_html(rows: list[dict[str, str]], thumbs: dict[int, bytes], title: str) -> str:
-    """The rows as a standalone HTML page, each with its image's thumbnail."""
+def issues_html(
+    rows: list[dict[str, str]], thumbs: dict[int, bytes], title: str, note: str = ""
+) -> str:
+    """The rows as a standalone HTML page, each with its image's thumbnail (and a line of
+    ``note`` under the heading)."""
     cols = list(rows[0]) if rows else ["rank"]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["image", *cols])
     body = []
@@ -177,16 +196,47 @@ def issues_html(rows: list[dict[str, str]], thumbs: dict[int, bytes], title: str
         f"<title>{html.escape(title)}</title>"
         "<style>table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
         "img{image-rendering:pixelated}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><table><thead><tr>{head}</tr></thead><tbody>"
+        f"<h1>{html.escape(title)}</h1>"
+        + (f"<p>{html.escape(note)}</p>" if note else "")
+        + f"<table><thead><tr>{head}</tr></thead><tbody>"
         + "".join(body)
         + "</tbody></table></body></html>\n"
     )
 
 
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def count_note(summary: dict[str, Any]) -> str:
+    """One line on the flag count: how many rows are flagged and the estimated noise rate it
+    comes from, beside the realised rate where it is known (docs/methods.md#flags)."""
+    if summary.get("num_label_issues") is None:
+        return ""
+    note = (
+        f"{summary['num_label_issues']} samples flagged (is_label_issue): the estimated noise "
+        f"rate {_pct(summary.get('noise_rate_estimated'))}"
+    )
+    if summary.get("noise_rate_realised") is not None:
+        note += f" (realised {_pct(summary['noise_rate_realised'])})"
+    note += (
+        f" from a confident joint on the {summary.get('label_issue_count_source')}. "
+        f"Suggested label: the most likely class other than the given one by the "
+        f"{summary.get('suggested_label_source')} (in brackets: the evidence's share for it)."
+    )
+    return note
+
+
 def write_report(
-    run_dir: Path, history: Sequence[dict[str, Any]], train_dir: str, classes: Sequence[str]
+    run_dir: Path,
+    history: Sequence[dict[str, Any]],
+    train_dir: str,
+    classes: Sequence[str],
+    summary: dict[str, Any] | None = None,
 ) -> list[Path]:
-    """Write the curves and the top-issue tables into ``run_dir``; returns their paths."""
+    """Write the curves and the top-issue tables into ``run_dir``; returns their paths.
+    ``summary``: the run's summary, for the line on the flag count (default: read from
+    ``run_dir/summary.json`` where it exists)."""
     import pyarrow.parquet as pq
 
     run_dir = Path(run_dir)
@@ -199,12 +249,15 @@ def write_report(
     issues = pq.read_table(run_dir / LABEL_ISSUES_TOP).slice(0, TOP_ISSUES).to_pandas()
     rows = _rows(issues, classes)
     title = f"Top {len(rows)} label issues of {run_dir.name} (most likely wrong first)"
+    if summary is None and (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    note = count_note(summary or {})
     try:
         images = read_images(train_dir, [int(i) for i in issues["index"]])
     except Exception as exc:  # the tables are still worth having without the thumbnails
         log.warning("label-issue thumbnails left out: could not read %s: %s", train_dir, exc)
         images = {}
     thumbs = {i: png for i, data in images.items() if (png := thumbnail_png(data)) is not None}
-    _write_atomic(run_dir / ISSUES_HTML_FILE, issues_html(rows, thumbs, title).encode())
-    _write_atomic(run_dir / ISSUES_MD_FILE, issues_markdown(rows, title).encode())
+    _write_atomic(run_dir / ISSUES_HTML_FILE, issues_html(rows, thumbs, title, note).encode())
+    _write_atomic(run_dir / ISSUES_MD_FILE, issues_markdown(rows, title, note).encode())
     return [*written, run_dir / ISSUES_HTML_FILE, run_dir / ISSUES_MD_FILE]

@@ -54,6 +54,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             if summary.get("label_issue_precision_at_k") is not None
             else ""
         ),
+        f"  label issues          {summary.get('num_label_issues', 'n/a')} flagged; estimated "
+        f"noise rate {pct(summary.get('noise_rate_estimated'))} (realised "
+        f"{pct(summary.get('noise_rate_realised'))})",
         f"  {_count(summary['epochs'], 'epoch')} in {summary.get('wall_s')} s; outputs in "
         f"{summary.get('output_dir')}; MLflow run {summary.get('mlflow_run_id')}",
     ]

@@ -5,11 +5,13 @@ Two layouts, by the store's backend:
 - **replicated** (the store fits in every rank's memory): rank 0 writes ``label_issues.parquet``
   and ``sample_stats.parquet``, one file each, plus the top-k (:func:`write_outputs`);
 - **partitioned** (web scale): every rank writes the rows it owns, in parallel, as its part of
-  ``sample_stats/`` and ``label_issues/`` (:func:`write_rank_outputs`). The label-issue flags
-  need one global cut (:func:`distnoisy.issues.ranking.flag_cut`), the top-k a merge of the
-  parts' heads and the summary a few global figures: rank 0 receives the per-sample columns
-  these need (score, final prediction, trained, read: 18 bytes a sample) and each part's
-  ``top_k`` first rows, never a part's table.
+  ``sample_stats/`` and ``label_issues/`` (:func:`write_rank_outputs`). The label-issue count
+  (the calibrated confident joint of :mod:`distnoisy.issues.find`) is built from per-class and
+  per-epoch sums that every rank adds up (all-reduces of ``[2, E]``, ``[2, C]``, ``[C]`` and
+  ``[C, C]`` arrays); the flags need one global cut (:func:`distnoisy.issues.ranking.flag_cut`),
+  the top-k a merge of the parts' heads and the summary a few global figures: rank 0 receives
+  the per-sample columns these need (score, final prediction, trained, read: 18 bytes a sample)
+  and each part's ``top_k`` first rows, never a part's table.
 
 The layout of the partitioned datasets is :mod:`distnoisy.store.export`'s.
 """
@@ -17,7 +19,7 @@ The layout of the partitioned datasets is :mod:`distnoisy.store.export`'s.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,10 @@ import torch
 from distnoisy.config import Config
 from distnoisy.data.prepare import DataSpec
 from distnoisy.engine import collectives
+from distnoisy.issues.count import NoiseEstimate, estimate_label_noise
+from distnoisy.issues.find import EVIDENCE_COLUMNS, early_window, run_evidence
 from distnoisy.issues.ranking import auroc, flag_cut, flags_from_cut, rank_by_score
+from distnoisy.issues.suggest import suggest_labels
 from distnoisy.methods import Method
 from distnoisy.store import Store
 from distnoisy.store.export import (
@@ -45,9 +50,6 @@ from distnoisy.store.export import (
 
 #: Skipped samples listed by name in summary.json (all are counted).
 MAX_LISTED_BAD = 1000
-#: The noise-rate mixture behind the flags is fitted on at most this many scores (evenly
-#: spaced quantiles beyond it: on 10M scores the full fit takes minutes, see flag_cut).
-FLAG_FIT_AT_MOST = 1_000_000
 
 
 @dataclass
@@ -68,38 +70,82 @@ class RunInfo:
 @dataclass
 class Rows:
     """One block of rows ``[lo, hi)`` (all of them, or one rank's part) and what is derived
-    from them: the label-issue scores and the final predictions."""
+    from them: the label-issue scores, the suggested labels and the final predictions."""
 
     lo: int
     hi: int
     fields: Mapping[str, torch.Tensor]
     score: np.ndarray
-    suggested: np.ndarray
+    suggested: np.ndarray  # the best alternative to the given label (-1: never trained on)
+    confidence: np.ndarray  # the evidence's share for the suggestion
     trained: np.ndarray  # trained on at least once (a training prediction was recorded)
     pred: np.ndarray  # the final model's prediction
     read: np.ndarray  # the final pass could read the sample (its probability row is not 0)
 
 
+@dataclass
+class Found:
+    """The label-issue figures every rank agrees on (docs/methods.md#flags)."""
+
+    estimate: NoiseEstimate
+    window: int  # epochs of the early-learning phase
+    count_source: str
+    suggest_source: str
+
+
+#: A sum over every block of rows (an all-reduce across ranks, or nothing for one table).
+Reduce = Callable[[np.ndarray], np.ndarray]
+
+
 def score_rows(info: RunInfo, fields: Mapping[str, torch.Tensor], lo: int) -> Rows:
-    """Label-issue scores and predictions of the rows ``[lo, lo + n)`` held in ``fields``."""
+    """Label-issue scores and predictions of the rows ``[lo, lo + n)`` held in ``fields``
+    (the suggestions are filled in by :func:`find_issues`)."""
     probs = fields["final_prob"].float().numpy()
     loss_hist = fields["loss_hist"].float().numpy()
     hi = lo + len(probs)
-    score, suggested = info.method.label_issue_scores(info.given[lo:hi], probs, loss_hist, fields)
+    # The method's own suggestion (its final prediction or target argmax) is replaced by
+    # find_issues', which never names the given label.
+    score, _ = info.method.label_issue_scores(info.given[lo:hi], probs, loss_hist, fields)
     # Samples never trained on (lost in a truncated shard, or never drawn by class-balanced
     # epochs) have scores without training signal: they rank last, unflagged, with no suggestion.
     trained = fields["train_pred"].numpy() >= 0
-    suggested = np.where(trained, np.asarray(suggested, dtype=np.int64), -1)
+    n = hi - lo
     return Rows(
         lo,
         hi,
         fields,
         np.asarray(score, dtype=np.float64),
-        suggested,
+        np.full(n, -1, dtype=np.int64),
+        np.zeros(n),
         trained,
         probs.argmax(1),
         probs.sum(1) > 0,
     )
+
+
+def _numpy_fields(fields: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The store columns the label-issue evidence reads, as numpy (low-precision as float32)."""
+    out = {}
+    for name in EVIDENCE_COLUMNS:
+        if name in fields:
+            t = fields[name]
+            out[name] = (t.float() if t.is_floating_point() else t).numpy()
+    return out
+
+
+def find_issues(info: RunInfo, rows: Rows, reduce: Reduce | None = None) -> Found:
+    """The calibrated label-issue count of the whole table and this block's suggestions
+    (filled into ``rows``). ``reduce``: adds the blocks' sums across ranks (a collective, in
+    the same order on every rank); None for a single table."""
+    given = info.given[rows.lo : rows.hi]
+    fields = _numpy_fields(rows.fields)
+    window = early_window(fields["pred_hist"], given, mask=rows.trained, reduce_sum=reduce)
+    ev = run_evidence(fields, given, num_classes=info.spec.num_classes, window=window)
+    estimate = estimate_label_noise(given, ev.count, mask=rows.trained, reduce_sum=reduce)
+    suggested, confidence = suggest_labels(given, ev.suggest, tiebreak=ev.tiebreak)
+    rows.suggested = np.where(rows.trained, suggested, -1)
+    rows.confidence = np.where(rows.trained, confidence, 0.0)
+    return Found(estimate, window, ev.count_source, ev.suggest_source)
 
 
 def _issue_table(info: RunInfo, rows: Rows, flags: np.ndarray) -> Any:
@@ -115,6 +161,7 @@ def _issue_table(info: RunInfo, rows: Rows, flags: np.ndarray) -> Any:
         "score": rows.score,
         "is_label_issue": flags,
         "trained": rows.trained,
+        "suggestion_confidence": rows.confidence,
     }
     if info.clean is not None:
         known, noisy = _truth(info, lo, hi)
@@ -154,10 +201,10 @@ def _flags(rows: Rows, cut: tuple[float, int] | None) -> np.ndarray:
     return flags_from_cut(rows.score, np.arange(rows.lo, rows.hi), rows.trained, cut)
 
 
-def _cut(score: np.ndarray, trained: np.ndarray) -> tuple[float, int] | None:
-    """Where the flags stop (docs/methods.md#flags), among the samples trained on."""
-    fit = FLAG_FIT_AT_MOST if len(score) > FLAG_FIT_AT_MOST else None
-    return flag_cut(score, trained, fit_at_most=fit)
+def _cut(score: np.ndarray, trained: np.ndarray, found: Found) -> tuple[float, int] | None:
+    """Where the flags stop (docs/methods.md#flags): the estimated number of issues, at the
+    top of the ranking of the samples trained on."""
+    return flag_cut(score, trained, num_issues=found.estimate.num_issues)
 
 
 # -- the replicated layout: rank 0 writes single files -----------------------------------------
@@ -168,11 +215,14 @@ def write_outputs(out: Path, store: Store, info: RunInfo) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     rows = score_rows(info, {n: store[n] for n in store.specs}, 0)
-    issues = rank_part(_issue_table(info, rows, _flags(rows, _cut(rows.score, rows.trained))))
+    found = find_issues(info, rows)
+    flags = _flags(rows, _cut(rows.score, rows.trained, found))
+    issues = rank_part(_issue_table(info, rows, flags))
     pq.write_table(issues, out / "label_issues.parquet")
     pq.write_table(issues.slice(0, info.cfg.store.top_k), out / LABEL_ISSUES_TOP)
     atomic_write_table(_stats_table(info, rows), out / "sample_stats.parquet")
-    return _write_summary(out, store, info, rows)
+    review = _review_counts(info, rows, flags, None)
+    return _write_summary(out, store, info, rows, found, review)
 
 
 # -- the partitioned layout: every rank writes its part ----------------------------------------
@@ -185,10 +235,18 @@ def write_rank_outputs(
     ``comm_device``: where the collectives run (the CUDA device under NCCL)."""
     lo = store.owned_range()[0]
     rows = score_rows(info, {n: store.local(n) for n in store.specs}, lo)
+
+    def reduce(a: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(comm_device)
+        return collectives.all_reduce_sum(t).cpu().numpy()
+
+    found = find_issues(info, rows, reduce)
     whole = _gather_rows(rows, store.num_samples, comm_device)
-    cut = _cut(whole.score, whole.trained) if whole is not None else None
+    cut = _cut(whole.score, whole.trained, found) if whole is not None else None
     cut = collectives.broadcast_object(cut)
-    issues = rank_part(_issue_table(info, rows, _flags(rows, cut)))
+    flags = _flags(rows, cut)
+    review = _review_counts(info, rows, flags, reduce)
+    issues = rank_part(_issue_table(info, rows, flags))
     stats = _stats_table(info, rows)
     part = collectives.rank()
     entries = (
@@ -206,7 +264,7 @@ def write_rank_outputs(
     write_index(out / LABEL_ISSUES_DIR, [g[0][1] for g in gathered], gathered[0][3])
     top = _merge_heads([g[1] for g in gathered], info.cfg.store.top_k)
     atomic_write_table(top, out / LABEL_ISSUES_TOP)
-    return _write_summary(out, store, info, whole)
+    return _write_summary(out, store, info, whole, found, review)
 
 
 def _merge_heads(heads: list[Any], k: int) -> Any:
@@ -232,12 +290,64 @@ def _gather_rows(rows: Rows, num_samples: int, device: torch.device) -> Rows | N
     score, trained, pred, read = (w.numpy() for w in whole)
     assert len(score) == num_samples
     empty = np.zeros(0, dtype=np.int64)
-    return Rows(0, num_samples, {}, score, empty, trained, pred, read)
+    return Rows(0, num_samples, {}, score, empty, np.zeros(0), trained, pred, read)
 
 
 # -- the summary -------------------------------------------------------------------------------
-def _write_summary(out: Path, store: Store, info: RunInfo, rows: Rows) -> dict[str, Any]:
+def _review_counts(
+    info: RunInfo, rows: Rows, flags: np.ndarray, reduce: Reduce | None
+) -> np.ndarray:
+    """``[flagged, flagged suggesting their given label, flagged corrupted, flagged corrupted
+    whose suggestion is the clean label]`` over every block (the last two 0 without truth)."""
+    given = info.given[rows.lo : rows.hi]
+    counts = [flags.sum(), (flags & (rows.suggested == given)).sum(), 0, 0]
+    if info.clean is not None:
+        _, noisy = _truth(info, rows.lo, rows.hi)
+        hit = flags & noisy
+        counts[2:] = [hit.sum(), (hit & (rows.suggested == info.clean[rows.lo : rows.hi])).sum()]
+    total = np.asarray(counts, dtype=np.float64)
+    return reduce(total) if reduce is not None else total
+
+
+def issue_figures(info: RunInfo, found: Found, review: np.ndarray) -> dict[str, Any]:
+    """The summary's label-issue count, estimated noise and review figures
+    (docs/methods.md#flags), with the realised noise per class where it is known."""
+    est = found.estimate
+    flagged, self_suggested, flagged_noisy, right = (int(x) for x in review)
+    out: dict[str, Any] = {
+        "num_label_issues": flagged,
+        "noise_rate_estimated": est.rate,
+        "noise_rate_estimated_per_class": [
+            None if np.isnan(r) else float(r) for r in est.rate_per_class
+        ],
+        "label_issue_count_source": found.count_source,
+        "early_learning_epochs": found.window,
+        "suggested_label_source": found.suggest_source,
+        "flagged_suggesting_given_label": self_suggested,
+    }
+    if info.clean is not None:
+        known = info.clean >= 0
+        noisy = known & (info.clean != info.given)
+        c = info.spec.num_classes
+        per = np.bincount(info.given[known], minlength=c)
+        wrong = np.bincount(info.given[noisy], minlength=c)
+        out["noise_rate_realised_per_class"] = [
+            float(w / p) if p else None for w, p in zip(wrong, per, strict=True)
+        ]
+        if flagged:
+            out["label_issue_flag_precision"] = flagged_noisy / flagged
+        if noisy.any():
+            out["label_issue_flag_recall"] = flagged_noisy / int(noisy.sum())
+        if flagged_noisy:
+            out["suggestion_acc_on_flagged_corrupted"] = right / flagged_noisy
+    return out
+
+
+def _write_summary(
+    out: Path, store: Store, info: RunInfo, rows: Rows, found: Found, review: np.ndarray
+) -> dict[str, Any]:
     summary = summarize(store, info, rows)
+    summary.update(issue_figures(info, found, review))
     summary["bad_samples"] = info.bad_samples
     # The skipped samples by set, key (zero-padded index, or a shard file) and reason.
     summary["bad_sample_list"] = (info.bad_sample_list or [])[:MAX_LISTED_BAD]

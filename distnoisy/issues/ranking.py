@@ -7,7 +7,8 @@ predicted probabilities into what a user acts on:
 - :func:`rank_by_score`: the review order (highest score first, ties by sample index);
 - :func:`estimate_noise_rate`: the fraction of mislabelled samples, from the two clusters that
   the scores form (a two-component Gaussian mixture);
-- :func:`is_label_issue`: a yes/no flag per sample, the estimated number of top-ranked samples;
+- :func:`is_label_issue`: a yes/no flag per sample, a number of top-ranked samples (a run's
+  outputs use the calibrated count of :mod:`distnoisy.issues.find`);
 - :func:`estimate_num_label_issues`: the cleanlab-style count from the confident joint
   (:func:`confident_joint`) of given labels and predicted probabilities, for predictions on
   held-out samples;
@@ -270,11 +271,13 @@ def is_label_issue(
     ties are broken by index). By default ``num_issues = round(ρ̂ · n)`` with ``n`` eligible
     samples and ``ρ̂ = estimate_noise_rate`` of their finite scores (0 with fewer than two).
 
-    The count could also come from :func:`estimate_num_label_issues` (the confident joint), but
-    only with predictions on samples the model did not train on: a run's own final predictions
-    on its training set follow the given labels once the network has memorised them, and the
-    confident joint then finds (almost) no issues (0 of 561 for CE on digits, see
-    ``docs/methods.md#flags``).
+    A run's outputs pass the calibrated count of :func:`distnoisy.issues.find.find_label_issues`
+    (a confident joint on the run's early-learning probabilities, ``docs/methods.md#flags``)
+    as ``num_issues``; the mixture default over-counts where the scores have a long upper tail
+    (1.2x the corrupted samples for CE on digits, 1.3x on Fashion-MNIST). The confident joint
+    of :func:`estimate_num_label_issues` needs predictions on samples the model did not train
+    on: a run's own final predictions follow the given labels once the network has memorised
+    them, and it then finds (almost) no issues.
 
     Parameters
     ----------
