@@ -17,6 +17,7 @@ from distnoisy.core.errors import ConfigError
 
 SCORES = ("influence", "self_influence", "grad_norm", "loss_history")
 HESSIANS = ("auto", "exact", "ekfac", "kfac")
+WEIGHTS = ("auto", "final", "best")
 
 
 @dataclass
@@ -38,8 +39,9 @@ class PostTrainParams:
     weight_decay: float = 1e-3
     # L-BFGS iterations per refit.
     refit_iters: int = 100
-    # Features from the run's final weights, or its best-by-validation ones.
-    weights: str = "final"
+    # Features from the run's final weights, its best-by-validation ones, or auto: the
+    # best-by-validation weights when the run kept them (it had a validation set), else final.
+    weights: str = "auto"
     # Cached feature precision: float32 or float16.
     feature_dtype: str = "float32"
     # Feature extraction ranks and launcher; None = the run's scaling.* settings.
@@ -85,7 +87,7 @@ def validate(cfg: PostTrainConfig) -> None:
     choices = (
         ("score", p.score, SCORES),
         ("hessian", p.hessian, HESSIANS),
-        ("weights", p.weights, ("final", "best")),
+        ("weights", p.weights, WEIGHTS),
         ("feature_dtype", p.feature_dtype, ("float32", "float16")),
     )
     for key, value, valid in choices:

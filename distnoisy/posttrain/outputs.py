@@ -82,6 +82,34 @@ def rounds_markdown(rounds: list[dict[str, Any]], best: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def comparison_markdown(summary: dict[str, Any]) -> str:
+    """The line under the rounds table that compares post-training with the run itself: its
+    final accuracy and its own early stopping (the test accuracy at its best validation
+    epoch)."""
+    gain = summary.get("gain_over_early_stopping")
+    versus = "" if gain is None else f" ({100 * gain:+.1f} points over the run's early stopping)"
+    epoch = summary.get("best_val_epoch")
+    return (
+        f"\nClean test accuracy: the run {_pct(summary.get('test_acc_before'))} final, "
+        f"{_pct(summary.get('test_acc_at_best_val'))} at its best validation epoch"
+        f"{'' if epoch is None else f' ({epoch})'}; post-trained from its "
+        f"{summary.get('weights', 'final')} weights {_pct(summary.get('test_acc'))}{versus}.\n"
+    )
+
+
+def rounds_page(rounds: list[dict[str, Any]], best: int, summary: dict[str, Any]) -> str:
+    """``rounds.md``: the rounds table, the comparison with the run and, after a fine-tune,
+    its line."""
+    page = rounds_markdown(rounds, best) + comparison_markdown(summary)
+    if summary.get("finetune"):
+        page += finetune_markdown(summary["finetune"])
+    return page
+
+
 def finetune_markdown(ft: dict[str, Any]) -> str:
     """The fine-tune's line under the rounds table."""
     return (
