@@ -46,6 +46,13 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     write_text(path, json.dumps(data, indent=2))
 
 
+def write_array(path: Path, array: np.ndarray) -> None:
+    """An ``.npy`` file, written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    np.save(tmp, array)
+    _replace(tmp, path)
+
+
 def write_parquet(path: Path, columns: dict[str, Any]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -112,10 +119,16 @@ def rounds_page(rounds: list[dict[str, Any]], best: int, summary: dict[str, Any]
 
 def finetune_markdown(ft: dict[str, Any]) -> str:
     """The fine-tune's line under the rounds table."""
+    epoch = ft.get("selected_epoch")
+    chosen = (
+        "no epoch beat the post-trained head on the validation set: the head is kept"
+        if epoch == 0
+        else f"epoch {epoch} selected on {ft.get('selected_on')}"
+    )
     return (
         f"\nFine-tuned the whole network for {ft['epochs']} epochs on the {ft['kept']} kept "
-        f"samples: test_acc {_cell(ft.get('test_acc'))}, val_acc_noisy "
-        f"{_cell(ft.get('val_acc_noisy'))} ({ft['output_dir']}).\n"
+        f"samples ({ft['output_dir']}): {chosen}, test_acc {_cell(ft.get('test_acc'))} "
+        f"(last epoch {_cell(ft.get('test_acc_last'))}).\n"
     )
 
 

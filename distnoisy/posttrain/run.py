@@ -21,7 +21,13 @@ from distnoisy.core.errors import ConfigError
 from distnoisy.finished.runs import FinishedRun, open_run
 from distnoisy.posttrain import outputs
 from distnoisy.posttrain.config import PostTrainConfig, save
-from distnoisy.posttrain.rounds import RoundsInput, RoundsResult, Split, run_rounds
+from distnoisy.posttrain.rounds import (
+    RoundsInput,
+    RoundsResult,
+    Split,
+    run_rounds,
+    selection_metric,
+)
 
 log = logging.getLogger("distnoisy.posttrain")
 
@@ -234,6 +240,9 @@ def summarize(
         "precision_removed": best.get("precision_removed"),
         "recall_removed": best.get("recall_removed"),
         "best_round": res.best_round,
+        "selected_on": selection_metric(cfg.posttrain),
+        "weight_decay": res.weight_decay,
+        "mu": res.mu,
         **extra,
         "rounds": res.rounds,
         "wall_s": round(wall_s, 2),
@@ -330,9 +339,14 @@ def run_finetune(
 
     removed = np.flatnonzero(res.removed_round >= 1)
     parent = prep.run.mlflow_run_id if cfg.tracking.enabled else None
-    ft = finetune(cfg, prep.run.config, prep.out_dir, removed, uri, parent)
+    key = summary["selected_on"]
+    head = res.rounds[res.best_round] if res.best_round >= 0 else res.before
+    ft = finetune(cfg, prep.run.config, prep.out_dir, removed, uri, parent, key, head.get(key))
+    if ft["selected_epoch"] == 0:  # no fine-tune epoch beat the post-trained head: keep it
+        ft.update({k: head.get(k) for k in ("test_acc", "val_acc", "val_acc_noisy")})
     summary["finetune"] = ft
     summary["test_acc_finetuned"] = ft["test_acc"]
+    summary["val_acc_finetuned"] = ft["val_acc"]
     summary["val_acc_noisy_finetuned"] = ft["val_acc_noisy"]
     outputs.write_text(
         prep.out_dir / "rounds.md", outputs.rounds_page(res.rounds, res.best_round, summary)
