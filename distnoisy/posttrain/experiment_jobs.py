@@ -163,6 +163,10 @@ def run_job(job: RunJob, wait: bool = False) -> dict[str, Any] | None:
     from distnoisy.driver.grid import run_args, train_or_reuse
 
     torch.set_num_threads(1)
+    if not logging.getLogger().handlers:  # a spawned worker: progress lines like the driver's
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        log.setLevel(logging.INFO)
+        logging.getLogger("distnoisy.driver.grid").setLevel(logging.INFO)
     run = train_or_reuse(Path(job.root), *job.key, job.extra_train, wait=wait)
     if run is None:
         return None

@@ -214,8 +214,8 @@ def score_ranking(grouped: dict, keys: list[tuple[str, str, str]], scores: list[
 def per_seed(results: Results) -> str:
     lines = [
         "| dataset | noise | method | seed | final | val-selected | head only | kept round | "
-        "removed | fine-tuned | cleanlab | cleanlab removed |",
-        "|" + "---|" * 12,
+        "removed | fine-tuned | fine-tune epoch | cleanlab | cleanlab removed |",
+        "|" + "---|" * 13,
     ]
 
     def p(v: Any) -> str:
@@ -223,10 +223,12 @@ def per_seed(results: Results) -> str:
 
     for (dataset, noise, method, seed), r in sorted(results.items()):
         d, c = r["default"], r.get("cleanlab") or {}
+        ft_epoch = (d.get("finetune") or {}).get("selected_epoch", "-")
         lines.append(
             f"| {TITLES[dataset]} | {noise} | {method} | {seed} | {p(r['run']['test_acc'])} | "
             f"{p(early(r))} | {p(d['test_acc'])} | {d['best_round']} | {d['removed']} | "
-            f"{p(d.get('test_acc_finetuned'))} | {p(c.get('test_acc'))} | {c.get('removed', '-')} |"
+            f"{p(d.get('test_acc_finetuned'))} | {ft_epoch} | "
+            f"{p(c.get('test_acc'))} | {c.get('removed', '-')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -275,5 +275,5 @@ def _update_best(rounds: list[dict], best: int, since_best: int, key: str) -> in
 
 
 def _fmt(row: dict) -> str:
-    keys = ("removed", "val_acc_noisy", "test_acc", "precision_removed")
+    keys = ("removed", "val_acc", "val_acc_noisy", "test_acc", "precision_removed")
     return "  ".join(f"{k} {row[k]:.4g}" for k in keys if row.get(k) is not None)
