@@ -120,7 +120,10 @@ def cleanlab_recipe(
     given = np.asarray(inp.given, np.int64)
     probs = out_of_sample_probs(inp.train, given, num_classes, mu, folds, seed)
     issues = np.asarray(
-        cleanlab_filter.find_label_issues(given, probs, filter_by=filter_by), dtype=bool
+        # n_jobs=1: cleanlab's own process pool relies on fork-inherited globals and fails in
+        # a spawned worker (the experiment's); one class at a time is quick at this size.
+        cleanlab_filter.find_label_issues(given, probs, filter_by=filter_by, n_jobs=1),
+        dtype=bool,
     )
     kept = ~issues
     theta = fit_head(theta_refit, inp.train[kept], given[kept], mu, refit_iters)
