@@ -221,6 +221,7 @@ def plot(path: Path, rounds: list[dict[str, Any]], best: int) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (
         ("test_acc", "clean test accuracy"),
+        ("val_acc", "validation accuracy"),
         ("val_acc_noisy", "validation accuracy (noisy labels)"),
         ("precision_removed", "precision of removed samples"),
     ):
