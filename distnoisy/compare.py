@@ -21,12 +21,14 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distnoisy.config import keys_help, load_config
-from distnoisy.core.errors import DistnoisyError
+from distnoisy.core.errors import ConfigError
 from distnoisy.core.result_docs import write_section
+from distnoisy.driver.cli import ArgumentParser, Command, run_command
 from distnoisy.train import train
 
 # (summary key, column title, scale, decimals)
@@ -113,13 +115,24 @@ def markdown_table(results: dict[str, list[dict[str, Any]]], command: str) -> st
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    from distnoisy.driver.cli import setup_cli
+@dataclass(frozen=True)
+class _Args:
+    """The parsed command line: the grid and where its outputs go."""
 
-    setup_cli()
-    parser = argparse.ArgumentParser(
+    methods: list[str]
+    seeds: list[int]
+    common: list[str]
+    per_method: dict[str, list[str]]
+    out_root: Path
+    out: Path | None
+    section: str | None
+    command: str
+
+
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="python -m distnoisy.compare",
-        description=__doc__.replace("``", "").replace("::", ":"),
+        description=(__doc__ or "").replace("``", "").replace("::", ":"),
         epilog=keys_help(config_files=False),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -131,33 +144,63 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--runs", type=Path, default=Path("runs/compare"), help="run dirs root")
     parser.add_argument("overrides", nargs="*", help="key=value for all runs, method:key=value")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    methods = [m for m in args.methods.split(",") if m]
-    seeds = [int(s) for s in args.seeds.split(",") if s]
-    common = [o for o in args.overrides if ":" not in o.split("=", 1)[0]]
+    return parser
+
+
+def _parse(argv: list[str]) -> _Args:
+    args = _parser().parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: give comma-separated integers") from None
     per_method: dict[str, list[str]] = {}
     for o in args.overrides:
-        head = o.split("=", 1)[0]
-        if ":" in head:
+        if ":" in o.split("=", 1)[0]:
             method, rest = o.split(":", 1)
             per_method.setdefault(method, []).append(rest)
-    out_root = args.runs / time.strftime("%Y%m%d-%H%M%S")
-    try:
-        results = run_grid(methods, seeds, common, per_method, out_root)
-    except DistnoisyError as e:
-        print(f"distnoisy: error: {e}", file=sys.stderr)
-        return 2
-    command = "python -m distnoisy.compare " + shlex.join(sys.argv[1:] if argv is None else argv)
-    table = markdown_table(results, command)
-    print(table)
-    (out_root / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return _Args(
+        methods=[m for m in args.methods.split(",") if m],
+        seeds=seeds,
+        common=[o for o in args.overrides if ":" not in o.split("=", 1)[0]],
+        per_method=per_method,
+        out_root=args.runs / time.strftime("%Y%m%d-%H%M%S"),
+        out=args.out,
+        section=args.section,
+        command="python -m distnoisy.compare " + shlex.join(argv),
+    )
+
+
+def _run(args: _Args) -> str:
+    results = run_grid(args.methods, args.seeds, args.common, args.per_method, args.out_root)
+    table = markdown_table(results, args.command)
+    (args.out_root / "results.json").write_text(json.dumps(results, indent=2, default=str))
     if args.out:
         if args.section:
             write_section(args.out, args.section, table)
         else:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(table)
-    return 0
+    return table
+
+
+def _interrupted(args: _Args | None) -> str:
+    if args is None or not args.out_root.exists():
+        return "distnoisy: compare interrupted before its first run started"
+    return (
+        f"distnoisy: compare interrupted; its runs are in {args.out_root} (a comparison does "
+        "not resume: run the command again)"
+    )
+
+
+COMMAND = Command(
+    usage=lambda: _parser().format_help(), parse=_parse, run=_run, interrupted=_interrupted
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 when every run finished (or ``--help``), 2 on bad input (one line), 130 when
+    interrupted (the run in progress ends KILLED in MLflow)."""
+    return run_command(COMMAND, argv)
 
 
 if __name__ == "__main__":

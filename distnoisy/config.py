@@ -1,4 +1,4 @@
-"""Run configuration: OmegaConf structured dataclasses, YAML config files and ``key=value`` overrides.
+"""Run configuration: OmegaConf structured dataclasses, YAML config files, ``key=value`` overrides.
 
 The schema is typed and closed: an unknown key or a value of the wrong type is a
 :class:`~distnoisy.core.errors.ConfigError` that names the key and the valid choices. Each method
@@ -42,25 +42,31 @@ SCHEDULERS = ("none", "cosine", "multistep")
 class LongtailConfig:
     """``data.name=longtail``: the controlled long-tail set (distnoisy/data/longtail.py)."""
 
+    # Classes of the generated set.
     num_classes: int = 10
+    # Subpopulations (clusters around their own centre) the classes are split into.
     subpopulations: int = 400
     # Zipf exponent of the rank-size law: the r-th subpopulation has round(max_size * r**-zipf)
     # training instances (at least 1).
     zipf: float = 1.0
+    # Training instances of the largest subpopulation (rank 1 of the Zipf law).
     max_size: int = 200
     # Test instances of a subpopulation: test_per_subpopulation + round(test_share * its size).
     test_per_subpopulation: int = 3
     test_share: float = 0.25
+    # Side of the generated square grey images, in pixels.
     image_size: int = 8
     # Share of a centre's variance that comes from its class prototype (the rest is its own).
     class_weight: float = 0.3
     # Std of an instance around its subpopulation centre (centres have unit variance per pixel).
     jitter: float = 0.3
+    # Seed of the generator (the set, not the run: every run seed sees the same images).
     seed: int = 0
 
 
 @dataclass
 class DataConfig:
+    # The dataset; "shards" reads any set converted to distnoisy's shard format.
     name: str = "digits"
     # Where prepared shards live (digits: cache written on first use). None = ~/.cache/distnoisy.
     # clothing1m/cifar: the converter's output dir, a local path or a URL (s3://, gs://,
@@ -76,6 +82,7 @@ class DataConfig:
     # How shards reach DDP ranks: "sample" = one global order, identical results for any number
     # of workers; "shard" = each rank reads only its own shards (scales to large data).
     split: str = "shard"
+    # digits: fraction of the images held out as the clean test set.
     test_fraction: float = 0.2
     # digits: fraction of the non-test images held out as a clean validation split (val_acc,
     # model selection, sweeps); 0 = none. ``shards``: a ``val/`` set beside train/ is used.
@@ -84,8 +91,12 @@ class DataConfig:
     # images (seed 0, so every run seed sees the same images; validation comes out of them);
     # 0 = all. For cheap CPU runs; the test set stays whole.
     train_size: int = 0
+    # Samples per shard of the sets distnoisy converts on first use (digits, longtail,
+    # fashion_mnist).
     shard_size: int = 256
+    # Loader processes per rank (0 = read in the training process).
     num_workers: int = 0
+    # Samples held in the shuffle buffer each rank draws its batches from.
     shuffle_buffer: int = 1000
     # Shards read at once, their samples interleaved at random before the shuffle buffer: with
     # the shard order shuffled every pass, this mixes sets whose shards each hold few classes.
@@ -121,8 +132,14 @@ class DataConfig:
 
 @dataclass
 class NoiseConfig:
+    # Synthetic noise added to the dataset's labels, a label file of your own, or none
+    # (docs/methods.md#noise-model).
     kind: str = "symmetric"
+    # Flip probability of the synthetic kinds, in [0, 1) (instance: the mean of the per-sample
+    # rates).
     rate: float = 0.4
+    # Seed of the noise realisation (independent of the run's seed: every run trains on the
+    # same noisy labels).
     seed: int = 0
     # ELR/DAL convention: the replacement label is drawn from all C classes
     # (docs/methods.md#noise-model).
@@ -135,13 +152,16 @@ class NoiseConfig:
     instance_features: str = "raw"
     # ``data.name=longtail``, ``kind=instance`` only: a noise rate that depends on the
     # subpopulation. The samples of subpopulations of at most ``tail_size`` training instances
-    # get mean rate ``tail_rate``, the others ``rate`` (docs/analysis.md#long-tail-data).
+    # get mean rate ``tail_rate``, the others ``rate`` (docs/analysis.md#the-long-tail-dataset).
     tail_rate: float | None = None
+    # With noise.tail_rate: the largest subpopulation size (training instances) that counts as
+    # the tail.
     tail_size: int = 1
 
 
 @dataclass
 class ModelConfig:
+    # The network (distnoisy/models).
     name: str = "small_cnn"
     # Local path to pretrained weights (nothing is downloaded at run time).
     weights: str | None = None
@@ -149,15 +169,23 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    # Passes over the training set.
     epochs: int = 60
     # Global batch size, split evenly over the workers.
     batch_size: int = 64
+    # Learning rate (the initial one under a scheduler).
     lr: float = 1e-3
+    # The optimizer: sgd or adam.
     optimizer: str = "adam"
+    # SGD momentum (unused by Adam).
     momentum: float = 0.9
+    # L2 weight decay of the optimizer.
     weight_decay: float = 0.0
+    # Learning-rate schedule over the epochs: none, cosine or multistep.
     scheduler: str = "none"
+    # scheduler=multistep: the epochs at which the learning rate is multiplied by gamma.
     milestones: list[int] = field(default_factory=list)
+    # scheduler=multistep: the factor applied at each milestone.
     gamma: float = 0.1
     # Autocast precision of the forward passes: "fp32" (off), "bf16", or "fp16" (with a
     # gradient scaler). Losses are computed in float32 whatever the setting. Where the device
@@ -177,11 +205,17 @@ class TrainConfig:
 
 @dataclass
 class ScalingConfig:
+    # Ray Train workers on a Ray cluster, or local: ranks without Ray, one in the driver or
+    # spawned processes.
     launcher: str = "ray"
+    # Training ranks (DDP processes); the global batch is split evenly over them.
     num_workers: int = 2
+    # One GPU per rank.
     use_gpu: bool = False
     # Ray address; None starts a local cluster (or joins RAY_ADDRESS / a running one).
     address: str | None = None
+    # Ray launcher: how many times the worker group is restarted from the last checkpoint
+    # after a worker fails (0 = the run fails with it).
     max_failures: int = 0
     # Seconds to wait for a Ray cluster that may grow (an autoscaler) to provide the workers'
     # CPUs/GPUs; a cluster that cannot grow (the local one) fails at once.
@@ -190,10 +224,15 @@ class ScalingConfig:
 
 @dataclass
 class TrackingConfig:
+    # Track the run in MLflow (params, per-epoch metrics, outputs); the run directory's
+    # outputs are the same either way.
     enabled: bool = True
-    # None = sqlite:///<absolute cwd>/mlflow.db
+    # MLflow tracking URI (sqlite:///PATH, http://HOST:PORT); None = sqlite:///<absolute
+    # cwd>/mlflow.db.
     uri: str | None = None
+    # MLflow experiment the run goes to (created on first use).
     experiment: str = "distnoisy"
+    # MLflow run name; None = the run directory's name.
     run_name: str | None = None
     # Extra MLflow run tags, e.g. tracking.tags.team=vision (values are strings).
     tags: dict[str, str] = field(default_factory=dict)
@@ -223,21 +262,25 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    # Seed of model initialisation and data order (the noise has its own: noise.seed).
     seed: int = 0
-    # None = runs/<name or timestamp>
+    # The run directory; None = runs/<name or timestamp-method>.
     output_dir: str | None = None
+    # The run's name (its directory under runs/ when output_dir is not given).
     name: str | None = None
     # Continue the run in output_dir from its last checkpoint.
     resume: bool = False
 
 
-def keys_help(config_files: bool = True) -> str:
+def keys_help(config_files: bool = True, keys_below: bool = False) -> str:
     """How run config keys are given and where they are documented (the commands' ``--help``).
 
     Parameters
     ----------
     config_files
         Also explain ``--config FILE.yaml`` (the commands that take it).
+    keys_below
+        The help lists every key after this text (``python -m distnoisy.train --help``).
 
     Returns
     -------
@@ -248,6 +291,7 @@ def keys_help(config_files: bool = True) -> str:
     names = [f.name for f in dataclasses.fields(Config)]
     sections = [n for n in names if dataclasses.is_dataclass(getattr(defaults, n))]
     top = [n for n in names if n not in sections]
+    where = "listed below" if keys_below else "python -m distnoisy.train --help"
     given = "Config keys are given as key=value (e.g. method.name=ce train.epochs=10)"
     files = (
         "; a --config FILE.yaml holds the same keys as YAML (a run's config.yaml is one). Later "
@@ -257,9 +301,9 @@ def keys_help(config_files: bool = True) -> str:
         given + (files if config_files else "."),
         f"Sections: {', '.join(f'{s}.*' for s in sections)}; top-level keys: {', '.join(top)}. "
         "The method.* keys depend on method.name.",
-        "Every key, its default and each method's keys: README.md, section 'Configuration' "
-        "(defaults in distnoisy/config.py). An unknown key is an error that lists the valid "
-        "ones.",
+        f"Every key with its default and meaning, and each method's keys: {where}; also "
+        "README.md, section 'Configuration' (defaults in distnoisy/config.py). An unknown key is "
+        "an error that lists the valid ones.",
     )
     return "\n\n".join(textwrap.fill(p, width=88) for p in paragraphs)
 
@@ -460,7 +504,8 @@ RESUMABLE_KEYS = (
     "scaling.use_gpu",
     "scaling.address",
     "scaling.max_failures",
-    # Checkpoints hold the store whole, so either backend resumes them.
+    # A checkpoint's store (whole in state.pt, or one part file per rank of a partitioned
+    # store) restores into either backend on any number of ranks (distnoisy.store.parts).
     "store.backend",
     "scaling.resource_timeout_s",
 )

@@ -191,3 +191,48 @@ def test_resume_logs_each_epoch_once_and_wall_s_sums_the_segments(finished, tmp_
     first, second = summary["wall_s_segments"]
     assert first == pytest.approx(first_wall, abs=0.05)
     assert summary["wall_s"] == pytest.approx(first + second, abs=0.02)
+
+
+# -- outputs do not depend on tracking; a partitioned store's tables are artifacts too ---------
+def test_noise_transition_is_written_with_tracking_off(finished, tmp_path):
+    run = tmp_path / "untracked"
+    argv = [a for a in finished["argv"] if not a.startswith(("output_dir=", "tracking."))]
+    assert main([*argv, f"output_dir={run}", "tracking.enabled=false", "train.epochs=1"]) == 0
+    assert json.loads((run / "run.json").read_text())["mlflow_run_id"] is None
+    written = json.loads((run / "noise_transition.json").read_text())
+    # The same data and noise as the tracked run: the same file, tracked or not.
+    assert written == json.loads((finished["run"] / "noise_transition.json").read_text())
+    # T[j, k] = P(given = k | clean = j), counted independently from the per-sample table.
+    stats = pq.read_table(run / "sample_stats.parquet", columns=["given_label", "clean_label"])
+    given, clean = (stats.column(c).to_numpy() for c in ("given_label", "clean_label"))
+    c = len(written["classes"])
+    counts = np.zeros((c, c))
+    np.add.at(counts, (clean, given), 1.0)
+    np.testing.assert_allclose(written["transition"], counts / counts.sum(1, keepdims=True))
+
+
+def test_a_partitioned_run_logs_its_label_issue_tables(finished, tmp_path):
+    import pyarrow.dataset as ds
+
+    run = tmp_path / "partitioned"
+    argv = [a for a in finished["argv"] if not a.startswith(("output_dir=", "tracking.system"))]
+    assert main([*argv, f"output_dir={run}", "store.backend=partitioned", "train.epochs=1"]) == 0
+    assert (run / "label_issues").is_dir() and not (run / "label_issues.parquet").exists()
+    run_id = json.loads((run / "summary.json").read_text())["mlflow_run_id"]
+    client = _client(finished["uri"])
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert {"label_issues", "label_issues_top.parquet"} <= top, top
+    files = sorted(p.relative_to(run).as_posix() for p in (run / "label_issues").rglob("*"))
+    logged = sorted(a.path for a in client.list_artifacts(run_id, "label_issues"))
+    assert any(f.endswith(".parquet") for f in files) and logged == files, (logged, files)
+    dl = Path(client.download_artifacts(run_id, "label_issues", str(tmp_path / "dl")))
+
+    def table(root: Path):
+        return ds.dataset(sorted(map(str, root.glob("*.parquet")))).to_table().sort_by("index")
+
+    got = table(dl)
+    assert got.num_rows == finished["summary"]["num_train"]
+    assert got.equals(table(run / "label_issues"))
+    assert (dl / "index.json").read_bytes() == (run / "label_issues" / "index.json").read_bytes()
+    top_rows = pq.read_table(Path(client.download_artifacts(run_id, "label_issues_top.parquet")))
+    assert top_rows.equals(pq.read_table(run / "label_issues_top.parquet"))

@@ -15,13 +15,13 @@ import pytest
 
 from distnoisy.config import INSTANCE_FEATURES as CONFIG_INSTANCE_FEATURES
 from distnoisy.core.errors import ConfigError, DataError
+from distnoisy.data.instance_noise import _instance_draws  # the q and W behind a label vector
 from distnoisy.data.noise import (
     CIFAR10_PAIR_MAP,
     GENERATOR_VERSION,
     INSTANCE_FEATURES,
     NOISE,
     LabelFile,
-    _instance_draws,  # the q and W that produced a label vector
     default_pair_map,
     load_label_file,
     make_noisy_labels,

@@ -19,6 +19,8 @@ from distnoisy.core.errors import ConfigError
 FREQUENCIES = ("knn", "subpopulation")
 #: ``analysis.metric``.
 METRICS = ("cosine", "l2")
+#: ``analysis.search``: exact up to 50,000 training rows (``auto``), always, or approximate.
+SEARCHES = ("auto", "exact", "ivf")
 
 
 @dataclass
@@ -37,6 +39,11 @@ class AnalysisOptions:
     features_from: str = "reference"
     # Ray tasks for the k-NN search of large sets (>= 20,000 query rows); 1 = in process.
     num_workers: int = 1
+    # The k-NN search: "exact", "ivf" (approximate inverted file), or "auto" (exact up to
+    # 50,000 training rows, ivf above).
+    search: str = "auto"
+    # ivf: lists searched per query list (more = closer to the exact score, slower).
+    probes: int = 16
 
 
 @dataclass
@@ -69,6 +76,8 @@ def validate(cfg: AnalyzeConfig) -> None:
         (a.k >= 1, "analysis.k must be >= 1"),
         (a.buckets >= 1, "analysis.buckets must be >= 1"),
         (a.num_workers >= 1, "analysis.num_workers must be >= 1"),
+        (a.search in SEARCHES, f"analysis.search must be one of {', '.join(SEARCHES)}"),
+        (a.probes >= 1, "analysis.probes must be >= 1"),
         (len(set(cfg.run)) == len(cfg.run), "run=[...] names a run twice"),
     ]
     for ok, message in checks:
@@ -94,7 +103,7 @@ def load_analyze_config(argv: list[str] | None = None) -> AnalyzeConfig:
         first = str(e).splitlines()[0]
         raise ConfigError(
             f"bad analysis config key or value {key!r}: {first} (keys: run, reference, "
-            "analysis.{frequency,k,metric,buckets,features_from,num_workers}, "
+            "analysis.{frequency,k,metric,buckets,features_from,num_workers,search,probes}, "
             "tracking.{enabled,uri,experiment}, output_dir)"
         ) from None
     validate(cfg)

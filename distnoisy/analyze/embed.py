@@ -23,7 +23,9 @@ EVAL_BATCH = 512
 @dataclass(frozen=True)
 class Embedding:
     """One split of one run: ``features`` (N, d), ``logits`` (N, C) and the split's labels and
-    keys, row = global index."""
+    keys, row = global index. Features and logits stay memory-mapped from the run's feature
+    cache (read as needed, never copied whole); the training split's keys are not kept (empty:
+    nothing reads them, and they cost ~100 bytes a sample)."""
 
     features: np.ndarray
     logits: np.ndarray
@@ -78,14 +80,12 @@ def run_embeddings(
     for split in splits:
         labels, clean, keys = read_labels(read_manifest(dirs[split]))
         feats = (
-            _pixels(dirs[split], transform)
-            if features == "pixels"
-            else np.asarray(extracted[split].features, dtype=np.float32)
+            _pixels(dirs[split], transform) if features == "pixels" else extracted[split].features
         )
         out[split] = Embedding(
             features=feats,
-            logits=np.asarray(extracted[split].logits, dtype=np.float32),
+            logits=extracted[split].logits,
             labels=np.asarray(clean if clean is not None else labels, dtype=np.int64),
-            keys=np.asarray(keys),
+            keys=np.asarray(keys) if split != "train" else np.zeros(0, dtype=object),
         )
     return out

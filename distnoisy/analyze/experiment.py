@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distnoisy.analyze.cli import track
+from distnoisy.analyze.cli import analyse_tracked
 from distnoisy.analyze.config import load_analyze_config
-from distnoisy.analyze.pipeline import Analysis, analyse
-from distnoisy.analyze.report import write_outputs
+from distnoisy.analyze.pipeline import Analysis
 from distnoisy.core.errors import DistnoisyError
 
 #: Noise of each data set: instance-dependent (the paper's setting), 30% mean rate.
@@ -168,9 +167,7 @@ def analyse_data(data: str, dirs: dict[str, Path], out: Path, uri: str) -> dict[
     results = {}
     for i, (name, extra) in enumerate(kinds.items()):
         cfg = load_analyze_config([*base, *extra, f"output_dir={out / f'analysis{i}'}"])
-        results[name] = analyse(cfg)
-        out_dir = Path(cfg.output_dir)
-        track(cfg, results[name], out_dir, write_outputs(results[name], out_dir))
+        results[name] = analyse_tracked(cfg)[0]
     return results
 
 

@@ -29,7 +29,7 @@ from distnoisy.finished.runs import FinishedRun, open_run
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ("given_label", "clean_label", "final_pred", "pred_hist", "loss_hist", "key")
+HISTORY_COLUMNS = ("given_label", "clean_label", "final_pred", "pred_hist", "loss_hist")
 #: What :func:`load_history` keeps of each training sample (besides its key).
 PER_SAMPLE = ("given_label", "clean_label", "final_pred", "first_epoch", "stays")
 
@@ -66,16 +66,19 @@ def check_same_dataset(runs: list[FinishedRun]) -> None:
             )
 
 
-def load_history(run: FinishedRun) -> dict[str, np.ndarray]:
+def load_history(run: FinishedRun, keys: bool = False) -> dict[str, np.ndarray]:
     """Per-sample memorisation of a run, checked: a history and known clean labels.
 
     Read part by part (:meth:`FinishedRun.iter_table`): each batch's ``N x epochs`` loss and
     prediction histories are reduced to the first memorised epoch and whether it stays
-    memorised, so only per-sample scalars (and the keys) are ever held for the whole set.
+    memorised, so only per-sample scalars (about 40 bytes a sample; and the keys with
+    ``keys=True``, which only ``analysis.frequency=subpopulation`` reads) are held for the
+    whole set.
     """
-    kept: dict[str, list[np.ndarray]] = {c: [] for c in (*PER_SAMPLE, "key")}
+    kept: dict[str, list[np.ndarray]] = {c: [] for c in (*PER_SAMPLE, *(("key",) if keys else ()))}
     visited = history_left = False
-    for part in run.iter_table(columns=HISTORY_COLUMNS):
+    columns = (*HISTORY_COLUMNS, *(("key",) if keys else ()))
+    for part in run.iter_table(columns=columns):
         given, clean = part["given_label"], part["clean_label"]
         if (clean < 0).any():
             raise ConfigError(
@@ -114,19 +117,20 @@ def _label(run: FinishedRun, taken: set[str]) -> str:
 
 
 def _frequency_scores(
-    cfg: AnalyzeConfig, emb: dict[str, Embedding], runs_keys: np.ndarray
+    cfg: AnalyzeConfig, emb: dict[str, Embedding], runs_keys: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) frequency scores from one run's embeddings (or the longtail truth)."""
     a = cfg.analysis
     if a.frequency == "subpopulation":
         from distnoisy.data.longtail import parse_keys
 
+        assert runs_keys is not None
         train_ids = parse_keys(runs_keys)
         sizes = np.bincount(train_ids)
         test_ids = parse_keys(emb["test"].keys)
         return sizes[train_ids].astype(float), sizes[test_ids].astype(float)
     tr, te = emb["train"].features, emb["test"].features
-    k = dict(k=a.k, metric=a.metric, num_workers=a.num_workers)
+    k = dict(k=a.k, metric=a.metric, num_workers=a.num_workers, search=a.search, probes=a.probes)
     return knn_density(tr, None, **k), knn_density(te, tr, **k)
 
 
@@ -134,7 +138,8 @@ def _run_samples(
     hist: dict[str, np.ndarray], emb: Embedding, train_b: np.ndarray, test_b: np.ndarray
 ) -> RunSamples:
     given, clean = hist["given_label"], hist["clean_label"]
-    logits = emb.logits - emb.logits.max(axis=1, keepdims=True)
+    raw = np.asarray(emb.logits, dtype=np.float32)  # the test split's: small
+    logits = raw - raw.max(axis=1, keepdims=True)
     prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     return RunSamples(
         train_bucket=train_b,
@@ -143,7 +148,7 @@ def _run_samples(
         first_epoch=hist["first_epoch"],
         stays=hist["stays"],
         test_bucket=test_b,
-        test_correct=emb.logits.argmax(axis=1) == emb.labels,
+        test_correct=raw.argmax(axis=1) == emb.labels,
         test_confidence=prob.max(axis=1),
     )
 
@@ -187,29 +192,60 @@ def _fixed_features(
     return run_embeddings(feat)
 
 
-def analyse(cfg: AnalyzeConfig) -> Analysis:
-    """Run the whole analysis described by ``cfg`` (no files written)."""
+@dataclass
+class Inputs:
+    """The checked inputs of an analysis: the runs (the reference last), their labels in the
+    tables, their per-sample histories, and the run whose features bucket them (or None)."""
+
+    runs: list[FinishedRun]
+    labels: list[str]
+    hists: list[dict[str, np.ndarray]]
+    reference: FinishedRun | None
+    features_run: FinishedRun | None
+
+    @property
+    def run_ids(self) -> dict[str, str | None]:
+        """``{label: MLflow run id}`` of the analysed runs."""
+        return {lab: r.mlflow_run_id for lab, r in zip(self.labels, self.runs, strict=True)}
+
+
+def check_inputs(cfg: AnalyzeConfig) -> Inputs:
+    """Every input check (the module docstring's list); raises a one-line ``ConfigError``
+    before any feature is computed."""
     runs, ref, feat = _open_all(cfg)
     everyone = runs + ([ref] if ref is not None else [])
-    hists = [load_history(r) for r in everyone]
+    with_keys = cfg.analysis.frequency == "subpopulation"
+    hists = [load_history(r, keys=with_keys) for r in everyone]
     n_train = len(hists[0]["given_label"])
     if cfg.analysis.buckets > n_train:
         bucket_edges(np.zeros(n_train), cfg.analysis.buckets)  # raises the one-line error
     if cfg.analysis.frequency == "knn":
         check_k(n_train, cfg.analysis.k, cfg.analysis.metric, is_self=True)
-    embs = [run_embeddings(r) for r in everyone]
-    fixed = _fixed_features(cfg, everyone, embs, ref, feat)
     labels: list[str] = []
+    for run in runs:
+        labels.append(_label(run, set(labels)))
+    if ref is not None:
+        labels.append("reference (clean labels)")
+    return Inputs(everyone, labels, hists, ref, feat)
+
+
+def analyse(cfg: AnalyzeConfig, inputs: Inputs | None = None) -> Analysis:
+    """Run the whole analysis described by ``cfg`` (no files written) on its checked inputs
+    (:func:`check_inputs`, run here when not given)."""
+    inputs = check_inputs(cfg) if inputs is None else inputs
+    everyone, ref, labels = inputs.runs, inputs.reference, inputs.labels
+    embs = [run_embeddings(r) for r in everyone]
+    fixed = _fixed_features(cfg, everyone, embs, ref, inputs.features_run)
     rows: dict[str, list[dict[str, Any]]] = {}
-    shared = _frequency_scores(cfg, fixed, hists[0]["key"]) if fixed is not None else None
-    for run, hist, emb in zip(everyone, hists, embs, strict=True):
-        train_s, test_s = shared or _frequency_scores(cfg, emb, hist["key"])
+    shared = (
+        _frequency_scores(cfg, fixed, inputs.hists[0].get("key")) if fixed is not None else None
+    )
+    for label, hist, emb in zip(labels, inputs.hists, embs, strict=True):
+        train_s, test_s = shared or _frequency_scores(cfg, emb, hist.get("key"))
         edges = bucket_edges(train_s, cfg.analysis.buckets)
         samples = _run_samples(
             hist, emb["test"], assign_buckets(train_s, edges), assign_buckets(test_s, edges)
         )
-        label = "reference (clean labels)" if run is ref else _label(run, set(labels))
-        labels.append(label)
         rows[label] = bucket_stats(samples, cfg.analysis.buckets)
         for row, lo, hi in zip(rows[label], [-np.inf, *edges], [*edges, np.inf], strict=True):
             row.update(score_lo=float(lo), score_hi=float(hi))
@@ -220,8 +256,8 @@ def analyse(cfg: AnalyzeConfig) -> Analysis:
         labels=labels,
         rows=rows,
         edges=edges,
-        dataset=runs[0].config.data.name,
+        dataset=everyone[0].config.data.name,
         frequency=cfg.analysis.frequency,
-        run_ids={lab: r.mlflow_run_id for lab, r in zip(labels, everyone, strict=True)},
+        run_ids=inputs.run_ids,
         reference=labels[-1] if ref is not None else None,
     )

@@ -1,8 +1,8 @@
 """Benchmarks, printing ratios measured side by side in one run.
 
 The command line: ``python -m distnoisy.bench gpu|steps|loader|two-networks|plain-loop|store|
-influence ...``; each benchmark module adds its sub-command (``add_parser``) and runs it
-(``main(args, argv)``).
+influence|pipeline|pipeline-report ...``; each benchmark module adds its sub-command
+(``add_parser``) and runs it (``main(args, argv)``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ def _parser(cpu_benches: bool = True) -> argparse.ArgumentParser:
     if not cpu_benches:
         return p
     # Imported here: they need the whole stack (OmegaConf), which ``gpu`` must run without.
-    from distnoisy.bench import influence, loader, plain_loop, steps, two_networks
+    from distnoisy.bench import (
+        influence,
+        loader,
+        pipeline,
+        pipeline_report,
+        plain_loop,
+        steps,
+        two_networks,
+    )
     from distnoisy.bench import store as store_bench
 
     steps.add_parser(sub)
@@ -33,6 +41,8 @@ def _parser(cpu_benches: bool = True) -> argparse.ArgumentParser:
     plain_loop.add_parser(sub)
     store_bench.add_parser(sub)
     influence.add_parser(sub)
+    pipeline.add_parser(sub)
+    pipeline_report.add_parser(sub)
     return p
 
 
@@ -50,9 +60,10 @@ def main(argv: Sequence[str] | None = None) -> Any:
     args = _parser(cpu_benches=not only_gpu).parse_args(argv)
     if args.bench == "gpu":
         return gpu.main(args, argv)
-    from distnoisy.bench import influence, loader, plain_loop, steps, two_networks
+    from distnoisy.bench import influence, loader, pipeline, plain_loop, steps, two_networks
     from distnoisy.bench import store as store_bench
     from distnoisy.bench.common import _without_note
+    from distnoisy.core.errors import DistnoisyError
 
     if args.bench == "loader":
         return loader.main(args, _without_note(argv))
@@ -64,4 +75,14 @@ def main(argv: Sequence[str] | None = None) -> Any:
         return store_bench.main(args, argv)
     if args.bench == "influence":
         return influence.main(args, argv)
+    if args.bench == "pipeline-report":
+        from distnoisy.bench import pipeline_report
+
+        return pipeline_report.main(args, argv)
+    if args.bench == "pipeline":
+        try:
+            return pipeline.main(args, argv)
+        except DistnoisyError as e:
+            print(f"distnoisy: error: {e}", file=sys.stderr)
+            sys.exit(2)
     return steps.main(args, argv)

@@ -2,7 +2,7 @@
 
 Dependency-free so that :mod:`distnoisy.config` (torch- and numpy-free) and the data modules
 that implement the choices import the same tuples. Where a registry implements a list
-(``data.name``: :data:`distnoisy.data.prepare.DATASETS`; ``noise.kind``:
+(``data.name``: :data:`distnoisy.data.prepare.DATASET_LOADERS`; ``noise.kind``:
 :data:`distnoisy.data.noise.NOISE` plus ``none`` and ``file``), the registry is the source of
 truth and ``tests/test_shape.py`` checks that the tuple here names exactly its entries.
 """

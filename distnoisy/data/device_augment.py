@@ -5,7 +5,8 @@ The loader sends a quarter of the bytes (uint8, not float32) and does no per-pix
 the crops and flips are the ones the host path would draw: each sample's ``(top, left, flip)``
 comes from the generator seeded by ``(seed, epoch, index)``
 (:meth:`distnoisy.data.stream.transforms.ImageTransform.draw`), so results do not depend on the
-number of ranks or loader processes. Only torch is imported here.
+number of ranks or loader processes. The module imports only torch; torchvision is imported
+where an image is resized (:func:`square`) or a batch is decoded (:func:`decode_batch`).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from distnoisy.core.errors import ConfigError, DataError
 from distnoisy.data import fs
 
-__all__ = ["LabelFile", "load_label_file", "save_label_file"]
+__all__ = ["LabelFile", "load_label_file", "read_label_file", "save_label_file"]
 
 #: Key of the JSON metadata in the Parquet file's key/value metadata.
 _META_KEY = b"distnoisy"
@@ -299,12 +299,19 @@ def load_label_file(path: str | os.PathLike[str], num_samples: int, num_classes:
         indices, or a label out of range; the message is one line naming the problem. A URL
         that cannot be reached.
     """
-    path = str(path) if fs.is_url(path) else Path(path)
     num_classes = _check_num_classes(num_classes)
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
         raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
     if num_samples < 1:
         raise ConfigError(f"num_samples must be a positive integer, got {num_samples}")
+    return read_label_file(path, int(num_samples), num_classes)
+
+
+def read_label_file(path: str | os.PathLike[str], num_samples: int, num_classes: int) -> LabelFile:
+    """:func:`load_label_file` for a caller whose ``num_samples`` (>= 1) and ``num_classes``
+    (>= 2) are already checked (a shard set's manifest, a checked noise request): the file's
+    rows are checked, the arguments are not."""
+    path = str(path) if fs.is_url(path) else Path(path)
     source = _label_source(path)
     if source is None:
         raise DataError(

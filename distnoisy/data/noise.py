@@ -37,6 +37,7 @@ import numbers
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,10 +46,12 @@ import numpy as np
 from distnoisy.core.choices import INSTANCE_FEATURES
 from distnoisy.core.errors import ConfigError, DataError
 from distnoisy.core.registry import Registry
+from distnoisy.data.instance_noise import instance_noise
 from distnoisy.data.label_files import (
     LabelFile,
     _check_num_classes,
     load_label_file,
+    read_label_file,
     save_label_file,
 )
 
@@ -59,11 +62,15 @@ __all__ = [
     "NOISE",
     "LabelFile",
     "NoiseGenerator",
+    "NoiseSpec",
+    "cached_noisy_labels",
+    "check_noise",
     "default_pair_map",
     "features_digest",
     "instance_noise",
     "load_label_file",
     "make_noisy_labels",
+    "measured_noise",
     "noise_file_name",
     "noisy_label_file",
     "pair_noise",
@@ -85,19 +92,14 @@ GENERATOR_VERSION = 2
 #: Treat as read-only.
 CIFAR10_PAIR_MAP: dict[int, int] = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
 
-#: Std of the per-sample flip rate in the instance generator (Xia et al. 2020).
-_INSTANCE_RATE_STD = 0.1
-
-#: Rows of features standardised and projected at a time (bounds memory for big image sets).
-_CHUNK_ROWS = 8192
-
 
 class NoiseGenerator(Protocol):
     """Signature of a function registered in :data:`NOISE`.
 
-    Generators receive already-validated inputs and must draw all randomness from ``rng``.
-    Options that do not concern a generator (``features``, ``instance_features`` for the
-    class-conditional kinds) are passed anyway and ignored.
+    Generators receive already-validated inputs (:func:`check_noise` has checked the options
+    and that they apply to the kind, :func:`_check_labels` the labels) and must draw all
+    randomness from ``rng``. Options that do not concern a generator (``features``,
+    ``instance_features`` for the class-conditional kinds) are passed anyway and ignored.
     """
 
     def __call__(
@@ -179,6 +181,75 @@ def _check_pair_map(pair_map: Mapping[int, int], num_classes: int) -> dict[int, 
     return out
 
 
+@dataclass(frozen=True)
+class NoiseSpec:
+    """A noise request whose every option :func:`check_noise` has checked once.
+
+    The functions that take one (:func:`cached_noisy_labels`, the generators) check none of
+    these again.
+    """
+
+    kind: str
+    num_classes: int
+    rate: float
+    seed: int
+    include_true_class: bool = False
+    #: ``"pair"`` only: source class -> target class; None means c -> c + 1 mod C.
+    pair_map: dict[int, int] | None = None
+    instance_features: str = "raw"
+
+
+def check_noise(
+    kind: str,
+    num_classes: int,
+    rate: float,
+    seed: int,
+    *,
+    include_true_class: bool = False,
+    pair_map: Mapping[int, int] | None = None,
+    instance_features: str = "raw",
+    dataset: str | None = None,
+) -> NoiseSpec:
+    """Check a noise request once: the kind, the ranges, and that each option applies to it.
+
+    Parameters
+    ----------
+    kind, num_classes, rate, seed, include_true_class, pair_map, instance_features
+        As for :func:`make_noisy_labels`.
+    dataset
+        With ``kind="pair"`` and no ``pair_map``: the map :func:`default_pair_map` gives for
+        this dataset name (the CIFAR-10 map for ``"cifar10..."``); None = c -> c + 1 mod C.
+
+    Raises
+    ------
+    ConfigError
+        Unknown kind or ``instance_features``; rate, seed, num_classes or pair_map out of
+        range; an option that does not apply to ``kind``.
+    """
+    NOISE.get(kind)  # unknown kind -> ConfigError listing the valid ones
+    num_classes = _check_num_classes(num_classes)
+    rate = _check_rate(rate, kind)
+    seed = _check_seed(seed)
+    instance_features = _check_instance_features(instance_features)
+    if include_true_class and kind != "symmetric":
+        raise ConfigError(
+            f"include_true_class only applies to noise.kind='symmetric', not {kind!r}"
+        )
+    if pair_map is not None and kind != "pair":
+        raise ConfigError(f"pair_map only applies to noise.kind='pair', not {kind!r}")
+    if kind == "pair" and pair_map is None and dataset is not None:
+        pair_map = default_pair_map(dataset, num_classes)
+    return NoiseSpec(
+        kind=kind,
+        num_classes=num_classes,
+        rate=rate,
+        seed=seed,
+        include_true_class=bool(include_true_class),
+        pair_map=_check_pair_map(pair_map, num_classes) if pair_map is not None else None,
+        instance_features=instance_features,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Generators
 # --------------------------------------------------------------------------------------------
@@ -208,8 +279,6 @@ def symmetric_noise(
     selected ones, so with a fixed seed the flipped set at a lower rate is a subset of the flipped
     set at a higher rate and shares its noisy labels: sweeps over the rate are nested.
     """
-    if pair_map is not None:
-        raise ConfigError("pair_map only applies to noise.kind='pair', not 'symmetric'")
     n = clean.shape[0]
     selected = rng.random(n) < rate
     # Adding an offset in 1..C-1 (mod C) is a uniform draw over the other classes; 0..C-1 is a
@@ -237,11 +306,8 @@ def pair_noise(
     keys of ``pair_map`` never flip. ``pair_map=None`` means c -> (c + 1) mod C.
     ``features`` and ``instance_features`` are ignored.
     """
-    if include_true_class:
-        raise ConfigError("include_true_class only applies to noise.kind='symmetric', not 'pair'")
     if pair_map is None:
         pair_map = {c: (c + 1) % num_classes for c in range(num_classes)}
-    pair_map = _check_pair_map(pair_map, num_classes)
     target = np.arange(num_classes, dtype=np.int64)  # identity for classes that never flip
     for src, dst in pair_map.items():
         target[src] = dst
@@ -249,48 +315,8 @@ def pair_noise(
     return np.where(selected, target[clean], clean)
 
 
-def _truncated_normal(
-    rng: np.random.Generator, mean: float, std: float, n: int, low: float, high: float
-) -> np.ndarray:
-    """Draw ``n`` values from N(mean, std) truncated to [low, high] by resampling.
-
-    Rejection sampling is exact (the same law as ``scipy.stats.truncnorm``) and needs no inverse
-    normal CDF. For mean in [0, 1) and std 0.1 at least ~half the draws are accepted, so this
-    loop runs a handful of rounds. The number of draws is a function of the seed only, so the
-    result is deterministic.
-    """
-    out = np.empty(n, dtype=np.float64)
-    pending = np.arange(n)
-    while pending.size:
-        draw = rng.normal(mean, std, size=pending.size)
-        ok = (draw >= low) & (draw <= high)
-        out[pending[ok]] = draw[ok]
-        pending = pending[~ok]
-    return out
-
-
-def _column_stats(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and std over the rows of ``flat``, in float64 chunks.
-
-    Chunks are merged with Chan et al.'s pairwise update, which is stable, unlike a running sum
-    of squares, and never materialises a float64 copy of the whole feature matrix.
-    """
-    d = flat.shape[1]
-    count = 0
-    mean = np.zeros(d)
-    m2 = np.zeros(d)
-    for start in range(0, flat.shape[0], _CHUNK_ROWS):
-        x = flat[start : start + _CHUNK_ROWS].astype(np.float64)
-        k = x.shape[0]
-        x_mean = x.mean(axis=0)
-        x_m2 = ((x - x_mean) ** 2).sum(axis=0)
-        delta = x_mean - mean
-        total = count + k
-        mean = mean + delta * (k / total)
-        m2 = m2 + x_m2 + delta**2 * (count * k / total)
-        count = total
-    std = np.sqrt(m2 / count)
-    return mean, std
+#: The part-dependent generator of Xia et al. (2020), in its own module.
+NOISE.register("instance")(instance_noise)
 
 
 def _check_instance_features(instance_features: Any) -> str:
@@ -301,176 +327,6 @@ def _check_instance_features(instance_features: Any) -> str:
             f"{', '.join(INSTANCE_FEATURES)}"
         )
     return str(instance_features)
-
-
-def _instance_inputs(
-    clean: np.ndarray,
-    features: np.ndarray | None,
-    include_true_class: bool,
-    pair_map: Mapping[int, int] | None,
-) -> np.ndarray:
-    """The features as an (N, d) view, one row per label, after checking the options."""
-    if features is None:
-        raise ConfigError(
-            "noise.kind='instance' needs the training features (array of shape (N, ...)); "
-            "pass features=..."
-        )
-    if include_true_class:
-        raise ConfigError(
-            "include_true_class only applies to noise.kind='symmetric', not 'instance'"
-        )
-    if pair_map is not None:
-        raise ConfigError("pair_map only applies to noise.kind='pair', not 'instance'")
-    n = clean.shape[0]
-    feats = np.asarray(features)
-    if feats.ndim < 2 or feats.shape[0] != n:
-        raise DataError(
-            f"instance noise needs features of shape (N, ...) with N={n} (one row per label), "
-            f"got shape {feats.shape}"
-        )
-    if not (np.issubdtype(feats.dtype, np.number) or feats.dtype == np.bool_):
-        raise DataError(f"instance noise needs numeric features, got dtype {feats.dtype}")
-    return feats.reshape(n, -1)
-
-
-def _feature_map(flat: np.ndarray, instance_features: str) -> tuple[np.ndarray, np.ndarray]:
-    """(shift, scale) with z = (x - shift) * scale: the features the projection sees.
-
-    ``raw`` is the identity (the official generator projects the pixel values themselves);
-    ``standardized`` is the per-feature z-score, with constant features mapped to 0.
-    """
-    d = flat.shape[1]
-    if instance_features == "raw":
-        return np.zeros(d), np.ones(d)
-    mean, std = _column_stats(flat)
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
-        raise DataError("instance noise needs finite features; found NaN or inf")
-    return mean, np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
-
-
-def _instance_draws(
-    rng: np.random.Generator, rate: float, n: int, d: int, num_classes: int
-) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
-    """All the randomness of :func:`instance_noise`: (q, W_0..W_{C-1}, u_flip, u_target).
-
-    The draw order is part of the file format (:data:`GENERATOR_VERSION`), and it is the same
-    for both feature maps, so with one seed they flip the same samples (only the targets move).
-    """
-    q = _truncated_normal(rng, rate, _INSTANCE_RATE_STD, n, 0.0, 1.0)
-    weights = [rng.standard_normal((d, num_classes)) for _ in range(num_classes)]
-    return q, weights, rng.random(n), rng.random(n)
-
-
-def _softmax_targets(
-    z: np.ndarray, y: np.ndarray, weights: list[np.ndarray], u: np.ndarray
-) -> np.ndarray:
-    """Draw k != y_i with probability softmax(z_i @ W_{y_i} with entry y_i set to -inf)[k].
-
-    An inverse-CDF draw with one uniform ``u_i`` per row of ``z``.
-    """
-    m, num_classes = z.shape[0], weights[0].shape[1]
-    scores = np.empty((m, num_classes))
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
-        for c in np.unique(y):
-            rows = y == c
-            scores[rows] = z[rows] @ weights[c]
-    if not np.all(np.isfinite(scores)):
-        # NaN/inf features, or (raw features only) values so large that the projection overflows.
-        raise DataError(
-            "instance noise needs finite features; found NaN or inf in the features or in their "
-            "projection"
-        )
-    rows_idx = np.arange(m)
-    scores[rows_idx, y] = -np.inf
-    # Softmax over the other classes (max-subtracted; the true class has probability 0). With raw
-    # pixels the scores span thousands, so most rows come out one-hot, as in the official code.
-    scores -= scores.max(axis=1, keepdims=True)
-    probs = np.exp(scores)
-    probs /= probs.sum(axis=1, keepdims=True)
-    cdf = np.cumsum(probs, axis=1)
-    # The clip guards against u landing above a cdf that sums to 1 - ulp.
-    target = np.minimum((cdf < u[:, None]).sum(axis=1), num_classes - 1)
-    # Rounding could in principle pick a zero-probability class at the end of the row;
-    # the true class has probability exactly 0, so fall back to the most likely class.
-    bad = target == y
-    if bad.any():
-        target[bad] = probs[bad].argmax(axis=1)
-    return target
-
-
-@NOISE.register("instance")
-def instance_noise(
-    clean: np.ndarray,
-    num_classes: int,
-    rate: float,
-    rng: np.random.Generator,
-    *,
-    features: np.ndarray | None = None,
-    include_true_class: bool = False,
-    pair_map: Mapping[int, int] | None = None,
-    instance_features: str = "raw",
-) -> np.ndarray:
-    """Instance-dependent noise: the part-dependent generator of Xia et al. (2020).
-
-    For sample i with true class y and flattened features x_i (d values):
-
-    1. a flip rate q_i ~ N(rate, 0.1) truncated to [0, 1] (exact truncation by resampling);
-    2. scores s_i = z_i @ W_y, where W_y is a d x C matrix of independent standard normals
-       drawn once per true class y (C matrices in all), and z_i is
-
-       - ``raw`` (default, the authors' generator): x_i itself, unscaled. For images these
-         are the 0..255 pixel values, which is what the published benchmarks projected;
-       - ``standardized``: x_i standardised per feature (zero mean, unit std over the whole
-         dataset; constant features become 0). This was distnoisy's only law before
-         :data:`GENERATOR_VERSION` 2, and it still reproduces those files label for label;
-
-    3. s_i[y] = -inf; the sample keeps y with probability 1 - q_i and otherwise flips to
-       k != y with probability softmax(s_i)[k]. That is, its label is drawn from the mixture
-       (1 - q_i) * e_y + q_i * softmax(s_i).
-
-    Parameters
-    ----------
-    features
-        Array of shape (N, ...) (e.g. images N x C x H x W); each row is flattened. Required.
-        With ``raw`` the scale matters: give pixels on the 0..255 scale to match the official
-        law (on a 0..1 scale the softmax is flatter and the flips less concentrated).
-    instance_features
-        ``"raw"`` or ``"standardized"``: the feature map z above.
-
-    Notes
-    -----
-    - The two maps give very different noise. Raw pixels are non-negative, so the images of a
-      class share a large common component (about the class's mean image) whose projection
-      favours the same wrong class for most of them; and the scores are in the hundreds or
-      thousands, so the softmax is one-hot for almost every sample. Standardising removes the
-      dataset mean and scales to unit variance, so what is left of each image is more its own
-      and the flips spread over more classes. On scikit-learn's digits at rate 0.4, the share of
-      a class's flips that go to its most common wrong class (mean over classes) is
-      0.664 / 0.614 / 0.686 raw and 0.377 / 0.408 / 0.409 standardized for seeds 0 / 1 / 2
-      (seed 0: score std 880 vs 8; 99% vs 28% of samples with a softmax maximum above 0.99).
-    - The overall realised rate is E[q_i], which exceeds ``rate`` slightly for small rates
-      because the truncation at 0 removes the left tail (about +0.006 at rate 0.2).
-      ``rate == 0`` returns the clean labels unchanged rather than a ~0.04 noise floor.
-    - As in Xia et al., the scores are not scaled by 1/sqrt(d).
-    - The keep/flip decision and the choice of target use separate uniforms, which is the same
-      law as sampling the mixture directly. The random numbers are distnoisy's own (see
-      :func:`make_noisy_labels`), so the labels are not those of the authors' code for the same
-      seed; their distribution is.
-    """
-    flat = _instance_inputs(clean, features, include_true_class, pair_map)
-    if rate == 0.0:
-        return clean.copy()
-    n, d = flat.shape
-    shift, scale = _feature_map(flat, instance_features)
-    q, weights, u_flip, u_target = _instance_draws(rng, rate, n, d, num_classes)
-    noisy = clean.copy()
-    for start in range(0, n, _CHUNK_ROWS):
-        stop = min(start + _CHUNK_ROWS, n)
-        y = clean[start:stop]
-        z = (flat[start:stop].astype(np.float64) - shift) * scale
-        target = _softmax_targets(z, y, weights, u_target[start:stop])
-        noisy[start:stop] = np.where(u_flip[start:stop] < q[start:stop], target, y)
-    return noisy
 
 
 # --------------------------------------------------------------------------------------------
@@ -549,22 +405,30 @@ def make_noisy_labels(
     through a float matrix product and ``exp``, whose last bits can differ between BLAS/SIMD
     builds, which changes a label only if a uniform lands within ~1e-15 of a CDF boundary.
     """
-    generator = NOISE.get(kind)
-    num_classes = _check_num_classes(num_classes)
-    rate = _check_rate(rate, kind)
-    seed = _check_seed(seed)
-    clean = _check_labels(clean, num_classes)
-    instance_features = _check_instance_features(instance_features)
-    rng = np.random.default_rng(seed)
-    noisy = generator(
-        clean,
+    spec = check_noise(
+        kind,
         num_classes,
         rate,
-        rng,
-        features=features,
-        include_true_class=bool(include_true_class),
+        seed,
+        include_true_class=include_true_class,
         pair_map=pair_map,
         instance_features=instance_features,
+    )
+    return _draw(spec, _check_labels(clean, spec.num_classes), features)
+
+
+def _draw(spec: NoiseSpec, clean: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+    """The noisy labels of checked inputs (``spec`` from :func:`check_noise`, ``clean`` as
+    :func:`_check_labels` returns them)."""
+    noisy = NOISE.get(spec.kind)(
+        clean,
+        spec.num_classes,
+        spec.rate,
+        np.random.default_rng(spec.seed),
+        features=features,
+        include_true_class=spec.include_true_class,
+        pair_map=spec.pair_map,
+        instance_features=spec.instance_features,
     )
     return np.asarray(noisy, dtype=np.int64)
 
@@ -583,9 +447,11 @@ def _check_pair(clean: np.ndarray, noisy: np.ndarray) -> tuple[np.ndarray, np.nd
 def realised_rate(clean: np.ndarray, noisy: np.ndarray) -> float:
     """Fraction of samples whose noisy label differs from the clean one (0.0 if empty)."""
     clean, noisy = _check_pair(clean, noisy)
-    if clean.size == 0:
-        return 0.0
-    return float(np.mean(clean != noisy))
+    return _flip_rate(clean, noisy)
+
+
+def _flip_rate(clean: np.ndarray, noisy: np.ndarray) -> float:
+    return float(np.mean(clean != noisy)) if clean.size else 0.0
 
 
 def transition_matrix(clean: np.ndarray, noisy: np.ndarray, num_classes: int) -> np.ndarray:
@@ -601,6 +467,20 @@ def transition_matrix(clean: np.ndarray, noisy: np.ndarray, num_classes: int) ->
     clean, noisy = _check_pair(clean, noisy)
     clean = _check_labels(clean, num_classes, "clean labels")
     noisy = _check_labels(noisy, num_classes, "noisy labels")
+    return _transition(clean, noisy, num_classes)
+
+
+def measured_noise(
+    clean: np.ndarray, given: np.ndarray, num_classes: int
+) -> tuple[float, np.ndarray]:
+    """(realised rate, transition matrix) of labels that are already checked: int64 arrays of
+    one length with values in 0..C-1 (as :func:`~distnoisy.data.shards.read_labels`, a label
+    file or a generator gives them); :func:`realised_rate` and :func:`transition_matrix` check
+    theirs first."""
+    return _flip_rate(clean, given), _transition(clean, given, num_classes)
+
+
+def _transition(clean: np.ndarray, noisy: np.ndarray, num_classes: int) -> np.ndarray:
     counts = np.bincount(clean * num_classes + noisy, minlength=num_classes * num_classes)
     counts = counts.reshape(num_classes, num_classes).astype(np.float64)
     totals = counts.sum(axis=1, keepdims=True)
@@ -680,29 +560,52 @@ def noisy_label_file(
     Call it once (on the driver) before starting workers: concurrent calls are safe (atomic
     replace, deterministic content) but each would generate the labels.
     """
+    spec = check_noise(
+        kind,
+        num_classes,
+        rate,
+        seed,
+        include_true_class=include_true_class,
+        pair_map=pair_map,
+        instance_features=instance_features,
+        dataset=dataset if isinstance(dataset, str) else None,
+    )
+    clean = _check_labels(clean, spec.num_classes)
+    return cached_noisy_labels(cache_dir, dataset, spec, clean, features)[0]
+
+
+def cached_noisy_labels(
+    cache_dir: str | os.PathLike[str],
+    dataset: str,
+    spec: NoiseSpec,
+    clean: np.ndarray,
+    features: np.ndarray | None = None,
+) -> tuple[Path, np.ndarray]:
+    """:func:`noisy_label_file` on checked inputs, also returning the noisy labels.
+
+    ``spec`` comes from :func:`check_noise`; ``clean`` are int64 labels in 0..C-1 (as
+    :func:`~distnoisy.data.shards.read_labels` or :func:`_check_labels` give them). Neither is
+    checked again; a cached file is (its rows are checked as it is read).
+
+    Returns
+    -------
+    tuple
+        The file's path and its labels (int64, by sample index), so that the caller need not
+        read back the file it was just given.
+    """
     if not isinstance(dataset, str) or not _DATASET_NAME.match(dataset):
         raise ConfigError(
             f"dataset name {dataset!r} cannot be used in a file name; use letters, digits, _ . + -"
         )
-    NOISE.get(kind)  # unknown kind -> ConfigError listing the valid ones, before any work
-    num_classes = _check_num_classes(num_classes)
-    rate = _check_rate(rate, kind)
-    seed = _check_seed(seed)
-    clean = _check_labels(clean, num_classes)
-    include_true_class = bool(include_true_class)
-    instance_features = _check_instance_features(instance_features)
-    if kind == "pair" and pair_map is None:
-        pair_map = default_pair_map(dataset, num_classes)
-    if pair_map is not None:
-        pair_map = _check_pair_map(pair_map, num_classes)
+    kind, num_classes, pair_map = spec.kind, spec.num_classes, spec.pair_map
     wanted: dict[str, Any] = {
         "format": "distnoisy-labels",
         "generator_version": GENERATOR_VERSION,
         "dataset": dataset,
         "kind": kind,
-        "rate": rate,
-        "seed": seed,
-        "include_true_class": include_true_class,
+        "rate": spec.rate,
+        "seed": spec.seed,
+        "include_true_class": spec.include_true_class,
         "num_classes": num_classes,
         "num_samples": int(clean.shape[0]),
         # JSON has no int keys; a sorted list of pairs round-trips exactly.
@@ -711,13 +614,16 @@ def noisy_label_file(
         if kind == "instance" and features is not None
         else None,
         # The feature map is part of the instance law; a file of one map never serves the other.
-        "instance_features": instance_features if kind == "instance" else None,
+        "instance_features": spec.instance_features if kind == "instance" else None,
     }
     cache = Path(cache_dir)
-    path = cache / noise_file_name(dataset, kind, rate, seed, include_true_class, instance_features)
+    name = noise_file_name(
+        dataset, kind, spec.rate, spec.seed, spec.include_true_class, spec.instance_features
+    )
+    path = cache / name
     if path.exists():
         try:
-            found = load_label_file(path, clean.shape[0], num_classes)
+            found = read_label_file(path, clean.shape[0], num_classes)
         except DataError as exc:
             logger.warning("regenerating noise file %s: %s", path, exc)
         else:
@@ -725,20 +631,10 @@ def noisy_label_file(
             if found.clean_labels is None or not np.array_equal(found.clean_labels, clean):
                 stale.append("clean_label")
             if not stale:
-                return path
+                return path, found.labels
             logger.warning("regenerating noise file %s: %s differ", path, ", ".join(stale))
-    noisy = make_noisy_labels(
-        clean,
-        num_classes,
-        kind,
-        rate,
-        seed,
-        features=features,
-        include_true_class=include_true_class,
-        pair_map=pair_map,
-        instance_features=instance_features,
-    )
-    meta = dict(wanted, realised_rate=realised_rate(clean, noisy))
+    noisy = _draw(spec, clean, features)
+    meta = dict(wanted, realised_rate=_flip_rate(clean, noisy))
     cache.mkdir(parents=True, exist_ok=True)
     save_label_file(path, noisy, clean, meta)
-    return path
+    return path, noisy

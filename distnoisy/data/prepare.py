@@ -255,16 +255,20 @@ def prepare_data(cfg: Config) -> DataSpec:
     train_dir, test_dir, val_dir = sets.train_dir, sets.test_dir, sets.val_dir
 
     manifest = read_manifest(train_dir)
-    labels, clean, _keys = read_labels(manifest, partial_clean=True)
+    labels, clean, _keys = read_labels(manifest, partial_clean=True)  # checked: 0..C-1
     num_classes = manifest.num_classes
-    for what, other in (("test", test_dir), ("validation", val_dir)):
-        if other is not None and read_manifest(other).num_classes != num_classes:
+    val_manifest = read_manifest(val_dir) if val_dir is not None else None
+    for what, other, other_manifest in (
+        ("test", test_dir, read_manifest(test_dir) if test_dir is not None else None),
+        ("validation", val_dir, val_manifest),
+    ):
+        if other_manifest is not None and other_manifest.num_classes != num_classes:
             raise DataError(
-                f"{what} shards in {other} have {read_manifest(other).num_classes} classes, "
+                f"{what} shards in {other} have {other_manifest.num_classes} classes, "
                 f"train shards {num_classes}"
             )
     label_file, val_label_file, given, clean = _noisy_labels(
-        cfg, manifest, train_dir, val_dir, labels, clean
+        cfg, manifest, train_dir, (val_dir, val_manifest), labels, clean
     )
     noise_rate, transition, num_known = _measured_noise(cfg, clean, given, num_classes)
 
@@ -294,63 +298,59 @@ def _noisy_labels(
     cfg: Config,
     manifest: Manifest,
     train_dir: str | Path,
-    val_dir: str | Path | None,
+    val: tuple[str | Path | None, Manifest | None],
     labels: np.ndarray,
     clean: np.ndarray | None,
 ) -> tuple[str | Path | None, Path | None, np.ndarray, np.ndarray | None]:
-    """(label file, validation label file, given labels, clean labels) for ``noise.*``."""
+    """(label file, validation label file, given labels, clean labels) for ``noise.*``.
+
+    Each input is checked once: the shards' labels by ``read_labels``, a label file as it is
+    read, the noise request by :func:`~distnoisy.data.noise.check_noise` (once, for both the
+    training and the validation set); the generated labels come back with their file.
+    """
     from distnoisy.data import noise as noise_mod
-    from distnoisy.data.shards import read_labels, read_manifest
+    from distnoisy.data.label_files import read_label_file
+    from distnoisy.data.shards import read_labels
 
     num_classes = manifest.num_classes
     kind = cfg.noise.kind
-    label_file: str | Path | None = None
-    val_label_file: Path | None = None
-    given = labels
+    if kind == "none":
+        return None, None, labels, clean
     if kind == "file":
         label_file = _local_or_url(str(cfg.noise.file))
-        lf = noise_mod.load_label_file(label_file, manifest.num_samples, num_classes)
-        given = lf.labels
-        if clean is None:
-            clean = lf.clean_labels
-    elif kind != "none":
-        # Synthetic noise corrupts the dataset's own labels, which are then the clean ones.
-        clean = labels if clean is None or (clean < 0).any() else clean
-        if cfg.noise.tail_rate is not None:  # a rate by subpopulation size (longtail only)
-            label_file = _tail_label_file(cfg, manifest, train_dir, clean)
-            given = noise_mod.load_label_file(label_file, manifest.num_samples, num_classes).labels
-            return label_file, None, given, clean
-        features = _train_features(train_dir) if kind == "instance" else None
-        label_file = noise_mod.noisy_label_file(
-            _noise_dir(cfg, train_dir),
-            f"{manifest.dataset}-{manifest.split}",
-            clean,
-            num_classes,
-            kind,
-            cfg.noise.rate,
-            cfg.noise.seed,
-            features=features,
-            include_true_class=cfg.noise.include_true_class,
-            instance_features=cfg.noise.instance_features,
+        lf = read_label_file(label_file, manifest.num_samples, num_classes)
+        return label_file, None, lf.labels, clean if clean is not None else lf.clean_labels
+    # Synthetic noise corrupts the dataset's own labels, which are then the clean ones.
+    clean = labels if clean is None or (clean < 0).any() else clean
+    if cfg.noise.tail_rate is not None:  # a rate by subpopulation size (longtail only)
+        tail_file = _tail_label_file(cfg, manifest, train_dir, clean)
+        given = read_label_file(tail_file, manifest.num_samples, num_classes).labels
+        return tail_file, None, given, clean
+    spec = noise_mod.check_noise(
+        kind,
+        num_classes,
+        cfg.noise.rate,
+        cfg.noise.seed,
+        include_true_class=cfg.noise.include_true_class,
+        instance_features=cfg.noise.instance_features,
+        dataset=f"{manifest.dataset}-{manifest.split}",  # the pair map of CIFAR-10
+    )
+    features = _train_features(train_dir) if kind == "instance" else None
+    label_file, given = noise_mod.cached_noisy_labels(
+        _noise_dir(cfg, train_dir), f"{manifest.dataset}-{manifest.split}", spec, clean, features
+    )
+    val_dir, val_manifest = val
+    val_label_file = None
+    if val_dir is not None and val_manifest is not None:
+        # The papers' protocol when no clean validation set exists: a validation split
+        # corrupted by the same noise process (reported as val_acc_noisy beside val_acc).
+        val_label_file, _ = noise_mod.cached_noisy_labels(
+            _noise_dir(cfg, val_dir),
+            f"{val_manifest.dataset}-{val_manifest.split}",
+            spec,
+            read_labels(val_manifest)[0],
+            _train_features(val_dir) if kind == "instance" else None,
         )
-        given = noise_mod.load_label_file(label_file, manifest.num_samples, num_classes).labels
-        if val_dir is not None:
-            # The papers' protocol when no clean validation set exists: a validation split
-            # corrupted by the same noise process (reported as val_acc_noisy beside val_acc).
-            val_manifest = read_manifest(val_dir)
-            val_clean = read_labels(val_manifest)[0]
-            val_label_file = noise_mod.noisy_label_file(
-                _noise_dir(cfg, val_dir),
-                f"{val_manifest.dataset}-{val_manifest.split}",
-                val_clean,
-                num_classes,
-                kind,
-                cfg.noise.rate,
-                cfg.noise.seed,
-                features=_train_features(val_dir) if kind == "instance" else None,
-                include_true_class=cfg.noise.include_true_class,
-                instance_features=cfg.noise.instance_features,
-            )
     return label_file, val_label_file, given, clean
 
 
@@ -389,11 +389,9 @@ def _measured_noise(
         # Measured where the clean label is known (all samples, or e.g. Clothing1M's overlap).
         known = clean >= 0
         num_known = int(known.sum())
-        if num_known:
-            noise_rate = float(noise_mod.realised_rate(clean[known], given[known]))
-            transition = noise_mod.transition_matrix(
-                clean[known], given[known], num_classes
-            ).tolist()
+        if num_known:  # both label vectors are checked already (shards, label file, generator)
+            rate, matrix = noise_mod.measured_noise(clean[known], given[known], num_classes)
+            noise_rate, transition = rate, matrix.tolist()
         if num_known < len(clean):
             log.info(
                 "%s: clean labels known for %d of %d training samples; noise rate %s measured on "

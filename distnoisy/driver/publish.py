@@ -106,11 +106,15 @@ FINAL_METRICS = (
 )
 
 
-#: Run-directory files logged as MLflow artifacts (those that exist).
+#: Run-directory files logged as MLflow artifacts (those that exist). The label-issue table is
+#: one file with a replicated store and a directory of parts with a partitioned one (logged as
+#: an artifact directory of the same name); the merged top rows are one file with either.
 ARTIFACT_FILES = (
     "config.yaml",
     "summary.json",
     "label_issues.parquet",
+    "label_issues",
+    "label_issues_top.parquet",
     "noise_transition.json",
     "method_resources.json",
     "weights.pt",

@@ -1,5 +1,6 @@
-"""One training run, as the driver process runs it: validate -> prepare the data -> open
-tracking -> launch the ranks -> publish the outputs.
+"""One training run, as the driver process runs it, in named phases: validate -> prepare the
+data -> open the run directory and tracking -> launch the ranks -> publish the outputs and the
+summary.
 
 :func:`train` is what ``python -m distnoisy.train``, sweeps, comparisons and post-training's
 fine-tune call.
@@ -7,12 +8,12 @@ fine-tune call.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ from distnoisy.driver.validate import (
 
 if TYPE_CHECKING:
     from distnoisy.data.prepare import DataSpec
+    from distnoisy.engine.job import Tracking
 
 log = logging.getLogger("distnoisy")
 
@@ -93,109 +95,157 @@ def train(
     DistnoisyError
         For bad input (config, data, labels), before the run directory is created.
     """
-    from distnoisy import tracking
-    from distnoisy.data.prepare import prepare_data
-    from distnoisy.engine.job import Job, Tracking
-    from distnoisy.launch import launch
-
     t_start = time.perf_counter()
-    check_output_location(cfg)
     run_dir = resolve_run_dir(cfg) if run_dir is None else run_dir
+    validate_run(cfg, run_dir)
+    spec = prepare(cfg)
+    open_run_dir(cfg, run_dir, spec)
+    with (
+        open_tracking(cfg, run_dir, spec, tags, parent_run_id) as tracker,
+        wall_time(run_dir, t_start) as segment_done,
+    ):
+        final_ckpt = launch_job(cfg, spec, run_dir, tracker, train_callbacks)
+        return publish_run(final_ckpt, run_dir, spec, segment_done(), tracker)
+
+
+def validate_run(cfg: Config, run_dir: Path) -> None:
+    """Phase 1, validate: where the run writes, and that a resume keeps its saved config."""
+    check_output_location(cfg)
     check_run_dir(run_dir, cfg.resume)
     if cfg.resume:
         check_resume_config(cfg, run_dir)
-    spec = prepare_data(cfg)  # validates data and labels; writes only into the data cache
+
+
+def prepare(cfg: Config) -> DataSpec:
+    """Phase 2, prepare the data: shards and label files (validated; written only into the data
+    cache), then what needs them: a batch fits, the model and method build, and a Ray cluster
+    can hold the workers (last: joining a cluster is the slowest check)."""
+    from distnoisy.data.prepare import prepare_data
+
+    spec = prepare_data(cfg)
     check_batch_fits(cfg, spec)
     dry_build(cfg, spec.num_classes, spec.in_channels)
     if cfg.scaling.launcher == "ray":
         from distnoisy.launch.cluster import check_ray_resources
 
         check_ray_resources(cfg)  # a cluster that cannot hold the workers fails in seconds
+    return spec
 
+
+def open_run_dir(cfg: Config, run_dir: Path, spec: DataSpec) -> None:
+    """Create the run directory with the outputs known before training, tracked or not:
+    ``config.yaml`` (a resumed run keeps the one it was started with) and
+    ``noise_transition.json`` (the measured transition, where clean labels are known)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:  # a resumed run keeps the config.yaml it was started with
+    if not cfg.resume:
         save_config(cfg, run_dir / "config.yaml")
-    uri = cfg.tracking.uri or tracking.default_tracking_uri()
-    segments = segments_of(run_dir)  # wall times of the run's earlier segments (before resume)
-    run_id = _mlflow_run(cfg, run_dir, uri, tags, parent_run_id)
-    monitor = None
-    if run_id is not None and cfg.tracking.system_metrics:
-        monitor = tracking.start_system_metrics(uri, run_id)
-
-    job = Job(cfg, spec, Tracking(uri, run_id) if run_id else None)
-    status = "FAILED"
-    elapsed: float | None = None  # this segment's wall time, once the outputs are in place
-    try:
-        if run_id is not None:
-            noise = {"noise_rate_realised": spec.noise_rate} if spec.noise_rate is not None else {}
-            tracking.RunLogger(uri, run_id, 0).log_metrics(noise, step=0)
-            if spec.transition is not None:
-                (run_dir / "noise_transition.json").write_text(
-                    json.dumps({"classes": spec.classes, "transition": spec.transition})
-                )
-        resources = _method_resources(cfg, spec, run_dir, run_id)
-        if resources:
-            job = dataclasses.replace(job, resources=resources)
-        final_ckpt = launch(job, cfg, run_dir, train_callbacks)
-        publish(final_ckpt, run_dir)
-        elapsed = time.perf_counter() - t_start
-        summary = final_summary(run_dir, [*segments, elapsed], run_id)
-        write_review(run_dir, summary, spec)
-        if run_id is not None:
-            log_final(uri, run_id, run_dir, summary)
-        status = "FINISHED"
-        return summary
-    except (KeyboardInterrupt, SystemExit):
-        # Ctrl-C, or SIGTERM (Ray's driver handler turns it into SystemExit).
-        status = "KILLED"
-        raise
-    finally:
-        # Every segment's wall time: a resumed run's wall_s is their sum.
-        last = elapsed if elapsed is not None else time.perf_counter() - t_start
-        save_segments(run_dir, [*segments, last])
-        if monitor is not None:
-            tracking.stop_system_metrics(monitor)
-        if run_id is not None:
-            tracking.end_run(uri, run_id, status)
+    if spec.transition is not None:
+        data = {"classes": spec.classes, "transition": spec.transition}
+        _write_json(run_dir / "noise_transition.json", data)
 
 
-def _mlflow_run(
+@contextlib.contextmanager
+def open_tracking(
     cfg: Config,
     run_dir: Path,
-    uri: str,
+    spec: DataSpec,
     tags: dict[str, str] | None,
     parent_run_id: str | None,
-) -> str | None:
-    """Start (or, on resume, reopen) the run's MLflow run; record it in ``run.json``."""
+) -> Iterator[Tracking | None]:
+    """Phase 3, open tracking: the run's MLflow run (reopened on resume) for the ``with`` block,
+    recorded in ``run.json``; ended FINISHED, FAILED or KILLED by
+    :func:`~distnoisy.tracking.lifecycle.tracked_run`. Yields None when tracking is off."""
     from distnoisy import tracking
+    from distnoisy.engine.job import Tracking
+    from distnoisy.tracking.lifecycle import tracked_run
 
-    run_info_path = run_dir / "run.json"
-    run_id: str | None = None
-    if cfg.tracking.enabled:
-        if cfg.resume and run_info_path.exists():
-            run_id = json.loads(run_info_path.read_text()).get("mlflow_run_id")
-        if run_id is None:
-            run_id = tracking.start_run(
-                uri,
-                cfg.tracking.experiment,
-                cfg.tracking.run_name or run_dir.name,
-                flat_params(cfg),
-                tags={
-                    "distnoisy.output_dir": str(run_dir),
-                    "distnoisy.method": cfg.method.name,
-                    **dict(cfg.tracking.tags),
-                    **(tags or {}),
-                },
-                parent_run_id=parent_run_id,
-            )
-        else:
-            tracking.reopen_run(uri, run_id)
-    info = json.loads(run_info_path.read_text()) if run_info_path.exists() else {}
-    info.update(mlflow_run_id=run_id, tracking_uri=uri)  # keeps earlier segments' wall times
-    tmp_info = run_info_path.with_suffix(".tmp")
-    tmp_info.write_text(json.dumps(info))
-    os.replace(tmp_info, run_info_path)
-    return run_id
+    uri = cfg.tracking.uri or tracking.default_tracking_uri()
+    info_path = run_dir / "run.json"
+    reopen = None
+    if cfg.tracking.enabled and cfg.resume and info_path.exists():
+        reopen = json.loads(info_path.read_text()).get("mlflow_run_id")
+    run_tags = {
+        "distnoisy.output_dir": str(run_dir),
+        "distnoisy.method": cfg.method.name,
+        **dict(cfg.tracking.tags),
+        **(tags or {}),
+    }
+    with tracked_run(
+        uri if cfg.tracking.enabled else None,
+        cfg.tracking.experiment,
+        cfg.tracking.run_name or run_dir.name,
+        flat_params(cfg),
+        tags=run_tags,
+        parent_run_id=parent_run_id,
+        reopen=reopen,
+        system_metrics=cfg.tracking.system_metrics,
+    ) as run_id:
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        info.update(mlflow_run_id=run_id, tracking_uri=uri)  # keeps earlier segments' wall times
+        _write_json(info_path, info)
+        if run_id is not None and spec.noise_rate is not None:
+            noise = {"noise_rate_realised": spec.noise_rate}
+            tracking.RunLogger(uri, run_id, 0).log_metrics(noise, step=0)
+        yield Tracking(uri, run_id) if run_id is not None else None
+
+
+@contextlib.contextmanager
+def wall_time(run_dir: Path, t_start: float) -> Iterator[Callable[[], list[float]]]:
+    """The wall times of the run's segments (one per start or resume), saved in ``run.json``
+    however the block ends. Yields ``segment_done()``: call it once the outputs are in place;
+    it returns every segment's wall time (a resumed run's ``wall_s`` is their sum)."""
+    earlier = segments_of(run_dir)
+    done: list[float] = []
+
+    def segment_done() -> list[float]:
+        done.append(time.perf_counter() - t_start)
+        return [*earlier, done[0]]
+
+    try:
+        yield segment_done
+    finally:
+        save_segments(run_dir, [*earlier, done[0] if done else time.perf_counter() - t_start])
+
+
+def launch_job(
+    cfg: Config,
+    spec: DataSpec,
+    run_dir: Path,
+    tracker: Tracking | None,
+    train_callbacks: list[Any] | None,
+) -> Path:
+    """Phase 4, launch: the method's driver-side resources, then every rank trains; returns the
+    final checkpoint's directory."""
+    from distnoisy.engine.job import Job
+    from distnoisy.launch import launch
+
+    run_id = tracker.run_id if tracker is not None else None
+    job = Job(cfg, spec, tracker, _method_resources(cfg, spec, run_dir, run_id))
+    return launch(job, cfg, run_dir, train_callbacks)
+
+
+def publish_run(
+    final_ckpt: Path,
+    run_dir: Path,
+    spec: DataSpec,
+    segments: list[float],
+    tracker: Tracking | None,
+) -> dict[str, Any]:
+    """Phase 5, publish and summarise: the outputs copied out of the final checkpoint, the
+    summary completed, the review files written, everything logged to the MLflow run."""
+    publish(final_ckpt, run_dir)
+    run_id = tracker.run_id if tracker is not None else None
+    summary = final_summary(run_dir, segments, run_id)
+    write_review(run_dir, summary, spec)
+    if tracker is not None:
+        log_final(tracker.uri, tracker.run_id, run_dir, summary)
+    return summary
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 def _method_resources(

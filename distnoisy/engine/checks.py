@@ -33,7 +33,7 @@ def check_bad_samples(stream: Any, n: int, cfg: Config) -> int:
     total = count_bad(records)
     limit = cfg.data.max_bad_fraction * n
     if total > limit:
-        from distnoisy.errors import DataError
+        from distnoisy.core.errors import DataError
 
         # The records that lost the most samples first: a truncated shard before a bad image.
         named = sorted(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,13 +74,6 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
         log.warning("train.precision=bf16 is not supported by this GPU: training in fp32")
         return Precision("fp32", kind)
     return Precision(name, kind)
-
-
-@contextlib.contextmanager
-def autocast_off(device_type: str) -> Iterator[None]:
-    """Leave autocast for a backward pass (autocast covers forward passes and losses only)."""
-    with torch.autocast(device_type, enabled=False):
-        yield
 
 
 def to_channels_last(model: nn.Module, enabled: bool) -> nn.Module:

@@ -3,8 +3,10 @@
 Nothing here waits for the device: the step's loss and its count of correct predictions come
 back as device tensors, which the trainer adds up and reads once per epoch. (The replicated
 store's staging still copies the step's rows to the CPU; the partitioned store copies them
-on its communication thread; see :mod:`distnoisy.store`.) Only torch is
-imported: the GPU benchmark runs this module on machines without the rest of the stack.
+on its communication thread; see :mod:`distnoisy.store`.) On import it loads torch, numpy and
+distnoisy's core, collectives, methods, losses and store, but no Ray, MLflow, OmegaConf,
+WebDataset or data loader: the GPU benchmark (:mod:`distnoisy.bench.gpu`) runs the step on a
+machine with only torch, torchvision, numpy and pillow.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from typing import Any
 
 from distnoisy.config import Config
 from distnoisy.core.errors import DistnoisyError
+from distnoisy.launch import ray_compat
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +75,6 @@ def _call_with_shared(fn: Any, shared: Any, *args: Any) -> Any:
     return fn(shared, *args)
 
 
-def _cluster_can_grow() -> bool:
-    """Whether the connected Ray cluster may add nodes: False for a cluster this process
-    started (``ray.init()`` without an address: a fixed set of local resources)."""
-    import ray
-
-    # ray.init() without an address makes this process's node the head; joining a cluster
-    # makes a non-head node object, a Ray client none.
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is not None and node.is_head():
-        return bool(getattr(node, "_ray_params", None) and node._ray_params.autoscaling_config)
-    return True
-
-
 def _needed_resources(cfg: Config) -> dict[str, float]:
     """What the Train worker group asks of the cluster: one CPU per worker, one GPU each with
     ``scaling.use_gpu`` (Ray Train's defaults)."""
@@ -123,7 +111,7 @@ def check_ray_resources(cfg: Config, poll_s: float = 2.0) -> None:
     missing = _shortfall(need)
     if not missing:
         return
-    grows = _cluster_can_grow()
+    grows = ray_compat.cluster_can_grow()
     timeout = cfg.scaling.resource_timeout_s if grows else 0.0
     if timeout > 0:
         log.warning("waiting up to %g s for the Ray cluster to provide %s", timeout, need)

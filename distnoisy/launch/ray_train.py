@@ -21,6 +21,7 @@ from distnoisy.config import Config
 from distnoisy.core.errors import DistnoisyError
 from distnoisy.engine.job import Job, WorkerContext
 from distnoisy.engine.trainer import run_worker
+from distnoisy.launch import ray_compat
 from distnoisy.launch.cluster import check_ray_resources
 from distnoisy.launch.local import KEEP_CHECKPOINTS
 
@@ -38,12 +39,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
 
     # Ray Train logs every report and checkpoint at INFO; keep the terminal to our epoch lines.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    try:  # this one logs under its file path, not under "ray.train"
-        from ray.train.v2._internal.execution import context as train_context
-
-        train_context.logger.setLevel(logging.WARNING)
-    except (ImportError, AttributeError):
-        pass
+    ray_compat.quiet_train_report_log()  # one more, named by its file path
     logging.getLogger("distnoisy").setLevel(logging.INFO)
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -85,7 +81,7 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
     import ray.train
 
     check_ray_resources(cfg)
-    trainer = _trainer_class()(
+    trainer = ray_compat.sigint_noting_trainer()(
         _ray_worker,
         train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(
@@ -122,6 +118,8 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
         # Ray Train leaves its handler installed, bound to the finished run's controller.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)
+    if threading.current_thread() is threading.main_thread():
+        ray_compat.check_sigint_hooked(trainer)  # fit() ran its controller: Ray called the hook
     if trainer.interrupted:
         raise KeyboardInterrupt("SIGINT")
     if result.error is not None:
@@ -131,37 +129,14 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
     return Path(result.checkpoint.path)
 
 
-def _trainer_class() -> type:
-    """``TorchTrainer`` that notes a Ctrl-C: Ray Train's own SIGINT handler aborts the run,
-    after which ``fit`` raises a Ray error (or ``SystemExit``) that says nothing of it."""
-    from ray.train.torch import TorchTrainer
-
-    class _Trainer(TorchTrainer):
-        interrupted = False
-
-        def _register_sigint_handler(self, controller: Any) -> None:
-            super()._register_sigint_handler(controller)
-            ray_handler = signal.getsignal(signal.SIGINT)
-
-            def note(signum: int, frame: Any) -> None:
-                self.interrupted = True
-                if callable(ray_handler):
-                    ray_handler(signum, frame)
-
-            signal.signal(signal.SIGINT, note)
-
-    return _Trainer
-
-
 def _user_error(err: BaseException) -> BaseException:
     """The :class:`DistnoisyError` a worker raised (bad data found while training, e.g. past
     ``data.max_bad_fraction``), so the CLI prints its one line; otherwise Ray's error."""
+    # WorkerGroupError.worker_failures (public) holds what each worker raised, unwrapped.
     failures = getattr(err, "worker_failures", None) or {}
     for _, failure in sorted(failures.items()):
-        # Ray Train V2 wraps a worker's exception with its traceback text.
-        base = getattr(failure, "_base_exc", failure)
-        if isinstance(base, DistnoisyError):
-            return base
+        if isinstance(failure, DistnoisyError):
+            return failure
     return err
 
 
@@ -173,18 +148,11 @@ def _gave_up_error(err: BaseException, cfg: Config, run_dir: Path) -> BaseExcept
     Other errors (an exception in the training code itself) are returned as they are, with
     their traceback.
     """
-    import ray.exceptions
     import ray.train
-
-    def died(failure: BaseException) -> bool:  # the process or its node, not the code
-        health = getattr(failure, "health_check_failure", None)  # Ray Train's wrapper
-        return isinstance(failure, ray.exceptions.RayActorError) or isinstance(
-            health, ray.exceptions.RayActorError
-        )
 
     if isinstance(err, ray.train.WorkerGroupError):
         # When one rank dies the others fail on their collectives: one death is the cause.
-        if not any(map(died, err.worker_failures.values())):
+        if not any(map(ray_compat.worker_died, err.worker_failures.values())):
             return err
         reason = "a worker or its node died"
     elif isinstance(err, ray.train.ControllerError):

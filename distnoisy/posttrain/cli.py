@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 from typing import Any
 
-from distnoisy.core.errors import DistnoisyError
-
-
-def _keys(node: Any, prefix: str = "") -> list[str]:
-    out = []
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        if dataclasses.is_dataclass(value):
-            out += _keys(value, f"{prefix}{f.name}.")
-        else:
-            out.append(f"  {prefix}{f.name}={value!r}")
-    return out
+from distnoisy.driver.cli import Command, run_command
 
 
 def usage() -> str:
+    from distnoisy.driver.config_help import key_lines, leaf_keys
     from distnoisy.posttrain.config import PostTrainConfig
 
     return (
@@ -31,7 +19,9 @@ def usage() -> str:
         "when the accuracy on the noisy validation labels stops improving. Writes summary.json,\n"
         "rounds.csv/.md, removed.parquet, label_issues.parquet, weights.pt and posttrain.png\n"
         "into output_dir (default <run>/posttrain-<score>) and an MLflow child run of the run.\n\n"
-        "Keys (defaults):\n" + "\n".join(_keys(PostTrainConfig())) + "\n"
+        "Keys (key=default, then its meaning):\n"
+        + "\n".join(key_lines(leaf_keys(PostTrainConfig())))
+        + "\n"
     )
 
 
@@ -64,25 +54,28 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _parse(args: list[str]) -> Any:
+    from distnoisy.posttrain.config import load
+
+    return load(args)
+
+
+def _run(cfg: Any) -> str:
+    from distnoisy.posttrain.run import posttrain
+
+    return format_summary(posttrain(cfg))
+
+
+def _interrupted(cfg: Any) -> str:
+    return (
+        "distnoisy: posttrain interrupted; post-training does not resume: run the command "
+        "again to start over"
+    )
+
+
+COMMAND = Command(usage=usage, parse=_parse, run=_run, interrupted=_interrupted)
+
+
 def main(argv: list[str] | None = None) -> int:
     """0 on success or ``--help``, 2 on bad input (one line), 130 when interrupted."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    if "-h" in args or "--help" in args:
-        print(usage(), end="")
-        return 0
-    from distnoisy.driver.cli import setup_cli
-
-    setup_cli()
-    try:
-        from distnoisy.posttrain.config import load
-        from distnoisy.posttrain.run import posttrain
-
-        summary = posttrain(load(args))
-    except DistnoisyError as e:
-        print(f"distnoisy: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("distnoisy: posttrain interrupted", file=sys.stderr)
-        return 130
-    print(format_summary(summary))
-    return 0
+    return run_command(COMMAND, argv)

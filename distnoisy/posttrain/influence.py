@@ -163,12 +163,6 @@ def kfac_basis(
     return KfacBasis(ua, ub, eig)
 
 
-def eigenbasis_of(a_sum: np.ndarray, b_sum: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The eigenvectors ``(ua, ub)`` of the two factors (what the EK-FAC correction needs)."""
-    basis = kfac_basis(a_sum, b_sum, n)
-    return basis.ua, basis.ub
-
-
 def kfac_scores(
     theta: np.ndarray,
     h: np.ndarray,

@@ -3,7 +3,9 @@
 The objective is the one the influence scores differentiate (:mod:`.influence`):
 ``(1/n) sum_S CE(theta x_i, y_i) + (mu/2) ||theta||^2`` over the kept rows, bias included in
 ``theta``. It is convex, so warm-started L-BFGS converges in a few dozen iterations; the loss
-and gradient are accumulated over row chunks so the features never need a float64 copy.
+and gradient are accumulated over row chunks read from the (memory-mapped) features at every
+evaluation, so neither a copy of the features nor of the kept rows is ever held: the memory is
+one chunk, whatever ``N`` (at 1M x 2048 a copy would be 8 GB).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ def fit_head(
     max_iter: int = 100,
     tol: float = 1e-9,
     chunk: int = CHUNK,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """The head ``(C, d + 1)`` minimising the regularised objective, from ``theta0``.
 
@@ -29,7 +32,10 @@ def fit_head(
     theta0
         Warm start ``[W b]``.
     h, y
-        Kept rows' features ``(n, d)`` (any float dtype) and given labels ``(n,)``.
+        Features ``(N, d)`` (any float dtype; a memory map is read chunk by chunk) and the
+        given labels of the fitted rows ``(n,)``.
+    rows
+        The fitted rows of ``h`` (ascending indices, ``n`` of them); None = all.
     mu
         L2 strength (> 0 makes the optimum unique).
     max_iter, tol
@@ -39,13 +45,7 @@ def fit_head(
 
     theta = torch.tensor(theta0, dtype=torch.float64, requires_grad=True)
     n = len(y)
-    parts = [
-        (
-            torch.from_numpy(np.array(h[lo : lo + chunk])),
-            torch.from_numpy(y[lo : lo + chunk]),
-        )
-        for lo in range(0, n, chunk)
-    ]
+    labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
     opt = torch.optim.LBFGS(
         [theta],
         lr=1.0,
@@ -61,10 +61,11 @@ def fit_head(
         total = 0.5 * mu * (theta**2).sum()
         total.backward()
         value = total.item()
-        for hc, yc in parts:
-            x = hc.to(torch.float64)
+        for lo in range(0, n, chunk):
+            x = torch.from_numpy(_chunk(h, rows, lo, chunk))
             logits = x @ theta[:, :-1].T + theta[:, -1]
-            loss = torch.nn.functional.cross_entropy(logits, yc.long(), reduction="sum") / n
+            yc = labels[lo : lo + chunk]
+            loss = torch.nn.functional.cross_entropy(logits, yc, reduction="sum") / n
             loss.backward()
             value += loss.item()
         return torch.tensor(value, dtype=torch.float64)
@@ -73,10 +74,18 @@ def fit_head(
     return theta.detach().numpy().copy()
 
 
-def predict(theta: np.ndarray, h: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
-    """Predicted classes of rows ``h`` under head ``theta``."""
-    out = np.empty(len(h), dtype=np.int64)
+def _chunk(h: np.ndarray, rows: np.ndarray | None, lo: int, chunk: int) -> np.ndarray:
+    """Fitted rows ``[lo, lo + chunk)`` of ``h`` (all rows, or ``rows``) as float64."""
+    part = h[lo : lo + chunk] if rows is None else h[rows[lo : lo + chunk]]
+    return np.asarray(part, np.float64)
+
+
+def predict(
+    theta: np.ndarray, h: np.ndarray, chunk: int = CHUNK, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """Predicted classes of rows ``h`` (or of its rows ``rows``) under head ``theta``."""
+    out = np.empty(len(h) if rows is None else len(rows), dtype=np.int64)
     w, b = theta[:, :-1], theta[:, -1]
-    for lo in range(0, len(h), chunk):
-        out[lo : lo + chunk] = np.argmax(np.asarray(h[lo : lo + chunk], np.float64) @ w.T + b, 1)
+    for lo in range(0, len(out), chunk):
+        out[lo : lo + chunk] = np.argmax(_chunk(h, rows, lo, chunk) @ w.T + b, 1)
     return out

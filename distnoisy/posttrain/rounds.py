@@ -161,7 +161,9 @@ def evaluate(
         "val_acc_noisy": _accuracy(theta, inp.val, inp.val.labels if inp.val else None),
         "val_acc": _accuracy(theta, inp.val, inp.val_clean),
         "test_acc": _accuracy(theta, inp.test, inp.test.labels if inp.test else None),
-        "train_acc_kept": float((predict(theta, inp.train[kept]) == inp.given[kept]).mean()),
+        "train_acc_kept": float(
+            (predict(theta, inp.train, rows=np.flatnonzero(kept)) == inp.given[kept]).mean()
+        ),
     }
     if inp.corrupted is not None:
         gone = np.asarray(removed_order, dtype=np.int64)
@@ -225,7 +227,8 @@ def run_rounds(
         kept[gone] = False
         removed_round[gone] = r
         order.extend(int(i) for i in gone)
-        theta = fit_head(theta, inp.train[kept], inp.given[kept], mu, params.refit_iters)
+        rows = np.flatnonzero(kept)  # read from the features chunk by chunk, never gathered
+        theta = fit_head(theta, inp.train, inp.given[rows], mu, params.refit_iters, rows=rows)
         thetas.append(theta)
         rounds.append(
             {"round": r, **evaluate(inp, theta, kept, order), "wall_s": time.perf_counter() - t0}

@@ -2,7 +2,8 @@
 
 Every check (the run, its weights and tables, the dataset, the config) happens before the
 output directory is created. The job is tracked as an MLflow child run of the source run
-(FINISHED, FAILED on any error, KILLED on Ctrl-C: never left RUNNING).
+(:func:`~distnoisy.tracking.lifecycle.tracked_run`: FINISHED, FAILED on any error, KILLED on
+Ctrl-C or SIGTERM; never left RUNNING).
 """
 
 from __future__ import annotations
@@ -163,10 +164,14 @@ def build_input(prep: Prepared, cfg: PostTrainConfig) -> tuple[RoundsInput, dict
         loss_history=_loss_history(prep.run, n) if p.score == "loss_history" else None,
         corrupted=labels["corrupted"],
     )
-    bad = ~np.isfinite(inp.train).all(1)
-    if bad.any():  # undecodable samples: no features, so neither scored nor fitted
+    # chunk by chunk: a whole-set boolean copy would be N x d bytes
+    step = 1 << 16
+    bad = sum(
+        int((~np.isfinite(inp.train[lo : lo + step]).all(1)).sum()) for lo in range(0, n, step)
+    )
+    if bad:  # undecodable samples: no features, so neither scored nor fitted
         raise ConfigError(
-            f"{int(bad.sum())} training samples of run {prep.run.run_dir} could "
+            f"{bad} training samples of run {prep.run.run_dir} could "
             "not be decoded; post-training needs features of every sample"
         )
     return inp, labels
@@ -293,15 +298,27 @@ OUTPUT_FILES = (
 def posttrain(cfg: PostTrainConfig) -> dict[str, Any]:
     """Run the job; returns the summary (also ``summary.json``)."""
     from distnoisy import tracking
+    from distnoisy.tracking.lifecycle import tracked_run
 
     t0 = time.perf_counter()
     prep = check(cfg)
     prep.out_dir.mkdir(parents=True, exist_ok=True)
     save(cfg, prep.out_dir / "config.yaml")
     uri = cfg.tracking.uri or prep.run.tracking_uri or tracking.default_tracking_uri()
-    run_id = _start_mlflow(cfg, prep, uri) if cfg.tracking.enabled else None
-    status = "FAILED"
-    try:
+    with tracked_run(
+        uri if cfg.tracking.enabled else None,
+        prep.run.config.tracking.experiment,
+        f"{prep.run.run_dir.name}-posttrain-{cfg.posttrain.score}",
+        _params(cfg),
+        tags={
+            "distnoisy.output_dir": str(prep.out_dir),
+            "distnoisy.phase": "posttrain",
+            "distnoisy.source_output_dir": str(prep.run.run_dir),
+        },
+        parent_run_id=prep.run.mlflow_run_id,
+        source="python -m distnoisy.posttrain",
+    ) as run_id:
+        log.info("post-training %s (MLflow run %s)", prep.run.run_dir, run_id)
         inp, labels = build_input(prep, cfg)
         scorer, score_workers = make_scorer(prep, cfg, inp)
         try:
@@ -320,14 +337,7 @@ def posttrain(cfg: PostTrainConfig) -> dict[str, Any]:
             run_finetune(prep, cfg, res, summary, uri)
         if run_id is not None:
             _log_mlflow(uri, run_id, prep.out_dir, summary)
-        status = "FINISHED"
         return summary
-    except (KeyboardInterrupt, SystemExit):
-        status = "KILLED"
-        raise
-    finally:
-        if run_id is not None:
-            tracking.end_run(uri, run_id, status)
 
 
 def run_finetune(
@@ -354,25 +364,13 @@ def run_finetune(
     outputs.write_json(prep.out_dir / "summary.json", summary)
 
 
-def _start_mlflow(cfg: PostTrainConfig, prep: Prepared, uri: str) -> str:
+def _params(cfg: PostTrainConfig) -> dict[str, Any]:
+    """The config as flat MLflow params (``posttrain.score``, ...)."""
     from omegaconf import OmegaConf
 
-    from distnoisy import tracking
     from distnoisy.config import _flatten
 
-    params = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
-    return tracking.start_run(
-        uri,
-        prep.run.config.tracking.experiment,
-        f"{prep.run.run_dir.name}-posttrain-{cfg.posttrain.score}",
-        params,
-        tags={
-            "distnoisy.output_dir": str(prep.out_dir),
-            "distnoisy.phase": "posttrain",
-            "distnoisy.source_output_dir": str(prep.run.run_dir),
-        },
-        parent_run_id=prep.run.mlflow_run_id,
-    )
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
 
 
 def _log_mlflow(uri: str, run_id: str, out: Path, summary: dict[str, Any]) -> None:

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -181,8 +180,3 @@ def write_top_k(directory: Path, path: Path, k: int = TOP_K) -> int:
     top = merge_top_k(directory, k)
     atomic_write_table(top, Path(path))
     return top.num_rows
-
-
-def flagged_count(table: pa.Table) -> int:
-    """Rows flagged ``is_label_issue`` in a (part of a) label-issue table."""
-    return int(pc.sum(table.column("is_label_issue")).as_py() or 0)

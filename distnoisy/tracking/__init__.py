@@ -1,8 +1,9 @@
 """MLflow tracking: the driver owns the run's lifecycle, rank 0 logs metrics into it.
 
 The driver creates the run (params, tags), hands its id to the workers and ends it: FINISHED on
-success, FAILED on any error, KILLED on Ctrl-C. A crashed or killed worker therefore never leaves
-a run stuck in RUNNING. Workers log with :class:`RunLogger`, which is a no-op off rank 0.
+success, FAILED on any error, KILLED on Ctrl-C or SIGTERM; every command does this through
+:func:`distnoisy.tracking.lifecycle.tracked_run`. A crashed or killed worker therefore never
+leaves a run stuck in RUNNING. Workers log with :class:`RunLogger`, a no-op off rank 0.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+# MLflow's system-metrics internals live in mlflow_compat; the driver calls them from here.
+from distnoisy.tracking.mlflow_compat import start_system_metrics as start_system_metrics
+from distnoisy.tracking.mlflow_compat import stop_system_metrics as stop_system_metrics
 
 if TYPE_CHECKING:
     from distnoisy.engine.job import Job
@@ -51,8 +56,13 @@ def start_run(
     params: dict[str, Any],
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
+    source: str = "python -m distnoisy.train",
 ) -> str:
-    """Create an MLflow run and log its params; returns the run id."""
+    """Create an MLflow run and log its params; returns the run id.
+
+    Commands open their runs through :func:`distnoisy.tracking.lifecycle.tracked_run`, which
+    also ends them; ``source`` is the command recorded as the run's source.
+    """
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = (
@@ -64,7 +74,7 @@ def start_run(
         # MLflow 3's UI shows such an experiment as model training (runs, metrics, artifacts),
         # not as a GenAI app; it guesses when the tag is missing.
         client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, "custom_model_development")
-    all_tags = {**source_tags(), **(tags or {})}
+    all_tags = {**source_tags(source), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id  # what the UI uses to nest runs
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
@@ -97,33 +107,6 @@ def source_tags(source: str = "python -m distnoisy.train") -> dict[str, str]:
     return tags
 
 
-def start_system_metrics(uri: str, run_id: str) -> Any:
-    """Start logging this machine's CPU/GPU/memory use to the run (MLflow system metrics);
-    returns the monitor, whose ``finish()`` stops it."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    monitor = SystemMetricsMonitor(run_id, tracking_uri=uri, resume_logging=True)
-    monitor.start()
-    return monitor
-
-
-def stop_system_metrics(monitor: Any) -> None:
-    """Stop the monitor and log the samples of its last, partial interval.
-
-    MLflow's monitor drops those on shutdown, so a run shorter than one sampling interval
-    (10 s by default) would otherwise get no system metrics at all. Never raises: the
-    machine's use is a diagnostic and must not fail a finished run.
-    """
-    try:
-        monitor.finish()
-        if not any(m.metrics for m in monitor.monitors):
-            monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-        monitor.mlflow_logger.flush()
-    except Exception as e:
-        log.warning("could not log the last system metrics: %s", e)
-
-
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
@@ -147,9 +130,13 @@ def reopen_run(uri: str, run_id: str) -> None:
 
 
 def log_artifacts(uri: str, run_id: str, paths: list[Path]) -> None:
+    """Log the files and directories among ``paths`` that exist (a directory under its name,
+    e.g. a partitioned store's ``label_issues/``)."""
     client = _client(uri)
     for p in paths:
-        if p.exists():
+        if p.is_dir():
+            client.log_artifacts(run_id, str(p), artifact_path=p.name)
+        elif p.exists():
             client.log_artifact(run_id, str(p))
 
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
+import shlex
 from pathlib import Path
 
 from distnoisy.config import keys_help
-from distnoisy.core.errors import DistnoisyError
+from distnoisy.driver.cli import ArgumentParser, Command, run_command
 from distnoisy.tune.run import format_report, run_sweep
 
 
@@ -24,11 +24,8 @@ def _description() -> str:
     return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "").replace("::", ":")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from distnoisy.driver.cli import setup_cli
-
-    setup_cli()  # SIGTERM -> KeyboardInterrupt: the sweep ends like Ctrl-C, resumable
-    parser = argparse.ArgumentParser(
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="python -m distnoisy.tune",
         description=_description(),
         epilog=keys_help(config_files=False),
@@ -40,18 +37,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume", action="store_true", help="continue the sweep in --out; finished trials stay"
     )
-    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    try:
-        report = run_sweep(args.space, args.overrides, args.out, args.resume)
-    except DistnoisyError as e:
-        print(f"distnoisy: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            f"distnoisy: sweep interrupted; continue it with: python -m distnoisy.tune "
-            f"{args.space} --resume" + (f" --out {args.out}" if args.out else ""),
-            file=sys.stderr,
-        )
-        return 130
-    print(format_report(report))
-    return 0
+    return parser
+
+
+def _run(args: argparse.Namespace) -> str:
+    return format_report(run_sweep(args.space, args.overrides, args.out, args.resume))
+
+
+def _interrupted(args: argparse.Namespace | None) -> str:
+    if args is None:
+        return "distnoisy: interrupted before the sweep started; there is nothing to resume"
+    out = f" --out {shlex.quote(str(args.out))}" if args.out else ""
+    space = shlex.quote(str(args.space))
+    return (
+        "distnoisy: sweep interrupted; continue it with: python -m distnoisy.tune "
+        f"{space} --resume{out}"
+    )
+
+
+COMMAND = Command(
+    usage=lambda: _parser().format_help(),
+    parse=lambda argv: _parser().parse_intermixed_args(argv),
+    run=_run,
+    interrupted=_interrupted,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 when the sweep finished (or ``--help``), 2 on bad input (one line), 130 when
+    interrupted (SIGTERM too: the sweep ends like Ctrl-C, resumable)."""
+    return run_command(COMMAND, argv)

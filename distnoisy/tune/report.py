@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distnoisy.config import Config, from_dict, save_config, to_dict
+from distnoisy.launch import ray_compat
 from distnoisy.tune.ray_glue import _completed_trials
 from distnoisy.tune.spec import TIME_ATTR, Sweep, _fmt_value, _point_label
 
@@ -37,8 +38,8 @@ def collect(result_grid: Any, sweep: Sweep, sweep_dir: Path) -> list[TrialRow]:
     epochs = int(sweep.base["train"]["epochs"])
     completed = _completed_trials(sweep_dir)
     rows = []
-    # The ResultGrid's Results carry no trial status; its analysis object has the trials.
-    for trial in result_grid._experiment_analysis.trials:
+    # The ResultGrid's Results carry no trial status: the trials come from Tune's saved state.
+    for trial in ray_compat.tune_trials(result_grid):
         metrics = trial.last_result or {}
         run_dir = sweep_dir / "trials" / trial.trial_id
         info = run_dir / "run.json"

@@ -35,6 +35,7 @@ def run_sweep(
     """Run (or resume) a sweep; returns the report (also in ``results.json``)."""
     from distnoisy import tracking
     from distnoisy.launch.cluster import ensure_ray
+    from distnoisy.tracking.lifecycle import tracked_run
 
     space_file = Path(space_file)
     where = f"search space {space_file}"
@@ -47,15 +48,22 @@ def run_sweep(
     uri = base_cfg.tracking.uri
     assert uri is not None
 
-    if resume:
-        parent_run_id = saved["parent_run_id"]
-        tracking.reopen_run(uri, parent_run_id)
-        mark_interrupted_runs(uri, parent_run_id)
-    else:
-        parent_run_id = _start_sweep(spec, space_file, argv, sweep_dir, base_cfg, uri)
-
-    status = "FAILED"
-    try:
+    if not resume:
+        _make_sweep_dir(spec, space_file, sweep_dir)
+    with tracked_run(
+        uri,
+        base_cfg.tracking.experiment,
+        f"sweep-{spec.name}",
+        _sweep_params(spec, space_file, base_cfg),
+        tags={"distnoisy.sweep": spec.name, "distnoisy.output_dir": str(sweep_dir)},
+        reopen=saved["parent_run_id"] if resume else None,
+        source="python -m distnoisy.tune",
+    ) as parent_run_id:
+        assert parent_run_id is not None
+        if resume:
+            mark_interrupted_runs(uri, parent_run_id)
+        else:
+            _save_state(sweep_dir, argv, spec.name, parent_run_id)
         # A local cluster gets enough logical CPUs for the concurrent trials it is asked for.
         per_trial = spec.resources.workers + spec.resources.driver_cpu
         wanted = math.ceil(max(1, spec.resources.max_concurrent_trials) * per_trial)
@@ -66,19 +74,13 @@ def run_sweep(
         epochs = int(sweep.base["train"]["epochs"])
         close_orphaned_runs(uri, rows, epochs)
         if any(r.status == "unfinished" for r in rows):
-            status = "KILLED"
+            # Tune stopped on Ctrl-C/SIGTERM and returned: the sweep ends KILLED, resumable.
             raise KeyboardInterrupt("sweep interrupted")
         report = finish(sweep, rows, sweep_dir, uri, parent_run_id)
         report["wall_s"] = round(time.perf_counter() - t0, 1)
         (sweep_dir / "results.json").write_text(json.dumps(report, indent=2, default=str))
         tracking.log_artifacts(uri, parent_run_id, [sweep_dir / "results.json"])
-        status = "FINISHED"
         return report
-    except (KeyboardInterrupt, SystemExit):
-        status = "KILLED"
-        raise
-    finally:
-        tracking.end_run(uri, parent_run_id, status)
 
 
 def _load_sweep_spec(
@@ -109,21 +111,22 @@ def _load_sweep_spec(
     return spec, argv, saved
 
 
-def _start_sweep(
-    spec: SweepSpec, space_file: Path, argv: list[str], sweep_dir: Path, base_cfg: Config, uri: str
-) -> str:
-    """Create the sweep directory and its parent MLflow run; returns the run's id."""
-    from distnoisy import tracking
-    from distnoisy.config import flat_params
-
+def _make_sweep_dir(spec: SweepSpec, space_file: Path, sweep_dir: Path) -> None:
+    """Create the sweep directory with a copy of the space (with its config file's absolute
+    path): ``--resume`` reads this one."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    # A copy of the space (with its config file's absolute path): --resume reads this one.
     shutil.copyfile(space_file, sweep_dir / "space.yaml")
     if spec.config:
         copy = OmegaConf.load(sweep_dir / "space.yaml")
         copy.config = spec.config
         OmegaConf.save(copy, sweep_dir / "space.yaml")
-    params = {f"sweep.{k}": v for k, v in spec.space.items()}
+
+
+def _sweep_params(spec: SweepSpec, space_file: Path, base_cfg: Config) -> dict[str, Any]:
+    """The parent run's params: the space, the search and the base config."""
+    from distnoisy.config import flat_params
+
+    params: dict[str, Any] = {f"sweep.{k}": v for k, v in spec.space.items()}
     params.update(
         {
             "sweep.metric": spec.metric,
@@ -138,18 +141,15 @@ def _start_sweep(
         }
     )
     params.update(flat_params(base_cfg))
-    parent_run_id = tracking.start_run(
-        uri,
-        base_cfg.tracking.experiment,
-        f"sweep-{spec.name}",
-        params,
-        tags={"distnoisy.sweep": spec.name, "distnoisy.output_dir": str(sweep_dir)},
-    )
+    return params
+
+
+def _save_state(sweep_dir: Path, argv: list[str], name: str, parent_run_id: str) -> None:
+    """``sweep.json``: what ``--resume`` needs (the arguments, the name, the parent run)."""
     state = sweep_dir / "sweep.json"
     tmp = state.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"argv": argv, "name": spec.name, "parent_run_id": parent_run_id}))
+    tmp.write_text(json.dumps({"argv": argv, "name": name, "parent_run_id": parent_run_id}))
     os.replace(tmp, state)
-    return parent_run_id
 
 
 def finish(

@@ -14,6 +14,7 @@ from distnoisy.core.errors import ConfigError, DataError
 from distnoisy.data.stream.decode import _short, decode_image_bytes
 from distnoisy.data.stream.tar_index import Raw, _LocalMember
 from distnoisy.data.stream.transforms import ImageTransform, Transform
+from distnoisy.data.torch_compat import new_shared_tensor
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,7 @@ def _new_batch_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.float32
     """
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    numel = 1
-    for n in shape:
-        numel *= n
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
-    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+    return new_shared_tensor(shape, dtype)
 
 
 class _BatchBuilder:
