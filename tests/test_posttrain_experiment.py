@@ -67,6 +67,26 @@ def test_the_bars_verdicts_follow_the_numbers():
     assert "| ce | 60.0 ± 0.0 | 80.0 ± 0.0 | 81.5 ± 0.5 | +1.5 ± 0.5 |" in table
 
 
+def test_methods_left_out_of_the_comparisons_get_the_default_post_training_only():
+    from distnoisy.posttrain.experiment import main_parser, plan
+
+    args = main_parser().parse_args(
+        ["--datasets", "fashion_mnist", "--methods", "ce", "elr", "--compare-methods", "ce"]
+    )
+    names = {(j.method, j.seed): [v.name for v in j.variants] for j in plan(args)}
+    assert names[("elr", 0)] == ["default"]
+    assert names[("ce", 2)] == [
+        "default",
+        "final",
+        "val_noisy",
+        "self_influence",
+        "grad_norm",
+        "loss_history",
+    ]
+    every = main_parser().parse_args(["--datasets", "digits", "--methods", "elr"])
+    assert [v.name for v in plan(every)[0].variants] == ["default", "final", "val_noisy"]
+
+
 @pytest.mark.slow
 def test_the_experiment_trains_post_trains_and_reuses(tmp_path, digits_root):
     from distnoisy.posttrain.experiment import main
@@ -103,3 +123,13 @@ def test_the_experiment_trains_post_trains_and_reuses(tmp_path, digits_root):
     assert main(args) == 0  # everything reused: nothing trained or post-trained again
     assert {p: p.stat().st_mtime_ns for p in run.rglob("summary.json")} == stamps
     assert out.read_text().split("## The bars")[1] == text.split("## The bars")[1]
+    # --reuse-only: the page from what is finished; gce's run is missing, not trained.
+    again = [x for x in args if x != "ce"]
+    again[again.index("--methods") + 1 : again.index("--methods") + 1] = ["ce", "gce"]
+    assert main([*again, "--reuse-only"]) == 0
+    assert not grid.run_dir(root, "digits", "symmetric", "gce", 0).exists()
+    assert (
+        "Not on this page (not finished when it was rendered): digits symmetric gce seed 0 "
+        "(run not trained)." in out.read_text()
+    )
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("summary.json")} == stamps

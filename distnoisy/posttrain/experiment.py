@@ -41,10 +41,15 @@ POLL_S = 30.0
 log = logging.getLogger("distnoisy.posttrain.experiment")
 
 
-def variants(dataset: str, scores: list[str], finetune_epochs: int) -> tuple[Variant, ...]:
-    """The post-trainings every run of ``dataset`` gets (module docstring)."""
-    out = [
-        Variant("default", (f"posttrain.finetune_epochs={finetune_epochs}",)),
+def variants(
+    dataset: str, scores: list[str], finetune_epochs: int, compared: bool = True
+) -> tuple[Variant, ...]:
+    """The post-trainings every run of ``dataset`` gets (module docstring); ``compared=False``:
+    the default one only (a method left out of the comparisons by ``--compare-methods``)."""
+    out = [Variant("default", (f"posttrain.finetune_epochs={finetune_epochs}",))]
+    if not compared:
+        return tuple(out)
+    out += [
         Variant("final", ("posttrain.weights=final",)),
         Variant("val_noisy", ("posttrain.select_on=val_noisy",)),
     ]
@@ -62,10 +67,16 @@ def plan(args: argparse.Namespace) -> list[RunJob]:
             noise,
             method,
             seed,
-            variants(dataset, args.scores, args.finetune_epochs),
+            variants(
+                dataset,
+                args.scores,
+                args.finetune_epochs,
+                args.compare_methods is None or method in args.compare_methods,
+            ),
             peer_of="default" if args.peer else None,
             force=args.force,
             extra_train=tuple(args.train_override),
+            reuse_only=args.reuse_only,
         )
         for dataset in args.datasets
         for method in args.methods
@@ -75,10 +86,15 @@ def plan(args: argparse.Namespace) -> list[RunJob]:
     return jobs
 
 
-def execute(jobs: list[RunJob], workers: int) -> dict[tuple[str, str, str, int], dict[str, Any]]:
-    """Every job's results, ``workers`` at a time; a run another command is training right now
-    is put back and tried again later (every ``POLL_S`` seconds when nothing else is left)."""
-    results: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+Key = tuple[str, str, str, int]
+
+
+def execute(jobs: list[RunJob], workers: int) -> tuple[dict[Key, dict[str, Any]], dict[Key, str]]:
+    """Every job's results, ``workers`` at a time, and what is missing (``--reuse-only``); a
+    run another command is training right now is put back and tried again later (every
+    ``POLL_S`` seconds when nothing else is left)."""
+    results: dict[Key, dict[str, Any]] = {}
+    missing: dict[Key, str] = {}
     pending = list(jobs)
     put_back = 0  # jobs put back in a row: when every pending one was, wait a while
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
@@ -94,6 +110,8 @@ def execute(jobs: list[RunJob], workers: int) -> dict[tuple[str, str, str, int],
                 if out is None:  # being trained by another command: later
                     pending.append(job)
                     put_back += 1
+                elif "missing" in out:
+                    missing[job.key] = out["missing"]
                 else:
                     results[job.key] = out
                     put_back = 0
@@ -101,10 +119,11 @@ def execute(jobs: list[RunJob], workers: int) -> dict[tuple[str, str, str, int],
             if pending and not running and put_back >= len(pending):
                 time.sleep(POLL_S)
                 put_back = 0
-    return results
+    return results, missing
 
 
-def main(argv: list[str] | None = None) -> int:
+def main_parser() -> argparse.ArgumentParser:
+    """The command's arguments."""
     parser = argparse.ArgumentParser(
         prog="python -m distnoisy.posttrain.experiment", description=__doc__.splitlines()[0]
     )
@@ -115,6 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scores", nargs="+", default=list(SCORES), choices=list(SCORES))
     parser.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS)
+    parser.add_argument(
+        "--compare-methods",
+        nargs="+",
+        choices=METHODS,
+        help="methods whose runs also get the other starts, selections and scores (default: "
+        "every method; the others get the default post-training and cleanlab's recipe)",
+    )
+    parser.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="train and post-train nothing: the page from what is finished, the rest listed "
+        "as missing",
+    )
     parser.add_argument(
         "--no-peer", dest="peer", action="store_false", help="skip cleanlab's recipe"
     )
@@ -128,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/results/posttrain.md")
     parser.add_argument("--jobs", type=int, default=1, help="runs worked on at once")
     parser.add_argument("--force", action="store_true", help="redo finished post-trainings")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = main_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("mlflow", "alembic", "distnoisy.engine.trainer", "distnoisy.posttrain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -145,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     from distnoisy.posttrain.experiment_page import render
 
     t0 = time.perf_counter()
-    results = execute(plan(args), args.jobs)
-    page = render(results, args, time.perf_counter() - t0)
+    results, missing = execute(plan(args), args.jobs)
+    command = " ".join(["python -m distnoisy.posttrain.experiment", *(argv or sys.argv[1:])])
+    page = render(results, args, time.perf_counter() - t0, command, missing)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

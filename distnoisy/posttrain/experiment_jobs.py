@@ -73,6 +73,8 @@ class RunJob:
     peer_of: str | None = "default"
     force: bool = False
     extra_train: tuple[str, ...] = field(default_factory=tuple)
+    #: Train and post-train nothing: only what is finished is read.
+    reuse_only: bool = False
 
     @property
     def key(self) -> tuple[str, str, str, int]:
@@ -92,9 +94,11 @@ def _same_config(out: Path, cfg: Any) -> bool:
     return saved.is_file() and saved.read_text() == OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def posttrain_or_reuse(run: Path, variant: Variant, force: bool = False) -> dict[str, Any]:
+def posttrain_or_reuse(
+    run: Path, variant: Variant, force: bool = False, reuse_only: bool = False
+) -> dict[str, Any] | None:
     """The summary of ``run``'s post-training in ``variant``, made now unless a finished one
-    with the same config exists (``force``: always made now)."""
+    with the same config exists (``force``: always made now; ``reuse_only``: None instead)."""
     from distnoisy.posttrain.run import posttrain
 
     out = run / f"posttrain-{variant.name}"
@@ -102,6 +106,8 @@ def posttrain_or_reuse(run: Path, variant: Variant, force: bool = False) -> dict
     done = out / "summary.json"
     if done.is_file() and _same_config(out, cfg) and not force:
         summary = json.loads(done.read_text())
+    elif reuse_only:
+        return None
     else:
         shutil.rmtree(out, ignore_errors=True)  # an older config's outputs (and fine-tune)
         log.info("post-training %s (%s)", run, variant.name)
@@ -109,9 +115,12 @@ def posttrain_or_reuse(run: Path, variant: Variant, force: bool = False) -> dict
     return {k: summary.get(k) for k in KEEP}
 
 
-def peer_or_reuse(run: Path, variant: Variant, mu: float, force: bool = False) -> dict[str, Any]:
+def peer_or_reuse(
+    run: Path, variant: Variant, mu: float, force: bool = False, reuse_only: bool = False
+) -> dict[str, Any] | None:
     """cleanlab's recipe on the features ``variant`` post-trained on, with its penalty ``mu``
-    (:func:`distnoisy.posttrain.peer.cleanlab_recipe`); reused when its settings match."""
+    (:func:`distnoisy.posttrain.peer.cleanlab_recipe`); reused when its settings match
+    (``reuse_only``: None when they do not)."""
     from distnoisy.finished.features import WEIGHTS, file_digest
     from distnoisy.posttrain import outputs
     from distnoisy.posttrain.peer import cleanlab_recipe, require_cleanlab
@@ -135,6 +144,8 @@ def peer_or_reuse(run: Path, variant: Variant, mu: float, force: bool = False) -
         summary = json.loads(done.read_text())
         if summary.get("settings") == settings:
             return summary
+    if reuse_only:
+        return None
     log.info("cleanlab's recipe on %s", run)
     inp, _ = build_input(prep, cfg)
     refit = fit_head(inp.theta, inp.train, inp.given, mu, cfg.posttrain.refit_iters)
@@ -157,16 +168,20 @@ def peer_or_reuse(run: Path, variant: Variant, mu: float, force: bool = False) -
 
 def run_job(job: RunJob, wait: bool = False) -> dict[str, Any] | None:
     """Train (or find) the run, then post-train it in every variant and run the peer; None
-    when another command is training the run right now (``wait=False``)."""
+    when another command is training the run right now (``wait=False``). With
+    ``job.reuse_only``, ``{"missing": what}`` when the run or its default post-training is not
+    finished; other variants (and the peer) not finished are left out."""
     import torch
 
-    from distnoisy.driver.grid import run_args, train_or_reuse
+    from distnoisy.driver.grid import is_finished, run_args, train_or_reuse
 
     torch.set_num_threads(1)
     if not logging.getLogger().handlers:  # a spawned worker: progress lines like the driver's
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         log.setLevel(logging.INFO)
         logging.getLogger("distnoisy.driver.grid").setLevel(logging.INFO)
+    if job.reuse_only and not is_finished(Path(job.root), *job.key):
+        return {"missing": "run not trained"}
     run = train_or_reuse(Path(job.root), *job.key, job.extra_train, wait=wait)
     if run is None:
         return None
@@ -179,8 +194,14 @@ def run_job(job: RunJob, wait: bool = False) -> dict[str, Any] | None:
         "args": run_args(*job.key),
     }
     for variant in job.variants:
-        out[variant.name] = posttrain_or_reuse(run, variant, job.force)
-    if job.peer_of is not None:
+        done = posttrain_or_reuse(run, variant, job.force, job.reuse_only)
+        if done is not None:
+            out[variant.name] = done
+    if "default" not in out:
+        return {"missing": "not post-trained"}
+    if job.peer_of is not None and job.peer_of in out:
         base = next(v for v in job.variants if v.name == job.peer_of)
-        out["cleanlab"] = peer_or_reuse(run, base, out[base.name]["mu"], job.force)
+        peer = peer_or_reuse(run, base, out[base.name]["mu"], job.force, job.reuse_only)
+        if peer is not None:
+            out["cleanlab"] = peer
     return out

@@ -233,22 +233,37 @@ def per_seed(results: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(results: Results, args: Any, wall: float) -> str:
-    """The whole page."""
+def _missing(missing: dict[tuple[str, str, str, int], str]) -> str:
+    if not missing:
+        return ""
+    items = ", ".join(
+        f"{TITLES[d]} {n} {m} seed {s} ({why})" for (d, n, m, s), why in sorted(missing.items())
+    )
+    return f"Not on this page (not finished when it was rendered): {items}.\n"
+
+
+def render(
+    results: Results,
+    args: Any,
+    wall: float,
+    command: str,
+    missing: dict[tuple[str, str, str, int], str] | None = None,
+) -> str:
+    """The whole page; ``command`` made it, ``missing`` lists the runs it left out."""
     from distnoisy.posttrain.experiment_notes import NOTES, SETUP
 
     grouped = groups(results)
     keys = _order(grouped, args)
-    seeds = " ".join(str(s) for s in args.seeds)
+    again = command.replace(" --reuse-only", "")
     parts = [
         "# Post-training on real data: against early stopping, with every method, against "
         "cleanlab\n",
-        f"Regenerate: `OMP_NUM_THREADS=1 python -m distnoisy.posttrain.experiment --runs "
-        f"{args.runs} --seeds {seeds} --jobs {args.jobs} --out {args.out}` (trains the grid runs "
-        f"it does not find finished, reuses finished post-trainings with the same config; this "
-        f"rendering: {len(results)} runs, {wall / 60:.0f} min, on {platform.machine()} / "
-        f"{platform.system()}, Python {platform.python_version()}, {date.today().isoformat()}, "
-        "on a 2-core machine shared with other jobs).\n",
+        f"Rendered by `OMP_NUM_THREADS=1 {command}` ({len(results)} runs, {wall / 60:.0f} min, "
+        f"on {platform.machine()} / {platform.system()}, Python {platform.python_version()}, "
+        f"{date.today().isoformat()}, on a 2-core machine shared with other jobs). "
+        + (f"`{again}` trains and post-trains what is missing first. " if again != command else "")
+        + "Grid runs found finished are reused, and post-trainings with the same config.\n",
+        _missing(missing or {}),
         SETUP.format(finetune_epochs=args.finetune_epochs),
         "## The bars\n",
         bars(grouped, keys),

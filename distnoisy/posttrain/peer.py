@@ -52,11 +52,16 @@ def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-def predict_proba(theta: np.ndarray, h: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
-    """Softmax probabilities of rows ``h`` under head ``theta = [W b]``."""
-    out = np.empty((len(h), theta.shape[0]))
-    for lo in range(0, len(h), chunk):
-        out[lo : lo + chunk] = softmax(augment(h[lo : lo + chunk]) @ theta.T)
+def predict_proba(
+    theta: np.ndarray, h: np.ndarray, chunk: int = CHUNK, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """Softmax probabilities of rows ``h`` (or of its rows ``rows``) under head
+    ``theta = [W b]``, read chunk by chunk (``h`` may be a memory map)."""
+    n = len(h) if rows is None else len(rows)
+    out = np.empty((n, theta.shape[0]))
+    for lo in range(0, n, chunk):
+        part = h[lo : lo + chunk] if rows is None else h[rows[lo : lo + chunk]]
+        out[lo : lo + chunk] = softmax(augment(np.asarray(part, np.float64)) @ theta.T)
     return out
 
 
@@ -78,9 +83,11 @@ def out_of_sample_probs(
     probs = np.empty((len(given), num_classes))
     theta0 = np.zeros((num_classes, train.shape[1] + 1))
     for k in range(folds):
-        fit = fold != k
-        theta = fit_head(theta0, train[fit], given[fit], mu, max_iter)
-        probs[~fit] = predict_proba(theta, train[~fit])
+        # The rows by index, read chunk by chunk (as post-training's refit): no copy of the
+        # folds' features, which may be a memory map.
+        fit, held = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+        theta = fit_head(theta0, train, given[fit], mu, max_iter, rows=fit)
+        probs[held] = predict_proba(theta, train, rows=held)
     return probs
 
 
@@ -126,7 +133,8 @@ def cleanlab_recipe(
         dtype=bool,
     )
     kept = ~issues
-    theta = fit_head(theta_refit, inp.train[kept], given[kept], mu, refit_iters)
+    rows = np.flatnonzero(kept)
+    theta = fit_head(theta_refit, inp.train, given[rows], mu, refit_iters, rows=rows)
     removed = np.flatnonzero(issues)
     metrics = evaluate(inp, theta, kept, removed.tolist())
     return {
