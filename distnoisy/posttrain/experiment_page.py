@@ -148,7 +148,38 @@ def bars(grouped: dict, keys: list[tuple[str, str, str]]) -> str:
         f"features: **{len(wins)} of {len(keys)}** settings (dataset x noise x method, mean "
         "over seeds)."
     )
+    lines.append(removal_bar(grouped, keys))
     return "\n".join(lines) + "\n"
+
+
+def removal_bar(grouped: dict, keys: list[tuple[str, str, str]]) -> str:
+    """Precision and recall of the removed sets, post-training against cleanlab, over the
+    seeds where both removed something (precision is undefined for an empty set)."""
+    precise = recalled = compared = 0
+    for key in keys:
+        both = [
+            r
+            for r in grouped[key]
+            if "cleanlab" in r and r["default"].get("removed") and r["cleanlab"].get("removed")
+        ]
+        if not both:
+            continue
+        compared += 1
+        ours = _vals(both, lambda r: r["default"]["precision_removed"])
+        theirs = _vals(both, lambda r: r["cleanlab"]["precision_removed"])
+        precise += bool(ours and theirs and np.mean(ours) >= np.mean(theirs))
+        ours = _vals(both, lambda r: r["default"]["recall_removed"])
+        theirs = _vals(both, lambda r: r["cleanlab"]["recall_removed"])
+        recalled += bool(ours and theirs and np.mean(ours) >= np.mean(theirs))
+    empty = sum(1 for k in keys for r in grouped[k] if not r["default"].get("removed"))
+    runs = sum(len(grouped[k]) for k in keys)
+    return (
+        f"- Removed set, post-training against cleanlab's recipe (settings where both removed "
+        f"something, mean over those seeds): precision at least as high in **{precise} of "
+        f"{compared}**, recall at least as high in **{recalled} of {compared}**; post-training "
+        f"removed nothing in **{empty} of {runs}** runs (the rounds never beat the run's own "
+        "head, or round 0, on the validation set)."
+    )
 
 
 def variant_table(
