@@ -50,8 +50,8 @@ NOTES = """## Why the numbers look like this
   accuracy in most settings where post-training stopped early, by the most under instance
   noise. Not on LIMIT (symmetric, seed 0): there its removed set is the least precise (81%)
   and costs 0.7 points, while post-training kept the run's own head. Where both removed
-  something, post-training's removed set is the more precise one (it removes the most
-  influential samples first) and cleanlab's the far more complete one (recall in the tables).
+  something, post-training's (smaller) removed set is the more precise one in most settings
+  and cleanlab's the far more complete one (the bars above; recall in the tables).
 - **From the final weights** (the old default) a CE run that memorised its noisy labels ends
   below its own early stopping under symmetric noise (*from final weights* below); this is why
   `posttrain.weights=auto` is the default. Selecting on the noisy validation labels
