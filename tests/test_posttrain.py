@@ -37,11 +37,24 @@ def test_posttrain_end_to_end(source, tmp_path, capsys):
         "posttrain.patience=5",
     ]
     assert main(args) == 0
-    assert "clean test accuracy" in capsys.readouterr().out
+    console = capsys.readouterr().out
     s = json.loads((out / "summary.json").read_text())
     for name in ("rounds.csv", "rounds.md", "posttrain.png", "config.yaml", "weights.pt"):
         assert (out / name).is_file(), name
-    assert s["test_acc_before"] == pytest.approx(s["test_acc_before_features"], abs=1e-6)
+    # weights=auto: the run kept its best-by-validation weights, so the features are theirs and
+    # the run's head on them gives its own early-stopping figure, stated beside the result.
+    assert s["weights"] == "best" and s["weights_requested"] == "auto"
+    assert s["test_acc_at_best_val"] == train_summary["test_acc_at_best_val"]
+    assert s["test_acc_before"] == train_summary["test_acc"]
+    assert s["test_acc_at_best_val"] == pytest.approx(s["test_acc_before_features"], abs=1e-6)
+    gain = s["test_acc"] - s["test_acc_at_best_val"]
+    assert s["gain_over_early_stopping"] == pytest.approx(gain)
+    assert s["selected_on"] == "val_acc"
+    assert f"{100 * s['test_acc_at_best_val']:.1f}% run at its best val epoch" in console
+    assert f"({100 * gain:+.1f} points over early stopping)" in console
+    rounds_md = (out / "rounds.md").read_text()
+    assert f"{100 * s['test_acc_at_best_val']:.1f}% at its best validation epoch" in rounds_md
+    assert f"({100 * gain:+.1f} points over the run's early stopping)" in rounds_md
     assert [r["round"] for r in s["rounds"]] == [0, 1, 2]
     n = train_summary["num_train"]
     assert s["rounds"][1]["removed"] == int(np.ceil(0.1 * n))
@@ -68,7 +81,9 @@ def test_posttrain_end_to_end(source, tmp_path, capsys):
 
     # The refined weights load with weights_only and give the suggested labels.
     state = torch.load(out / "weights.pt", weights_only=True)
-    feats = extract_features(open_run(str(run_dir)), ("train",), launcher="local", num_workers=1)
+    feats = extract_features(
+        open_run(str(run_dir)), ("train",), weights="best", launcher="local", num_workers=1
+    )
     h = np.asarray(feats["train"].features, np.float64)
     w = state["model"]["classifier.weight"].double().numpy()
     b = state["model"]["classifier.bias"].double().numpy()
@@ -104,6 +119,8 @@ def test_second_posttrain_reuses_the_cached_features(source, tmp_path):
         (["posttrain.scor=influence"], "unknown config key 'posttrain.scor'"),
         (["posttrain.score=magic"], "invalid posttrain.score='magic'"),
         (["posttrain.finetune_epochs=-1"], "posttrain.finetune_epochs=-1 must be >= 0"),
+        (["posttrain.select_on=test"], "invalid posttrain.select_on='test'"),
+        (["posttrain.weights=last"], "invalid posttrain.weights='last'"),
     ],
 )
 def test_bad_input_is_one_line_before_any_output(source, tmp_path, capsys, extra, message):
@@ -114,6 +131,26 @@ def test_bad_input_is_one_line_before_any_output(source, tmp_path, capsys, extra
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_auto_weights_are_the_final_ones_without_best_weights(source, tmp_path):
+    """A run that kept no best-by-validation weights is post-trained from its final ones."""
+    no_best = tmp_path / "no_best"
+    shutil.copytree(source[0], no_best, ignore=shutil.ignore_patterns("features", "checkpoints"))
+    (no_best / "weights_best.pt").unlink()
+    out = tmp_path / "pt"
+    args = [
+        f"run={no_best}",
+        f"output_dir={out}",
+        "tracking.enabled=false",
+        "posttrain.max_removed=0.1",
+    ]
+    assert main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["weights"] == "final" and s["weights_requested"] == "auto"
+    assert s["test_acc_before"] == pytest.approx(s["test_acc_before_features"], abs=1e-6)
+    assert [p.name.split("-")[0] for p in (no_best / "features").iterdir()] == ["final"]
+
+
 def test_bad_runs_are_one_line(source, tmp_path, capsys):
     run_dir, uri, _ = source
     empty = tmp_path / "empty"
@@ -121,9 +158,13 @@ def test_bad_runs_are_one_line(source, tmp_path, capsys):
     no_weights = tmp_path / "no_weights"
     shutil.copytree(run_dir, no_weights, ignore=shutil.ignore_patterns("features", "checkpoints"))
     (no_weights / "weights.pt").unlink()
+    no_best = tmp_path / "no_best"
+    shutil.copytree(run_dir, no_best, ignore=shutil.ignore_patterns("features", "checkpoints"))
+    (no_best / "weights_best.pt").unlink()
     cases = [
         ([f"run={empty}"], "has no config.yaml"),
-        ([f"run={no_weights}"], "has no weights.pt"),
+        ([f"run={no_weights}", "posttrain.weights=final"], "has no weights.pt"),
+        ([f"run={tmp_path / 'no_best'}", "posttrain.weights=best"], "has no weights_best.pt"),
         (["run=" + "0" * 32, f"tracking.uri={uri}"], "no such MLflow run"),
     ]
     for args, message in cases:
@@ -145,6 +186,8 @@ def _removed_with_scoring_ranks(source, out: Path, workers: int, launcher: str):
         "posttrain.fraction_per_round=0.1",
         "posttrain.max_removed=0.2",
         "posttrain.patience=5",
+        "posttrain.weights=final",
+        "posttrain.select_on=val_noisy",
         f"posttrain.num_workers={workers}",
         f"posttrain.launcher={launcher}",
     ]
@@ -187,6 +230,8 @@ def test_finetune_trains_on_the_kept_samples_only(source, tmp_path):
         "posttrain.fraction_per_round=0.1",
         "posttrain.max_removed=0.2",
         "posttrain.patience=5",
+        "posttrain.weights=final",
+        "posttrain.select_on=val_noisy",
         "posttrain.finetune_epochs=2",
     ]
     assert main(args) == 0
@@ -196,6 +241,8 @@ def test_finetune_trains_on_the_kept_samples_only(source, tmp_path):
     assert sorted(np.load(out / "finetune_exclude.npy").tolist()) == sorted(removed.tolist())
     ft = open_run(str(out / "finetune"))
     assert ft.config.train.epochs == 2 and ft.config.train.init_weights == str(out / "weights.pt")
+    run_lr = open_run(str(run_dir)).config.train.lr
+    assert ft.config.train.lr == pytest.approx(0.1 * run_lr)  # a tenth of the run's by default
     hist = {}
     for part in ft.iter_table(columns=["index", "loss_hist"]):
         for i, h in zip(part["index"], part["loss_hist"], strict=True):
@@ -207,6 +254,18 @@ def test_finetune_trains_on_the_kept_samples_only(source, tmp_path):
     assert s["finetune"]["kept"] == train_summary["num_train"] - len(removed)
     assert s["test_acc_finetuned"] == s["finetune"]["test_acc"] is not None
     assert "Fine-tuned the whole network for 2 epochs" in (out / "rounds.md").read_text()
+    # The fine-tune's epoch is selected on the same validation labels as the rounds; epoch 0
+    # is the post-trained head, kept when no fine-tune epoch beats it.
+    ft_s = s["finetune"]
+    assert ft_s["selected_on"] == "val_acc_noisy" and len(ft_s["history"]) == 2
+    head = s["val_acc_noisy"]
+    best = max(h["val_acc_noisy"] for h in ft_s["history"])
+    if best > head:
+        row = ft_s["history"][ft_s["selected_epoch"] - 1]
+        assert row["val_acc_noisy"] == best and s["test_acc_finetuned"] == row["test_acc"]
+    else:
+        assert ft_s["selected_epoch"] == 0 and s["test_acc_finetuned"] == s["test_acc"]
+    assert ft_s["test_acc_last"] == ft_s["history"][-1]["test_acc"]
     # It starts from the post-trained network and holds the noisy validation accuracy.
     before = train_summary["history"][-1]["val_acc_noisy"]
     assert s["val_acc_noisy_finetuned"] >= before - 0.01, (s["val_acc_noisy_finetuned"], before)

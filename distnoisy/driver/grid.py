@@ -25,7 +25,7 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -71,13 +71,53 @@ def _finished(out: Path) -> dict[str, Any] | None:
     return json.loads(summary.read_text()) if summary.is_file() else None
 
 
+def is_finished(root: Path, dataset: str, noise: str, method: str, seed: int) -> bool:
+    """Whether the run of (dataset, noise, method, seed) under ``root`` has finished."""
+    return _finished(run_dir(root, dataset, noise, method, seed)) is not None
+
+
+@overload
 def train_or_reuse(
-    root: Path, dataset: str, noise: str, method: str, seed: int, extra: Iterable[str] = ()
-) -> Path:
+    root: Path,
+    dataset: str,
+    noise: str,
+    method: str,
+    seed: int,
+    extra: Iterable[str] = (),
+    *,
+    wait: Literal[True] = True,
+) -> Path: ...
+
+
+@overload
+def train_or_reuse(
+    root: Path,
+    dataset: str,
+    noise: str,
+    method: str,
+    seed: int,
+    extra: Iterable[str] = (),
+    *,
+    wait: bool,
+) -> Path | None: ...
+
+
+def train_or_reuse(
+    root: Path,
+    dataset: str,
+    noise: str,
+    method: str,
+    seed: int,
+    extra: Iterable[str] = (),
+    *,
+    wait: bool = True,
+) -> Path | None:
     """The finished run of (dataset, noise, method, seed) under ``root``, trained if missing.
 
     A run that was interrupted resumes from its last checkpoint. ``extra`` keys apply to a run
-    trained here (not to one found finished).
+    trained here (not to one found finished). ``wait=False``: when another command is training
+    the run right now, return None at once instead of waiting for it (a scheduler can do other
+    runs first).
     """
     out = run_dir(root, dataset, noise, method, seed)
     if _finished(out) is not None:
@@ -92,7 +132,10 @@ def _train_locked(out: Path, args: list[str]) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another command training this run: wait for it
+        try:  # another command training this run: wait for it (or, without wait, leave it)
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
         if _finished(out) is None:
             resume = (out / "run.json").is_file()
             log.info("grid: training %s", out)

@@ -25,22 +25,31 @@ def usage() -> str:
     )
 
 
+def _versus(gain: float | None) -> str:
+    return "" if gain is None else f" ({100 * gain:+.1f} points over early stopping)"
+
+
 def format_summary(s: dict[str, Any]) -> str:
     def pct(v: Any) -> str:
         return "n/a" if v is None else f"{100 * v:.1f}%"
 
     lines = [
-        f"distnoisy posttrain: {s['score']} on {s['method']} run {s['source_run']}",
-        f"  clean test accuracy   {pct(s.get('test_acc_before'))} before, "
-        f"{pct(s.get('test_acc_refit_only'))} refit only, {pct(s.get('test_acc'))} after",
+        f"distnoisy posttrain: {s['score']} on {s['method']} run {s['source_run']} "
+        f"({s.get('weights', 'final')} weights)",
+        f"  clean test accuracy   {pct(s.get('test_acc_before'))} run final, "
+        f"{pct(s.get('test_acc_at_best_val'))} run at its best val epoch, "
+        f"{pct(s.get('test_acc_refit_only'))} refit only, {pct(s.get('test_acc'))} post-trained"
+        + _versus(s.get("gain_over_early_stopping")),
         f"  removed               {s['removed']} samples ({pct(s['removed_fraction'])}) in "
-        f"{s['best_round']} round(s)",
+        f"{max(s['best_round'], 0)} round(s)",
     ]
     if s.get("precision_removed") is not None:
         lines.append(
             f"  removed precision     {pct(s['precision_removed'])} (recall "
             f"{pct(s.get('recall_removed'))}); round-1 AUROC {s['auroc']:.4f}"
         )
+    if s.get("test_acc_finetuned") is not None:
+        lines.append(f"  fine-tuned            {pct(s['test_acc_finetuned'])}")
     lines.append(f"  outputs in {s['output_dir']}; MLflow run {s.get('mlflow_run_id')}")
     return "\n".join(lines)
 

@@ -17,6 +17,10 @@ from distnoisy.core.errors import ConfigError
 
 SCORES = ("influence", "self_influence", "grad_norm", "loss_history")
 HESSIANS = ("auto", "exact", "ekfac", "kfac")
+WEIGHTS = ("auto", "final", "best")
+SELECT_ON = ("val", "val_noisy")
+#: The fine-tune's learning rate relative to the run's, unless posttrain.finetune_lr is set.
+FINETUNE_LR_SCALE = 0.1
 
 
 @dataclass
@@ -32,14 +36,20 @@ class PostTrainParams:
     max_removed: float = 0.5
     # Remove within each given class in proportion to its kept size.
     class_balanced: bool = True
-    # Stop after this many rounds without a better accuracy on the noisy validation labels.
+    # Stop after this many rounds without a better validation accuracy (select_on).
     patience: int = 2
+    # What the rounds (and the fine-tune's epoch) are selected on: val, the validation set's
+    # own labels, the ones the run's early stopping selected its epoch with; or val_noisy, the
+    # validation labels corrupted like the training labels (synthetic noise only; without it
+    # the same as val).
+    select_on: str = "val"
     # L2 strength of the head refit, relative to the mean squared feature norm (scale-free).
     weight_decay: float = 1e-3
     # L-BFGS iterations per refit.
     refit_iters: int = 100
-    # Features from the run's final weights, or its best-by-validation ones.
-    weights: str = "final"
+    # Features from the run's final weights, its best-by-validation ones, or auto: the
+    # best-by-validation weights when the run kept them (it had a validation set), else final.
+    weights: str = "auto"
     # Cached feature precision: float32 or float16.
     feature_dtype: str = "float32"
     # Feature extraction ranks and launcher; None = the run's scaling.* settings.
@@ -49,7 +59,8 @@ class PostTrainParams:
     # through the normal training loop (the run's config, data.exclude_file = the removed set,
     # train.init_weights = the post-trained weights); 0 = no fine-tuning.
     finetune_epochs: int = 0
-    # Learning rate of the fine-tune; None = the run's train.lr.
+    # Learning rate of the fine-tune; None = FINETUNE_LR_SCALE x the run's train.lr (it
+    # continues from trained weights).
     finetune_lr: float | None = None
 
 
@@ -85,8 +96,9 @@ def validate(cfg: PostTrainConfig) -> None:
     choices = (
         ("score", p.score, SCORES),
         ("hessian", p.hessian, HESSIANS),
-        ("weights", p.weights, ("final", "best")),
+        ("weights", p.weights, WEIGHTS),
         ("feature_dtype", p.feature_dtype, ("float32", "float16")),
+        ("select_on", p.select_on, SELECT_ON),
     )
     for key, value, valid in choices:
         if value not in valid:
@@ -115,7 +127,8 @@ def validate(cfg: PostTrainConfig) -> None:
         ),
         (
             p.finetune_lr is None or p.finetune_lr > 0,
-            f"posttrain.finetune_lr={p.finetune_lr} must be > 0 (or unset: the run's lr)",
+            f"posttrain.finetune_lr={p.finetune_lr} must be > 0 (or unset: a tenth of the "
+            "run's lr)",
         ),
     ]
     for ok, message in checks:

@@ -1,12 +1,17 @@
-"""``python -m distnoisy.posttrain.experiment``: the digits post-training table, regenerated.
+"""``python -m distnoisy.posttrain.experiment``: docs/results/posttrain.md, regenerated.
 
-Trains (or reuses, when its ``summary.json`` exists) one run per method and seed on the digits
-default (40% symmetric noise, a 10% noisy validation split, local launcher, one worker): CE for
-100 epochs (it memorises every wrong label), ELR and DAL with their defaults; post-trains each
-with the four scores (reusing finished post-trainings unless ``--force``); writes a markdown
-page with the per-seed numbers and the means.
+Reads the shared grid of ordinary training runs (:mod:`distnoisy.driver.grid`: Fashion-MNIST in
+the set-up of docs/results/fashion_mnist.md and digits, 40% symmetric and 40% instance noise,
+CE, GCE, DAL, ELR, ELR+ and LIMIT, 3 seeds), training the runs it does not find finished under
+``--runs`` (a run another command is training is done later; never twice). Each run is then
+post-trained with the defaults, head only and fine-tuned (``default``); from its final weights
+(``final``, the old default); with the noisy-validation stopping rule (``val_noisy``); on
+Fashion-MNIST with every other score; and cleanlab's recipe runs on the same features
+(:mod:`distnoisy.posttrain.peer`). Finished post-trainings with the same config are reused
+(:mod:`distnoisy.posttrain.experiment_jobs`). Run it with ``OMP_NUM_THREADS=1`` (the
+Fashion-MNIST set-up); ``--jobs`` runs that many runs' work at once.
 
-    python -m distnoisy.posttrain.experiment --seeds 0 1 2 --out docs/results/posttrain.md
+    OMP_NUM_THREADS=1 python -m distnoisy.posttrain.experiment --runs /work/grid --jobs 2
 """
 
 from __future__ import annotations
@@ -15,199 +20,177 @@ import argparse
 import logging
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from distnoisy.posttrain.config import SCORES
+from distnoisy.posttrain.experiment_jobs import RunJob, Variant, run_job
 
-METHODS = {"ce": ["train.epochs=100"], "elr": [], "dal": []}
-COMMON = ["scaling.launcher=local", "scaling.num_workers=1", "data.val_fraction=0.1"]
+DATASETS = ("fashion_mnist", "digits")
+NOISES = ("symmetric", "instance")
+METHODS = ("ce", "gce", "dal", "elr", "elr_plus", "limit")
+#: Epochs of the fine-tune after the rounds (the default variant).
+FINETUNE_EPOCHS = 10
+#: Datasets whose runs are post-trained with every score (the score comparison).
+SCORE_DATASETS = ("fashion_mnist",)
+#: Seconds between looks at runs another command is training.
+POLL_S = 30.0
 
-
-def _train(method: str, seed: int, root: Path, uri: str) -> Path:
-    from distnoisy.config import load_config
-    from distnoisy.train import train
-
-    out = root / f"{method}-seed{seed}"
-    if (out / "summary.json").is_file():
-        return out
-    cfg = load_config(
-        [
-            f"method.name={method}",
-            *METHODS[method],
-            *COMMON,
-            f"seed={seed}",
-            f"output_dir={out}",
-            f"tracking.uri={uri}",
-        ]
-    )
-    train(cfg)
-    return out
+log = logging.getLogger("distnoisy.posttrain.experiment")
 
 
-def _posttrain(run: Path, score: str, force: bool = False) -> dict[str, Any]:
-    import json
-
-    from distnoisy.posttrain.config import load
-    from distnoisy.posttrain.run import posttrain
-
-    done = run / f"posttrain-{score}" / "summary.json"
-    if done.is_file() and not force:  # finished before: reuse (--force redoes it)
-        return json.loads(done.read_text())
-    return posttrain(
-        load([f"run={run}", f"posttrain.score={score}", f"output_dir={run / f'posttrain-{score}'}"])
-    )
-
-
-def _pct(values: list[float | None]) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "-"
-    return f"{100 * np.mean(vals):.1f} ± {100 * np.std(vals):.1f}"
-
-
-def _num(values: list[float | None]) -> str:
-    vals = [v for v in values if v is not None]
-    return f"{np.mean(vals):.4f}" if vals else "-"
-
-
-def table(results: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
-    """Mean ± std over seeds per (method, score)."""
-    head = (
-        "| run | score | test acc before | refit only | after post-training | change "
-        "(points) | removed | precision of first 20% removed | round-1 AUROC | "
-        "round-1 precision@k |"
-    )
-    lines = [head, "|" + "---|" * 10]
-    for (method, score), rows in results.items():
-        change = [100 * (r["test_acc"] - r["test_acc_before"]) for r in rows]
-        lines.append(
-            f"| {method} | {score} | {_pct([r['test_acc_before'] for r in rows])} | "
-            f"{_pct([r['test_acc_refit_only'] for r in rows])} | "
-            f"{_pct([r['test_acc'] for r in rows])} | "
-            f"{np.mean(change):+.1f} ± {np.std(change):.1f} | "
-            f"{_pct([r['removed_fraction'] for r in rows])} | "
-            f"{_pct([r.get('precision_first_20pct') for r in rows])} | "
-            f"{_num([r.get('auroc') for r in rows])} | "
-            f"{_num([r.get('precision_at_k') for r in rows])} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def per_seed(results: dict[tuple[str, str], list[dict[str, Any]]], seeds: list[int]) -> str:
-    lines = [
-        "| run | score | seed | before | after | removed | precision first 20% | "
-        "rounds | stopped |",
-        "|" + "---|" * 9,
+def variants(
+    dataset: str, scores: list[str], finetune_epochs: int, compared: bool = True
+) -> tuple[Variant, ...]:
+    """The post-trainings every run of ``dataset`` gets (module docstring); ``compared=False``:
+    the default one only (a method left out of the comparisons by ``--compare-methods``)."""
+    out = [Variant("default", (f"posttrain.finetune_epochs={finetune_epochs}",))]
+    if not compared:
+        return tuple(out)
+    out += [
+        Variant("final", ("posttrain.weights=final",)),
+        Variant("val_noisy", ("posttrain.select_on=val_noisy",)),
     ]
-    for (method, score), rows in results.items():
-        for seed, r in zip(seeds, rows, strict=True):
-            complete = "" if r.get("first_20pct_complete", True) else " (fewer removed)"
-            lines.append(
-                f"| {method} | {score} | {seed} | {100 * r['test_acc_before']:.1f} | "
-                f"{100 * r['test_acc']:.1f} | {r['removed']} | "
-                f"{100 * (r.get('precision_first_20pct') or 0):.1f}{complete} | "
-                f"{len(r['rounds']) - 1} | round {r['best_round']} kept |"
-            )
-    return "\n".join(lines) + "\n"
+    if dataset in SCORE_DATASETS:
+        out += [Variant(s, (f"posttrain.score={s}",)) for s in scores if s != "influence"]
+    return tuple(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def plan(args: argparse.Namespace) -> list[RunJob]:
+    """One job per grid run, Fashion-MNIST CE first (the runs the bars are about)."""
+    jobs = [
+        RunJob(
+            str(Path(args.runs).resolve()),
+            dataset,
+            noise,
+            method,
+            seed,
+            variants(
+                dataset,
+                args.scores,
+                args.finetune_epochs,
+                args.compare_methods is None or method in args.compare_methods,
+            ),
+            peer_of="default" if args.peer else None,
+            force=args.force,
+            extra_train=tuple(args.train_override),
+            reuse_only=args.reuse_only,
+        )
+        for dataset in args.datasets
+        for method in args.methods
+        for noise in args.noises
+        for seed in args.seeds
+    ]
+    return jobs
+
+
+Key = tuple[str, str, str, int]
+
+
+def execute(jobs: list[RunJob], workers: int) -> tuple[dict[Key, dict[str, Any]], dict[Key, str]]:
+    """Every job's results, ``workers`` at a time, and what is missing (``--reuse-only``); a
+    run another command is training right now is put back and tried again later (every
+    ``POLL_S`` seconds when nothing else is left)."""
+    results: dict[Key, dict[str, Any]] = {}
+    missing: dict[Key, str] = {}
+    pending = list(jobs)
+    put_back = 0  # jobs put back in a row: when every pending one was, wait a while
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        running: dict[Future, RunJob] = {}
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                running[pool.submit(run_job, job, False)] = job
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                job = running.pop(fut)
+                out = fut.result()
+                if out is None:  # being trained by another command: later
+                    pending.append(job)
+                    put_back += 1
+                elif "missing" in out:
+                    missing[job.key] = out["missing"]
+                else:
+                    results[job.key] = out
+                    put_back = 0
+                    log.info("done %s (%d of %d)", job.key, len(results), len(jobs))
+            if pending and not running and put_back >= len(pending):
+                time.sleep(POLL_S)
+                put_back = 0
+    return results, missing
+
+
+def main_parser() -> argparse.ArgumentParser:
+    """The command's arguments."""
     parser = argparse.ArgumentParser(
         prog="python -m distnoisy.posttrain.experiment", description=__doc__.splitlines()[0]
     )
+    parser.add_argument("--runs", default="runs/grid", help="the grid's root (shared, reused)")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--noises", nargs="+", default=list(NOISES), choices=NOISES)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--scores", nargs="+", default=list(SCORES), choices=list(SCORES))
+    parser.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS)
     parser.add_argument(
-        "--runs",
-        default="runs/posttrain-experiment",
-        help="where the training runs are (reused when finished)",
+        "--compare-methods",
+        nargs="+",
+        choices=METHODS,
+        help="methods whose runs also get the other starts, selections and scores (default: "
+        "every method; the others get the default post-training and cleanlab's recipe)",
+    )
+    parser.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="train and post-train nothing: the page from what is finished, the rest listed "
+        "as missing",
+    )
+    parser.add_argument(
+        "--no-peer", dest="peer", action="store_false", help="skip cleanlab's recipe"
+    )
+    parser.add_argument(
+        "--train-override",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training keys for the runs trained here (not for runs found finished)",
     )
     parser.add_argument("--out", default="docs/results/posttrain.md")
-    parser.add_argument("--jobs", type=int, default=1, help="post-trainings run at once")
+    parser.add_argument("--jobs", type=int, default=1, help="runs worked on at once")
     parser.add_argument("--force", action="store_true", help="redo finished post-trainings")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = main_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("mlflow", "alembic", "distnoisy.engine.trainer"):
+    for noisy in ("mlflow", "alembic", "distnoisy.engine.trainer", "distnoisy.posttrain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    root = Path(args.runs).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    log.setLevel(logging.INFO)
+    if args.peer:
+        from distnoisy.core.errors import ConfigError
+        from distnoisy.posttrain.peer import require_cleanlab
+
+        try:
+            require_cleanlab()
+        except ConfigError as e:
+            print(f"distnoisy: error: {e}; or pass --no-peer", file=sys.stderr)
+            return 2
+    from distnoisy.posttrain.experiment_page import render
+
     t0 = time.perf_counter()
-    runs = {m: [_train(m, s, root, uri) for s in args.seeds] for m in args.methods}
-    jobs = [(m, score, r) for m in args.methods for score in args.scores for r in runs[m]]
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        done = list(
-            pool.map(
-                _posttrain,
-                [r for _, _, r in jobs],
-                [s for _, s, _ in jobs],
-                [args.force] * len(jobs),
-            )
-        )
-    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for (method, score, _), summary in zip(jobs, done, strict=True):
-        results.setdefault((method, score), []).append(summary)
-    page = render(results, args, time.perf_counter() - t0)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".tmp")
+    results, missing = execute(plan(args), args.jobs)
+    command = " ".join(["python -m distnoisy.posttrain.experiment", *(argv or sys.argv[1:])])
+    page = render(results, args, time.perf_counter() - t0, command, missing)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
     tmp.write_text(page)
-    tmp.replace(args.out)
-    print(table(results))
+    tmp.replace(out)
+    print(f"wrote {out}")
     return 0
-
-
-NOTES = """## Reading the table
-
-- **CE after 100 epochs** has memorised every wrong label (training accuracy on the given labels
-  100%). Refitting the head with the post-training penalty alone recovers about 15 points;
-  removing the most influential samples and refitting adds about 10 more, with every score.
-  The first 20% of the training set removed is almost entirely corrupted samples (>= 99.6% for
-  every score and seed; the bar was 80%), and the gain is +25 to +26 points (the bar was +8).
-- **ELR and DAL** do not memorise. Post-training changes their clean test accuracy by +0.5/+0.6
-  (ELR) and -0.0 to +0.4 points (DAL) on average (the bar was >= -0.5). Per seed it is not always
-  harmless: DAL seed 0 loses 0.9 to 1.4 points with every score. The stopping metric is the
-  accuracy on 144 noisy validation labels (one image = 0.7 points), so it cannot tell such a
-  small loss from noise.
-- **Ranking quality from the one run.** On the CE runs the influence ranking of round 1 has AUROC
-  0.989 and precision@k 0.945, just below cleanlab's standard recipe on the same data (0.9915
-  and 0.947 with 5-fold cross-validated logistic regression, i.e. 5 extra trainings).
-  `loss_history`, the run's own per-sample loss record, beats it (0.996 / 0.960). The removed
-  samples' precision stays >= 99% until about 30-40% of the training set is removed.
-- The influence rows use the exact head Hessian (digits: 2,570 head parameters).
-"""
-
-
-def render(results: dict[tuple[str, str], list[dict[str, Any]]], args: Any, wall: float) -> str:
-    seeds = " ".join(str(s) for s in args.seeds)
-    return (
-        "# Post-training on digits (40% symmetric noise)\n\n"
-        f"Regenerate: `python -m distnoisy.posttrain.experiment --seeds {seeds} --out "
-        f"{args.out} --jobs 3` (trains the runs it does not find under `--runs`, default "
-        "`runs/posttrain-experiment`, and reuses finished post-trainings; this page: 9 runs of "
-        "2-4 min each, then 36 post-trainings in 26 min, 3 at a time, on a 2-core CPU machine "
-        f"shared with other jobs; this rendering took {wall / 60:.1f} min).\n\n"
-        "Runs: digits, 40% symmetric noise, 10% noisy validation split, small_cnn, one worker "
-        "(local launcher); CE for 100 epochs, ELR and DAL with their defaults (60 epochs). "
-        "Post-training with the defaults (`posttrain.fraction_per_round=0.05`, "
-        "`max_removed=0.5`, class-balanced, `patience=2`, `weight_decay=1e-3`), one row per "
-        "score. Mean ± std over seeds; accuracies are clean test accuracy (360 images: one "
-        "image is 0.28 points). *Refit only* is round 0: the head refit on every sample, "
-        "nothing removed. *Precision of first 20% removed*: the share of truly corrupted "
-        "samples among the first 20% of the training set removed (in removal order). "
-        "*Round-1 AUROC / precision@k*: the first round's ranking of every training sample "
-        "against the corrupted set (k = the number corrupted).\n\n"
-        + table(results)
-        + "\n"
-        + NOTES
-        + "\n## Per seed\n\n"
-        + per_seed(results, list(args.seeds))
-    )
 
 
 if __name__ == "__main__":

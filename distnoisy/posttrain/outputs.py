@@ -46,6 +46,13 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     write_text(path, json.dumps(data, indent=2))
 
 
+def write_array(path: Path, array: np.ndarray) -> None:
+    """An ``.npy`` file, written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    np.save(tmp, array)
+    _replace(tmp, path)
+
+
 def write_parquet(path: Path, columns: dict[str, Any]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -82,12 +89,46 @@ def rounds_markdown(rounds: list[dict[str, Any]], best: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def comparison_markdown(summary: dict[str, Any]) -> str:
+    """The line under the rounds table that compares post-training with the run itself: its
+    final accuracy and its own early stopping (the test accuracy at its best validation
+    epoch)."""
+    gain = summary.get("gain_over_early_stopping")
+    versus = "" if gain is None else f" ({100 * gain:+.1f} points over the run's early stopping)"
+    epoch = summary.get("best_val_epoch")
+    return (
+        f"\nClean test accuracy: the run {_pct(summary.get('test_acc_before'))} final, "
+        f"{_pct(summary.get('test_acc_at_best_val'))} at its best validation epoch"
+        f"{'' if epoch is None else f' ({epoch})'}; post-trained from its "
+        f"{summary.get('weights', 'final')} weights {_pct(summary.get('test_acc'))}{versus}.\n"
+    )
+
+
+def rounds_page(rounds: list[dict[str, Any]], best: int, summary: dict[str, Any]) -> str:
+    """``rounds.md``: the rounds table, the comparison with the run and, after a fine-tune,
+    its line."""
+    page = rounds_markdown(rounds, best) + comparison_markdown(summary)
+    if summary.get("finetune"):
+        page += finetune_markdown(summary["finetune"])
+    return page
+
+
 def finetune_markdown(ft: dict[str, Any]) -> str:
     """The fine-tune's line under the rounds table."""
+    epoch = ft.get("selected_epoch")
+    chosen = (
+        "no epoch beat the post-trained head on the validation set: the head is kept"
+        if epoch == 0
+        else f"epoch {epoch} selected on {ft.get('selected_on')}"
+    )
     return (
         f"\nFine-tuned the whole network for {ft['epochs']} epochs on the {ft['kept']} kept "
-        f"samples: test_acc {_cell(ft.get('test_acc'))}, val_acc_noisy "
-        f"{_cell(ft.get('val_acc_noisy'))} ({ft['output_dir']}).\n"
+        f"samples ({ft['output_dir']}): {chosen}, test_acc {_cell(ft.get('test_acc'))} "
+        f"(last epoch {_cell(ft.get('test_acc_last'))}).\n"
     )
 
 
@@ -180,6 +221,7 @@ def plot(path: Path, rounds: list[dict[str, Any]], best: int) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (
         ("test_acc", "clean test accuracy"),
+        ("val_acc", "validation accuracy"),
         ("val_acc_noisy", "validation accuracy (noisy labels)"),
         ("precision_removed", "precision of removed samples"),
     ):

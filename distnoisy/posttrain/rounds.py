@@ -69,6 +69,8 @@ class RoundsResult:
     order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # removal order
     before: dict[str, float | None] = field(default_factory=dict)  # the run's own head
     tried: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # incl. undone
+    mu: float = 0.0  # the head's absolute L2 strength
+    weight_decay: float = 0.0  # its relative value (posttrain.weight_decay)
 
 
 def hessian_kind(params: PostTrainParams, num_params: int) -> str:
@@ -76,6 +78,13 @@ def hessian_kind(params: PostTrainParams, num_params: int) -> str:
     if params.hessian != "auto":
         return params.hessian
     return "exact" if num_params <= EXACT_MAX_PARAMS else "ekfac"
+
+
+def selection_metric(params: PostTrainParams) -> str:
+    """The round metric the rounds select on: ``val_acc_noisy`` (the validation labels as noisy
+    as the training labels) or ``val_acc`` (the validation set's own labels, as the run's early
+    stopping used them)."""
+    return "val_acc" if params.select_on == "val" else "val_acc_noisy"
 
 
 def absolute_mu(params: PostTrainParams, h: np.ndarray) -> float:
@@ -169,6 +178,7 @@ def run_rounds(
     """Rounds of remove-and-refit (module docstring); logs one line per round. ``scorer``
     scores on several ranks (:func:`distnoisy.posttrain.parallel.rank_scorer`)."""
     n, num_classes = len(inp.given), inp.theta.shape[0]
+    key = selection_metric(params)
     mu = absolute_mu(params, inp.train)
     hessian = hessian_kind(params, inp.theta.size)
     per_round = max(1, math.ceil(params.fraction_per_round * n))
@@ -224,13 +234,13 @@ def run_rounds(
             {"round": r, **evaluate(inp, theta, kept, order), "wall_s": time.perf_counter() - t0}
         )
         log.info("round %d: %s", r, _fmt(rounds[-1]))
-        since_best = _update_best(rounds, best, since_best)
+        since_best = _update_best(rounds, best, since_best, key)
         if since_best == 0:
             best = r
     if inp.val is None:  # nothing to select on: the last round (the budget) is the result
         best = r
     theta_best = thetas[best]
-    if _worse_than_before(rounds[best], before):
+    if _worse_than_before(rounds[best], before, key):
         # Every round is below the run's own head on the noisy validation labels: keep it.
         best, theta_best = -1, inp.theta
     tried = np.asarray(order, dtype=np.int64)
@@ -247,17 +257,19 @@ def run_rounds(
         np.asarray(order, dtype=np.int64),
         before,
         tried,
+        mu,
+        params.weight_decay,
     )
 
 
-def _worse_than_before(row: dict, before: dict) -> bool:
-    now, then = row.get("val_acc_noisy"), before.get("val_acc_noisy")
+def _worse_than_before(row: dict, before: dict, key: str) -> bool:
+    now, then = row.get(key), before.get(key)
     return now is not None and then is not None and now < then
 
 
-def _update_best(rounds: list[dict], best: int, since_best: int) -> int:
+def _update_best(rounds: list[dict], best: int, since_best: int, key: str) -> int:
     """Rounds since the best noisy validation accuracy (0: this round is the new best)."""
-    now, then = rounds[-1].get("val_acc_noisy"), rounds[best].get("val_acc_noisy")
+    now, then = rounds[-1].get(key), rounds[best].get(key)
     if now is None or then is None:
         return 0 if now is None else since_best + 1
     # A tie counts as no worse: removal goes on while the noisy accuracy holds (on noisy labels
@@ -266,5 +278,5 @@ def _update_best(rounds: list[dict], best: int, since_best: int) -> int:
 
 
 def _fmt(row: dict) -> str:
-    keys = ("removed", "val_acc_noisy", "test_acc", "precision_removed")
+    keys = ("removed", "val_acc", "val_acc_noisy", "test_acc", "precision_removed")
     return "  ".join(f"{k} {row[k]:.4g}" for k in keys if row.get(k) is not None)

@@ -22,7 +22,13 @@ from distnoisy.core.errors import ConfigError
 from distnoisy.finished.runs import FinishedRun, open_run
 from distnoisy.posttrain import outputs
 from distnoisy.posttrain.config import PostTrainConfig, save
-from distnoisy.posttrain.rounds import RoundsInput, RoundsResult, Split, run_rounds
+from distnoisy.posttrain.rounds import (
+    RoundsInput,
+    RoundsResult,
+    Split,
+    run_rounds,
+    selection_metric,
+)
 
 log = logging.getLogger("distnoisy.posttrain")
 
@@ -37,16 +43,33 @@ class Prepared:
     run: FinishedRun
     spec: Any
     out_dir: Path
+    #: The weights the features come from, ``final`` or ``best`` (``auto`` resolved).
+    weights: str = "final"
+
+
+def resolve_weights(requested: str, run_dir: Path) -> str:
+    """``final`` or ``best``; ``auto`` is ``best`` when the run kept its best-by-validation
+    weights (``weights_best.pt``: it had a validation set), else ``final``."""
+    if requested != "auto":
+        return requested
+    return "best" if (Path(run_dir) / "weights_best.pt").is_file() else "final"
 
 
 def check(cfg: PostTrainConfig) -> Prepared:
     """Resolve and check everything; raises :class:`ConfigError` (one line) before any write."""
+    from distnoisy.finished.runs import resolve_run_dir
+
     p = cfg.posttrain
-    weights = "weights_best.pt" if p.weights == "best" else "weights.pt"
+    weights = resolve_weights(p.weights, resolve_run_dir(cfg.run, cfg.tracking.uri)[0])
     run = open_run(
         cfg.run,
         cfg.tracking.uri,
-        require=("config.yaml", "summary.json", weights, "sample_stats.parquet"),
+        require=(
+            "config.yaml",
+            "summary.json",
+            "weights_best.pt" if weights == "best" else "weights.pt",
+            "sample_stats.parquet",
+        ),
     )
     if cfg.data.name is not None and cfg.data.name != run.config.data.name:
         raise ConfigError(
@@ -66,7 +89,7 @@ def check(cfg: PostTrainConfig) -> Prepared:
         raise ConfigError(f"output_dir={out_dir} is a file; pass a directory")
     if p.finetune_epochs > 0:
         _check_finetune(cfg, run, out_dir)
-    return Prepared(run, spec, out_dir)
+    return Prepared(run, spec, out_dir, weights)
 
 
 def _check_finetune(cfg: PostTrainConfig, run: FinishedRun, out_dir: Path) -> None:
@@ -120,13 +143,14 @@ def build_input(prep: Prepared, cfg: PostTrainConfig) -> tuple[RoundsInput, dict
     p = cfg.posttrain
     feats = extract_features(
         prep.run,
-        weights=p.weights,
+        weights=prep.weights,
         dtype=p.feature_dtype,
         num_workers=p.num_workers,
         launcher=p.launcher,
     )
     labels = _labels(prep.spec)
-    w, b = prediction_head(prep.run.weights(best=p.weights == "best"), prep.run.config.method.name)
+    best = prep.weights == "best"
+    w, b = prediction_head(prep.run.weights(best=best), prep.run.config.method.name)
     n = len(labels["given"])
     val = feats.get("val")
     inp = RoundsInput(
@@ -196,14 +220,23 @@ def summarize(
     run_id: str | None,
 ) -> dict[str, Any]:
     best = res.rounds[res.best_round] if res.best_round >= 0 else {**res.before, "round": -1}
+    early = prep.run.summary.get("test_acc_at_best_val")
+    after = best.get("test_acc")
     return {
         "source_run": str(prep.run.run_dir),
         "source_mlflow_run_id": prep.run.mlflow_run_id,
         "method": prep.run.config.method.name,
         "score": cfg.posttrain.score,
         "test_acc_before": prep.run.summary.get("test_acc"),
+        # The run's own early stopping: the test accuracy at its best validation epoch, the
+        # figure post-training has to beat.
+        "test_acc_at_best_val": early,
+        "best_val_epoch": prep.run.summary.get("best_val_epoch"),
+        "gain_over_early_stopping": (
+            after - early if after is not None and early is not None else None
+        ),
         "test_acc_refit_only": res.rounds[0].get("test_acc"),
-        "test_acc": best.get("test_acc"),
+        "test_acc": after,
         "val_acc_noisy_before": res.before.get("val_acc_noisy"),
         "test_acc_before_features": res.before.get("test_acc"),
         "val_acc_noisy": best.get("val_acc_noisy"),
@@ -212,6 +245,9 @@ def summarize(
         "precision_removed": best.get("precision_removed"),
         "recall_removed": best.get("recall_removed"),
         "best_round": res.best_round,
+        "selected_on": selection_metric(cfg.posttrain),
+        "weight_decay": res.weight_decay,
+        "mu": res.mu,
         **extra,
         "rounds": res.rounds,
         "wall_s": round(wall_s, 2),
@@ -237,7 +273,7 @@ def write_all(
     outputs.write_parquet(out / "removed.parquet", outputs.removed_table(*args))
     outputs.write_parquet(out / "label_issues.parquet", outputs.label_issue_table(*args))
     outputs.write_text(out / "rounds.csv", outputs.rounds_csv(res.rounds))
-    outputs.write_text(out / "rounds.md", outputs.rounds_markdown(res.rounds, res.best_round))
+    outputs.write_text(out / "rounds.md", outputs.rounds_page(res.rounds, res.best_round, summary))
     state = outputs.refined_weights(
         prep.run.weights(best=best_weights),
         predicting_networks(prep.run.config.method.name),
@@ -290,12 +326,13 @@ def posttrain(cfg: PostTrainConfig) -> dict[str, Any]:
         finally:
             shutil.rmtree(prep.out_dir / ".scratch", ignore_errors=True)  # the ranks' files
         extra = {
-            "weights": cfg.posttrain.weights,
+            "weights": prep.weights,
+            "weights_requested": cfg.posttrain.weights,
             "score_workers": score_workers,
             **ranking_metrics(res, labels["corrupted"]),
         }
         summary = summarize(prep, cfg, res, extra, time.perf_counter() - t0, run_id)
-        write_all(prep, res, labels, inp, summary, cfg.posttrain.weights == "best")
+        write_all(prep, res, labels, inp, summary, prep.weights == "best")
         if cfg.posttrain.finetune_epochs > 0:
             run_finetune(prep, cfg, res, summary, uri)
         if run_id is not None:
@@ -312,12 +349,18 @@ def run_finetune(
 
     removed = np.flatnonzero(res.removed_round >= 1)
     parent = prep.run.mlflow_run_id if cfg.tracking.enabled else None
-    ft = finetune(cfg, prep.run.config, prep.out_dir, removed, uri, parent)
+    key = summary["selected_on"]
+    head = res.rounds[res.best_round] if res.best_round >= 0 else res.before
+    ft = finetune(cfg, prep.run.config, prep.out_dir, removed, uri, parent, key, head.get(key))
+    if ft["selected_epoch"] == 0:  # no fine-tune epoch beat the post-trained head: keep it
+        ft.update({k: head.get(k) for k in ("test_acc", "val_acc", "val_acc_noisy")})
     summary["finetune"] = ft
     summary["test_acc_finetuned"] = ft["test_acc"]
+    summary["val_acc_finetuned"] = ft["val_acc"]
     summary["val_acc_noisy_finetuned"] = ft["val_acc_noisy"]
-    md = outputs.rounds_markdown(res.rounds, res.best_round) + outputs.finetune_markdown(ft)
-    outputs.write_text(prep.out_dir / "rounds.md", md)
+    outputs.write_text(
+        prep.out_dir / "rounds.md", outputs.rounds_page(res.rounds, res.best_round, summary)
+    )
     outputs.write_json(prep.out_dir / "summary.json", summary)
 
 
@@ -341,6 +384,8 @@ def _log_mlflow(uri: str, run_id: str, out: Path, summary: dict[str, Any]) -> No
         for k in (
             "test_acc",
             "test_acc_before",
+            "test_acc_at_best_val",
+            "gain_over_early_stopping",
             "test_acc_refit_only",
             "removed",
             "precision_removed",
