@@ -122,10 +122,10 @@ def train_or_reuse(
     out = run_dir(root, dataset, noise, method, seed)
     if _finished(out) is not None:
         return out
-    return _train_locked(out, [*run_args(dataset, noise, method, seed), *extra])
+    return _train_locked(out, [*run_args(dataset, noise, method, seed), *extra], wait=wait)
 
 
-def _train_locked(out: Path, args: list[str]) -> Path:
+def _train_locked(out: Path, args: list[str], *, wait: bool = True) -> Path | None:
     """Train the run ``args`` into ``out`` unless it is finished, holding ``out``'s lock."""
     from distnoisy.config import load_config
     from distnoisy.driver.run import train
