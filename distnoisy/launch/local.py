@@ -22,6 +22,7 @@ from distnoisy import tracking
 from distnoisy.config import Config
 from distnoisy.core.errors import DistnoisyError
 from distnoisy.engine import collectives
+from distnoisy.engine.checkpoint import checkpoint_name, checkpoint_order
 from distnoisy.engine.job import Job, WorkerContext
 from distnoisy.engine.trainer import run_worker
 
@@ -30,7 +31,9 @@ KEEP_CHECKPOINTS = 2
 
 # -- local launcher ---------------------------------------------------------------------------
 def _local_checkpoints(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("epoch=*") if p.is_dir())
+    """The checkpoints in ``root``, oldest first (mid-epoch ones before their epoch's end)."""
+    found = [p for p in root.glob("epoch=*") if p.is_dir()]
+    return sorted(found, key=lambda p: checkpoint_order(p.name))
 
 
 def _local_context(
@@ -40,7 +43,7 @@ def _local_context(
         # Every rank calls this (as Ray Train's report, a barrier). The ranks' directories are
         # merged into one (rank 0's state.pt and each rank's own files, e.g. its store part),
         # which appears under its final name whole or not at all.
-        final = ckpt_root / f"epoch={int(metrics['epoch']):04d}"
+        final = ckpt_root / checkpoint_name(metrics)
         tmp = ckpt_root / f".{final.name}.tmp"
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
