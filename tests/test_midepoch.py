@@ -234,3 +234,15 @@ def test_an_elastic_range_every_count_divides_is_accepted():
         ]
     )
     assert (cfg.scaling.min_workers, cfg.scaling.num_workers) == (2, 4)
+
+
+def test_the_checkpoint_cost_bench_measures_both_sides():
+    from distnoisy.bench.midepoch import MidEpochSettings, render, run
+
+    settings = MidEpochSettings(n=5000, model="small_cnn", image=32, local_batch=4, repeats=1)
+    report = run(settings)
+    assert [p["rows"] for p in report.per_rank] == [2500, 2500]  # the store is partitioned
+    for p in report.per_rank:
+        assert p["ckpt_s"][0] > 0 and p["step_s"][0] > 0
+    text = render(report, "python -m distnoisy.bench midepoch")
+    assert "| K = 100 | K = 500 | K = 1000 |" in text and "N = 5,000 rows" in text
