@@ -1,6 +1,6 @@
 """Benchmarks, printing ratios measured side by side in one run.
 
-The command line: ``python -m distnoisy.bench gpu|steps|loader|two-networks|plain-loop|store|
+The command line: ``python -m distnoisy.bench gpu|steps|loader|two-networks|plain-loop|store|midepoch|
 influence|pipeline|pipeline-report ...``; each benchmark module adds its sub-command
 (``add_parser``) and runs it (``main(args, argv)``).
 """
