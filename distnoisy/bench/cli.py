@@ -1,7 +1,7 @@
 """Benchmarks, printing ratios measured side by side in one run.
 
-The command line: ``python -m distnoisy.bench gpu|steps|loader|two-networks|plain-loop|store|midepoch|
-influence|pipeline|pipeline-report ...``; each benchmark module adds its sub-command
+The command line: ``python -m distnoisy.bench gpu|steps|loader|two-networks|plain-loop|store|
+midepoch|influence|pipeline|pipeline-report ...``; each benchmark module adds its sub-command
 (``add_parser``) and runs it (``main(args, argv)``).
 """
 
