@@ -231,9 +231,7 @@ def test_preemption_context_internal_exists_and_is_what_the_public_api_reads():
     assert "preemption_context.preemption_info" in source
 
 
-def test_preemption_reader_outside_a_train_worker_warns_and_reads_no_notice(
-    fresh_warnings, caplog
-):
+def test_preemption_reader_outside_a_train_worker_warns_and_reads_no_notice(fresh_warnings, caplog):
     with caplog.at_level(logging.WARNING, logger="distnoisy"):
         notice = ray_compat.preemption_notice_reader()
     assert notice() is False
