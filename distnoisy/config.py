@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import textwrap
 from dataclasses import dataclass, field
@@ -201,6 +202,10 @@ class TrainConfig:
     # training's or post-training's weights.pt writes it), head included; None = fresh init
     # (model.weights). Ignored when resuming (the checkpoint wins).
     init_weights: str | None = None
+    # A checkpoint every K optimizer steps as well, holding the position in the epoch's sample
+    # order: a resumed run (failure, resize, resume=true) continues mid-epoch, no sample
+    # skipped or repeated (docs/cluster.md#spot-and-preemptible-nodes). 0 = per epoch only.
+    checkpoint_every_steps: int = 0
 
 
 @dataclass
@@ -208,8 +213,15 @@ class ScalingConfig:
     # Ray Train workers on a Ray cluster, or local: ranks without Ray, one in the driver or
     # spawned processes.
     launcher: str = "ray"
-    # Training ranks (DDP processes); the global batch is split evenly over them.
+    # Training ranks (DDP processes); the global batch is split evenly over them. With
+    # min_workers below it, the most ranks of an elastic run.
     num_workers: int = 2
+    # Ray launcher: the fewest ranks an elastic run goes on with after losing nodes (it grows
+    # back to num_workers when capacity returns); None = num_workers (a fixed-size run).
+    # Needs data.split=sample and a train.batch_size every allowed count divides.
+    min_workers: int | None = None
+    # Elastic runs: seconds between Ray Train's checks for capacity to grow the worker group.
+    resize_interval_s: float = 60.0
     # One GPU per rank.
     use_gpu: bool = False
     # Ray address; None starts a local cluster (or joins RAY_ADDRESS / a running one).
@@ -413,6 +425,11 @@ def validate(cfg: Config) -> None:
         (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (cfg.scaling.num_workers >= 1, "scaling.num_workers must be >= 1"),
         (cfg.scaling.resource_timeout_s >= 0, "scaling.resource_timeout_s must be >= 0"),
+        (cfg.scaling.resize_interval_s >= 0, "scaling.resize_interval_s must be >= 0"),
+        (
+            cfg.train.checkpoint_every_steps >= 0,
+            "train.checkpoint_every_steps must be >= 0 (0 = a checkpoint per epoch only)",
+        ),
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)"),
         (cfg.data.shard_size >= 1, "data.shard_size must be >= 1"),
         (cfg.data.train_size >= 0, "data.train_size must be >= 0 (0 = all training images)"),
@@ -445,10 +462,37 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
     # Checks across keys come after the range checks they rely on (num_workers >= 1 above).
-    if cfg.train.batch_size % cfg.scaling.num_workers != 0:
+    _check_elastic(cfg)
+
+
+def _check_elastic(cfg: Config) -> None:
+    """The worker range of an elastic run, and a global batch every allowed count divides."""
+    s = cfg.scaling
+    lo = s.num_workers if s.min_workers is None else s.min_workers
+    if not 1 <= lo <= s.num_workers:
         raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} must be divisible by "
-            f"scaling.num_workers={cfg.scaling.num_workers} (it is the global batch size)"
+            f"scaling.min_workers={s.min_workers} must be in 1..scaling.num_workers="
+            f"{s.num_workers} (the elastic range); drop it for a fixed-size run"
+        )
+    if lo < s.num_workers:
+        if s.launcher != "ray":
+            raise ConfigError(
+                f"scaling.min_workers={lo} < scaling.num_workers={s.num_workers} (elastic "
+                f"training) needs scaling.launcher=ray, got {s.launcher!r}; drop min_workers"
+            )
+        if cfg.data.split != "sample":
+            raise ConfigError(
+                f"elastic training (scaling.min_workers={lo}) needs data.split=sample, whose "
+                f"sample order does not depend on the worker count; got {cfg.data.split!r}"
+            )
+    bad = [w for w in range(lo, s.num_workers + 1) if cfg.train.batch_size % w]
+    if bad:
+        allowed = f"{lo}..{s.num_workers}" if lo < s.num_workers else str(s.num_workers)
+        whole = math.lcm(*range(lo, s.num_workers + 1))
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} (the global batch) is not divisible by "
+            f"{bad[0]} workers, which scaling.num_workers/min_workers allow ({allowed}); use a "
+            f"multiple of {whole} or change the worker range"
         )
 
 
@@ -501,6 +545,9 @@ RESUMABLE_KEYS = (
     "resume",
     "data.num_workers",
     "scaling.num_workers",
+    "scaling.min_workers",
+    "scaling.resize_interval_s",
+    "train.checkpoint_every_steps",
     "scaling.use_gpu",
     "scaling.address",
     "scaling.max_failures",

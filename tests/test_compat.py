@@ -218,6 +218,27 @@ def test_a_dead_worker_is_recognised_through_rays_health_check_wrapper(fresh_war
     assert not _warnings(caplog)
 
 
+def test_preemption_context_internal_exists_and_is_what_the_public_api_reads():
+    import dataclasses
+
+    from ray.train.v2._internal.execution import context, train_fn_utils
+    from ray.train.v2._internal.execution.preemption import PreemptionContext
+
+    assert "preemption_context" in {f.name for f in dataclasses.fields(context.TrainContext)}
+    assert PreemptionContext().preemption_info is None  # None until a notice arrives
+    # ray.train.get_preemption_info() broadcasts this same attribute from rank 0.
+    source = inspect.getsource(train_fn_utils.DistributedTrainFnUtils.get_preemption_info)
+    assert "preemption_context.preemption_info" in source
+
+
+def test_preemption_reader_outside_a_train_worker_warns_and_reads_no_notice(fresh_warnings, caplog):
+    with caplog.at_level(logging.WARNING, logger="distnoisy"):
+        notice = ray_compat.preemption_notice_reader()
+    assert notice() is False
+    (line,) = _warnings(caplog)
+    assert "TrainContext.preemption_context" in line
+
+
 # -- Ray Tune ----------------------------------------------------------------------------------
 def test_tune_public_api_for_trials_exists():
     from ray import tune

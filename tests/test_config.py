@@ -50,7 +50,7 @@ def test_file_then_overrides_later_wins(tmp_path) -> None:
             "invalid noise.instance_features='pca'; valid choices: raw, standardized",
         ),
         (["method.beta=1.5"], "method.beta=1.5 must be in [0, 1)"),
-        (["train.batch_size=65"], "must be divisible by scaling.num_workers=2"),
+        (["train.batch_size=65"], "train.batch_size=65 (the global batch) is not divisible by 2"),
         (["noise.kind=file"], "noise.kind=file needs noise.file=PATH"),
         (["epochs"], "cannot parse argument 'epochs'"),
         (["data.name=fashion_mnist", "data.train_size=-1"], "data.train_size must be >= 0"),

@@ -129,6 +129,7 @@ POD_TEMPLATE = obj(
         securityContext=obj(runAsNonRoot=B, runAsUser=INT, runAsGroup=INT, fsGroup=INT),
         nodeSelector=mapof(S),
         serviceAccountName=S,
+        terminationGracePeriodSeconds=INT,
     ),
 )
 
@@ -312,9 +313,32 @@ def test_rayjob_runs_the_training_cli_on_gpu_workers_with_shared_storage() -> No
 def test_raycluster_autoscales_gpu_workers() -> None:
     spec = _one("RayCluster")["spec"]
     assert spec["enableInTreeAutoscaling"] is True
-    (group,) = spec["workerGroupSpecs"]
-    assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-    assert group["maxReplicas"] > group["minReplicas"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert sorted(groups) == ["gpu", "gpu-spot"]
+    for group in groups.values():
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert group["maxReplicas"] > group["minReplicas"]
+    # The spot group: spot nodes only, and time for Ray to drain a reclaimed node (the run's
+    # preemption notice); otherwise the same pods as the on-demand group.
+    spot, on_demand = groups["gpu-spot"]["template"]["spec"], groups["gpu"]["template"]["spec"]
+    assert spot["nodeSelector"] == {"eks.amazonaws.com/capacityType": "SPOT"}
+    assert spot["terminationGracePeriodSeconds"] >= 60
+    assert spot["containers"] == on_demand["containers"]
+
+
+def test_the_elastic_command_of_the_docs_validates() -> None:
+    # docs/cluster.md's spot run: the worker range and the global batch it divides.
+    from distnoisy.config import load_config
+
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    block = docs.split("<!-- elastic-command -->", 1)[1].split("```bash", 1)[1].split("```")[0]
+    command = shlex.split(block.replace("\\\n", " "))
+    args = [a for a in command[command.index("distnoisy.train") + 1 :] if "=" in a]
+    args = [a for a in args if not a.startswith(("data.urls=", "output_dir=", "tracking.uri="))]
+    config = ROOT / "distnoisy" / "configs" / "clothing1m_elr.yaml"
+    cfg = load_config(["--config", str(config), *args])
+    assert cfg.scaling.min_workers is not None and cfg.scaling.min_workers < cfg.scaling.num_workers
+    assert cfg.train.checkpoint_every_steps > 0 and cfg.data.split == "sample"
 
 
 def test_images_and_ray_version_agree_with_the_project() -> None:
@@ -481,7 +505,10 @@ def test_cluster_launcher_yaml_passes_rays_schema() -> None:
     typo = {**config, "idle_timeout_minute": 5}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(typo, schema)
-    workers = config["available_node_types"]["gpu_worker"]
-    assert workers["resources"]["GPU"] >= 1
-    assert 0 <= workers["min_workers"] < workers["max_workers"] <= config["max_workers"]
+    for name in ("gpu_worker", "gpu_spot_worker"):
+        workers = config["available_node_types"][name]
+        assert workers["resources"]["GPU"] >= 1
+        assert 0 <= workers["min_workers"] < workers["max_workers"] <= config["max_workers"]
+    spot = config["available_node_types"]["gpu_spot_worker"]["node_config"]
+    assert spot["InstanceMarketOptions"]["MarketType"] == "spot"
     assert config["file_mounts"] == {}  # credentials are left to the user

@@ -142,9 +142,9 @@ def _check_resume_exact(
 # - elr: the method's per-sample targets (a store field written by the loss);
 # - elr_plus: two networks, two optimizers, EMA weights (method state), per-network streams,
 #   both networks' targets;
-# - limit with sample_from_q: LIMIT's per-rank gradient-noise generator, a method RNG that
-#   advances every step (before the checkpoint format carried it, a resumed run drew epoch 0's
-#   noise again and diverged);
+# - limit with sample_from_q: LIMIT's gradient noise, drawn from generators keyed by (seed,
+#   epoch, sample) (once a per-rank generator that checkpoints had to carry: without it a
+#   resumed run drew epoch 0's noise again and diverged);
 # - peer: a generator re-seeded from each step's position (must stay exact without state).
 @pytest.mark.slow
 @pytest.mark.parametrize(
@@ -181,7 +181,7 @@ def test_resume_keeps_the_best_validation_weights(tmp_path, digits_root):
 
 @pytest.mark.slow
 def test_resume_is_exact_with_two_processes(tmp_path, digits_root):
-    # Two gloo ranks, each with its own LIMIT noise generator: every rank restores its own.
+    # Two gloo ranks, each with its own generators (torch, numpy): every rank restores its own.
     # Two epochs (the second one resumed) keep the spawned runs short.
     _check_resume_exact(
         tmp_path,
@@ -231,12 +231,10 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     torch.manual_seed(1)
     np.random.seed(2)
     random.seed(3)
-    method._noise(torch.Size([2, 3]), torch.device("cpu"))  # create and advance the generator
     ckpt.save_atomic({"rng": ckpt.capture_rng(torch.device("cpu"), method)}, tmp_path / "s.pt")
 
     def draw() -> tuple:
-        noise = method._noise(torch.Size([2, 3]), torch.device("cpu"))
-        return torch.rand(3), np.random.rand(3), np.random.randn(), random.random(), noise
+        return torch.rand(3), np.random.rand(3), np.random.randn(), random.random()
 
     expected = draw()
     draw()  # move every generator on

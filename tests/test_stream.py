@@ -439,6 +439,10 @@ def test_num_workers_gives_the_same_batches_in_the_same_order(tmp_path: Path) ->
         assert s.steps_per_epoch == 7  # odd: the two workers hold 4 and 3 batches
         out[nw] = [list(s.epoch_batches(epoch)) for epoch in (0, 1)]
         out[f"bad{nw}"] = s.bad_samples
+        # Resumed mid-epoch at batch 3 (odd: the loader workers' round-robin starts there)
+        # and then a whole epoch again: the batches of the uninterrupted epochs.
+        out[f"tail{nw}"] = list(s.epoch_batches(1, 3))
+        out[f"again{nw}"] = list(s.epoch_batches(0))
         s.close()
     for e0, e2 in zip(out[0], out[2], strict=True):
         assert len(e0) == len(e2) == 7
@@ -446,6 +450,11 @@ def test_num_workers_gives_the_same_batches_in_the_same_order(tmp_path: Path) ->
             assert set(a) == set(b) == {"image", "index"}
             assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
     assert [x["index"].tolist() for x in out[0][0]] != [x["index"].tolist() for x in out[0][1]]
+    for nw in (0, 2):
+        for got, whole in ((out[f"tail{nw}"], out[0][1][3:]), (out[f"again{nw}"], out[0][0])):
+            assert len(got) == len(whole)
+            for a, b in zip(got, whole, strict=True):
+                assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
     # The corrupt image was met (and replaced identically) with and without workers; the
     # workers' records reach the main process.
     assert [k for k, _ in out["bad0"]] == [k for k, _ in out["bad2"]] == ["000000007"]

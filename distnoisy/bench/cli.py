@@ -1,7 +1,7 @@
 """Benchmarks, printing ratios measured side by side in one run.
 
 The command line: ``python -m distnoisy.bench gpu|steps|loader|two-networks|plain-loop|store|
-influence|pipeline|pipeline-report ...``; each benchmark module adds its sub-command
+midepoch|influence|pipeline|pipeline-report ...``; each benchmark module adds its sub-command
 (``add_parser``) and runs it (``main(args, argv)``).
 """
 
@@ -27,6 +27,7 @@ def _parser(cpu_benches: bool = True) -> argparse.ArgumentParser:
     from distnoisy.bench import (
         influence,
         loader,
+        midepoch,
         pipeline,
         pipeline_report,
         plain_loop,
@@ -40,6 +41,7 @@ def _parser(cpu_benches: bool = True) -> argparse.ArgumentParser:
     two_networks.add_parser(sub)
     plain_loop.add_parser(sub)
     store_bench.add_parser(sub)
+    midepoch.add_parser(sub)
     influence.add_parser(sub)
     pipeline.add_parser(sub)
     pipeline_report.add_parser(sub)
@@ -73,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> Any:
         return two_networks.main(args, argv)
     if args.bench == "store":
         return store_bench.main(args, argv)
+    if args.bench == "midepoch":
+        from distnoisy.bench import midepoch
+
+        return midepoch.main(args, argv)
     if args.bench == "influence":
         return influence.main(args, argv)
     if args.bench == "pipeline-report":

@@ -17,7 +17,17 @@ checkpoint so a resumed run keeps them). ``state.pt`` is a dict of tensors and p
   noise); ranks draw different numbers, so each rank restores its own;
 - ``best``: ``{"epoch", "val_acc"}`` of the best validation epoch so far, or None;
 - ``grad_scaler``: the fp16 gradient scaler's state (its loss scale), or None (optional: a
-  checkpoint written without it resumes with a fresh scale).
+  checkpoint written without it resumes with a fresh scale);
+- ``position`` (optional, format 2): None after a whole epoch; in a mid-epoch checkpoint
+  (``train.checkpoint_every_steps``, a preemption notice) where epoch ``epoch + 1`` stopped:
+  ``{"epoch", "phase", "step", "done", "epoch_start", "sums"}``: the phase (its number in the
+  method's phase order) and the batches of it already trained, the optimizer steps of the
+  epoch so far, what ``on_epoch_start`` reported, and each rank's running sums of the
+  epoch's training metrics (:class:`distnoisy.engine.trainer.Trainer`).
+
+Checkpoint directories are named by :func:`checkpoint_name`: ``epoch=NNNN`` after epoch NNNN,
+``epoch=NNNN-step=SSSSSS`` after optimizer step SSSSSS of epoch NNNN (sorted by
+:func:`checkpoint_order`).
 """
 
 from __future__ import annotations
@@ -52,6 +62,24 @@ WEIGHTS_FILE = "weights.pt"
 BEST_WEIGHTS_FILE = "weights_best.pt"
 #: The run's outputs inside its final checkpoint, which the driver publishes into the run dir.
 OUTPUTS_DIR = "outputs"
+
+
+#: The report key of a mid-epoch checkpoint: the optimizer steps of the epoch it follows.
+EPOCH_STEP = "epoch_step"
+
+
+def checkpoint_name(metrics: dict[str, float]) -> str:
+    """The directory name of the checkpoint reported with ``metrics``."""
+    name = f"epoch={int(metrics['epoch']):04d}"
+    if EPOCH_STEP in metrics:
+        name += f"-step={int(metrics[EPOCH_STEP]):06d}"
+    return name
+
+
+def checkpoint_order(name: str) -> tuple[int, float]:
+    """Sort key of :func:`checkpoint_name`'s names: mid-epoch ones before their epoch's end."""
+    epoch, _, step = name.removeprefix("epoch=").partition("-step=")
+    return int(epoch), float(step) if step else float("inf")
 
 
 class CheckpointError(DistnoisyError):
@@ -166,15 +194,19 @@ def gather_rng(device: torch.device, method: Method) -> list[dict[str, Any]]:
 def restore_rank_rng(per_rank: list[dict[str, Any]], device: torch.device, method: Method) -> None:
     """Restore this rank's generators from a checkpoint's per-rank list.
 
-    With another number of workers than the run that wrote the checkpoint there is no
-    matching state: the generators keep their fresh seeds and the run continues, no longer
-    bit-identical to an uninterrupted one (it already is not: the data split changed).
+    With another number of workers than the run that wrote the checkpoint (an elastic resize,
+    a resume with other ``scaling.num_workers``) there is no matching state: the per-rank
+    generators keep their fresh seeds. Training draws nothing from them: augmentation, the
+    data order (``data.split=sample``) and LIMIT's noise are keyed by seed, epoch and sample,
+    so a CE/ELR/LIMIT run goes on as an unresized one would, up to float summation order.
+    (Draws made per local batch, ELR+'s mixup pairs and peer's permutations, follow how the
+    global batch is split, so they change with the worker count.)
     """
     if len(per_rank) != collectives.world_size():
         if collectives.rank() == 0:
-            log.warning(
-                "checkpoint written by %d workers, resuming on %d: random generators start "
-                "fresh, so the run will not repeat an uninterrupted one exactly",
+            log.info(
+                "checkpoint written by %d workers, resuming on %d: per-rank random generators "
+                "start fresh (training's draws are keyed by sample and step, not by rank)",
                 len(per_rank),
                 collectives.world_size(),
             )

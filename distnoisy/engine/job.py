@@ -68,7 +68,8 @@ def _no_tracking(metrics: dict[str, float], step: int) -> None:
 class WorkerContext:
     """What a launcher gives one rank's :class:`distnoisy.engine.trainer.Trainer`.
 
-    ``report(metrics, checkpoint_dir)`` is called by every rank once per epoch, each with its
+    ``report(metrics, checkpoint_dir)`` is called by every rank once per epoch (and mid-epoch:
+    :func:`distnoisy.engine.checkpoint.checkpoint_name` names the checkpoint), each with its
     own directory or None (rank 0 always passes one); the launcher merges the ranks'
     directories into one checkpoint. ``restore()`` is a context manager yielding the latest
     checkpoint directory (merged) or None. ``log_metrics(metrics, step)`` sends the epoch's
@@ -82,3 +83,6 @@ class WorkerContext:
     report: Callable[[dict[str, float], Path | None], None]
     restore: Callable[[], contextlib.AbstractContextManager[Path | None]]
     log_metrics: Callable[[dict[str, float], int], None] = _no_tracking
+    #: Whether the launcher has been told that this rank's node is about to go (a preemption
+    #: notice; cheap, local, no collective), or None where no notices exist (local launcher).
+    preemption_notice: Callable[[], bool] | None = None

@@ -53,6 +53,37 @@ from distnoisy.store.parts import load_parts, save_part
 log = logging.getLogger(__name__)
 
 
+#: With preemption notices (the Ray launcher), how often the ranks agree on whether one came
+#: (a one-value all-reduce): every this many optimizer steps.
+PREEMPTION_POLL_STEPS = 10
+
+
+@dataclass
+class _EpochSums:
+    """The running sums of an epoch's training metrics on one rank: ``dev`` (on the device:
+    loss*b, correct) and ``host`` (b, distinct labels per batch, batches)."""
+
+    dev: Tensor
+    host: Tensor
+
+    def state(self) -> Tensor:
+        """All five sums as one float64 CPU tensor (for a mid-epoch checkpoint)."""
+        return torch.cat([self.dev.cpu(), self.host])
+
+    def load(self, per_rank: list[Tensor], rank: int, world_size: int) -> None:
+        """Continue from a checkpoint's per-rank sums: this rank's own on as many ranks as
+        wrote them (bit-exact), otherwise their total on rank 0 and zeros elsewhere (the
+        epoch's total is the same; its float64 summation order is not)."""
+        if len(per_rank) == world_size:
+            mine = per_rank[rank].double()
+        elif rank == 0:
+            mine = torch.stack([t.double() for t in per_rank]).sum(0)
+        else:
+            mine = torch.zeros(5, dtype=torch.float64)
+        self.dev = mine[:2].to(self.dev.device)
+        self.host = mine[2:].clone()
+
+
 @dataclass
 class FinalOutputs:
     """What :meth:`Trainer.finalize` gathered for the run's outputs (rank 0 writes them)."""
@@ -86,6 +117,10 @@ class Trainer:
         # Best validation epoch so far ({"epoch", "val_acc"}) and its weights (rank 0).
         self.best: dict[str, Any] | None = None
         self.best_weights: dict[str, dict[str, Tensor]] | None = None
+        # Where a mid-epoch checkpoint stopped the epoch it was taken in (the checkpoint's
+        # ``position``), until that epoch continues from there.
+        self.position: dict[str, Any] | None = None
+        self._noticed_preemption = False
 
     @property
     def cfg(self) -> Config:
@@ -162,6 +197,7 @@ class Trainer:
             if scaler is not None and state.get("grad_scaler"):
                 scaler.load_state_dict(state["grad_scaler"])  # fp16: the loss scale reached
             self.start_epoch, self.history = int(state["epoch"]) + 1, list(state["history"])
+            self.position = state.get("position")  # mid-epoch: where epoch start_epoch stopped
             self.best = state["best"]
             best_file = Path(ckpt_dir) / ckpt.BEST_WEIGHTS_FILE
             if self.rank == 0 and best_file.exists():
@@ -170,24 +206,41 @@ class Trainer:
             # before its checkpoint was taken.
             ckpt.restore_rank_rng(state["rng"], self.device, p.method)
             if self.rank == 0:
-                log.info("resumed from %s at epoch %d", ckpt_dir, self.start_epoch)
+                at = self.position
+                where = f", optimizer step {at['done']} of it" if at else ""
+                log.info("resumed from %s at epoch %d%s", ckpt_dir, self.start_epoch, where)
 
     # -- one epoch ----------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass per method phase, then the schedulers; the epoch's training metrics."""
+        """One pass per method phase, then the schedulers; the epoch's training metrics.
+
+        After a mid-epoch checkpoint (:attr:`position`) the epoch continues at the batch where
+        it stopped, with the running sums and the ``on_epoch_start`` values of then.
+        """
         p, device = self.parts, self.device
+        at, self.position = self.position, None
         metrics: dict[str, float] = dict(p.method.on_epoch_start(epoch))
         for m in p.networks.models.values():
             m.train()
         # On the device, read once per epoch (no host synchronisation per step): loss*b and
         # correct on given labels. On the host: b, distinct labels per batch (summed), batches.
         # Each term is rounded to float32 before the float64 sum, as it always was.
-        dev_sums = torch.zeros(2, dtype=torch.float64, device=device)
-        host_sums = torch.zeros(3, dtype=torch.float64)
+        sums = _EpochSums(
+            torch.zeros(2, dtype=torch.float64, device=device), torch.zeros(3, dtype=torch.float64)
+        )
+        if at is not None:
+            metrics = dict(at["epoch_start"])  # the store has moved on since they were read
+            sums.load(at["sums"], self.rank, self.ctx.world_size)
         autocast = p.precision.autocast()
-        for phase, stream in p.train.by_phase.items():
+        total = sum(stream.steps_per_epoch for stream in p.train.by_phase.values())
+        done = 0  # optimizer steps of this epoch so far, over the phases
+        for phase_no, (phase, stream) in enumerate(p.train.by_phase.items()):
             steps = stream.steps_per_epoch
-            for step, batch in enumerate(stream.epoch_batches(epoch)):
+            first = 0 if at is None or phase_no > at["phase"] else min(at["step"], steps)
+            done += first
+            if first:
+                p.method.seek(phase, first)
+            for step, batch in enumerate(stream.epoch_batches(epoch, first), start=first):
                 index = batch["index"]
                 x = self._input(batch)
                 y = p.labels.given_device[to_device(index, device)]
@@ -198,13 +251,17 @@ class Trainer:
                 )
                 b = len(index)
                 mix = distinct_classes(p.labels.mix[index.numpy()])
-                dev_sums += torch.stack([(loss.double() * b).float(), correct.float()]).double()
-                host_sums += torch.tensor([b, mix, 1], dtype=torch.float32)
+                sums.dev += torch.stack([(loss.double() * b).float(), correct.float()]).double()
+                sums.host += torch.tensor([b, mix, 1], dtype=torch.float32)
+                done += 1
+                if done < total and self._save_now(done):
+                    position = {"epoch": epoch, "phase": phase_no, "step": step + 1}
+                    self.checkpoint_mid(epoch, {**position, "done": done}, metrics, sums)
         for sched in p.schedulers.values():
             sched.step()
         metrics["bad_samples"] = check_bad_samples(p.train.first, self.job.data.num_train, self.cfg)
-        sums = torch.cat([dev_sums.cpu(), host_sums])
-        totals = collectives.all_reduce_sum(sums.to(p.comm_device)).cpu()
+        sums_all = torch.cat([sums.dev.cpu(), sums.host])
+        totals = collectives.all_reduce_sum(sums_all.to(p.comm_device)).cpu()
         metrics["train_loss"] = float(totals[0] / totals[2])
         metrics["train_acc_given"] = float(totals[1] / totals[2])
         metrics["batch_class_mix"] = check_class_mix(
@@ -215,6 +272,25 @@ class Trainer:
             warn=self.rank == 0 and epoch == self.start_epoch,
         )
         return metrics
+
+    def _save_now(self, done: int) -> bool:
+        """Whether to checkpoint after the epoch's optimizer step ``done`` (the same answer on
+        every rank): every ``train.checkpoint_every_steps`` steps, and once when the launcher
+        has a preemption notice for any rank's node (polled every
+        :data:`PREEMPTION_POLL_STEPS` steps, a collective)."""
+        every = self.cfg.train.checkpoint_every_steps
+        if every and done % every == 0:
+            return True
+        notice = self.ctx.preemption_notice
+        if notice is None or self._noticed_preemption or done % PREEMPTION_POLL_STEPS:
+            return False
+        flag = torch.tensor([1.0 if notice() else 0.0], device=self.parts.comm_device)
+        if float(collectives.all_reduce_sum(flag)) == 0:
+            return False
+        self._noticed_preemption = True
+        if self.rank == 0:
+            log.warning("preemption notice: checkpointing at optimizer step %d of the epoch", done)
+        return True
 
     def _input(self, batch: dict[str, Tensor]) -> Tensor:
         """The batch's network input on the device: augmented there with
@@ -306,13 +382,19 @@ class Trainer:
         return FinalOutputs(count_bad_samples(bad_list), bad_list)
 
     def state(
-        self, epoch: int, rng: list[dict[str, Any]], store: dict[str, Tensor]
+        self,
+        epoch: int,
+        rng: list[dict[str, Any]],
+        store: dict[str, Tensor],
+        position: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """The checkpoint dict after ``epoch`` (layout in :mod:`distnoisy.engine.checkpoint`)."""
+        """The checkpoint dict after ``epoch``, or mid-way through the next one at
+        ``position`` (layout in :mod:`distnoisy.engine.checkpoint`)."""
         p = self.parts
         scaler = p.method.grad_scaler
         return {
             "format": ckpt.FORMAT_VERSION,
+            "position": position,
             "epoch": epoch,
             "history": self.history,
             "networks": {name: m.state_dict() for name, m in p.networks.models.items()},
@@ -325,9 +407,34 @@ class Trainer:
             "grad_scaler": scaler.state_dict() if scaler else None,
         }
 
-    def checkpoint(self, epoch: int, metrics: dict[str, float], final: FinalOutputs | None) -> None:
+    def checkpoint_mid(
+        self, epoch: int, position: dict[str, Any], start: dict[str, float], sums: _EpochSums
+    ) -> None:
+        """A checkpoint in the middle of ``epoch`` at ``position`` (``{"epoch", "phase",
+        "step", "done"}``), with ``on_epoch_start``'s values ``start`` and every rank's sums."""
+        t0 = time.perf_counter()
+        gathered = collectives.all_gather_object(sums.state())  # a collective: every rank
+        position = {**position, "epoch_start": start, "sums": list(gathered)}
+        report = {"epoch": epoch, ckpt.EPOCH_STEP: position["done"]}
+        self.checkpoint(epoch - 1, report, None, position)
+        if self.rank == 0:
+            log.info(
+                "checkpoint at optimizer step %d of epoch %d (%.2fs)",
+                position["done"],
+                epoch + 1,
+                time.perf_counter() - t0,
+            )
+
+    def checkpoint(
+        self,
+        epoch: int,
+        metrics: dict[str, float],
+        final: FinalOutputs | None,
+        position: dict[str, Any] | None = None,
+    ) -> None:
         """Report the epoch to the launcher with a checkpoint; after the last epoch the
-        checkpoint also holds the run's ``outputs/``.
+        checkpoint also holds the run's ``outputs/``. With ``position`` (mid-epoch, see
+        :meth:`checkpoint_mid`), ``epoch`` is the last whole one.
 
         Rank 0 writes ``state.pt``. A partitioned store is saved as one part per rank, each
         written by its owner into the rank's own checkpoint directory (the launcher merges
@@ -347,7 +454,7 @@ class Trainer:
             networks = None
             if self.rank == 0:
                 assert ckpt_dir is not None
-                state = self.state(epoch, rng, rows)
+                state = self.state(epoch, rng, rows, position)
                 if parted:
                     state["store_parts"] = self.ctx.world_size
                 ckpt.save_atomic(state, ckpt_dir / ckpt.STATE_FILE)

@@ -100,10 +100,11 @@ def _call_with_shared(fn: Any, shared: Any, *args: Any) -> Any:
 
 def _needed_resources(cfg: Config) -> dict[str, float]:
     """What the Train worker group asks of the cluster: one CPU per worker, one GPU each with
-    ``scaling.use_gpu`` (Ray Train's defaults)."""
-    need = {"CPU": float(cfg.scaling.num_workers)}
+    ``scaling.use_gpu`` (Ray Train's defaults); an elastic run needs its fewest workers."""
+    workers = cfg.scaling.min_workers or cfg.scaling.num_workers
+    need = {"CPU": float(workers)}
     if cfg.scaling.use_gpu:
-        need["GPU"] = float(cfg.scaling.num_workers)
+        need["GPU"] = float(workers)
     return need
 
 

@@ -22,6 +22,7 @@ from distnoisy import tracking
 from distnoisy.config import Config
 from distnoisy.core.errors import DistnoisyError
 from distnoisy.engine import collectives, space
+from distnoisy.engine.checkpoint import checkpoint_name, checkpoint_order
 from distnoisy.engine.job import Job, WorkerContext
 from distnoisy.engine.trainer import run_worker
 from distnoisy.launch import worker_errors
@@ -31,7 +32,9 @@ KEEP_CHECKPOINTS = 2
 
 # -- local launcher ---------------------------------------------------------------------------
 def _local_checkpoints(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("epoch=*") if p.is_dir())
+    """The checkpoints in ``root``, oldest first (mid-epoch ones before their epoch's end)."""
+    found = [p for p in root.glob("epoch=*") if p.is_dir()]
+    return sorted(found, key=lambda p: checkpoint_order(p.name))
 
 
 def _local_context(
@@ -41,7 +44,7 @@ def _local_context(
         # Every rank calls this (as Ray Train's report, a barrier). The ranks' directories are
         # merged into one (rank 0's state.pt and each rank's own files, e.g. its store part),
         # which appears under its final name whole or not at all.
-        final = ckpt_root / f"epoch={int(metrics['epoch']):04d}"
+        final = ckpt_root / checkpoint_name(metrics)
         tmp = ckpt_root / f".{final.name}.tmp"
         what = f"the checkpoint of epoch {int(metrics['epoch']) + 1}"
         # A full disk: every rank raises together, the previous checkpoint untouched.

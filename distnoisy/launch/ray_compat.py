@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,33 @@ def cluster_can_grow() -> bool:
     except AttributeError as e:
         _warn_once("node_params", f"Node.is_head() or Node._ray_params ({e})", fixed)
         return False
+
+
+# -- Ray Train: preemption notices ------------------------------------------------------------
+def preemption_notice_reader() -> Callable[[], bool]:
+    """A cheap, local test of whether Ray Train has a preemption notice for this worker group.
+
+    Reads ``TrainContext.preemption_context.preemption_info``
+    (``ray.train.v2._internal.execution.context``), which Ray Train's preemption watcher sets
+    on every worker when a node of the group starts draining. The public
+    ``ray.train.get_preemption_info()`` reads the same value but is a barrier through Ray's
+    controller on every call, too slow to poll between training steps; the trainer agrees
+    across ranks with its own all-reduce instead. Without the internal: no notices (a warning),
+    the run still recovers from the last periodic checkpoint.
+    """
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        holder = get_train_context().preemption_context
+        holder.preemption_info  # noqa: B018 (the attribute must exist)
+    except (ImportError, AttributeError, RuntimeError) as e:
+        _warn_once(
+            "preemption_context",
+            f"TrainContext.preemption_context ({e})",
+            "no checkpoint on a preemption notice; recovery uses the last periodic checkpoint",
+        )
+        return lambda: False
+    return lambda: holder.preemption_info is not None
 
 
 # -- Ray Train: a quieter worker log -----------------------------------------------------------

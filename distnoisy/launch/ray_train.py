@@ -20,6 +20,7 @@ from distnoisy import tracking
 from distnoisy.config import Config
 from distnoisy.core.errors import DistnoisyError
 from distnoisy.engine import space
+from distnoisy.engine.checkpoint import checkpoint_name
 from distnoisy.engine.job import Job, WorkerContext
 from distnoisy.engine.trainer import run_worker
 from distnoisy.launch import ray_compat, worker_errors
@@ -56,7 +57,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
             ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         )
         ray.train.report(
-            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch={int(metrics['epoch']):04d}"
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(metrics)
         )
 
     @contextlib.contextmanager
@@ -75,6 +76,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
         report=report,
         restore=restore,
         log_metrics=tracking.rank_logger(config["job"], rank),
+        preemption_notice=ray_compat.preemption_notice_reader(),
     )
     try:
         run_worker(config["job"], ctx)
@@ -97,11 +99,21 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
     check_ray_resources(cfg)
     error_dir = (run_dir / "ray").resolve()
     worker_errors.clear(error_dir)  # an earlier segment's (resume)
+    s = cfg.scaling
+    low = s.num_workers if s.min_workers is None else s.min_workers
+    # (min, max): Ray Train V2's elastic worker group. After a lost node it restarts from the
+    # last checkpoint on the workers it can place (at least min); every resize_interval_s it
+    # checks for capacity to grow back, and restarts from the last checkpoint to do so.
+    workers: int | tuple[int, int] = s.num_workers if low == s.num_workers else (low, s.num_workers)
+    if isinstance(workers, tuple):
+        log.info("elastic training: %d to %d workers", *workers)
     trainer = ray_compat.sigint_noting_trainer()(
         _ray_worker,
         train_loop_config={"job": job, "error_dir": str(error_dir)},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu
+            num_workers=workers,
+            use_gpu=s.use_gpu,
+            elastic_resize_monitor_interval_s=s.resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             # A stable name per run dir: re-running with resume=true continues this Train run.
@@ -112,7 +124,7 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
                 # A worker group that cannot start (its resources never came back, e.g. a lost
                 # node) is a controller failure, retried forever by default: count it too, so
                 # such a run fails after max_failures instead of waiting forever.
-                controller_failure_limit=cfg.scaling.max_failures,
+                controller_failure_limit=_controller_failure_limit(cfg),
             ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             callbacks=list(callbacks or []),
@@ -147,6 +159,19 @@ def launch_ray(job: Job, cfg: Config, run_dir: Path, callbacks: list[Any] | None
     if result.checkpoint is None:
         raise DistnoisyError("Ray Train finished without a checkpoint")
     return Path(result.checkpoint.path)
+
+
+def _controller_failure_limit(cfg: Config) -> int:
+    """Start-up failures of the worker group that Ray Train retries: ``max_failures``; for an
+    elastic run, that many per worker count it can shrink through. Right after a node dies the
+    cluster still counts its CPUs/GPUs for a while (until its heartbeats time out), so the
+    elastic policy may first try the old size, or one between, and time out
+    (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``) before it starts the group that fits."""
+    s = cfg.scaling
+    if s.max_failures < 0:
+        return -1
+    low = s.num_workers if s.min_workers is None else s.min_workers
+    return s.max_failures * (s.num_workers - low + 1)
 
 
 def _user_error(err: BaseException) -> BaseException:

@@ -242,6 +242,11 @@ class Method(ABC):
         """Called before each epoch; returns values to log (e.g. a schedule)."""
         return {}
 
+    def seek(self, phase: str, step: int) -> None:  # noqa: B027 (optional hook)
+        """A run resumed mid-epoch: called after :meth:`on_epoch_start`, before the epoch's
+        step ``step`` of ``phase`` (the batches before it were trained before the
+        interruption). Methods that count steps themselves move their count here."""
+
     @abstractmethod
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         """The scalar loss of one local batch (``index`` = the samples' global indices); may
@@ -283,8 +288,8 @@ class Method(ABC):
         """This rank's own random generators (tensors and plain values), for exact resume.
 
         Unlike :meth:`state_dict` (identical on every rank, saved once), this is gathered from
-        every rank: methods that seed a generator per rank (LIMIT's gradient noise) return its
-        state here. Generators re-seeded at every step from the step's position need nothing.
+        every rank: methods that seed a generator per rank return its state here. Generators
+        keyed by the step's position or the sample (LIMIT's gradient noise) need nothing.
         """
         return {}
 

@@ -33,7 +33,6 @@ from torch import nn
 
 from distnoisy.core.errors import ConfigError
 from distnoisy.core.method_params import MethodParams
-from distnoisy.engine import collectives
 from distnoisy.losses.limit import limit_terms, sample_grad_noise
 from distnoisy.methods.base import (
     METHODS,
@@ -114,6 +113,19 @@ def load_q_init(path_str: str) -> tuple[dict[str, torch.Tensor], str]:
     return dict(obj), what
 
 
+#: Tag of LIMIT's noise in :func:`_noise_seed` (other keyed draws use other tags).
+_NOISE_TAG = 0x4C494D4954  # "LIMIT"
+
+
+def _noise_seed(seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed from (run seed, epoch, global sample index), hashed by numpy's
+    ``SeedSequence`` so that nearby keys give unrelated streams."""
+    state = np.random.SeedSequence([_NOISE_TAG, seed % 2**64, epoch, index]).generate_state(
+        1, np.uint64
+    )
+    return int(state[0])
+
+
 @METHODS.register("limit")
 class LIMIT(Method):
     """Classifier trained by the q-network's predicted gradient; q fits the noisy labels."""
@@ -123,7 +135,6 @@ class LIMIT(Method):
 
     def __init__(self, params: Any, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
-        self._noise_gen: torch.Generator | None = None
 
     @classmethod
     def validate_params(cls, params: Any) -> None:
@@ -193,19 +204,26 @@ class LIMIT(Method):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         raise TypeError("LIMIT trains a classifier and a q-network through train_step")
 
-    def _noise_generator(self) -> torch.Generator:
-        # One stream per rank (ranks see different samples), created at the first draw.
-        if self._noise_gen is None:
-            self._noise_gen = torch.Generator().manual_seed(
-                self.seed * 1000 + collectives.rank() + 1
-            )
-        return self._noise_gen
-
-    def _noise(self, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+    def _noise(
+        self, batch: StepInput, shape: torch.Size, device: torch.device
+    ) -> torch.Tensor | None:
+        """The gradient noise of the batch's rows, each row from a generator keyed by (run
+        seed, epoch, global sample index): the same draws whichever rank trains the sample
+        and whatever the number of ranks (a resized elastic run draws what a fixed-size one
+        does) and after any resume, with no generator state to checkpoint."""
         if not self.params.sample_from_q:
             return None
-        gen = self._noise_generator()
-        return sample_grad_noise(shape, self.params.variant, self.params.lamb, gen, device)
+        p = self.params
+        rows = [
+            sample_grad_noise(
+                shape[1:],
+                p.variant,
+                p.lamb,
+                torch.Generator().manual_seed(_noise_seed(self.seed, batch.epoch, i)),
+            )
+            for i in batch.index.tolist()
+        ]
+        return torch.stack(rows).to(device) if rows else torch.zeros(shape, device=device)
 
     def train_step(self, batch: StepInput, nets: Networks, opts: Optimizers) -> StepResult:
         assert self.store is not None
@@ -224,7 +242,7 @@ class LIMIT(Method):
                 batch.y,
                 p.variant,
                 p.grad_weight_decay,
-                g_noise=self._noise(z.shape, z.device),
+                g_noise=self._noise(batch, z.shape, z.device),
             )
         opt = opts["limit"]
         opt.zero_grad(set_to_none=True)
@@ -237,16 +255,10 @@ class LIMIT(Method):
             self.store.stage("limit_grad_norm", batch.index, g_norm)
         return StepResult((carrier + q_loss).detach(), z.detach())
 
-    def rng_state_dict(self) -> dict[str, Any]:
-        # The noise stream advances with every step: without it a resumed run draws the
-        # noise of epoch 0 again and diverges from an uninterrupted one.
-        if self._noise_gen is None:
-            return {}
-        return {"noise_gen": self._noise_gen.get_state()}
-
     def load_rng_state_dict(self, state: dict[str, Any]) -> None:
-        if "noise_gen" in state:
-            self._noise_generator().set_state(state["noise_gen"])
+        # Checkpoints before keyed noise held a per-rank generator ("noise_gen"): nothing to
+        # restore now, the draws depend on the position alone.
+        del state
 
     def label_issue_scores(
         self,

@@ -108,6 +108,9 @@ class Peer(LossMethod):
         criterion.alpha = peer_alpha(epoch, p.alpha, p.alpha_ramp_epochs, p.warmup_epochs)
         return {"peer_alpha": criterion.alpha}
 
+    def seek(self, phase: str, step: int) -> None:
+        self.step = step  # the draws are keyed by the step: continue where the epoch stopped
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> StepOutput:
         criterion = self.require_criterion()
         generator = torch.Generator().manual_seed(peer_seed(self.epoch, self.step, index))

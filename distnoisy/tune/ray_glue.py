@@ -29,6 +29,8 @@ def _report_callback(epochs: int) -> Any:
     class EpochReportCallback(TuneReportCallback):
         def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
             first = dict(metrics[0])
+            if "epoch_step" in first:  # a mid-epoch checkpoint: no epoch finished
+                return
             first[TIME_ATTR] = int(first.get("epoch", -1)) + 1
             if first[TIME_ATTR] < epochs:
                 super().after_report(run_context, [first, *metrics[1:]], checkpoint)

@@ -115,7 +115,9 @@ class _TrainSource(IterableDataset):
         self.decoder = _Decoder(transform, channels)
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
-        self.shared_epoch: Any = None  # a multiprocessing RawValue once loader workers exist
+        self.first = 0  # the batch this epoch starts at (> 0 when resumed mid-epoch)
+        # (epoch, first) as a multiprocessing RawArray once loader workers exist
+        self.shared_epoch: Any = None
 
     # -- the plan of an epoch: which stream this rank reads and which positions it keeps
     def _layout(self, epoch: int) -> _Layout:
@@ -198,10 +200,17 @@ class _TrainSource(IterableDataset):
         return _interleave(readers, expected, self.open_shards, rng)
 
     def batches(
-        self, epoch: int, worker: int, num_workers: int, sink: list[tuple[str, str]]
+        self,
+        epoch: int,
+        worker: int,
+        num_workers: int,
+        sink: list[tuple[str, str]],
+        first: int = 0,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches ``k`` with ``k % num_workers == worker``, in order (all with 1 worker)."""
-        owned = range(worker, self.steps, num_workers)
+        """Batches ``k >= first`` with ``(k - first) % num_workers == worker``, in order (all
+        from ``first`` with 1 worker). The stream before batch ``first`` is walked (it fixes
+        the reserve and the positions) but not decoded: a run resumed mid-epoch."""
+        owned = range(first + worker, self.steps, num_workers)
         if len(owned) == 0:
             return
         last = owned[-1]
@@ -216,7 +225,9 @@ class _TrainSource(IterableDataset):
                     reserve.append(raw)
                 continue
             g, off = divmod(pos - t, stride)
-            if g % num_workers != worker or not start <= off < start + self.b:
+            if g < first or (g - first) % num_workers != worker:
+                continue
+            if not start <= off < start + self.b:
                 continue
             chunk.append(raw)  # positions arrive in order, so this fills batch g's chunk
             if len(chunk) == self.b:
@@ -229,9 +240,12 @@ class _TrainSource(IterableDataset):
         """Loader-worker entry point: this worker's batches with the bad samples attached."""
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch = int(self.shared_epoch.value) if self.shared_epoch is not None else self.epoch
+        if self.shared_epoch is not None:
+            epoch, first = int(self.shared_epoch[0]), int(self.shared_epoch[1])
+        else:
+            epoch, first = self.epoch, self.first
         sink: list[tuple[str, str]] = []
-        for batch in self.batches(epoch, worker, num_workers, sink):
+        for batch in self.batches(epoch, worker, num_workers, sink, first):
             batch["_bad"] = list(sink)
             sink.clear()
             yield batch
@@ -426,7 +440,7 @@ class TrainStream:
 
             ctx = multiprocessing.get_context("forkserver")
             # Shared with the persistent workers: they read the epoch when an epoch starts.
-            self._source.shared_epoch = ctx.RawValue("q", 0)
+            self._source.shared_epoch = ctx.RawArray("q", 2)
             self._loader = torch.utils.data.DataLoader(
                 self._source,
                 batch_size=None,
@@ -437,8 +451,10 @@ class TrainStream:
             )
         return self._loader
 
-    def epoch_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Exactly :attr:`steps_per_epoch` batches ``{"image", "index"}`` of this epoch.
+    def epoch_batches(self, epoch: int, first: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Exactly :attr:`steps_per_epoch` batches ``{"image", "index"}`` of this epoch, or
+        the last ``steps_per_epoch - first`` of them (a run resumed mid-epoch: the batches
+        are those an uninterrupted epoch yields from batch ``first`` on).
 
         Raises
         ------
@@ -449,8 +465,8 @@ class TrainStream:
         count = 0
         if self.num_workers == 0:
             sink: list[tuple[str, str]] = []
-            self._source.epoch = epoch
-            for batch in self._source.batches(epoch, 0, 1, sink):
+            self._source.epoch, self._source.first = epoch, first
+            for batch in self._source.batches(epoch, 0, 1, sink, first):
                 self._bad.add(sink)
                 sink.clear()
                 count += 1
@@ -458,17 +474,17 @@ class TrainStream:
             self._bad.add(sink)
         else:
             loader = self._get_loader()
-            self._source.shared_epoch.value = epoch
+            self._source.shared_epoch[0], self._source.shared_epoch[1] = epoch, first
             for item in loader:
                 self._bad.add(item.pop("_bad", ()))
                 if "index" not in item:
                     continue  # a worker's trailing record-only item
                 count += 1
                 yield item
-        if count != self._steps:  # cannot happen by construction; never return short silently
+        if count != self._steps - first:  # cannot happen by construction; never short silently
             raise DataError(
-                f"rank {self.rank} produced {count} batches instead of {self._steps} in epoch "
-                f"{epoch}; this is a bug in distnoisy.data.stream"
+                f"rank {self.rank} produced {count} batches instead of {self._steps - first} in "
+                f"epoch {epoch}; this is a bug in distnoisy.data.stream"
             )
 
     def close(self) -> None:
