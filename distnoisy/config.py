@@ -161,9 +161,11 @@ class NoiseConfig:
 
 @dataclass
 class ModelConfig:
-    # The network (distnoisy/models).
+    # The network (distnoisy/models), or timm/<name> for any timm model (the timm extra; list
+    # them with --list-models '*pattern*').
     name: str = "small_cnn"
-    # Local path to pretrained weights (nothing is downloaded at run time).
+    # Local path to pretrained weights (nothing is downloaded at run time); timm models: a
+    # state dict in timm's format.
     weights: str | None = None
 
 
