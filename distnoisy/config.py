@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from distnoisy.core.choices import (
+    CIFAR_N_SETS,
     DATASETS,
     INSTANCE_FEATURES,
     LAUNCHERS,
@@ -144,8 +145,12 @@ class NoiseConfig:
     # ELR/DAL convention: the replacement label is drawn from all C classes
     # (docs/methods.md#noise-model).
     include_true_class: bool = False
-    # Label file for ``kind=file`` (parquet/csv/npy keyed by global sample index).
+    # Label file for ``kind=file`` (parquet/csv/npy keyed by global sample index), or the
+    # CIFAR-N release's CIFAR-10_human.pt / CIFAR-100_human.pt for ``kind=cifar_n``.
     file: str | None = None
+    # ``kind=cifar_n``: the human label set (docs/methods.md#noise-model). CIFAR-10N: aggre,
+    # random1, random2, random3, worse; CIFAR-100N: noisy_fine, noisy_coarse (20 superclasses).
+    cifar_n: str = "aggre"
     # ``kind=instance`` only: what the random projection sees. "raw" = the pixel values as
     # stored (0..255), like the authors' generator; "standardized" = per-feature z-scores (the
     # law of distnoisy's earlier label files; flips spread over more classes).
@@ -397,6 +402,7 @@ def validate(cfg: Config) -> None:
     _choose(cfg.data.split, SPLITS, "data.split")
     _choose(cfg.noise.kind, NOISE_KINDS, "noise.kind")
     _choose(cfg.noise.instance_features, INSTANCE_FEATURES, "noise.instance_features")
+    _choose(cfg.noise.cifar_n, CIFAR_N_SETS, "noise.cifar_n")
     _choose(cfg.scaling.launcher, LAUNCHERS, "scaling.launcher")
     _choose(cfg.train.optimizer, OPTIMIZERS, "train.optimizer")
     _choose(cfg.train.scheduler, SCHEDULERS, "train.scheduler")
@@ -408,6 +414,10 @@ def validate(cfg: Config) -> None:
     checks = [
         (0.0 <= cfg.noise.rate < 1.0, "noise.rate must be in [0, 1)"),
         (cfg.noise.kind != "file" or cfg.noise.file, "noise.kind=file needs noise.file=PATH"),
+        (
+            cfg.noise.kind != "cifar_n" or cfg.noise.file,
+            "noise.kind=cifar_n needs noise.file=PATH/CIFAR-10_human.pt (or CIFAR-100_human.pt)",
+        ),
         *_tail_noise_checks(cfg),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
