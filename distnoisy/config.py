@@ -245,6 +245,12 @@ class TrackingConfig:
     tags: dict[str, str] = field(default_factory=dict)
     # Log the driver machine's CPU/GPU/memory use as MLflow system metrics (psutil).
     system_metrics: bool = False
+    # Log the final (and best-by-validation) network as MLflow models (mlflow.pytorch.log_model
+    # with signature and input example): mlflow.pytorch.load_model("runs:/<id>/model").
+    log_model: bool = True
+    # Register the final network's MLflow model under this name (a new version per run);
+    # None = not registered.
+    register_model: str | None = None
 
 
 @dataclass
