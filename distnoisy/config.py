@@ -208,6 +208,10 @@ class TrainConfig:
     # training's or post-training's weights.pt writes it), head included; None = fresh init
     # (model.weights). Ignored when resuming (the checkpoint wins).
     init_weights: str | None = None
+    # Progress inside an epoch: every this many steps rank 0 logs step, images/s, loss and ETA
+    # (and the same as MLflow step metrics). None = by epoch length (about 10 lines an epoch
+    # for epochs of 100+ steps, none for shorter ones); 0 = never.
+    log_every_steps: int | None = None
 
 
 @dataclass
@@ -428,6 +432,10 @@ def validate(cfg: Config) -> None:
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
+        (
+            cfg.train.log_every_steps is None or cfg.train.log_every_steps >= 0,
+            "train.log_every_steps must be >= 0 (0 = no step lines; unset = by epoch length)",
+        ),
         (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (cfg.scaling.num_workers >= 1, "scaling.num_workers must be >= 1"),
         (cfg.scaling.resource_timeout_s >= 0, "scaling.resource_timeout_s must be >= 0"),

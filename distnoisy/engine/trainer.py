@@ -46,6 +46,7 @@ from distnoisy.engine.evaluate import accuracies, predict
 from distnoisy.engine.job import Job, WorkerContext
 from distnoisy.engine.outputs import RunInfo, write_outputs, write_rank_outputs
 from distnoisy.engine.precision import input_layout
+from distnoisy.engine.progress import StepProgress, interval
 from distnoisy.engine.step import train_step
 from distnoisy.methods.base import StepInput
 from distnoisy.store.parts import load_parts, save_part
@@ -185,6 +186,7 @@ class Trainer:
         dev_sums = torch.zeros(2, dtype=torch.float64, device=device)
         host_sums = torch.zeros(3, dtype=torch.float64)
         autocast = p.precision.autocast()
+        progress = self._progress(epoch)
         for phase, stream in p.train.by_phase.items():
             steps = stream.steps_per_epoch
             for step, batch in enumerate(stream.epoch_batches(epoch)):
@@ -200,6 +202,7 @@ class Trainer:
                 mix = distinct_classes(p.labels.mix[index.numpy()])
                 dev_sums += torch.stack([(loss.double() * b).float(), correct.float()]).double()
                 host_sums += torch.tensor([b, mix, 1], dtype=torch.float32)
+                progress.update(b, dev_sums[0], float(host_sums[0]))
         for sched in p.schedulers.values():
             sched.step()
         metrics["bad_samples"] = check_bad_samples(p.train.first, self.job.data.num_train, self.cfg)
@@ -215,6 +218,19 @@ class Trainer:
             warn=self.rank == 0 and epoch == self.start_epoch,
         )
         return metrics
+
+    def _progress(self, epoch: int) -> StepProgress:
+        """The epoch's step-progress reporter (train.log_every_steps; rank 0 only)."""
+        steps = sum(s.steps_per_epoch for s in self.parts.train.by_phase.values())
+        return StepProgress(
+            interval(self.cfg.train.log_every_steps, steps),
+            steps,
+            epoch,
+            self.cfg.train.epochs,
+            self.ctx.world_size,
+            self.ctx.log_metrics,
+            enabled=self.rank == 0,
+        )
 
     def _input(self, batch: dict[str, Tensor]) -> Tensor:
         """The batch's network input on the device: augmented there with
