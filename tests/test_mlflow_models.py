@@ -85,7 +85,7 @@ def test_load_model_predicts_like_the_weights_file(tmp_path, digits_root):
     assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 10]
     assert info.metadata["mean"] == list(spec.mean) and info.metadata["classes"] == spec.classes
     versions = client.search_model_versions("name='digits-cnn'")
-    assert [(v.version, v.run_id) for v in versions] == [("1", run_id)]
+    assert [(int(v.version), v.run_id) for v in versions] == [(1, run_id)]
 
 
 def test_log_model_false_logs_no_model(tmp_path, digits_root):
