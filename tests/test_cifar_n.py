@@ -242,10 +242,18 @@ def test_label_sets_name_the_paper_rates() -> None:
 
 
 @pytest.mark.slow
-def test_a_run_on_cifar_n_labels_logs_the_realised_rate(cifar10, tmp_path, caplog) -> None:
+def test_a_run_on_cifar_n_labels_logs_the_realised_rate(
+    cifar10, tmp_path, caplog, monkeypatch
+) -> None:
+    import logging
+
     from mlflow.tracking import MlflowClient
 
     from distnoisy.train import train
+
+    # A library's logging.config.dictConfig earlier in the session may have disabled the loggers
+    # that existed then (this module's, imported at collection): the line must still be seen.
+    monkeypatch.setattr(logging.getLogger("distnoisy.data.cifar_n"), "disabled", False)
 
     root, clean = cifar10
     _cifar10_human(tmp_path / "CIFAR-10_human.pt", clean)
@@ -277,4 +285,5 @@ def test_a_run_on_cifar_n_labels_logs_the_realised_rate(cifar10, tmp_path, caplo
     )
     run = MlflowClient(uri).get_run(summary["mlflow_run_id"])
     assert run.data.params["noise.cifar_n"] == "worse"
+    assert run.data.metrics["final_noise_rate_realised"] == pytest.approx(0.5)
     assert json.loads((tmp_path / "run/summary.json").read_text())["noise_kind"] == "cifar_n"
