@@ -381,9 +381,7 @@ def test_max_bad_fraction_aborts_every_rank_with_one_line(
 
 
 @pytest.mark.slow
-def test_clothing1m_recipe_shows_step_progress(
-    converted, tmp_path: Path, mlflow_uri: str, caplog, monkeypatch
-):
+def test_clothing1m_recipe_shows_step_progress(converted, tmp_path: Path, mlflow_uri: str, caplog):
     """The ELR recipe on the miniature: 4 balanced steps an epoch, a progress line every step
     (not the last: the epoch line reports it), with images/s and ETA, also as step metrics."""
     import logging
@@ -412,8 +410,6 @@ def test_clothing1m_recipe_shows_step_progress(
             f"tracking.uri={mlflow_uri}",
         ]
     )
-    # As in test_cifar_n: a library's dictConfig may have disabled loggers that existed then.
-    monkeypatch.setattr(logging.getLogger("distnoisy.engine.progress"), "disabled", False)
     with caplog.at_level(logging.INFO, logger="distnoisy.engine.progress"):
         summary = train(cfg)
     lines = [r.getMessage() for r in caplog.records if r.name == "distnoisy.engine.progress"]
