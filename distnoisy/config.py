@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from distnoisy.core.choices import (
+    CIFAR_N_SETS,
     DATASETS,
     INSTANCE_FEATURES,
     LAUNCHERS,
@@ -145,8 +146,12 @@ class NoiseConfig:
     # ELR/DAL convention: the replacement label is drawn from all C classes
     # (docs/methods.md#noise-model).
     include_true_class: bool = False
-    # Label file for ``kind=file`` (parquet/csv/npy keyed by global sample index).
+    # Label file for ``kind=file`` (parquet/csv/npy keyed by global sample index), or the
+    # CIFAR-N release's CIFAR-10_human.pt / CIFAR-100_human.pt for ``kind=cifar_n``.
     file: str | None = None
+    # ``kind=cifar_n``: the human label set (docs/methods.md#noise-model). CIFAR-10N: aggre,
+    # random1, random2, random3, worse; CIFAR-100N: noisy_fine, noisy_coarse (20 superclasses).
+    cifar_n: str = "aggre"
     # ``kind=instance`` only: what the random projection sees. "raw" = the pixel values as
     # stored (0..255), like the authors' generator; "standardized" = per-feature z-scores (the
     # law of distnoisy's earlier label files; flips spread over more classes).
@@ -162,9 +167,11 @@ class NoiseConfig:
 
 @dataclass
 class ModelConfig:
-    # The network (distnoisy/models).
+    # The network (distnoisy/models), or timm/<name> for any timm model (the timm extra; list
+    # them with --list-models '*pattern*').
     name: str = "small_cnn"
-    # Local path to pretrained weights (nothing is downloaded at run time).
+    # Local path to pretrained weights (nothing is downloaded at run time); timm models: a
+    # state dict in timm's format.
     weights: str | None = None
 
 
@@ -206,6 +213,10 @@ class TrainConfig:
     # order: a resumed run (failure, resize, resume=true) continues mid-epoch, no sample
     # skipped or repeated (docs/cluster.md#spot-and-preemptible-nodes). 0 = per epoch only.
     checkpoint_every_steps: int = 0
+    # Progress inside an epoch: every this many steps rank 0 logs step, images/s, loss and ETA
+    # (and the same as MLflow step metrics). None = by epoch length (about 10 lines an epoch
+    # for epochs of 100+ steps, none for shorter ones); 0 = never.
+    log_every_steps: int | None = None
 
 
 @dataclass
@@ -250,6 +261,12 @@ class TrackingConfig:
     tags: dict[str, str] = field(default_factory=dict)
     # Log the driver machine's CPU/GPU/memory use as MLflow system metrics (psutil).
     system_metrics: bool = False
+    # Log the final (and best-by-validation) network as MLflow models (mlflow.pytorch.log_model
+    # with signature and input example): mlflow.pytorch.load_model("runs:/<id>/model").
+    log_model: bool = True
+    # Register the final network's MLflow model under this name (a new version per run);
+    # None = not registered.
+    register_model: str | None = None
 
 
 @dataclass
@@ -407,6 +424,7 @@ def validate(cfg: Config) -> None:
     _choose(cfg.data.split, SPLITS, "data.split")
     _choose(cfg.noise.kind, NOISE_KINDS, "noise.kind")
     _choose(cfg.noise.instance_features, INSTANCE_FEATURES, "noise.instance_features")
+    _choose(cfg.noise.cifar_n, CIFAR_N_SETS, "noise.cifar_n")
     _choose(cfg.scaling.launcher, LAUNCHERS, "scaling.launcher")
     _choose(cfg.train.optimizer, OPTIMIZERS, "train.optimizer")
     _choose(cfg.train.scheduler, SCHEDULERS, "train.scheduler")
@@ -418,10 +436,18 @@ def validate(cfg: Config) -> None:
     checks = [
         (0.0 <= cfg.noise.rate < 1.0, "noise.rate must be in [0, 1)"),
         (cfg.noise.kind != "file" or cfg.noise.file, "noise.kind=file needs noise.file=PATH"),
+        (
+            cfg.noise.kind != "cifar_n" or cfg.noise.file,
+            "noise.kind=cifar_n needs noise.file=PATH/CIFAR-10_human.pt (or CIFAR-100_human.pt)",
+        ),
         *_tail_noise_checks(cfg),
         (cfg.train.epochs >= 1, "train.epochs must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
+        (
+            cfg.train.log_every_steps is None or cfg.train.log_every_steps >= 0,
+            "train.log_every_steps must be >= 0 (0 = no step lines; unset = by epoch length)",
+        ),
         (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (cfg.scaling.num_workers >= 1, "scaling.num_workers must be >= 1"),
         (cfg.scaling.resource_timeout_s >= 0, "scaling.resource_timeout_s must be >= 0"),

@@ -34,6 +34,8 @@ def usage() -> str:
         f"{keys_help(keys_below=True)}\n\n"
         f"{run_keys_help()}\n\n"
         "Continue a stopped run with: python -m distnoisy.train output_dir=RUN resume=true\n"
+        "List the models (built-in and timm/<name>): python -m distnoisy.train --list-models "
+        "'*convnext*'\n"
     )
 
 
@@ -54,13 +56,32 @@ def _interrupted(parsed: tuple[Config, Path] | None) -> str:
 COMMAND = Command(usage=usage, parse=_parse, run=_run, interrupted=_interrupted)
 
 
+def list_models(pattern: str) -> str:
+    """The text of ``--list-models PATTERN``: built-in and ``timm/<name>`` model names."""
+    from distnoisy.models.timm_models import list_models as matching
+
+    builtin, timm_names = matching(pattern)
+    lines = [f"{n}" for n in builtin]
+    if timm_names is None:
+        lines.append("(timm models: not installed; pip install -e '.[timm]')")
+    else:
+        lines += timm_names
+    if not builtin and not timm_names:
+        lines.append(f"(no model matches {pattern!r}; patterns are shell-style, e.g. '*resnet*')")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``python -m distnoisy.train ARGS``; returns the exit code.
 
-    0 when the run finished (or for ``--help``), 2 for bad input (one ``distnoisy: error:``
-    line), 130 when interrupted (Ctrl-C, SIGTERM).
+    0 when the run finished (or for ``--help`` and ``--list-models [PATTERN]``), 2 for bad
+    input (one ``distnoisy: error:`` line), 130 when interrupted (Ctrl-C, SIGTERM).
     """
-    return run_command(COMMAND, argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] == "--list-models" and len(args) <= 2:
+        print(list_models(args[1] if len(args) == 2 else "*"))
+        return 0
+    return run_command(COMMAND, args)
 
 
 if __name__ == "__main__":

@@ -394,3 +394,48 @@ def test_max_bad_fraction_aborts_every_rank_with_one_line(
     assert err.startswith("distnoisy: error: 1 unusable training samples, more than data.max_bad")
     assert f"{CORRUPT:09d}: corrupt image" in err
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_clothing1m_recipe_shows_step_progress(converted, tmp_path: Path, mlflow_uri: str, caplog):
+    """The ELR recipe on the miniature: 4 balanced steps an epoch, a progress line every step
+    (not the last: the epoch line reports it), with images/s and ETA, also as step metrics."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from distnoisy.train import train
+
+    out, _ = converted
+    cfg = load_config(
+        [
+            "--config",
+            str(RECIPES / "clothing1m_elr.yaml"),
+            f"data.root={out}",
+            "model.name=small_cnn",
+            "train.epochs=2",
+            "train.batch_size=16",
+            "data.balanced_batches=4",
+            "data.num_workers=0",
+            "data.image_size=32",
+            "train.log_every_steps=1",
+            "scaling.launcher=local",
+            "scaling.num_workers=1",
+            "scaling.use_gpu=false",
+            f"output_dir={tmp_path / 'run'}",
+            f"tracking.uri={mlflow_uri}",
+        ]
+    )
+    with caplog.at_level(logging.INFO, logger="distnoisy.engine.progress"):
+        summary = train(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.name == "distnoisy.engine.progress"]
+    assert [line.split("  ")[:2] for line in lines] == [
+        [f"epoch {e}/2", f"step {s}/4"] for e in (1, 2) for s in (1, 2, 3)
+    ]
+    assert all(" images/s  loss " in line and "  ETA epoch " in line for line in lines)
+    client = MlflowClient(mlflow_uri)
+    history = client.get_metric_history(summary["mlflow_run_id"], "step_images_per_s")
+    assert sorted(m.step for m in history) == [1, 2, 3, 5, 6, 7]
+    assert all(m.value > 0 for m in history)
+    eta = client.get_metric_history(summary["mlflow_run_id"], "step_eta_run_s")
+    assert len(eta) == 6 and all(m.value >= 0 for m in eta)

@@ -153,7 +153,11 @@ def test_lists_of_choices_match_their_registries():
     from distnoisy.data.prepare import DATASET_LOADERS
 
     assert sorted(DATASETS) == DATASET_LOADERS.names()
-    assert sorted(NOISE_KINDS) == sorted(["none", "file", *NOISE.names()])
+    assert sorted(NOISE_KINDS) == sorted(["none", "file", "cifar_n", *NOISE.names()])
+    from distnoisy.core.choices import CIFAR_N_SETS
+    from distnoisy.data.cifar_n import LABEL_SETS
+
+    assert list(CIFAR_N_SETS) == list(LABEL_SETS)
 
 
 # -- the layers, by path ------------------------------------------------------------------------

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 #: ``data.name``: the datasets :func:`distnoisy.data.prepare.prepare_data` can load.
 DATASETS = ("digits", "fashion_mnist", "longtail", "cifar10", "cifar100", "clothing1m", "shards")
-#: ``noise.kind``: ``none``, the registered generators, and ``file`` (a given label file).
-NOISE_KINDS = ("none", "symmetric", "pair", "instance", "file")
+#: ``noise.kind``: ``none``, the registered generators, ``file`` (a given label file) and
+#: ``cifar_n`` (CIFAR-10N/100N human labels).
+NOISE_KINDS = ("none", "symmetric", "pair", "instance", "file", "cifar_n")
+#: ``noise.cifar_n``: CIFAR-10N's label sets, then CIFAR-100N's
+#: (:data:`distnoisy.data.cifar_n.LABEL_SETS`).
+CIFAR_N_SETS = ("aggre", "random1", "random2", "random3", "worse", "noisy_fine", "noisy_coarse")
 #: ``noise.instance_features``: feature maps of the instance generator; the first is the default.
 INSTANCE_FEATURES = ("raw", "standardized")
 #: ``scaling.launcher``.

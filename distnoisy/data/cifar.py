@@ -7,8 +7,11 @@ or ``cifar-100-python/`` (``train``, ``test``, ``meta``; fine labels), as downlo
 CIFAR page. Writes ``OUT/train`` (50,000) and ``OUT/test`` (10,000) as PNG shard sets, index =
 position in the batches (the order CIFAR-10N/100N label files use). Train with
 ``data.name=cifar10 data.root=OUT``; human noisy labels (CIFAR-10N ``aggre_label``,
-``worse_label``, ..., or CIFAR-100N ``noisy_label``) as ``noise.kind=file noise.file=LABELS``
-(``.npy``/``.csv``/``.parquet`` keyed by the same index, see :func:`write_human_label_file`).
+``worse_label``, ..., or CIFAR-100N ``noisy_label``) with ``noise.kind=cifar_n
+noise.cifar_n=aggre noise.file=CIFAR-10_human.pt`` (:mod:`distnoisy.data.cifar_n`), or as
+``noise.kind=file noise.file=LABELS`` (``.npy``/``.csv``/``.parquet`` keyed by the same index,
+see :func:`write_human_label_file`). ``--coarse`` labels CIFAR-100 with its 20 superclasses
+(for CIFAR-100N's ``noisy_coarse`` labels).
 
 The batches are pickles (the only format CIFAR is distributed in). They are read with a
 restricted unpickler that accepts only the numpy-array globals a CIFAR batch needs, so a
@@ -74,14 +77,24 @@ def _unpickle(path: Path) -> dict:
             raise DataError(f"{path}: {exc}") from None
 
 
-def read_cifar(root: Path | str, name: str) -> tuple[list[str], dict[str, tuple]]:
-    """Class names and ``{"train": (uint8 N x 32 x 32 x 3, labels), "test": ...}``."""
+def read_cifar(
+    root: Path | str, name: str, coarse: bool = False
+) -> tuple[list[str], dict[str, tuple]]:
+    """Class names and ``{"train": (uint8 N x 32 x 32 x 3, labels), "test": ...}``.
+
+    ``coarse=True`` (CIFAR-100 only) gives the 20 superclasses instead of the 100 classes.
+    """
     if name not in _FOLDER:
         raise DataError(f"unknown CIFAR name {name!r}; choose cifar10 or cifar100")
+    if coarse and name != "cifar100":
+        raise DataError("--coarse (the 20 superclasses) applies to CIFAR-100 only")
     base = Path(root).expanduser()
     if (base / _FOLDER[name]).is_dir():
         base = base / _FOLDER[name]
     meta_file, meta_key = _META[name]
+    label_key = _LABELS[name]
+    if coarse:
+        meta_key, label_key = b"coarse_label_names", b"coarse_labels"
     classes = [c.decode() for c in _unpickle(base / meta_file)[meta_key]]
     out = {}
     for split, files in (("train", _TRAIN[name]), ("test", _TEST[name])):
@@ -89,7 +102,7 @@ def read_cifar(root: Path | str, name: str) -> tuple[list[str], dict[str, tuple]
         for fname in files:
             d = _unpickle(base / fname)
             images.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(int(x) for x in d[_LABELS[name]])
+            labels.extend(int(x) for x in d[label_key])
         lab = np.asarray(labels, dtype=np.int64)
         bad = np.flatnonzero((lab < 0) | (lab >= len(classes)))
         if len(bad):
@@ -107,10 +120,20 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def convert(
-    root: Path | str, out: Path | str, name: str, *, shard_size: int = 5000, workers: int = 1
+    root: Path | str,
+    out: Path | str,
+    name: str,
+    *,
+    shard_size: int = 5000,
+    workers: int = 1,
+    coarse: bool = False,
 ) -> dict[str, int]:
-    """Convert CIFAR-10/100 python batches to ``out/train`` and ``out/test``; returns counts."""
-    classes, data = read_cifar(root, name)
+    """Convert CIFAR-10/100 python batches to ``out/train`` and ``out/test``; returns counts.
+
+    ``coarse=True``: CIFAR-100 labelled with its 20 superclasses (for CIFAR-100N's
+    ``noisy_coarse`` labels, ``noise.cifar_n=noisy_coarse``).
+    """
+    classes, data = read_cifar(root, name, coarse)
     out = Path(out).expanduser()
     opts = EncodeOptions(image_ext="png")
     pool = make_pool(workers)
@@ -122,6 +145,8 @@ def convert(
                 for i in range(len(labels))
             ]
             params = {"source": name, "split": split, "num_samples": len(items)}
+            if coarse:
+                params["labels"] = "coarse"
             params["shard_size"] = shard_size
             r = convert_split(
                 items,
@@ -165,11 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", choices=sorted(_FOLDER), default="cifar10")
     parser.add_argument("--shard-size", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--coarse", action="store_true", help="CIFAR-100: label with the 20 superclasses"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         counts = convert(
-            args.root, args.out, args.name, shard_size=args.shard_size, workers=args.workers
+            args.root,
+            args.out,
+            args.name,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            coarse=args.coarse,
         )
     except DistnoisyError as e:
         print(f"distnoisy: error: {e}", file=sys.stderr)

@@ -322,6 +322,18 @@ def _noisy_labels(
         return label_file, None, lf.labels, clean if clean is not None else lf.clean_labels
     # Synthetic noise corrupts the dataset's own labels, which are then the clean ones.
     clean = labels if clean is None or (clean < 0).any() else clean
+    if kind == "cifar_n":  # human labels of the CIFAR training images (docs/methods.md)
+        from distnoisy.data.cifar_n import label_file as cifar_n_label_file
+
+        label_file, given = cifar_n_label_file(
+            _local_or_url(str(cfg.noise.file)),
+            cfg.noise.cifar_n,
+            manifest.dataset,
+            clean,
+            num_classes,
+            _noise_dir(cfg, train_dir),
+        )
+        return label_file, None, given, clean
     if cfg.noise.tail_rate is not None:  # a rate by subpopulation size (longtail only)
         tail_file = _tail_label_file(cfg, manifest, train_dir, clean)
         given = read_label_file(tail_file, manifest.num_samples, num_classes).labels

@@ -18,6 +18,7 @@ import textwrap
 from typing import Any
 
 from distnoisy.core.choices import (
+    CIFAR_N_SETS,
     DATASETS,
     INSTANCE_FEATURES,
     LAUNCHERS,
@@ -34,6 +35,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.split": SPLITS,
     "noise.kind": NOISE_KINDS,
     "noise.instance_features": INSTANCE_FEATURES,
+    "noise.cifar_n": CIFAR_N_SETS,
     "scaling.launcher": LAUNCHERS,
     "store.backend": STORE_BACKENDS,
     "store.dtype": STORE_DTYPES,

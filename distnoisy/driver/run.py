@@ -105,7 +105,7 @@ def train(
         wall_time(run_dir, t_start) as segment_done,
     ):
         final_ckpt = launch_job(cfg, spec, run_dir, tracker, train_callbacks)
-        return publish_run(final_ckpt, run_dir, spec, segment_done(), tracker)
+        return publish_run(final_ckpt, run_dir, spec, segment_done(), tracker, cfg)
 
 
 def validate_run(cfg: Config, run_dir: Path) -> None:
@@ -237,16 +237,37 @@ def publish_run(
     spec: DataSpec,
     segments: list[float],
     tracker: Tracking | None,
+    cfg: Config | None = None,
 ) -> dict[str, Any]:
     """Phase 5, publish and summarise: the outputs copied out of the final checkpoint, the
-    summary completed, the review files written, everything logged to the MLflow run."""
+    summary completed, the review files written, everything logged to the MLflow run (with
+    ``cfg.tracking.log_model``, the networks as MLflow models too)."""
     publish(final_ckpt, run_dir)
     run_id = tracker.run_id if tracker is not None else None
     summary = final_summary(run_dir, segments, run_id)
     write_review(run_dir, summary, spec)
     if tracker is not None:
         log_final(tracker.uri, tracker.run_id, run_dir, summary)
+        if cfg is not None and cfg.tracking.log_model:
+            _log_models(cfg, spec, run_dir, tracker)
     return summary
+
+
+def _log_models(cfg: Config, spec: DataSpec, run_dir: Path, tracker: Tracking) -> None:
+    """The networks as MLflow models; a server that does not take them (gone, full) costs a
+    warning, not the run: its outputs, ``weights.pt`` included, are complete already."""
+    from distnoisy import tracking
+    from distnoisy.driver.export import log_models
+
+    try:
+        log_models(cfg, spec, run_dir, tracker.uri, tracker.run_id)
+    except Exception as e:  # an extra export must not fail a finished run
+        log.warning(
+            "distnoisy: warning: the MLflow models of this run were not logged (%s); its "
+            "outputs are complete: %s holds the networks",
+            tracking.short_reason(e),
+            run_dir / "weights.pt",
+        )
 
 
 def _write_json(path: Path, data: Any) -> None:

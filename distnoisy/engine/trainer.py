@@ -46,6 +46,7 @@ from distnoisy.engine.evaluate import accuracies, predict
 from distnoisy.engine.job import Job, WorkerContext
 from distnoisy.engine.outputs import RunInfo, write_outputs, write_rank_outputs
 from distnoisy.engine.precision import input_layout
+from distnoisy.engine.progress import StepProgress, interval
 from distnoisy.engine.step import train_step
 from distnoisy.methods.base import StepInput
 from distnoisy.store.parts import load_parts, save_part
@@ -232,6 +233,7 @@ class Trainer:
             metrics = dict(at["epoch_start"])  # the store has moved on since they were read
             sums.load(at["sums"], self.rank, self.ctx.world_size)
         autocast = p.precision.autocast()
+        progress = self._progress(epoch)
         total = sum(stream.steps_per_epoch for stream in p.train.by_phase.values())
         done = 0  # optimizer steps of this epoch so far, over the phases
         for phase_no, (phase, stream) in enumerate(p.train.by_phase.items()):
@@ -240,6 +242,7 @@ class Trainer:
             done += first
             if first:
                 p.method.seek(phase, first)
+                progress.skip(first)
             for step, batch in enumerate(stream.epoch_batches(epoch, first), start=first):
                 index = batch["index"]
                 x = self._input(batch)
@@ -253,6 +256,7 @@ class Trainer:
                 mix = distinct_classes(p.labels.mix[index.numpy()])
                 sums.dev += torch.stack([(loss.double() * b).float(), correct.float()]).double()
                 sums.host += torch.tensor([b, mix, 1], dtype=torch.float32)
+                progress.update(b, sums.dev[0], float(sums.host[0]))
                 done += 1
                 if done < total and self._save_now(done):
                     position = {"epoch": epoch, "phase": phase_no, "step": step + 1}
@@ -291,6 +295,19 @@ class Trainer:
         if self.rank == 0:
             log.warning("preemption notice: checkpointing at optimizer step %d of the epoch", done)
         return True
+
+    def _progress(self, epoch: int) -> StepProgress:
+        """The epoch's step-progress reporter (train.log_every_steps; rank 0 only)."""
+        steps = sum(s.steps_per_epoch for s in self.parts.train.by_phase.values())
+        return StepProgress(
+            interval(self.cfg.train.log_every_steps, steps),
+            steps,
+            epoch,
+            self.cfg.train.epochs,
+            self.ctx.world_size,
+            self.ctx.log_metrics,
+            enabled=self.rank == 0,
+        )
 
     def _input(self, batch: dict[str, Tensor]) -> Tensor:
         """The batch's network input on the device: augmented there with

@@ -55,6 +55,19 @@ class ModelBuilder(Protocol):
 MODELS: Registry[ModelBuilder] = Registry("model")
 
 
+class FamilyBuilder(Protocol):
+    """What :data:`FAMILIES` holds: ``(name, num_classes, in_channels, weights) -> model``."""
+
+    def __call__(
+        self, name: str, num_classes: int, in_channels: int, weights: str | None
+    ) -> FeatureClassifier: ...
+
+
+#: ``model.name`` prefixes of model families outside the registry, e.g. ``timm/`` (registered
+#: by :mod:`distnoisy.models.timm_models`); each builds the model from the full name.
+FAMILIES: dict[str, FamilyBuilder] = {}
+
+
 def _check_int(value: object, key: str, minimum: int) -> int:
     # bool is an int subclass, but `num_classes=True` is always a config mistake.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -72,7 +85,9 @@ def build_model(
     Parameters
     ----------
     name
-        A name registered in :data:`MODELS` (see ``MODELS.names()``).
+        A name registered in :data:`MODELS` (see ``MODELS.names()``), or ``timm/<name>``
+        for any timm model (the optional ``timm`` extra; see
+        :func:`distnoisy.models.timm_models.build_timm_model`).
     num_classes
         Number of output logits; at least 2.
     in_channels
@@ -80,7 +95,8 @@ def build_model(
     weights
         Optional path to a local state dict (e.g. torchvision's ImageNet ResNet weights) to
         initialise everything but the head from; see
-        :func:`distnoisy.models.weights.load_pretrained`. ``None`` means random init.
+        :func:`distnoisy.models.weights.load_pretrained` (timm models: a state dict in timm's
+        format). ``None`` means random init.
 
     Returns
     -------
@@ -94,9 +110,12 @@ def build_model(
         If the name is unknown (the message lists the valid names), an argument is out of
         range, or the weights file is missing or does not fit the architecture.
     """
-    builder = MODELS.get(name)
     num_classes = _check_int(num_classes, "model.num_classes", 2)
     in_channels = _check_int(in_channels, "model.in_channels", 1)
+    for prefix, family in FAMILIES.items():
+        if isinstance(name, str) and name.startswith(prefix):
+            return family(name, num_classes, in_channels, weights)
+    builder = MODELS.get(name)
     model = builder(num_classes=num_classes, in_channels=in_channels)
     if weights is not None:
         load_pretrained(model, weights, model_name=name)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 # MLflow's system-metrics internals live in mlflow_compat; the driver calls them from here.
 from distnoisy.tracking.mlflow_compat import start_system_metrics as start_system_metrics
 from distnoisy.tracking.mlflow_compat import stop_system_metrics as stop_system_metrics
+from distnoisy.tracking.models import log_pytorch_model as log_pytorch_model
 from distnoisy.tracking.outbox import (
     QUIET_S,
     bound_http_retries,
