@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -205,7 +206,14 @@ def _interrupt(
             assert proc.poll() is None, f"exited {proc.returncode}:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
+        # A SIGINT that lands while CPython runs a finalizer (a weakref callback of the garbage
+        # collector, e.g. SQLAlchemy's) is printed as "Exception ignored" and lost: a user then
+        # presses Ctrl-C again, and so does the test (at most 3 times, 20 s apart).
+        for _ in range(3):
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=20)
+                break
         proc.wait(timeout=180)
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -213,10 +221,16 @@ def _interrupt(
     return proc.returncode, log.read_text()
 
 
+def _without_lost_interrupts(err: str) -> str:
+    """``err`` without CPython's reports of a KeyboardInterrupt lost in a finalizer ("Exception
+    ignored in: ...", its traceback, "KeyboardInterrupt"): the interpreter's, not a crash."""
+    return re.sub(r"Exception ignored in: .*?\nKeyboardInterrupt: ?[^\n]*\n?", "", err, flags=re.S)
+
+
 def _one_interrupt_line(returncode: int, err: str, starts: str) -> str:
     """Exit 130, no traceback, exactly one ``distnoisy:`` line, the last one; that line."""
     assert returncode == 130, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
+    assert "Traceback" not in _without_lost_interrupts(err), err[-3000:]
     ours = [line for line in err.splitlines() if line.startswith("distnoisy:")]
     assert len(ours) == 1 and err.rstrip().endswith(ours[0]), err[-3000:]
     assert ours[0].startswith(starts), ours[0]

@@ -74,7 +74,12 @@ def run_sweep(
         epochs = int(sweep.base["train"]["epochs"])
         close_orphaned_runs(uri, rows, epochs)
         if any(r.status == "unfinished" for r in rows):
-            # Tune stopped on Ctrl-C/SIGTERM and returned: the sweep ends KILLED, resumable.
+            # Tune stopped on Ctrl-C/SIGTERM and returned: the sweep ends KILLED, resumable, and
+            # so do the runs of the trials it stopped mid-training (a resume reopens them).
+            mark_interrupted_runs(uri, parent_run_id)
+            import ray
+
+            ray.shutdown()  # the actors' log stream ends here: none of Ray's teardown follows
             raise KeyboardInterrupt("sweep interrupted")
         report = finish(sweep, rows, sweep_dir, uri, parent_run_id)
         report["wall_s"] = round(time.perf_counter() - t0, 1)
