@@ -151,6 +151,8 @@ def test_trainer_holds_the_components_and_the_training_state_only(digits_root, t
             "history",
             "best",
             "best_weights",
+            "position",  # where a mid-epoch checkpoint left the epoch (None: at its start)
+            "_noticed_preemption",  # a preemption notice already checkpointed for
         }
         assert trainer.start_epoch == 0 and trainer.history == [] and trainer.best is None
     finally:

@@ -258,7 +258,13 @@ def _log_models(cfg: Config, spec: DataSpec, run_dir: Path, tracker: Tracking) -
     warning, not the run: its outputs, ``weights.pt`` included, are complete already."""
     from distnoisy import tracking
     from distnoisy.driver.export import log_models
+    from distnoisy.tracking.outbox import PENDING_FILE
 
+    if (run_dir / PENDING_FILE).exists():
+        # The server is away (the outbox's one warning line says so and names the sync
+        # command); the networks stay in weights.pt, no second warning.
+        log.info("MLflow models not logged: the tracking server is away; see %s", PENDING_FILE)
+        return
     try:
         log_models(cfg, spec, run_dir, tracker.uri, tracker.run_id)
     except Exception as e:  # an extra export must not fail a finished run
