@@ -150,7 +150,7 @@ def measure_cleanlab(folds: list[Path], heldout: list[np.ndarray]) -> dict[str, 
     for s, rows in zip(stats, heldout, strict=True):
         probs[rows] = s["final_prob"][rows]
     probs /= probs.sum(axis=1, keepdims=True)
-    flags = find_label_issues(labels=given, pred_probs=probs)
+    flags = find_label_issues(labels=given, pred_probs=probs, n_jobs=1)  # no fork pool
     corrupted = given != clean
     out = flag_quality(flags, corrupted, probs.argmax(axis=1), given, clean)
     quality = get_label_quality_scores(given, probs)
