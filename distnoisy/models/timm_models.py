@@ -21,10 +21,10 @@ from torch import nn
 
 from distnoisy.core.errors import ConfigError
 from distnoisy.models.base import FAMILIES, MODELS, FeatureClassifier
+from distnoisy.models.weights import key_problems
 
 #: ``model.name`` prefix selecting a timm model.
 PREFIX = "timm/"
-_MAX_LISTED = 6
 
 
 def _timm() -> Any:
@@ -98,12 +98,6 @@ class TimmClassifier(FeatureClassifier):
         return torch.flatten(self.body(x), 1)
 
 
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED])
-    more = len(keys) - _MAX_LISTED
-    return shown + (f" (and {more} more)" if more > 0 else "")
-
-
 def _read_weights(path: str | os.PathLike[str], name: str) -> dict[str, Any]:
     """Read a timm-format weights file with timm's own local-file reader (weights only)."""
     if not str(path).strip():
@@ -155,11 +149,7 @@ def _check_fit(
     own = body.state_dict()
     missing = [k for k in own if k not in file_keys and not k.endswith(".num_batches_tracked")]
     unexpected = sorted(k for k in file_keys - head_keys if k not in own)
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    problems = key_problems(missing, unexpected)
     if problems:
         raise ConfigError(
             f"model weights file {path!r} does not fit timm model {name!r}; "

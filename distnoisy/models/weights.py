@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +26,21 @@ def _listing(keys: list[str]) -> str:
     shown = ", ".join(keys[:_MAX_LISTED])
     more = len(keys) - _MAX_LISTED
     return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def key_problems(
+    missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str] = ()
+) -> list[str]:
+    """What a weights file lacks or has in excess, as the error lines of a file that does not fit
+    (empty when it fits)."""
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches (file vs model): {_listing(mismatched)}")
+    return problems
 
 
 def _strip_prefixes(key: str) -> str:
@@ -170,13 +185,7 @@ def load_pretrained(
         for k in state
         if k in own and state[k].shape != own[k].shape
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches (file vs model): {_listing(mismatched)}")
+    problems = key_problems(missing, unexpected, mismatched)
     if problems:
         raise ConfigError(
             f"model weights file {where} does not fit model {model_name!r}; "
