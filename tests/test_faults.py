@@ -27,6 +27,7 @@ from local_ray import free_ports
 from mlflow.tracking import MlflowClient
 
 from distnoisy.data.shards import read_manifest
+from distnoisy.tracking.outbox import QUIET_S
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL = ["scaling.launcher=local", "scaling.num_workers=1"]
@@ -229,14 +230,19 @@ def test_a_tracking_server_restarted_mid_run_gets_every_epoch_once(
     tmp_path, digits_root, mlflow_server
 ) -> None:
     run = tmp_path / "run"
-    # 20 epochs (2-20 s each on a shared 2-core machine): the server is back long before the
-    # end (the test checks that rank 0 saw it back), and rank 0 retries 15 s after a failure.
     proc, out = _start(tmp_path, _tracked_args(digits_root, run, mlflow_server.url, epochs=20))
     try:
         _wait_for(proc, out, "epoch 1/20")
         mlflow_server.stop()
         _wait_for(proc, out, "did not answer")  # rank 0 could not log an epoch: it trains on
+        failed_at = time.monotonic()
+        # Whatever the machine's speed, epochs must remain once the server is back and rank 0's
+        # quiet time is over: the run is held (SIGSTOP) until then, and let go.
+        os.killpg(proc.pid, signal.SIGSTOP)
+        assert "epoch 20/20" not in out.read_text(), "the run ended before the server stopped"
         mlflow_server.start()
+        time.sleep(max(0.0, failed_at + QUIET_S + 1 - time.monotonic()))
+        os.killpg(proc.pid, signal.SIGCONT)
         assert proc.wait(timeout=900) == 0, out.read_text()[-4000:]
     finally:
         with contextlib.suppress(ProcessLookupError):
