@@ -60,6 +60,7 @@ def _bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(tmp_path):
     (tmp_path / "old" / "run").mkdir(parents=True)
     done = _bench("--samples", "20000", "--out", str(tmp_path / "old"), cwd=tmp_path)

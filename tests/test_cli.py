@@ -78,6 +78,7 @@ def test_batch_larger_than_the_training_set_is_a_one_line_error(tmp_path, capsys
 
 
 # -- resume: the run's saved config, not today's defaults --------------------------------------
+@pytest.mark.slow
 def test_resume_uses_the_saved_config_and_rejects_a_conflicting_override(
     tmp_path, capsys, digits_root
 ):
@@ -177,6 +178,7 @@ def _interrupt_after(cwd, args: list[str], marker: str) -> tuple[int, str, dict[
     return proc.returncode, err, left
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_interrupt_prints_the_command_that_resumes_the_run(tmp_path, digits_root, workers):
     # One worker trains in the driver; two are spawned processes, stopped with the driver.

@@ -350,6 +350,7 @@ SMOKE = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_bench_gpu_smoke_runs_without_the_rest_of_the_stack(tmp_path):
     # A separate interpreter: the accelerator machine has torch and torchvision only, so the
     # benchmark must not import Ray, MLflow, OmegaConf, WebDataset or pyarrow.

@@ -141,6 +141,7 @@ def test_file_urls_read_list_and_report_missing_files(tmp_path: Path) -> None:
         fs.read_bytes("nosuch://x/y")
 
 
+@pytest.mark.slow
 def test_unreachable_host_is_one_line_naming_url_and_reason() -> None:
     where = f"http://127.0.0.1:{closed_port()}/set/manifest.json"
     for call in (fs.read_bytes, fs.open_binary, fs.is_file, fs.list_names):

@@ -77,6 +77,7 @@ def test_bad_references_are_one_line(finished, tmp_path):
     assert json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
 
 
+@pytest.mark.slow
 def test_a_partitioned_run_reads_like_a_single_file(tmp_path, digits_root):
     cfg = load_config(
         [

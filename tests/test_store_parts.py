@@ -61,6 +61,7 @@ def _load_worker(rank: int, world: int, port: int, parts_dir: str, parts: int) -
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_parts_of_two_ranks_restore_on_one_and_three_ranks_and_either_backend(tmp_path) -> None:
     mp.spawn(_save_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     expected = _expected(2)
