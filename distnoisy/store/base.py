@@ -8,6 +8,8 @@ in float16 or bfloat16 (``store.dtype``), halving their memory; everything that 
 
 from __future__ import annotations
 
+import math
+
 import zlib
 from dataclasses import dataclass, replace
 
@@ -102,7 +104,8 @@ def last_occurrence(index: torch.Tensor) -> torch.Tensor:
 def to_bytes(t: torch.Tensor) -> torch.Tensor:
     """``[n, ...]`` -> ``[n, row bytes]`` uint8, a view of the same memory when contiguous:
     values travel bit-exactly whatever their dtype (float16, bfloat16, int64)."""
-    flat = t.reshape(len(t), -1).contiguous()
+    # The row width from the shape, not -1: a rank asked for no rows sends [0, row bytes].
+    flat = t.reshape(t.shape[0], math.prod(t.shape[1:])).contiguous()
     return flat.view(torch.uint8)
 
 
