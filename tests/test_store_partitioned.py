@@ -194,3 +194,19 @@ def test_redeclaring_a_nan_filled_field_is_idempotent() -> None:
         with pytest.raises(ValueError, match="already declared"):
             store.declare("g", FieldSpec(fill=0.0))
         store.close()
+
+
+def test_no_rows_read_and_written_on_both_backends() -> None:
+    """A batch that leaves a rank nothing to read or write (a filtered subset, a rank's empty
+    share) is [0, ...] in, [0, ...] out, and the table is unchanged."""
+    for backend in ("replicated", "partitioned"):
+        store = make_store(N, _specs(), backend=backend)
+        before = store.state_dict()
+        none = torch.zeros(0, dtype=torch.long)
+        store.stage("target", none, torch.zeros(0, C))
+        store.stage("hist", none, torch.zeros(0), column=1)
+        store.flush()
+        assert store.get("target", none).shape == (0, C)
+        assert store.get("pred", none).shape == (0,)
+        assert all(_same(before[k], v) for k, v in store.state_dict().items()), backend
+        store.close()

@@ -9,7 +9,6 @@ in float16 or bfloat16 (``store.dtype``), halving their memory; everything that 
 from __future__ import annotations
 
 import math
-
 import zlib
 from dataclasses import dataclass, replace
 

@@ -25,6 +25,7 @@ in parallel; they restore on any number of ranks and with either backend.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Callable
@@ -276,7 +277,8 @@ class PartitionedStore:
         rows, owners = [], []
         for e, s in enumerate(staged):
             idx = s.index.cpu().long()
-            vals = s.values.cpu().to(self.kept[s.name].dtype).reshape(len(idx), -1)
+            vals = s.values.cpu().to(self.kept[s.name].dtype)
+            vals = vals.reshape(len(idx), math.prod(vals.shape[1:]))  # 0 rows: a known width
             head = to_bytes(torch.stack([torch.full_like(idx, e), idx], dim=1))
             body = to_bytes(vals)
             pad = torch.zeros((len(idx), width - _HEAD - body.shape[1]), dtype=torch.uint8)
