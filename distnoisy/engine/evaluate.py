@@ -22,16 +22,27 @@ def predict(
     """(index, probs) of this rank's share of an eval stream, from the method's prediction."""
     for net in nets.values():
         net.eval()
-    idx, probs = [], []
+    # Filled in place: a list of small per-batch results, kept alive between each batch's large
+    # short-lived tensors, fragments the C heap; the resident size then grew by ~3 KB a sample
+    # (1.4 GB per rank at a million training samples) for 48 bytes of results.
+    capacity = stream.num_local_samples
+    idx = torch.empty(capacity, dtype=torch.long)
+    probs: Tensor | None = None
+    filled = 0
     for batch in stream.batches():
         logits = method.predict(nets, batch["image"].to(device, non_blocking=True))
-        idx.append(batch["index"])
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        p = torch.softmax(logits.float(), dim=1).cpu()
+        if probs is None:
+            probs = torch.empty(capacity, p.shape[1])
+        end = filled + len(p)
+        idx[filled:end] = batch["index"]
+        probs[filled:end] = p
+        filled = end
     for net in nets.values():
         net.train()
-    if not idx:
+    if probs is None:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
-    return torch.cat(idx), torch.cat(probs)
+    return idx[:filled], probs[:filled]
 
 
 def accuracies(
