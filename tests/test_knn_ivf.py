@@ -99,3 +99,15 @@ def test_search_keys_are_checked():
         load_analyze_config(["run=[/a]", "analysis.probes=0"])
     with pytest.raises(ConfigError, match=r"analysis\.search"):
         knn.knn_density(np.eye(5), None, k=2, search="annoy")
+
+
+@pytest.mark.parametrize("search", ["ivf", "exact"])
+def test_train_and_test_scores_share_one_index_and_equal_separate_searches(search):
+    """The analysis scores the training rows and the test rows against them; one index built
+    for both gives exactly the scores of two separate searches (each building its own)."""
+    train, test = _clusters(3000, 16, seed=1), _clusters(400, 16, seed=2)
+    common = dict(k=10, metric="cosine", search=search, probes=4)
+    got_train, got_test = knn.train_test_density(train, test, **common)
+    assert np.array_equal(got_train, knn.knn_density(train, None, **common))
+    assert np.array_equal(got_test, knn.knn_density(test, train, **common))
+    assert np.isfinite(got_train).all() and np.isfinite(got_test).all()

@@ -214,14 +214,18 @@ def ivf_density(
     lists: int | None = None,
     num_workers: int = 1,
     seed: int = 0,
+    built: tuple[Index, torch.Tensor, np.ndarray] | None = None,
 ) -> np.ndarray:
     """The approximate frequency score of every query row (module docstring); arguments as
-    :func:`distnoisy.analyze.knn.knn_density`'s."""
+    :func:`distnoisy.analyze.knn.knn_density`'s. ``built``: the reference's
+    :func:`build_index` when the caller already has it (training and test queries share one)."""
     is_self = reference is None
     ref_arr = queries if is_self else reference
     assert ref_arr is not None
-    lists = lists or num_lists(len(ref_arr))
-    index, cent, ref_list = build_index(ref_arr, lists, seed)
+    if built is None:
+        built = build_index(ref_arr, lists or num_lists(len(ref_arr)), seed)
+    index, cent, ref_list = built
+    lists = len(cent)
     q_list, q_inv = (ref_list, None) if is_self else assign(queries, cent)
     query_order = np.argsort(q_list, kind="stable")
     query_starts = np.searchsorted(q_list[query_order], np.arange(lists + 1))

@@ -22,7 +22,7 @@ from distnoisy.analyze.buckets import (
 )
 from distnoisy.analyze.config import AnalyzeConfig
 from distnoisy.analyze.embed import Embedding, run_embeddings
-from distnoisy.analyze.knn import check_k, knn_density
+from distnoisy.analyze.knn import check_k, train_test_density
 from distnoisy.analyze.memorization import first_memorized_epoch, stays_memorized
 from distnoisy.core.errors import ConfigError
 from distnoisy.finished.runs import FinishedRun, open_run
@@ -131,7 +131,7 @@ def _frequency_scores(
         return sizes[train_ids].astype(float), sizes[test_ids].astype(float)
     tr, te = emb["train"].features, emb["test"].features
     k = dict(k=a.k, metric=a.metric, num_workers=a.num_workers, search=a.search, probes=a.probes)
-    return knn_density(tr, None, **k), knn_density(te, tr, **k)
+    return train_test_density(tr, te, **k)
 
 
 def _run_samples(
