@@ -217,9 +217,8 @@ def train_test_density(
     probes: int = DEFAULT_PROBES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`knn_density` of the training rows (each against the others) and of the test rows
-    (against the training rows). The approximate search builds the training rows' index once
-    for both: built twice, the second build also left ~0.5 GB more resident at a million rows
-    (its transient chunks landed in a heap the first one's results had fragmented)."""
+    (against the training rows). The approximate search builds the training rows' index
+    (k-means and the assignment of every row) once for both."""
     common = dict(k=k, metric=metric, num_workers=num_workers, probes=probes)
     if search not in SEARCHES or not uses_ivf(search, len(train)):
         return (

@@ -25,7 +25,6 @@ in parallel; they restore on any number of ranks and with either backend.
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from collections.abc import Callable
@@ -277,10 +276,8 @@ class PartitionedStore:
         rows, owners = [], []
         for e, s in enumerate(staged):
             idx = s.index.cpu().long()
-            vals = s.values.cpu().to(self.kept[s.name].dtype)
-            vals = vals.reshape(len(idx), math.prod(vals.shape[1:]))  # 0 rows: a known width
             head = to_bytes(torch.stack([torch.full_like(idx, e), idx], dim=1))
-            body = to_bytes(vals)
+            body = to_bytes(s.values.cpu().to(self.kept[s.name].dtype))  # [n, row bytes]
             pad = torch.zeros((len(idx), width - _HEAD - body.shape[1]), dtype=torch.uint8)
             rows.append(torch.cat([head, body, pad], dim=1))
             owners.append(idx // self.rows_per)
