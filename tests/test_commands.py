@@ -167,6 +167,32 @@ def test_train_help_lists_every_key_with_its_default_and_meaning(capsys):
 
 
 # -- Ctrl-C: one line, exit 130, no traceback, the MLflow run KILLED ----------------------------
+def test_output_after_a_signal_goes_to_the_teardown_log(tmp_path, capsys):
+    """A sweep's Ray teardown (printed after Ctrl-C) is kept off the terminal, in a file."""
+    from distnoisy.driver.cli import teardown_output_to
+
+    log = tmp_path / "interrupted.log"
+    handled = []
+    previous = signal.signal(signal.SIGINT, lambda *_: handled.append(True))
+    try:
+        with teardown_output_to(log) as stopped:
+            print("training", file=sys.stderr)
+            print("progress")
+            assert not stopped.is_set()
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stopped.wait(10), "the signal was not seen"
+            print("Traceback of an actor's teardown", file=sys.stderr)
+            print("teardown on stdout")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert handled  # the handler in place still ran: only the output moved
+    print("distnoisy: the line after the block", file=sys.stderr)
+    out, err = capsys.readouterr()
+    assert err == "training\ndistnoisy: the line after the block\n" and out == "progress\n"
+    assert log.read_text() == "Traceback of an actor's teardown\nteardown on stdout\n"
+    assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd was handed back
+
+
 def _env(**extra: str) -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", **extra)

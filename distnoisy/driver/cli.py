@@ -15,14 +15,17 @@ way:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import shlex
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TextIO, TypeVar
 
 from distnoisy.core.errors import ConfigError, DistnoisyError
 
@@ -56,6 +59,70 @@ def interrupted_message(run_dir: Path | None) -> str:
         return "distnoisy: interrupted before the run started; there is nothing to resume"
     arg = shlex.quote(f"output_dir={run_dir}")
     return f"distnoisy: interrupted; resume with: python -m distnoisy.train {arg} resume=true"
+
+
+class _Diverted:
+    """A text stream that writes to ``terminal`` until ``stopped`` is set, then to ``log``."""
+
+    def __init__(self, terminal: TextIO, log: TextIO, stopped: threading.Event) -> None:
+        self._terminal, self._log, self._stopped = terminal, log, stopped
+
+    def write(self, text: str) -> int:
+        return (self._log if self._stopped.is_set() else self._terminal).write(text)
+
+    def flush(self) -> None:
+        self._terminal.flush()
+        self._log.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding: the terminal's
+        return getattr(self._terminal, name)
+
+
+@contextlib.contextmanager
+def teardown_output_to(log_path: Path) -> Iterator[threading.Event]:
+    """What this process prints after a Ctrl-C or SIGTERM, inside the block, goes to
+    ``log_path`` instead of the terminal; yields the event set when that signal came.
+
+    A stopped sweep tears its trials down inside Ray Tune's ``fit()``, and Ray forwards what its
+    actors print meanwhile (a Train controller whose workers went first prints a traceback) to
+    this process's ``sys.stdout``/``sys.stderr``: the user's terminal would show Ray's teardown
+    above the one line that says how to continue. The signal is seen through
+    :func:`signal.set_wakeup_fd`, which reports every signal whatever handler runs (Tune
+    replaces SIGINT's during ``fit()``). Outside the main thread, or where another wakeup fd is
+    set, output is left as it is (the event is then never set).
+    """
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    if previous != -1:  # someone else's (an event loop's): keep theirs
+        signal.set_wakeup_fd(previous)
+        os.close(read_end)
+        os.close(write_end)
+        yield stopped
+        return
+
+    def watch() -> None:
+        while data := os.read(read_end, 64):  # b"" once the write end is closed
+            if {signal.SIGINT, signal.SIGTERM} & set(data):
+                stopped.set()
+
+    watcher = threading.Thread(target=watch, name="distnoisy-teardown-watch", daemon=True)
+    watcher.start()
+    terminal = sys.stdout, sys.stderr
+    with open(log_path, "a") as log:
+        sys.stdout, sys.stderr = (_Diverted(t, log, stopped) for t in terminal)  # type: ignore[assignment]
+        try:
+            yield stopped
+        finally:
+            sys.stdout, sys.stderr = terminal
+            signal.set_wakeup_fd(-1)
+            os.close(write_end)
+            watcher.join(timeout=5)
+            os.close(read_end)
 
 
 class ArgumentParser(argparse.ArgumentParser):

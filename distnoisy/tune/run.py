@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from distnoisy.config import Config, from_dict
 from distnoisy.core.errors import ConfigError
+from distnoisy.driver.cli import teardown_output_to
 from distnoisy.tune.mlflow_cleanup import close_orphaned_runs, mark_interrupted_runs
 from distnoisy.tune.ray_glue import _tuner
 from distnoisy.tune.report import (
@@ -69,18 +70,20 @@ def run_sweep(
         wanted = math.ceil(max(1, spec.resources.max_concurrent_trials) * per_trial)
         ensure_ray(base_cfg.scaling.address, wanted - 1)
         t0 = time.perf_counter()
-        result_grid = _tuner(sweep, sweep_dir, parent_run_id, resume).fit()
-        rows = collect(result_grid, sweep, sweep_dir)
-        epochs = int(sweep.base["train"]["epochs"])
-        close_orphaned_runs(uri, rows, epochs)
-        if any(r.status == "unfinished" for r in rows):
-            # Tune stopped on Ctrl-C/SIGTERM and returned: the sweep ends KILLED, resumable, and
-            # so do the runs of the trials it stopped mid-training (a resume reopens them).
-            mark_interrupted_runs(uri, parent_run_id)
-            import ray
+        with teardown_output_to(sweep_dir / "interrupted.log"):
+            result_grid = _tuner(sweep, sweep_dir, parent_run_id, resume).fit()
+            rows = collect(result_grid, sweep, sweep_dir)
+            epochs = int(sweep.base["train"]["epochs"])
+            close_orphaned_runs(uri, rows, epochs)
+            if any(r.status == "unfinished" for r in rows):
+                # Tune stopped on Ctrl-C/SIGTERM and returned: the sweep ends KILLED, resumable,
+                # and so do the runs of the trials it stopped mid-training (a resume reopens
+                # them). Ray's teardown, printed meanwhile, is in interrupted.log.
+                mark_interrupted_runs(uri, parent_run_id)
+                import ray
 
-            ray.shutdown()  # the actors' log stream ends here: none of Ray's teardown follows
-            raise KeyboardInterrupt("sweep interrupted")
+                ray.shutdown()  # the actors' log stream ends here
+                raise KeyboardInterrupt("sweep interrupted")
         report = finish(sweep, rows, sweep_dir, uri, parent_run_id)
         report["wall_s"] = round(time.perf_counter() - t0, 1)
         (sweep_dir / "results.json").write_text(json.dumps(report, indent=2, default=str))
