@@ -434,3 +434,67 @@ def test_two_ray_workers_train_on_shards_served_over_http(
     saved = json.loads((tmp_path / "http" / "summary.json").read_text())
     assert saved["test_acc"] == remote["test_acc"]
     assert list((tmp_path / "cache" / "noise").glob("noise-digits-train-*.parquet"))
+
+
+# ----------------------------------------------------------------------------------------------
+# the retry budget of one shard read
+
+
+class _ChunkHandler(SimpleHTTPRequestHandler):
+    """``server.body`` from the requested ``Range`` on, ``server.chunk`` bytes per GET, after
+    which the connection closes (a server that keeps failing part way)."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        body, start = self.server.body, 0
+        self.server.gets += 1
+        if rng := self.headers.get("Range"):
+            start = int(rng.removeprefix("bytes=").rstrip("-"))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        self.wfile.write(body[start : start + self.server.chunk])
+        self.close_connection = True
+
+
+@pytest.fixture
+def chunk_server() -> Iterator[ThreadingHTTPServer]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _ChunkHandler)
+    httpd.body = np.random.default_rng(0).bytes(5 << 20)
+    httpd.gets = 0
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _read_all(url: str) -> bytes:
+    from distnoisy.data.remote import RetryingHTTPReader
+
+    with RetryingHTTPReader(url).open() as reader:
+        return reader.read()
+
+
+@pytest.mark.parametrize("chunk_kb, gets", [(1536, 4), (64, 3)])
+def test_tries_start_afresh_only_after_real_progress(chunk_server, monkeypatch, chunk_kb, gets):
+    """A stream that fails after every 1.5 MiB goes on (the tries count again after 1 MiB of
+    progress); one that brings 64 KiB a GET is given up after retries + 1 GETs, as a stall
+    would be, instead of being followed for as many tries as it has bytes (5 MiB / 64 KiB)."""
+    from distnoisy.data import remote
+
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+    monkeypatch.setenv("DISTNOISY_READ_RETRIES", "2")
+    chunk_server.chunk = chunk_kb << 10
+    url = f"http://127.0.0.1:{chunk_server.server_address[1]}/shard.tar"
+    if chunk_kb > 1024:
+        assert _read_all(url) == chunk_server.body
+    else:
+        with pytest.raises(remote.RemoteReadError, match="3 tries failed at byte 196608"):
+            _read_all(url)
+    assert chunk_server.gets == gets

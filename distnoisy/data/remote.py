@@ -12,10 +12,17 @@ read raises :class:`RemoteReadError`; the stream records the shard as unreadable
 samples it did not deliver as lost, which ``data.max_bad_fraction`` counts like any other bad
 data.
 
+The tries are counted per shard, not per read: only a failure after at least
+:data:`PROGRESS_BYTES` more of the shard arrived since the previous failure starts the count
+again (a long stream that meets a blip now and then goes on). A server that sends a little after
+every new GET and then stalls again would otherwise hold the read for as many timeouts as it
+has bytes to trickle.
+
 The bounds come from the environment, so they reach every worker process:
 ``DISTNOISY_READ_TIMEOUT_S`` (default 30) and ``DISTNOISY_READ_RETRIES`` (default 4). A shard
-that keeps failing therefore costs at most ``(retries + 1) * timeout + 0.5 * (2**retries - 1)``
-seconds (157.5 s with the defaults; a server that answers 503 at once: 7.5 s).
+that keeps failing without progress therefore costs at most ``(retries + 1) * timeout + 0.5 *
+(2**retries - 1)`` seconds (157.5 s with the defaults; a server that answers 503 at once:
+7.5 s).
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ log = logging.getLogger("distnoisy.data")
 
 #: First backoff in seconds; it doubles with every retry.
 BACKOFF_S = 0.5
+#: Bytes that must arrive between two failed reads for the second to start the tries afresh.
+PROGRESS_BYTES = 1 << 20
 #: HTTP answers worth another try (the server is busy or its proxy timed out).
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
@@ -91,6 +100,9 @@ class RetryingHTTPReader(io.RawIOBase):
         self.size: int | None = None
         self._response: http.client.HTTPResponse | None = None
         self.retried = 0
+        # failed tries since the last failure that followed PROGRESS_BYTES of progress, and
+        # the position of the last failure
+        self._failures, self._failed_at = 0, 0
 
     def readable(self) -> bool:
         return True
@@ -151,7 +163,7 @@ class RetryingHTTPReader(io.RawIOBase):
 
     def _retrying(self, action: Callable[[], int]) -> int:
         """``action()`` on an open response, reopened and retried after a failure."""
-        for attempt in range(self.retries + 1):
+        while True:
             try:
                 if self._response is None:
                     self._response = self._open()
@@ -164,23 +176,31 @@ class RetryingHTTPReader(io.RawIOBase):
                 self._close_response()
                 if not _retryable(exc):
                     raise RemoteReadError(f"{self.url}: {_why(exc)}") from None
-                if attempt == self.retries:
-                    raise RemoteReadError(
-                        f"{self.retries + 1} tries failed at byte {self.pos}; last: {_why(exc)}"
-                    ) from None
-                wait = BACKOFF_S * 2**attempt
-                self.retried += 1
-                log.info(
-                    "remote shard %s: read failed at byte %d (%s); retry %d/%d in %.1f s",
-                    self.name,
-                    self.pos,
-                    _why(exc),
-                    attempt + 1,
-                    self.retries,
-                    wait,
-                )
-                time.sleep(wait)
-        raise AssertionError("unreachable")
+                self._backoff(exc)
+
+    def _backoff(self, exc: Exception) -> None:
+        """Count the failed try (see the module docstring), then wait; raises when the tries
+        are used up."""
+        if self.pos - self._failed_at >= PROGRESS_BYTES:
+            self._failures = 0
+        self._failed_at = self.pos
+        if self._failures == self.retries:
+            raise RemoteReadError(
+                f"{self.retries + 1} tries failed at byte {self.pos}; last: {_why(exc)}"
+            ) from None
+        wait = BACKOFF_S * 2**self._failures
+        self._failures += 1
+        self.retried += 1
+        log.info(
+            "remote shard %s: read failed at byte %d (%s); retry %d/%d in %.1f s",
+            self.name,
+            self.pos,
+            _why(exc),
+            self._failures,
+            self.retries,
+            wait,
+        )
+        time.sleep(wait)
 
     def _close_response(self) -> None:
         if self._response is not None:
