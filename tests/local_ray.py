@@ -158,9 +158,14 @@ class LocalRayCluster:
             raise RuntimeError(f"expected one raylet of node {name}, found {pids}")
         return pids[0]
 
-    def kill_node(self, name: str) -> None:
-        """SIGKILL node ``name``'s raylet and every process under it (its workers)."""
-        kill_pids(_tree([self.raylet_pid(name)]))
+    def kill_node(self, name: str, gone_ok: bool = False) -> None:
+        """SIGKILL node ``name``'s raylet and every process under it (its workers); with
+        ``gone_ok``, a raylet that has already exited (a drained node Ray shut down) is fine."""
+        try:
+            kill_pids(_tree([self.raylet_pid(name)]))
+        except RuntimeError:
+            if not gone_ok:
+                raise
         # What was started beside the raylet (log monitor, agents) names its directory.
         kill_pids(_tree(_pids_naming(str(self.nodes.pop(name)))))
 
