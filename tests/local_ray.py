@@ -169,6 +169,20 @@ class LocalRayCluster:
         # What was started beside the raylet (log monitor, agents) names its directory.
         kill_pids(_tree(_pids_naming(str(self.nodes.pop(name)))))
 
+    def head_node_id(self) -> str:
+        (head,) = [n for n in self.state("nodes") if n.get("is_head_node")]
+        return head["node_id"]
+
+    def drain_node(self, node_id: str, deadline_s: int) -> None:
+        """What Ray's autoscaler (or a hook receiving the cloud's reclaim notice) does to a spot
+        node: a drain with reason PREEMPTION and a deadline (Ray's preemption notice)."""
+        subprocess.run(
+            [RAY, "drain-node", f"--address={self.address}", f"--node-id={node_id}",
+             "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot reclaim (test)",
+             f"--deadline-remaining-seconds={deadline_s}"],
+            env=cluster_env(), capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+
     def state(self, kind: str, *filters: str) -> list[dict]:
         """``ray list KIND --detail`` as a list of dicts (the State API, through the dashboard)."""
         args = [a for f in filters for a in ("--filter", f)]

@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from local_ray import RAY, LocalRayCluster, cluster_env
+from local_ray import LocalRayCluster
 from test_chaos import _log, _mlflow_status, _start, _wait, _wait_for, _workers
 
 from distnoisy.engine.checkpoint import checkpoint_order
@@ -205,22 +204,6 @@ def test_node_lost_mid_epoch_shrinks_then_grows_back(cluster, digits_root, tmp_p
     assert flips <= b["pred_hist"].size // 100, flips
 
 
-def _head_node_id(cluster: LocalRayCluster) -> str:
-    (head,) = [n for n in cluster.state("nodes") if n.get("is_head_node")]
-    return head["node_id"]
-
-
-def _drain(cluster: LocalRayCluster, node_id: str, deadline_s: int) -> None:
-    """What Ray's autoscaler (or a hook receiving the cloud's reclaim notice) does to a spot
-    node: a drain with reason PREEMPTION and a deadline."""
-    subprocess.run(
-        [RAY, "drain-node", f"--address={cluster.address}", f"--node-id={node_id}",
-         "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot reclaim (test)",
-         f"--deadline-remaining-seconds={deadline_s}"],
-        env=cluster_env(), capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-
-
 def test_preemption_notice_checkpoints_before_the_node_goes(cluster, digits_root, tmp_path):
     """A drained node (Ray's preemption notice) makes the ranks checkpoint mid-epoch at once,
     though no periodic mid-epoch checkpoint is configured; Ray Train restarts the group at the
@@ -235,7 +218,7 @@ def test_preemption_notice_checkpoints_before_the_node_goes(cluster, digits_root
         "scaling.max_failures=1", "scaling.resize_interval_s=5",
     )  # fmt: skip
     _wait_for(lambda: "epoch=0000" in _checkpoints(run_dir), 600, "epoch 0's checkpoint", proc)
-    head = _head_node_id(cluster)
+    head = cluster.head_node_id()
     (other,) = {w["node_id"] for w in _workers(cluster)} - {head}
     (name,) = [n for n in cluster.nodes if n != "head"]  # the one worker node there is
     # The drain's deadline comes before the reclaim, as in docs/cluster.md (110 s of a 120 s
@@ -243,7 +226,7 @@ def test_preemption_notice_checkpoints_before_the_node_goes(cluster, digits_root
     # a node that dies before that is an ordinary failure, charged to scaling.max_failures.
     deadline_s, reclaim_s = 20, 28
     t_drain = time.monotonic()
-    _drain(cluster, other, deadline_s)
+    cluster.drain_node(other, deadline_s)
     # Ray Train's watcher polls the drains every 5 s; the ranks agree on it every 10 steps.
     notice_ckpt = _wait_for(
         lambda: next((n for n in _checkpoints(run_dir) if "-step=" in n), None),
