@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from distnoisy.data.shards import Manifest
     from distnoisy.data.stream import EvalStream, Transform
     from distnoisy.finished.runs import FinishedRun
+    from distnoisy.launch.ranks import RankGroup
 
 SPLITS = ("train", "val", "test")
 WEIGHTS = {"final": "weights.pt", "best": "weights_best.pt"}
@@ -282,6 +283,7 @@ def extract_features(
     num_workers: int | None = None,
     launcher: str | None = None,
     cache_dir: Path | None = None,
+    ranks: RankGroup | None = None,
 ) -> dict[str, Features]:
     """Features and logits of every sample of ``splits`` (absent splits are skipped).
 
@@ -299,6 +301,9 @@ def extract_features(
         Ranks and launcher (``ray`` or ``local``); default: the run's ``scaling.*``.
     cache_dir
         Where ``features/`` lives; default: the run directory.
+    ranks
+        Ranks already started for the caller's job (post-training extracts on the ranks that
+        then score its rounds); they replace ``num_workers`` and ``launcher``.
 
     Returns
     -------
@@ -338,7 +343,10 @@ def extract_features(
             ),
         )
         _allocate(tmp, dirs, _feature_dim(task), spec.num_classes, dtype)
-        _run(task, run, num_workers, launcher, tmp)
+        if ranks is not None:
+            ranks.run(run_task_rank, task)
+        else:
+            _run(task, run, num_workers, launcher, tmp)
         meta = {
             "splits": list(dirs),
             "weights": weights,

@@ -125,7 +125,7 @@ def peer_or_reuse(
     from distnoisy.posttrain import outputs
     from distnoisy.posttrain.peer import cleanlab_recipe, require_cleanlab
     from distnoisy.posttrain.refit import fit_head
-    from distnoisy.posttrain.run import build_input, check
+    from distnoisy.posttrain.run import build_input, check, job_ranks
 
     require_cleanlab()
     out = run / "posttrain-cleanlab"
@@ -147,7 +147,8 @@ def peer_or_reuse(
     if reuse_only:
         return None
     log.info("cleanlab's recipe on %s", run)
-    inp, _ = build_input(prep, cfg)
+    with job_ranks(prep, cfg) as ranks:  # started only if the features are not cached
+        inp, _ = build_input(prep, cfg, ranks)
     refit = fit_head(inp.theta, inp.train, inp.given, mu, cfg.posttrain.refit_iters)
     res = cleanlab_recipe(
         inp,

@@ -5,6 +5,7 @@ scores (``influence`` and ``self_influence`` with ``hessian=ekfac`` or ``kfac``)
 :func:`distnoisy.posttrain.ranks.score_rank` on the run's launcher: each round writes the indices
 and labels of the kept rows to a scratch ``.npy`` (16 bytes a row; the features stay in the
 run's cached, memory-mapped feature file) and every rank scores its contiguous share of them.
+The ranks start once for all rounds (:func:`distnoisy.launch.ranks.rank_group`).
 The Kronecker factors are all-reduced, so the scores equal the one-process ones up to float64
 summation order. The exact Hessian, ``grad_norm`` and ``loss_history`` are scored in-process
 (they are cheap, or only exist for small heads).
@@ -15,23 +16,16 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from distnoisy.launch.ranks import RankGroup
+
 #: ``(theta, kept rows (indices into the training features), their labels, mu) -> scores``
 Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
-
-
-@dataclass(frozen=True)
-class RankSetup:
-    """Where and how the ranks run (the run's ``scaling.*`` with posttrain's overrides)."""
-
-    world: int
-    launcher: str
-    use_gpu: bool = False
-    address: str | None = None
 
 
 def parallel_applies(kind: str, hessian: str, world: int) -> bool:
@@ -39,13 +33,12 @@ def parallel_applies(kind: str, hessian: str, world: int) -> bool:
     return world > 1 and kind in ("influence", "self_influence") and hessian in ("ekfac", "kfac")
 
 
-def rank_scorer(setup: RankSetup, kind: str, hessian: str, scratch: Path, features: Path) -> Scorer:
-    """A scorer that runs :func:`~distnoisy.posttrain.ranks.score_rank` on ``setup.world``
-    ranks over rows of the ``(N, d)`` ``.npy`` file ``features``; ``scratch`` holds each call's
-    files (removed after the call)."""
+def rank_scorer(ranks: RankGroup, kind: str, hessian: str, scratch: Path, features: Path) -> Scorer:
+    """A scorer that runs :func:`~distnoisy.posttrain.ranks.score_rank` on the ranks of
+    ``ranks`` (started once for every round) over rows of the ``(N, d)`` ``.npy`` file
+    ``features``; ``scratch`` holds each call's files (removed after the call)."""
 
     def score(theta: np.ndarray, rows: np.ndarray, y: np.ndarray, mu: float) -> np.ndarray:
-        from distnoisy.launch.ranks import run_ranks
         from distnoisy.posttrain.ranks import ScoreTask, score_rank
 
         scratch.mkdir(parents=True, exist_ok=True)
@@ -66,15 +59,7 @@ def rank_scorer(setup: RankSetup, kind: str, hessian: str, scratch: Path, featur
                 corrected=hessian == "ekfac",
                 kind=kind,
             )
-            run_ranks(
-                score_rank,
-                task,
-                world_size=setup.world,
-                launcher=setup.launcher,
-                use_gpu=setup.use_gpu,
-                address=setup.address,
-                storage_dir=tmp / "ray",
-            )
+            ranks.run(score_rank, task)
             return np.array(np.load(out))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -8,13 +8,15 @@ Ctrl-C or SIGTERM; never left RUNNING).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +31,9 @@ from distnoisy.posttrain.rounds import (
     run_rounds,
     selection_metric,
 )
+
+if TYPE_CHECKING:
+    from distnoisy.launch.ranks import RankGroup
 
 log = logging.getLogger("distnoisy.posttrain")
 
@@ -135,8 +140,11 @@ def _loss_history(run: FinishedRun, n: int) -> np.ndarray:
     return out
 
 
-def build_input(prep: Prepared, cfg: PostTrainConfig) -> tuple[RoundsInput, dict[str, Any]]:
-    """Features (cached in the run directory) and labels as the rounds' input."""
+def build_input(
+    prep: Prepared, cfg: PostTrainConfig, ranks: RankGroup
+) -> tuple[RoundsInput, dict[str, Any]]:
+    """Features (cached in the run directory; extracted on ``ranks``) and labels as the rounds'
+    input."""
     from distnoisy.finished.features import extract_features, prediction_head
     from distnoisy.posttrain.influence import head_matrix
 
@@ -145,8 +153,7 @@ def build_input(prep: Prepared, cfg: PostTrainConfig) -> tuple[RoundsInput, dict
         prep.run,
         weights=prep.weights,
         dtype=p.feature_dtype,
-        num_workers=p.num_workers,
-        launcher=p.launcher,
+        ranks=ranks,
     )
     labels = _labels(prep.spec)
     best = prep.weights == "best"
@@ -177,21 +184,39 @@ def build_input(prep: Prepared, cfg: PostTrainConfig) -> tuple[RoundsInput, dict
     return inp, labels
 
 
-def make_scorer(prep: Prepared, cfg: PostTrainConfig, inp: RoundsInput) -> tuple[Any, int]:
-    """The rank-parallel scorer when ``num_workers`` (default: the run's) is above 1 and the
-    score has one (:mod:`distnoisy.posttrain.parallel`); else ``(None, 1)``."""
-    from distnoisy.posttrain.parallel import RankSetup, parallel_applies, rank_scorer
-    from distnoisy.posttrain.rounds import hessian_kind
+@contextlib.contextmanager
+def job_ranks(prep: Prepared, cfg: PostTrainConfig) -> Iterator[RankGroup]:
+    """The ranks of the job's feature extraction and scoring rounds: ``posttrain.num_workers``
+    and ``posttrain.launcher`` (default: the run's ``scaling.*``), started once, by the first
+    job that needs them (none when the features are cached and the score runs in-process)."""
+    from distnoisy.launch.ranks import rank_group
 
     p, scaling = cfg.posttrain, prep.run.config.scaling
-    world = int(p.num_workers or scaling.num_workers)
+    with rank_group(
+        world_size=int(p.num_workers or scaling.num_workers),
+        launcher=p.launcher or scaling.launcher,
+        use_gpu=scaling.use_gpu,
+        address=scaling.address,
+        storage_dir=prep.out_dir / ".scratch" / "ray",
+    ) as ranks:
+        yield ranks
+
+
+def make_scorer(
+    prep: Prepared, cfg: PostTrainConfig, inp: RoundsInput, ranks: RankGroup
+) -> tuple[Any, int]:
+    """The scorer on ``ranks`` when they are more than one and the score has a rank-parallel
+    version (:mod:`distnoisy.posttrain.parallel`); else ``(None, 1)`` (in-process)."""
+    from distnoisy.posttrain.parallel import parallel_applies, rank_scorer
+    from distnoisy.posttrain.rounds import hessian_kind
+
+    p = cfg.posttrain
     hessian = hessian_kind(p, inp.theta.size)
-    if not parallel_applies(p.score, hessian, world):
+    if not parallel_applies(p.score, hessian, ranks.world_size):
         return None, 1
-    setup = RankSetup(world, p.launcher or scaling.launcher, scaling.use_gpu, scaling.address)
     assert inp.train_file is not None
-    scorer = rank_scorer(setup, p.score, hessian, prep.out_dir / ".scratch", inp.train_file)
-    return scorer, world
+    scratch = prep.out_dir / ".scratch"
+    return rank_scorer(ranks, p.score, hessian, scratch, inp.train_file), ranks.world_size
 
 
 def ranking_metrics(res: RoundsResult, corrupted: np.ndarray | None) -> dict[str, Any]:
@@ -319,10 +344,11 @@ def posttrain(cfg: PostTrainConfig) -> dict[str, Any]:
         source="python -m distnoisy.posttrain",
     ) as run_id:
         log.info("post-training %s (MLflow run %s)", prep.run.run_dir, run_id)
-        inp, labels = build_input(prep, cfg)
-        scorer, score_workers = make_scorer(prep, cfg, inp)
         try:
-            res = run_rounds(inp, cfg.posttrain, scorer)
+            with job_ranks(prep, cfg) as ranks:
+                inp, labels = build_input(prep, cfg, ranks)
+                scorer, score_workers = make_scorer(prep, cfg, inp, ranks)
+                res = run_rounds(inp, cfg.posttrain, scorer)
         finally:
             shutil.rmtree(prep.out_dir / ".scratch", ignore_errors=True)  # the ranks' files
         extra = {

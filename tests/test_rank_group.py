@@ -1,0 +1,64 @@
+"""Ranks started once for several jobs (``distnoisy.launch.ranks.rank_group``) on a real local
+Ray cluster: the jobs run in order on the same worker processes, a rank's error is raised as it
+is, and the workers' CPUs come back however the group ends."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from distnoisy.core.errors import ConfigError
+from distnoisy.launch.ranks import rank_group
+
+
+def _cpus_come_back(ray, want: float, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < want:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_jobs_run_in_order_on_the_same_ranks_and_errors_surface(tmp_path, ray_cluster):
+    ray = ray_cluster
+
+    # Defined here, Ray sends them by value (the workers cannot import a test module).
+    def note(out: str, rank: int, world: int) -> None:
+        import os
+
+        with open(Path(out) / f"rank{rank}.txt", "a") as f:
+            f.write(f"{os.getpid()} {world}\n")
+
+    def fail_on_rank_1(message: str, rank: int, world: int) -> None:
+        if rank == 1:
+            raise ConfigError(message)
+
+    total = ray.cluster_resources()["CPU"]
+    _cpus_come_back(ray, total)
+    with rank_group(world_size=2, launcher="ray", storage_dir=tmp_path / "ray") as ranks:
+        for _ in range(3):
+            ranks.run(note, str(tmp_path))
+            # every rank finished the job before run() returned
+            lines = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in (0, 1)]
+            assert len(lines[0]) == len(lines[1])
+    assert len(lines[0]) == 3
+    pids = [{line.split()[0] for line in rank_lines} for rank_lines in lines]
+    assert all(len(p) == 1 for p in pids) and pids[0] != pids[1]  # one process a rank
+    assert all(line.split()[1] == "2" for rank_lines in lines for line in rank_lines)
+    _cpus_come_back(ray, total)
+
+    # A rank's own error ends the group and reaches the caller unwrapped (the CLI's one line).
+    group = rank_group(world_size=2, launcher="ray", storage_dir=tmp_path / "ray2")
+    with pytest.raises(ConfigError, match=r"^bad rows$"), group as ranks:
+        ranks.run(note, str(tmp_path))
+        ranks.run(fail_on_rank_1, "bad rows")
+    _cpus_come_back(ray, total)
+
+    # The caller's own error: the idle ranks are let go without waiting.
+    group = rank_group(world_size=2, launcher="ray", storage_dir=tmp_path / "ray3")
+    with pytest.raises(KeyError), group as ranks:
+        ranks.run(note, str(tmp_path))
+        raise KeyError("the caller's")
+    _cpus_come_back(ray, total)
