@@ -40,6 +40,21 @@ def _ray_rank(config: dict[str, Any]) -> None:
     config["fn"](config["payload"], context.get_world_rank(), context.get_world_size())
 
 
+def _ranks_trainer(
+    entry: Any, config: dict[str, Any], world_size: int, use_gpu: bool, storage_dir: Path
+) -> Any:
+    """The Ray Train run of ``world_size`` ranks that calls ``entry(config)`` on each."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        entry,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=world_size, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(name="ranks", storage_path=str(Path(storage_dir).resolve())),
+    )
+
+
 def run_ranks(
     fn: Any,
     payload: Any,
@@ -72,16 +87,9 @@ def run_ranks(
             start_method="spawn",
         )
         return
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     ensure_ray(address, world_size)
-    trainer = TorchTrainer(
-        _ray_rank,
-        train_loop_config={"fn": fn, "payload": payload},
-        scaling_config=ray.train.ScalingConfig(num_workers=world_size, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(name="ranks", storage_path=str(Path(storage_dir).resolve())),
+    trainer = _ranks_trainer(
+        _ray_rank, {"fn": fn, "payload": payload}, world_size, use_gpu, storage_dir
     )
     try:
         result = trainer.fit()
@@ -184,22 +192,12 @@ class RankGroup:
 
     def _start(self) -> None:
         import ray
-        import ray.train
-        from ray.train.torch import TorchTrainer
 
-        world = self.world_size
+        world, use_gpu = self.world_size, bool(self._ray_args.get("use_gpu"))
         ensure_ray(self._ray_args.get("address"), world)
         self._board = ray.remote(num_cpus=0)(_JobBoard).remote(world)
-        trainer = TorchTrainer(
-            _ray_serve,
-            train_loop_config={"board": self._board},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=world, use_gpu=bool(self._ray_args.get("use_gpu"))
-            ),
-            run_config=ray.train.RunConfig(
-                name="ranks", storage_path=str(Path(self._storage_dir).resolve())
-            ),
-        )
+        config = {"board": self._board}
+        trainer = _ranks_trainer(_ray_serve, config, world, use_gpu, self._storage_dir)
         # fit() blocks for the group's life; in a thread it leaves SIGINT to the caller.
         self._thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True)
         self._thread.start()
