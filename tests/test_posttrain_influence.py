@@ -9,7 +9,7 @@ from scipy.stats import spearmanr
 
 from distnoisy.posttrain import influence as infl
 from distnoisy.posttrain.config import PostTrainParams
-from distnoisy.posttrain.refit import fit_head
+from distnoisy.posttrain.refit import fit_head, mean_nll
 from distnoisy.posttrain.rounds import select
 
 
@@ -117,6 +117,19 @@ def test_refit_reaches_the_regularised_optimum():
     t = torch.from_numpy(theta.ravel()).requires_grad_(True)
     _objective(t, torch.from_numpy(h), torch.from_numpy(y), mu, theta.shape[0]).backward()
     assert float(t.grad.abs().max()) < 1e-6
+
+
+def test_mean_nll_is_the_mean_cross_entropy_at_any_chunk_size():
+    """The rounds' ``val_nll``: float64 autograd's cross-entropy, also for huge logits (where a
+    softmax without the max shift overflows) and chunks that split the rows unevenly."""
+    h, y, theta = _problem(n=37)
+    # |logits| up to ~1.4e3: a softmax without the max shift overflows in float64
+    theta = theta * np.array([[1.0] * (theta.shape[1] - 1) + [3000.0]])
+    x = torch.cat([torch.from_numpy(h), torch.ones(len(h), 1, dtype=torch.float64)], 1)
+    want = torch.nn.functional.cross_entropy(x @ torch.from_numpy(theta).T, torch.from_numpy(y))
+    for chunk in (1, 5, 37, 100):
+        got = mean_nll(theta, h, y, chunk=chunk)
+        assert np.isfinite(got) and got == pytest.approx(float(want), rel=1e-12)
 
 
 def test_class_balanced_selection_takes_each_class_in_proportion():

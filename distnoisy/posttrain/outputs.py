@@ -24,6 +24,8 @@ ROUND_COLUMNS = (
     "removed_fraction",
     "val_acc_noisy",
     "val_acc",
+    "val_nll_noisy",
+    "val_nll",
     "test_acc",
     "train_acc_kept",
     "precision_removed",

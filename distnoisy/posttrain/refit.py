@@ -89,3 +89,15 @@ def predict(
     for lo in range(0, len(out), chunk):
         out[lo : lo + chunk] = np.argmax(_chunk(h, rows, lo, chunk) @ w.T + b, 1)
     return out
+
+
+def mean_nll(theta: np.ndarray, h: np.ndarray, labels: np.ndarray, chunk: int = CHUNK) -> float:
+    """Mean cross-entropy (natural log) of ``labels`` under head ``theta`` on rows ``h``."""
+    w, b = theta[:, :-1], theta[:, -1]
+    total = 0.0
+    for lo in range(0, len(labels), chunk):
+        z = _chunk(h, None, lo, chunk) @ w.T + b
+        z -= z.max(1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+        total -= float(log_p[np.arange(len(z)), labels[lo : lo + chunk]].sum())
+    return total / max(len(labels), 1)

@@ -25,7 +25,7 @@ import numpy as np
 from distnoisy.posttrain import influence as infl
 from distnoisy.posttrain.config import PostTrainParams
 from distnoisy.posttrain.parallel import Scorer
-from distnoisy.posttrain.refit import fit_head, predict
+from distnoisy.posttrain.refit import fit_head, mean_nll, predict
 
 log = logging.getLogger("distnoisy.posttrain")
 
@@ -151,6 +151,12 @@ def _accuracy(theta: np.ndarray, split: Split | None, labels: np.ndarray | None)
     return float((predict(theta, split.features) == labels).mean())
 
 
+def _nll(theta: np.ndarray, split: Split | None, labels: np.ndarray | None) -> float | None:
+    if split is None or labels is None:
+        return None
+    return mean_nll(theta, split.features, labels)
+
+
 def evaluate(
     inp: RoundsInput, theta: np.ndarray, kept: np.ndarray, removed_order: list[int]
 ) -> dict[str, float | None]:
@@ -160,6 +166,8 @@ def evaluate(
         "removed_fraction": len(removed_order) / len(inp.given),
         "val_acc_noisy": _accuracy(theta, inp.val, inp.val.labels if inp.val else None),
         "val_acc": _accuracy(theta, inp.val, inp.val_clean),
+        "val_nll_noisy": _nll(theta, inp.val, inp.val.labels if inp.val else None),
+        "val_nll": _nll(theta, inp.val, inp.val_clean),
         "test_acc": _accuracy(theta, inp.test, inp.test.labels if inp.test else None),
         "train_acc_kept": float(
             (predict(theta, inp.train, rows=np.flatnonzero(kept)) == inp.given[kept]).mean()

@@ -262,6 +262,9 @@ def summarize(
         ),
         "test_acc_refit_only": res.rounds[0].get("test_acc"),
         "test_acc": after,
+        # The run's own head on the same features and validation set (what a round must beat).
+        "val_acc_before": res.before.get("val_acc"),
+        "val_nll_before": res.before.get("val_nll"),
         "val_acc_noisy_before": res.before.get("val_acc_noisy"),
         "test_acc_before_features": res.before.get("test_acc"),
         "val_acc_noisy": best.get("val_acc_noisy"),
