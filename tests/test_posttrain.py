@@ -188,6 +188,7 @@ def _removed_with_scoring_ranks(source, out: Path, workers: int, launcher: str):
         f"run={run_dir}",
         f"tracking.uri={uri}",
         f"output_dir={out}",
+        "posttrain.score=influence",
         "posttrain.hessian=ekfac",
         "posttrain.fraction_per_round=0.1",
         "posttrain.max_removed=0.2",

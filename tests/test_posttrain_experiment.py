@@ -87,8 +87,8 @@ def test_methods_left_out_of_the_comparisons_get_the_default_post_training_only(
         "default",
         "final",
         "val_noisy",
+        "influence",
         "self_influence",
-        "grad_norm",
         "loss_history",
     ]
     every = main_parser().parse_args(["--datasets", "digits", "--methods", "elr"])

@@ -78,7 +78,8 @@ def phase_commands(plan: Plan) -> dict[str, list[list[str]]]:
         f"scaling.num_workers={w} seed={plan.seed} output_dir=run"
     )
     posttrain = (
-        f"python -m distnoisy.posttrain run=run posttrain.hessian=ekfac posttrain.num_workers={w}"
+        "python -m distnoisy.posttrain run=run posttrain.score=influence posttrain.hessian=ekfac "
+        f"posttrain.num_workers={w}"
     )
     analyze = f"python -m distnoisy.analyze run=run output_dir=analysis analysis.num_workers={w}"
     return {

@@ -10,6 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from distnoisy.posttrain.config import PostTrainParams
+
+#: The score of the default post-training (its column in the score table is "default").
+DEFAULT_SCORE = PostTrainParams().score
+
 Results = dict[tuple[str, str, str, int], dict[str, Any]]
 Getter = Callable[[dict[str, Any]], float | None]
 
@@ -201,7 +206,7 @@ def variant_table(
 
 def score_table(grouped: dict, keys: list[tuple[str, str, str]], scores: list[str]) -> str:
     """Per score: head-only test accuracy and round 1's AUROC against the corrupted set."""
-    name = {s: ("default" if s == "influence" else s) for s in scores}
+    name = {s: ("default" if s == DEFAULT_SCORE else s) for s in scores}
     lines = [
         "| setting | " + " | ".join(f"{s}: test acc / round-1 AUROC" for s in scores) + " |",
         "|" + "---|" * (1 + len(scores)),
@@ -224,7 +229,7 @@ def score_table(grouped: dict, keys: list[tuple[str, str, str]], scores: list[st
 
 def score_ranking(grouped: dict, keys: list[tuple[str, str, str]], scores: list[str]) -> str:
     """Mean head-only test accuracy and AUROC of each score over every setting compared."""
-    name = {s: ("default" if s == "influence" else s) for s in scores}
+    name = {s: ("default" if s == DEFAULT_SCORE else s) for s in scores}
     used = [k for k in keys if all(name[s] in grouped[k][0] for s in scores)]
     if not used:
         return ""
