@@ -68,6 +68,10 @@ class PostTrainParams:
     finetune_lr: float | None = None
 
 
+#: The score a post-training uses unless posttrain.score says otherwise.
+DEFAULT_SCORE = PostTrainParams.score
+
+
 @dataclass
 class DataCheck:
     # The dataset the run must have been trained on; None = accept the run's.

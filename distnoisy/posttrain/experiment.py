@@ -25,7 +25,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from distnoisy.posttrain.config import SCORES, PostTrainParams
+from distnoisy.posttrain.config import DEFAULT_SCORE, SCORES
 from distnoisy.posttrain.experiment_jobs import RunJob, Variant, run_job
 
 DATASETS = ("fashion_mnist", "digits")
@@ -35,8 +35,6 @@ METHODS = ("ce", "gce", "dal", "elr", "elr_plus", "limit")
 FINETUNE_EPOCHS = 10
 #: Datasets whose runs are post-trained with every score (the score comparison).
 SCORE_DATASETS = ("fashion_mnist",)
-#: The score the default post-training uses (the other scores are the compared variants).
-DEFAULT_SCORE = PostTrainParams().score
 #: Seconds between looks at runs another command is training.
 POLL_S = 30.0
 

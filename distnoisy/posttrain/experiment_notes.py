@@ -46,8 +46,8 @@ NOTES = """## Why the numbers look like this
   Its cost: the run's epoch was chosen on the same 400 validation images, so their accuracy
   flatters it: in 5 of the 8 symmetric-noise runs where the run's head was kept (DAL seeds 0
   and 1, GCE seeds 0 and 1, ELR seed 2) the refit was better on the test set, by 0.1-1.3
-  points. Comparing on the validation
-  cross-entropy instead was tried on these runs and is worse (ELR, instance: -2.4 points).
+  points. Comparing on the validation cross-entropy instead was tried on these runs and is
+  worse (ELR, instance: -2.4 points).
 - **The score: `grad_norm` is the default because it measured best.** In the score table it has
   the highest test accuracy in every instance-noise setting (CE +2.5, GCE +2.7, DAL +1.1 points
   over `influence`) and ties under symmetric noise, although its round-1 AUROC is the lowest and

@@ -10,10 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from distnoisy.posttrain.config import PostTrainParams
-
-#: The score of the default post-training (its column in the score table is "default").
-DEFAULT_SCORE = PostTrainParams().score
+from distnoisy.posttrain.config import DEFAULT_SCORE
 
 Results = dict[tuple[str, str, str, int], dict[str, Any]]
 Getter = Callable[[dict[str, Any]], float | None]
@@ -204,9 +201,14 @@ def variant_table(
     return "\n".join(lines) + "\n"
 
 
+def _variant_names(scores: list[str]) -> dict[str, str]:
+    """The post-training variant that holds each score's results (the default's is "default")."""
+    return {s: ("default" if s == DEFAULT_SCORE else s) for s in scores}
+
+
 def score_table(grouped: dict, keys: list[tuple[str, str, str]], scores: list[str]) -> str:
     """Per score: head-only test accuracy and round 1's AUROC against the corrupted set."""
-    name = {s: ("default" if s == DEFAULT_SCORE else s) for s in scores}
+    name = _variant_names(scores)
     lines = [
         "| setting | " + " | ".join(f"{s}: test acc / round-1 AUROC" for s in scores) + " |",
         "|" + "---|" * (1 + len(scores)),
@@ -229,7 +231,7 @@ def score_table(grouped: dict, keys: list[tuple[str, str, str]], scores: list[st
 
 def score_ranking(grouped: dict, keys: list[tuple[str, str, str]], scores: list[str]) -> str:
     """Mean head-only test accuracy and AUROC of each score over every setting compared."""
-    name = {s: ("default" if s == DEFAULT_SCORE else s) for s in scores}
+    name = _variant_names(scores)
     used = [k for k in keys if all(name[s] in grouped[k][0] for s in scores)]
     if not used:
         return ""
