@@ -82,9 +82,6 @@ def prepare_digits(
     against concurrent callers: each builds in its own temporary sibling directory and renames
     the finished split into place; a loser of the rename uses the winner's (identical) shards.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
     if shard_size < 1:
@@ -98,6 +95,10 @@ def prepare_digits(
     if all_cached(root, "digits", splits, params):
         log.debug("digits shards cached in %s", root)
         return train_dir, test_dir
+    # Imported only to write shards: scikit-learn takes about a second to import, which every
+    # run on cached shards would pay in its driver.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     # Quantise 0..16 to 0..255 for 8-bit PNGs; the transform maps back to 0..1.
