@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from local_mlflow import sqlite_uri
 from local_ray import LocalRayCluster, cluster_env, kill_pids
 
 pytestmark = pytest.mark.slow
@@ -35,8 +36,12 @@ TRAIN_ARGS = (
     "scaling.num_workers=2",
     "scaling.max_failures=1",
 )
-#: Ray Train waits this long for a worker group's resources before it counts a failure.
+#: Ray Train waits this long for a worker group's resources before it counts a failure: long
+#: enough for a replacement node to join and its worker to start.
 START_TIMEOUT_S = "20"
+#: The same wait where no node will come: the run fails after the restart and one retry, each
+#: waiting this long.
+NO_NODE_TIMEOUT_S = "5"
 #: What the recovery-time table in docs/cluster.md was filled from (printed with -s):
 #: (what was killed, when, seconds to recover).
 RECOVERY: list[tuple[str, str, float]] = []
@@ -54,10 +59,17 @@ def cluster(tmp_path_factory):
             print(f"recovery | {what} | {when} | {seconds:.1f} s")
 
 
-def _start(cluster: LocalRayCluster, run_dir: Path, digits_root: Path, mlflow_uri: str, *extra):
+def _start(
+    cluster: LocalRayCluster,
+    run_dir: Path,
+    digits_root: Path,
+    mlflow_uri: str,
+    *extra: str,
+    start_timeout_s: str = START_TIMEOUT_S,
+):
     """``python -m distnoisy.train`` against the cluster, in the background."""
     env = cluster_env()
-    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = START_TIMEOUT_S
+    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = start_timeout_s
     args = [
         f"scaling.address={cluster.address}",
         f"data.root={digits_root}",
@@ -155,13 +167,13 @@ def _assert_same_run(a: Path, b: Path) -> None:
 def reference(cluster, digits_root, tmp_path_factory) -> Path:
     """The uninterrupted run every chaos run must reproduce."""
     run_dir = tmp_path_factory.mktemp("chaos") / "reference"
-    uri = f"sqlite:///{run_dir.parent / 'mlflow.db'}"
+    uri = sqlite_uri(run_dir.parent)
     assert _wait(_start(cluster, run_dir, digits_root, uri)) == 0, _log(run_dir)
     return run_dir
 
 
 def test_sigkill_a_train_worker_mid_epoch(cluster, reference, digits_root, tmp_path):
-    run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir, uri = tmp_path / "run", sqlite_uri(tmp_path)
     proc = _start(cluster, run_dir, digits_root, uri)
     _wait_for(lambda: _checkpoint(run_dir, 0), 300, "the first checkpoint", proc)
     workers = _workers(cluster)
@@ -184,10 +196,10 @@ def test_sigkill_a_train_worker_mid_epoch(cluster, reference, digits_root, tmp_p
     _assert_same_run(reference, run_dir)
 
 
-def _kill_node_mid_run(cluster, run_dir, digits_root, uri):
+def _kill_node_mid_run(cluster, run_dir, digits_root, uri, start_timeout_s=START_TIMEOUT_S):
     """Start a run, kill the second node (whichever it is now) after the first checkpoint."""
     (node,) = [name for name in cluster.nodes if name != "head"]
-    proc = _start(cluster, run_dir, digits_root, uri)
+    proc = _start(cluster, run_dir, digits_root, uri, start_timeout_s=start_timeout_s)
     _wait_for(lambda: _checkpoint(run_dir, 0), 300, "the first checkpoint", proc)
     assert len({w["node_id"] for w in _workers(cluster)}) == 2  # one worker on each node
     when = f"{_epoch_lines(run_dir)} epochs done"
@@ -196,7 +208,7 @@ def _kill_node_mid_run(cluster, run_dir, digits_root, uri):
 
 
 def test_node_lost_and_replaced(cluster, reference, digits_root, tmp_path):
-    run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir, uri = tmp_path / "run", sqlite_uri(tmp_path)
     proc, t_kill, when = _kill_node_mid_run(cluster, run_dir, digits_root, uri)
     before = _epoch_lines(run_dir)
     started = cluster.add_node("node3")
@@ -212,8 +224,8 @@ def test_node_lost_and_replaced(cluster, reference, digits_root, tmp_path):
 
 
 def test_node_lost_for_good_fails_clearly_then_resumes(cluster, reference, digits_root, tmp_path):
-    run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc, t_kill, when = _kill_node_mid_run(cluster, run_dir, digits_root, uri)
+    run_dir, uri = tmp_path / "run", sqlite_uri(tmp_path)
+    proc, t_kill, when = _kill_node_mid_run(cluster, run_dir, digits_root, uri, NO_NODE_TIMEOUT_S)
     assert _wait(proc) == 2, _log(run_dir)
     RECOVERY.append(("node 2, no replacement: until FAILED", when, time.monotonic() - t_kill))
     errors = [line for line in _log(run_dir).splitlines() if line.startswith("distnoisy: error:")]
@@ -238,7 +250,7 @@ def test_driver_killed_while_a_checkpoint_is_written(cluster, reference, digits_
     """SIGKILL the driver the moment a checkpoint directory appears (Ray Train is copying
     ``state.pt`` into it); ``resume=true`` must load only whole checkpoints and end exactly where
     the uninterrupted run ends."""
-    run_dir, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir, uri = tmp_path / "run", sqlite_uri(tmp_path)
     proc = _start(cluster, run_dir, digits_root, uri)
     ckpts = run_dir / "ray" / "train"
     _wait_for(lambda: (ckpts / "epoch=0002").exists(), 300, "the third checkpoint", proc, 0.005)

@@ -174,9 +174,9 @@ def run_command(command: Command[Any], argv: list[str] | None = None) -> int:
         text = command.run(parsed)
     except DistnoisyError as e:
         if "distnoisy.launch.cluster" in sys.modules:  # Ray ran: nothing of it after the line
-            from distnoisy.launch.cluster import stop_started_ray
+            from distnoisy.launch.cluster import leave_ray
 
-            stop_started_ray()
+            leave_ray()
         print(f"distnoisy: error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemExit):

@@ -13,8 +13,9 @@ from distnoisy.launch import ray_compat
 
 log = logging.getLogger(__name__)
 
-#: Whether :func:`ensure_ray` started this process's local Ray cluster.
-_started_here = False
+#: How :func:`ensure_ray` came to Ray in this process: "started" a local cluster, "joined" one
+#: at an address, or None (it did neither: Ray was initialised before, e.g. by a test session).
+_connected_how: str | None = None
 
 
 def ray_runtime_env() -> dict[str, Any]:
@@ -29,6 +30,7 @@ def ray_runtime_env() -> dict[str, Any]:
 
 def ensure_ray(address: str | None, num_workers: int) -> None:
     """Connect to a Ray cluster, starting a local one (bound to 127.0.0.1) when there is none."""
+    global _connected_how
     import ray
 
     # Train V2's controller polls workers every 2 s and a report waits for that poll, which
@@ -41,6 +43,7 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
     env = ray_runtime_env()
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        _connected_how = "joined"
         return
     # Logical CPUs may exceed physical ones: every worker needs one, the controller too.
     num_cpus = max(os.cpu_count() or 1, num_workers + 1)
@@ -51,30 +54,30 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
         dashboard_host="127.0.0.1",
         runtime_env=env,
     )
-    global _started_here
-    _started_here = True
+    _connected_how = "started"
     # Ray's agents outlive a driver killed with SIGKILL; a watcher process stops them.
     from distnoisy.launch import reaper
 
     reaper.start()
 
 
-def stop_started_ray() -> None:
-    """Stop the local Ray cluster this process started (:func:`ensure_ray`), if it did.
+def leave_ray() -> None:
+    """Leave the Ray cluster :func:`ensure_ray` connected this process to: stop the local one it
+    started, disconnect from one it joined (which goes on running).
 
-    A command that ends with its error line calls this first: the cluster's processes would
-    otherwise go on printing to this terminal while the interpreter exits (a loaded machine's
-    Ray prints its own teardown messages), after the line that must come last. A cluster this
-    process joined, or one a test session started, is left alone.
+    A command that ends with its error line calls this first: until the driver leaves, Ray goes
+    on printing the cluster's log lines to this terminal (a failed Train controller's traceback,
+    deduplicated and flushed seconds later; a loaded machine's teardown messages), after the line
+    that must come last. Ray that was initialised before (a test session's) is left alone.
     """
-    global _started_here
-    if not _started_here:
+    global _connected_how
+    if _connected_how is None:
         return
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    _started_here = False
+    _connected_how = None
 
 
 def map_tasks(
