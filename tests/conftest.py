@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from local_mlflow import sqlite_uri
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # A loaded 2-core CI machine can take longer than Ray Train's 60 s to start a worker group.
@@ -40,7 +41,7 @@ def _train(root: Path, *overrides: str, tracked: bool = True) -> TrainedRun:
     from distnoisy.config import load_config
     from distnoisy.train import train
 
-    uri = f"sqlite:///{root / 'mlflow.db'}" if tracked else None
+    uri = sqlite_uri(root) if tracked else None
     tracking = [f"tracking.uri={uri}"] if tracked else ["tracking.enabled=false"]
     cfg = load_config([f"output_dir={root / 'run'}", *tracking, *overrides])
     return TrainedRun(root / "run", uri, train(cfg))
@@ -70,7 +71,7 @@ def digits_root(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def mlflow_uri(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return sqlite_uri(tmp_path)
 
 
 #: The settings of :func:`ce_run` (tests that check epoch counts read them from here).

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from local_mlflow import sqlite_uri
 
 from distnoisy.analyze.cli import main
 from distnoisy.config import load_config
@@ -42,7 +43,7 @@ def runs(tmp_path_factory, ce_run):
     """Two long-tail runs (noisy and clean) and, for the bad-input cases, the session's digits
     run (tests/conftest.py)."""
     tmp = tmp_path_factory.mktemp("analyze")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = sqlite_uri(tmp)
     lt = ["data.name=longtail", f"data.root={tmp / 'data'}", *TINY]
     noisy = _run(tmp, uri, "noisy", *lt, "noise.kind=instance", "noise.rate=0.3")
     clean = _run(tmp, uri, "clean", *lt, "noise.kind=none")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from local_mlflow import sqlite_uri
 
 from distnoisy.config import load_config
 from distnoisy.core.errors import ConfigError, DataError
@@ -250,7 +251,7 @@ def test_a_run_on_cifar_n_labels_logs_the_realised_rate(cifar10, tmp_path, caplo
 
     root, clean = cifar10
     _cifar10_human(tmp_path / "CIFAR-10_human.pt", clean)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path)
     with caplog.at_level("INFO", logger="distnoisy.data.cifar_n"):
         summary = train(
             load_config(

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from local_mlflow import sqlite_uri
 from mlflow.tracking import MlflowClient
 
 from distnoisy import compare, train
@@ -88,7 +89,7 @@ def test_bad_input_is_one_line_and_exit_2(
 
 # -- one MLflow run lifecycle --------------------------------------------------------------------
 def test_tracked_run_ends_finished_failed_or_killed(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path)
     client = MlflowClient(tracking_uri=uri)
     ends = {
         None: "FINISHED",
@@ -286,7 +287,7 @@ def finished(tmp_path_factory, digits_root):
     """A short tracked CE run on digits (with a noisy validation split) to post-train and
     analyse."""
     tmp = tmp_path_factory.mktemp("commands")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = sqlite_uri(tmp)
     argv = [
         f"data.root={digits_root}",
         f"output_dir={tmp / 'run'}",
@@ -303,7 +304,7 @@ def finished(tmp_path_factory, digits_root):
 
 @pytest.mark.slow
 def test_train_interrupted(tmp_path, digits_root):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path)
     run = tmp_path / "run"
     args = [f"data.root={digits_root}", f"output_dir={run}", f"tracking.uri={uri}", *LOCAL]
     rc, err = _interrupt(tmp_path, "distnoisy.train", [*args, "train.epochs=500"], _has("epoch 1/"))
@@ -351,7 +352,7 @@ def test_analyze_interrupted(tmp_path, finished):
 
 @pytest.mark.slow
 def test_compare_interrupted(tmp_path, digits_root):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path)
     args = ["--methods", "ce,elr", "--seeds", "0", "--runs", str(tmp_path / "runs")]
     args += [f"data.root={digits_root}", f"tracking.uri={uri}", "train.epochs=500", *LOCAL]
     rc, err = _interrupt(tmp_path, "distnoisy.compare", args, _has("epoch 1/"))
@@ -364,7 +365,7 @@ def test_compare_interrupted(tmp_path, digits_root):
 
 @pytest.mark.slow
 def test_tune_interrupted(tmp_path, digits_root, ray_cluster):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path)
     space = tmp_path / "space.yaml"
     space.write_text(
         yaml.safe_dump(

@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+from local_mlflow import sqlite_uri
 
 from distnoisy.config import load_config
 from distnoisy.core.errors import DataError, DistnoisyError
@@ -278,7 +279,7 @@ def test_tune_trials_have_status_config_and_last_result(ray_cluster, tmp_path):
 @pytest.fixture(scope="module")
 def store_uri(tmp_path_factory) -> str:
     """One SQLite store for this module's MLflow tests (creating one takes seconds)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    return sqlite_uri(tmp_path_factory.mktemp("mlflow"))
 
 
 def test_system_metrics_monitor_internals_exist(store_uri):

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from local_mlflow import sqlite_uri
 from local_ray import LocalRayCluster
 from test_chaos import _log, _mlflow_status, _start, _wait, _wait_for, _workers
 
@@ -113,7 +114,7 @@ def _stats(run_dir: Path) -> dict[str, np.ndarray]:
 
 def test_node_lost_mid_epoch_shrinks_then_grows_back(cluster, digits_root, tmp_path):
     reference, run_dir = tmp_path / "reference", tmp_path / "elastic"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path)
     assert _wait(_start(cluster, reference, digits_root, uri, *ELASTIC), 900) == 0, _log(reference)
 
     proc = _start(cluster, run_dir, digits_root, uri, *ELASTIC)
@@ -212,7 +213,7 @@ def test_preemption_notice_checkpoints_before_the_node_goes(cluster, digits_root
     run_dir = tmp_path / "drained"
     if len(cluster.nodes) < 2:  # the test before lost its node and did not get to add one
         cluster.add_node("node5", cpus=1)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path)
     proc = _start(
         cluster, run_dir, digits_root, uri, f"train.epochs={EPOCHS}", "scaling.min_workers=1",
         "scaling.max_failures=1", "scaling.resize_interval_s=5",

@@ -23,6 +23,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from local_mlflow import sqlite_uri
 from local_ray import free_ports
 from mlflow.tracking import MlflowClient
 
@@ -107,7 +108,7 @@ class MlflowServer:
     def start(self) -> None:
         mlflow = str(Path(sys.executable).with_name("mlflow"))
         cmd = [
-            mlflow, "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            mlflow, "server", "--backend-store-uri", sqlite_uri(self.root),
             "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts"),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
@@ -194,7 +195,7 @@ def test_bad_data_on_two_workers_is_one_line_last_and_the_run_failed(
     m = read_manifest(root / "train")
     cut = root / "train" / m.shards[1].name
     cut.write_bytes(cut.read_bytes()[: int(cut.stat().st_size * 0.5)])
-    run, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run, uri = tmp_path / "run", sqlite_uri(tmp_path)
     args = [
         f"data.root={root}",
         f"output_dir={run}",
@@ -502,7 +503,7 @@ def test_the_outbox_keeps_what_a_missing_server_did_not_take_and_sends_it_once(t
     from distnoisy import tracking
     from distnoisy.tracking.outbox import PENDING_FILE, Outbox
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path)
     run_id = tracking.start_run(uri, "exp", "r", {})
     (port,) = free_ports(1)  # nothing listens there: a server that went away
     away = Outbox(tmp_path, f"http://127.0.0.1:{port}", run_id)
@@ -532,7 +533,7 @@ def test_the_outbox_keeps_what_a_missing_server_did_not_take_and_sends_it_once(t
 def test_a_rank_logger_never_raises_and_sends_its_queue_later(tmp_path) -> None:
     from distnoisy import tracking
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path)
     run_id = tracking.start_run(uri, "exp", "r", {})
     (port,) = free_ports(1)
     logger = tracking.RunLogger(f"http://127.0.0.1:{port}", run_id, 0)

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from local_mlflow import sqlite_uri
 from local_ray import RAY, LocalRayCluster, cluster_env
 from mlflow.tracking import MlflowClient
 
@@ -52,10 +53,10 @@ def _submit(head: LocalRayCluster, *train_args: str) -> tuple[str, str, str]:
 
 def test_job_submit_trains_and_writes_its_outputs(head, tmp_path, digits_root) -> None:
     out = tmp_path / "jobrun"
-    db = tmp_path / "mlflow.db"
+    uri = sqlite_uri(tmp_path)
     job_id, status, logs = _submit(
         head, f"output_dir={out}", "train.epochs=2", f"data.root={digits_root}",
-        f"tracking.uri=sqlite:///{db}",
+        f"tracking.uri={uri}",
     )  # fmt: skip
     assert f"Job '{job_id}' succeeded" in status, status + logs
     assert "distnoisy: elr on digits (1437 train samples" in logs
@@ -65,7 +66,7 @@ def test_job_submit_trains_and_writes_its_outputs(head, tmp_path, digits_root) -
     assert summary["epochs"] == 2 and summary["num_workers"] == 2
     for name in ("config.yaml", "label_issues.parquet", "sample_stats.parquet", "weights.pt"):
         assert (out / name).is_file(), name
-    run = MlflowClient(f"sqlite:///{db}").get_run(summary["mlflow_run_id"])
+    run = MlflowClient(uri).get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
 
 

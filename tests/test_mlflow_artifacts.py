@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from local_mlflow import sqlite_uri
 from PIL import Image
 
 from distnoisy.data.shards import read_manifest
@@ -38,7 +39,7 @@ def _client(uri: str):
 @pytest.fixture(scope="module")
 def finished(digits_root, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = sqlite_uri(tmp)
     run = tmp / "run"
     argv = [
         f"data.root={digits_root}",

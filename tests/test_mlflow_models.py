@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from local_mlflow import sqlite_uri
 from mlflow.tracking import MlflowClient
 
 from distnoisy.config import load_config
@@ -34,7 +35,7 @@ def test_load_model_predicts_like_the_weights_file(tmp_path, digits_root):
     from distnoisy.data.prepare import prepare_data
     from distnoisy.models import build_model
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path)
     cfg = load_config(
         [
             f"data.root={digits_root}",
@@ -89,7 +90,7 @@ def test_load_model_predicts_like_the_weights_file(tmp_path, digits_root):
 
 
 def test_log_model_false_logs_no_model(tmp_path, digits_root):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path)
     summary = train(
         load_config(
             [

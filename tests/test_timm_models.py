@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from local_mlflow import sqlite_uri
 from torch import nn
 
 from distnoisy.config import load_config
@@ -260,7 +261,7 @@ def test_timm_resnet50_fine_tunes_from_a_timm_file(tmp_path, digits_root):
 def test_posttrain_on_a_timm_run(tmp_path, digits_root, capsys):
     from distnoisy.posttrain.cli import main as posttrain
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri(tmp_path)
     summary = train(
         load_config(
             [
