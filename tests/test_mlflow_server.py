@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from local_mlflow import sqlite_uri
 from local_ray import free_ports
 from mlflow.tracking import MlflowClient
 
@@ -51,7 +52,7 @@ def mlflow_server(tmp_path_factory):
     (port,) = free_ports(1)
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     cmd = [
-        mlflow, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        mlflow, "server", "--backend-store-uri", sqlite_uri(root),
         "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
@@ -113,12 +114,13 @@ def _check_ui(url: str, experiment_id: str, run_ids: list[str], metric: str) -> 
 def test_two_worker_run_logs_to_the_server(mlflow_server, tmp_path, digits_root, ray_cluster):
     url, artifacts = mlflow_server
     runs = []
-    for seed in (0, 1):
+    # Two runs for the compare page: 2 Ray Train workers, and 2 processes of the local launcher
+    # (each logs from its own ranks: both paths must reach the server).
+    for seed, scaling in ((0, "scaling.num_workers=2"), (1, "scaling.launcher=local")):
         out = tmp_path / f"run{seed}"
         cfg = load_config(
-            [f"data.root={digits_root}", f"output_dir={out}", "train.epochs=2",
-             "scaling.num_workers=2", f"seed={seed}", f"tracking.uri={url}",
-             "tracking.experiment=server-runs"]
+            [f"data.root={digits_root}", f"output_dir={out}", "train.epochs=2", scaling,
+             f"seed={seed}", f"tracking.uri={url}", "tracking.experiment=server-runs"]
         )  # fmt: skip
         runs.append((out, train(cfg)))
     client = MlflowClient(url)
@@ -127,7 +129,7 @@ def test_two_worker_run_logs_to_the_server(mlflow_server, tmp_path, digits_root,
     for out, summary in runs:
         run = client.get_run(summary["mlflow_run_id"])
         assert run.info.status == "FINISHED"
-        assert run.data.params["scaling.num_workers"] == "2"
+        assert run.data.params["scaling.num_workers"] == str(summary["num_workers"])
         history = client.get_metric_history(run.info.run_id, "test_acc")
         assert [m.step for m in history] == [0, 1]
         assert history[-1].value == pytest.approx(summary["test_acc"])

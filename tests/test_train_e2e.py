@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from local_mlflow import sqlite_uri
 from mlflow.tracking import MlflowClient
 
 from distnoisy.config import load_config
@@ -40,7 +41,7 @@ def ray_run(tmp_path_factory, digits_root, ray_cluster) -> tuple[Path, str, dict
     epochs, tracked in SQLite: ``(run_dir, uri, summary)``. The output test reads it and the
     driver-kill test resumes to it."""
     tmp = tmp_path_factory.mktemp("ray_run")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = sqlite_uri(tmp)
     cfg = _cfg(tmp, digits_root, uri, f"train.epochs={RAY_EPOCHS}", "scaling.num_workers=2")
     return tmp / "run", uri, train(cfg)
 
@@ -316,28 +317,6 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, digits_root, capsys)
     assert not out.exists()
 
 
-def test_cli_entry_point_on_the_shared_cluster(tmp_path, digits_root, mlflow_uri, ray_cluster):
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distnoisy.train",
-            f"data.root={digits_root}",
-            f"output_dir={tmp_path / 'cli'}",
-            f"tracking.uri={mlflow_uri}",
-            "train.epochs=2",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "clean test accuracy" in proc.stdout and "label-issue AUROC" in proc.stdout
-    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["epochs"] == 2
-
-
 def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "distnoisy.train", *args],
@@ -373,8 +352,15 @@ def test_ray_run_resumes_after_its_driver_is_killed(
     assert client.get_run(run_id).info.status == "KILLED"
     assert not (run_dir / "summary.json").exists()
 
-    resumed = train(load_config([*args, f"output_dir={run_dir}", "resume=true"]))
-    assert resumed["mlflow_run_id"] == run_id
+    # Resumed through the CLI as well: what a user types, and what it prints at the end.
+    done = subprocess.run(
+        [sys.executable, "-m", "distnoisy.train", *args, f"output_dir={run_dir}", "resume=true"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "clean test accuracy" in done.stdout and "label-issue AUROC" in done.stdout
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["epochs"] == RAY_EPOCHS and resumed["mlflow_run_id"] == run_id
     assert client.get_run(run_id).info.status == "FINISHED"
     # Resumed from a checkpoint at epoch >= 3: the tail of training is recomputed identically.
     for key in ("test_acc", "memorized", "label_issue_auroc"):

@@ -454,13 +454,15 @@ def _max_diff(a: dict, b: dict) -> float:
         ("limit", ("train.optimizer=sgd", "train.lr=0.05"), {"limit_q_prob": 0.1}),
     ],
 )
-def test_one_and_two_ray_workers_train_the_same(
+def test_two_ray_workers_train_what_one_process_trains(
     method, optimizer, fields, tmp_path, digits_root, ray_cluster
 ) -> None:
     # One global sample order and networks without batch statistics make 1 and 2 workers the
     # same computation up to float summation order; ELR+'s global mixup pairing keeps it so.
+    # The one-worker reference runs in one local process (the same engine, without Ray's start).
     common = (f"method.name={method}", "train.epochs=2", "data.split=sample", *optimizer)
-    one = train(_cfg(tmp_path / "one", digits_root, *common, "scaling.num_workers=1"))
+    local = ("scaling.launcher=local", "scaling.num_workers=1")
+    one = train(_cfg(tmp_path / "one", digits_root, *common, *local))
     two = train(_cfg(tmp_path / "two", digits_root, *common, "scaling.num_workers=2"))
     assert (one["num_workers"], two["num_workers"]) == (1, 2)
     for name, fill in fields.items():
