@@ -222,7 +222,8 @@ class TrainConfig:
 @dataclass
 class ScalingConfig:
     # Ray Train workers on a Ray cluster, or local: ranks without Ray, one in the driver or
-    # spawned processes.
+    # spawned processes (which share the cores: each gets cores // num_workers threads, at
+    # least one, unless OMP_NUM_THREADS is set).
     launcher: str = "ray"
     # Training ranks (DDP processes); the global batch is split evenly over them. With
     # min_workers below it, the most ranks of an elastic run.

@@ -4,6 +4,7 @@ is, and the workers' CPUs come back however the group ends."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -59,3 +60,30 @@ def test_jobs_run_in_order_on_the_same_ranks_and_errors_surface(tmp_path, ray_cl
         ranks.run(note, str(tmp_path))
         ranks.run(fail_on_rank_1, "bad rows")
     _cpus_come_back(ray, total)
+
+
+def _note_threads(out: str, rank: int, world: int) -> None:
+    import torch
+
+    (Path(out) / f"rank{rank}.txt").write_text(str(torch.get_num_threads()))
+
+
+def test_local_ranks_share_the_cores_unless_omp_num_threads_says(tmp_path, monkeypatch):
+    """Spawned local ranks split the machine's cores between them (torch's default would give
+    every rank every core); a user's ``OMP_NUM_THREADS`` wins."""
+    import torch
+
+    from distnoisy.launch.local import rank_threads, share_cpu_threads
+    from distnoisy.launch.ranks import run_ranks
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    run_ranks(_note_threads, str(tmp_path), world_size=2, launcher="local", storage_dir=tmp_path)
+    threads = [int((tmp_path / f"rank{r}.txt").read_text()) for r in (0, 1)]
+    assert threads == [rank_threads(2)] * 2
+    cores = len(os.sched_getaffinity(0))
+    assert threads[0] >= 1 and 2 * threads[0] <= max(2, cores)  # no core runs two ranks' threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", str(before))
+    share_cpu_threads(world=before + 1)  # would be 1 thread (or 0) without the user's setting
+    assert torch.get_num_threads() == before

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 
 from distnoisy.launch.cluster import ensure_ray
-from distnoisy.launch.local import _free_port
+from distnoisy.launch.local import _free_port, share_cpu_threads
 from distnoisy.launch.ray_train import _user_error
 
 
 # -- rank-parallel jobs without training (feature extraction) -----------------------------------
 def _spawned_rank(rank: int, fn: Any, payload: Any, world: int, port: int) -> None:
+    share_cpu_threads(world)
     # A gloo group as Ray Train gives its workers, for jobs that reduce across ranks.
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
