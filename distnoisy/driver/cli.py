@@ -156,6 +156,15 @@ class Command(Generic[T]):
     interrupted: Callable[[T | None], str]
 
 
+def _leave_ray() -> None:
+    """Where Ray ran, leave it before the last line: until then its log lines (a worker's epoch
+    line, a controller's traceback) may still arrive and be printed after that line."""
+    if "distnoisy.launch.cluster" in sys.modules:
+        from distnoisy.launch.cluster import leave_ray
+
+        leave_ray()
+
+
 def run_command(command: Command[Any], argv: list[str] | None = None) -> int:
     """Run ``command`` on ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
@@ -173,15 +182,13 @@ def run_command(command: Command[Any], argv: list[str] | None = None) -> int:
         parsed = command.parse(args)
         text = command.run(parsed)
     except DistnoisyError as e:
-        if "distnoisy.launch.cluster" in sys.modules:  # Ray ran: nothing of it after the line
-            from distnoisy.launch.cluster import leave_ray
-
-            leave_ray()
+        _leave_ray()
         print(f"distnoisy: error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C, SIGTERM (setup_cli), or Ray's handlers (SIGTERM: sys.exit(15); Ray Train
         # aborts on SIGINT and the driver sees SystemExit).
+        _leave_ray()
         print(command.interrupted(parsed), file=sys.stderr)
         # Done: the line is printed and the MLflow run ended KILLED. A SIGINT that reaches the
         # process while the interpreter tears down (seconds with torch and MLflow loaded) would
