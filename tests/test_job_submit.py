@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -78,3 +79,22 @@ def test_job_with_bad_input_fails_with_one_line(head, tmp_path) -> None:
     assert len(errors) == 1 and "train.epochz" in errors[0], logs
     assert "Traceback" not in logs
     assert not out.exists()
+
+
+def test_a_driver_without_the_clusters_token_gets_one_line(head, tmp_path) -> None:
+    """``python -m distnoisy.train scaling.address=...`` from a shell that lacks
+    ``RAY_AUTH_MODE=token``: Ray refuses the connection (after its own retries, ~20 s); the
+    driver says so and how to fix it in one line, instead of a traceback of Ray's internals."""
+    env = cluster_env()
+    del env["RAY_AUTH_MODE"]
+    out = tmp_path / "never"
+    args = [f"scaling.address={head.address}", f"output_dir={out}", "tracking.enabled=false"]
+    done = subprocess.run(
+        [sys.executable, "-m", "distnoisy.train", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"distnoisy: error: scaling.address={head.address}: "), last
+    assert "refused this process's authentication token" in last and "RAY_AUTH_MODE=token" in last
+    assert "Traceback" not in done.stderr

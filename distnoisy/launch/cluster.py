@@ -41,8 +41,13 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
     if ray.is_initialized():
         return
     env = ray_runtime_env()
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        try:
+            ray.init(address=target, runtime_env=env, log_to_driver=True)
+        except ConnectionError as exc:  # Ray's own error comes with a traceback of its internals
+            where = f"scaling.address={address}" if address else f"RAY_ADDRESS={target}"
+            raise DistnoisyError(_cannot_join(where, exc)) from None
         _connected_how = "joined"
         return
     # Logical CPUs may exceed physical ones: every worker needs one, the controller too.
@@ -59,6 +64,28 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
     from distnoisy.launch import reaper
 
     reaper.start()
+
+
+def _cannot_join(where: str, exc: BaseException) -> str:
+    """The one line for a cluster that could not be joined: a token it refused, or no answer."""
+    import ray.exceptions
+
+    refused = getattr(ray.exceptions, "AuthenticationError", ())
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    # Ray 2.60 chains the refusal as text: a RuntimeError whose message holds the GCS client's
+    # AuthenticationError ("InvalidAuthToken").
+    if any(isinstance(c, refused) or "InvalidAuthToken" in str(c) for c in chain):
+        return (
+            f"{where}: the Ray cluster there refused this process's authentication token; a "
+            "cluster started with `ray start` checks one: set RAY_AUTH_MODE=token (the token is "
+            "read from ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+        )
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{where}: could not join a Ray cluster there ({reason}); check the address"
 
 
 def leave_ray() -> None:
