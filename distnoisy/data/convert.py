@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import logging
 import multiprocessing
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distnoisy.core.errors import ConfigError
+from distnoisy.core.machine import usable_cpus
 from distnoisy.data.shards import (
     Manifest,
     Sample,
@@ -274,7 +274,4 @@ def make_pool(workers: int) -> ProcessPoolExecutor | None:
 
 def default_workers() -> int:
     """All CPUs this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return usable_cpus()

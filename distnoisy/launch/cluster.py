@@ -13,9 +13,9 @@ from distnoisy.launch import ray_compat
 
 log = logging.getLogger(__name__)
 
-#: How :func:`ensure_ray` came to Ray in this process: "started" a local cluster, "joined" one
-#: at an address, or None (it did neither: Ray was initialised before, e.g. by a test session).
-_connected_how: str | None = None
+#: Whether :func:`ensure_ray` connected this process to Ray (started a local cluster or joined
+#: one); not when Ray was initialised before, e.g. by a test session.
+_connected_here = False
 
 
 def ray_runtime_env() -> dict[str, Any]:
@@ -30,7 +30,7 @@ def ray_runtime_env() -> dict[str, Any]:
 
 def ensure_ray(address: str | None, num_workers: int) -> None:
     """Connect to a Ray cluster, starting a local one (bound to 127.0.0.1) when there is none."""
-    global _connected_how
+    global _connected_here
     import ray
 
     # Train V2's controller polls workers every 2 s and a report waits for that poll, which
@@ -48,7 +48,7 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
         except ConnectionError as exc:  # Ray's own error comes with a traceback of its internals
             where = f"scaling.address={address}" if address else f"RAY_ADDRESS={target}"
             raise DistnoisyError(_cannot_join(where, exc)) from None
-        _connected_how = "joined"
+        _connected_here = True
         return
     # Logical CPUs may exceed physical ones: every worker needs one, the controller too.
     num_cpus = max(os.cpu_count() or 1, num_workers + 1)
@@ -59,7 +59,7 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
         dashboard_host="127.0.0.1",
         runtime_env=env,
     )
-    _connected_how = "started"
+    _connected_here = True
     # Ray's agents outlive a driver killed with SIGKILL; a watcher process stops them.
     from distnoisy.launch import reaper
 
@@ -97,14 +97,14 @@ def leave_ray() -> None:
     deduplicated and flushed seconds later; a loaded machine's teardown messages), after the line
     that must come last. Ray that was initialised before (a test session's) is left alone.
     """
-    global _connected_how
-    if _connected_how is None:
+    global _connected_here
+    if not _connected_here:
         return
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    _connected_how = None
+    _connected_here = False
 
 
 def map_tasks(

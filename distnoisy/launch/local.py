@@ -21,6 +21,7 @@ import torch
 from distnoisy import tracking
 from distnoisy.config import Config
 from distnoisy.core.errors import DistnoisyError
+from distnoisy.core.machine import usable_cpus
 from distnoisy.engine import collectives, space
 from distnoisy.engine.checkpoint import checkpoint_name, checkpoint_order
 from distnoisy.engine.job import Job, WorkerContext
@@ -92,8 +93,7 @@ def _local_device(cfg: Config, rank: int) -> torch.device:
 def rank_threads(world: int) -> int:
     """CPU threads for each of ``world`` ranks on this machine: its cores shared out, at least
     one each (what Ray Train gives a worker with its CPUs, and torchrun's OMP_NUM_THREADS=1)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // world)
+    return max(1, usable_cpus() // world)
 
 
 def share_cpu_threads(world: int) -> None:
