@@ -127,6 +127,11 @@ def test_the_experiment_trains_post_trains_and_reuses(tmp_path, digits_root):
     assert final["weights"] == "final"
     peer = json.loads((run / "posttrain-cleanlab" / "summary.json").read_text())
     assert peer["settings"]["mu"] == default["mu"] and peer["settings"]["weights"] == "best"
+    perfect = json.loads((run / "posttrain-perfect" / "summary.json").read_text())
+    assert perfect["settings"]["mu"] == default["mu"] and perfect["settings"]["weights"] == "best"
+    assert perfect["precision_removed"] == 1.0 and perfect["recall_removed"] == 1.0
+    assert perfect["removed_fraction"] == pytest.approx(0.4, abs=0.05)  # 40% symmetric noise
+    assert f"{100 * perfect['test_acc']:.1f} ± 0.0 (" in text  # its column in the table
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("summary.json")}
     assert main(args) == 0  # everything reused: nothing trained or post-trained again
     assert {p: p.stat().st_mtime_ns for p in run.rglob("summary.json")} == stamps

@@ -112,3 +112,25 @@ def test_without_cleanlab_the_recipe_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cleanlab", None)  # import cleanlab raises ImportError
     with pytest.raises(ConfigError, match=r"pip install 'distnoisy\[bench\]'"):
         peer.require_cleanlab()
+
+
+def test_perfect_removal_removes_exactly_the_corrupted_samples_and_refits_the_same_head():
+    h, given, truth, test = _blobs(600, seed=4)
+    mu = 0.02
+    theta0 = np.zeros((4, h.shape[1] + 1))
+    refit = fit_head(theta0, h, given, mu, 300)
+    corrupted = given != truth
+    inp = RoundsInput(train=h, given=given, theta=theta0, test=test, corrupted=corrupted)
+    out = peer.perfect_removal(inp, mu, refit, 300)
+    assert out["removed"] == corrupted.sum() > 0
+    assert out["precision_removed"] == 1.0 and out["recall_removed"] == 1.0
+    assert out["removed_fraction"] == pytest.approx(corrupted.mean())
+    # the head an independent float64 solver fits on the clean rows alone
+    kept = ~corrupted
+    head = _reference_head(h[kept], given[kept], mu, 4).numpy()
+    assert out["test_acc"] == pytest.approx((predict(head, test.features) == test.labels).mean())
+    assert out["train_acc_kept"] == pytest.approx((predict(head, h[kept]) == given[kept]).mean())
+
+    unknown = RoundsInput(train=h, given=given, theta=theta0, test=test)
+    with pytest.raises(ConfigError, match="truly corrupted samples"):
+        peer.perfect_removal(unknown, mu, refit, 300)

@@ -3,8 +3,9 @@ post-train it in each variant, and run cleanlab's recipe on the same features.
 
 Every post-training writes ``<run>/posttrain-<variant>/`` and is reused when its
 ``config.yaml`` says it was made with the same config (a changed default or override redoes
-it); cleanlab's recipe writes ``<run>/posttrain-cleanlab/summary.json``, reused when its
-settings (weights file, penalty, folds) are the same. Nothing is tracked in MLflow (the grid
+it); cleanlab's recipe writes ``<run>/posttrain-cleanlab/summary.json`` and the perfect removal
+``<run>/posttrain-perfect/summary.json``, each reused when its settings (weights file, penalty,
+folds) are the same. Nothing is tracked in MLflow (the grid
 runs are not either: the result page is the record).
 """
 
@@ -121,23 +122,64 @@ def peer_or_reuse(
     """cleanlab's recipe on the features ``variant`` post-trained on, with its penalty ``mu``
     (:func:`distnoisy.posttrain.peer.cleanlab_recipe`); reused when its settings match
     (``reuse_only``: None when they do not)."""
+    from distnoisy.posttrain.peer import cleanlab_recipe, require_cleanlab
+
+    require_cleanlab()
+    recipe = {"folds": 5, "fold_seed": 0, "filter_by": "prune_by_noise_rate"}
+
+    def compute(inp: Any, refit: np.ndarray, iters: int) -> dict[str, Any]:
+        return cleanlab_recipe(
+            inp,
+            mu,
+            refit,
+            iters,
+            folds=recipe["folds"],
+            seed=recipe["fold_seed"],
+            filter_by=recipe["filter_by"],
+        )
+
+    return _reference_or_reuse(
+        run, variant, "cleanlab", {"mu": mu, **recipe}, compute, force, reuse_only
+    )
+
+
+def perfect_or_reuse(
+    run: Path, variant: Variant, mu: float, force: bool = False, reuse_only: bool = False
+) -> dict[str, Any] | None:
+    """The perfect removal on the features ``variant`` post-trained on
+    (:func:`distnoisy.posttrain.peer.perfect_removal`), reused as :func:`peer_or_reuse`."""
+    from distnoisy.posttrain.peer import perfect_removal
+
+    def compute(inp: Any, refit: np.ndarray, iters: int) -> dict[str, Any]:
+        return perfect_removal(inp, mu, refit, iters)
+
+    return _reference_or_reuse(run, variant, "perfect", {"mu": mu}, compute, force, reuse_only)
+
+
+def _reference_or_reuse(
+    run: Path,
+    variant: Variant,
+    name: str,
+    settings: dict[str, Any],
+    compute: Any,
+    force: bool,
+    reuse_only: bool,
+) -> dict[str, Any] | None:
+    """``<run>/posttrain-<name>/summary.json`` of a reference removal on ``variant``'s
+    features: ``compute(inp, round 0's head, refit iterations)``, made now unless a summary
+    with the same ``settings`` (and weights file) exists."""
     from distnoisy.finished.features import WEIGHTS, file_digest
     from distnoisy.posttrain import outputs
-    from distnoisy.posttrain.peer import cleanlab_recipe, require_cleanlab
     from distnoisy.posttrain.refit import fit_head
     from distnoisy.posttrain.run import build_input, check, job_ranks
 
-    require_cleanlab()
-    out = run / "posttrain-cleanlab"
+    out = run / f"posttrain-{name}"
     cfg = _config(run, variant, out)
     prep = check(cfg)
     settings = {
         "weights": prep.weights,
         "weights_digest": file_digest(run / WEIGHTS[prep.weights]),
-        "mu": mu,
-        "folds": 5,
-        "fold_seed": 0,
-        "filter_by": "prune_by_noise_rate",
+        **settings,
     }
     done = out / "summary.json"
     if done.is_file() and not force:
@@ -146,22 +188,16 @@ def peer_or_reuse(
             return summary
     if reuse_only:
         return None
-    log.info("cleanlab's recipe on %s", run)
+    log.info("%s removal on %s", name, run)
     with job_ranks(prep, cfg) as ranks:  # started only if the features are not cached
         inp, _ = build_input(prep, cfg, ranks)
+    mu = settings["mu"]
     refit = fit_head(inp.theta, inp.train, inp.given, mu, cfg.posttrain.refit_iters)
-    res = cleanlab_recipe(
-        inp,
-        mu,
-        refit,
-        cfg.posttrain.refit_iters,
-        folds=settings["folds"],
-        seed=settings["fold_seed"],
-        filter_by=settings["filter_by"],
-    )
-    removed = res.pop("removed_index")
+    res = compute(inp, refit, cfg.posttrain.refit_iters)
+    removed = res.pop("removed_index", None)
     out.mkdir(parents=True, exist_ok=True)
-    outputs.write_array(out / "removed.npy", np.asarray(removed, np.int64))
+    if removed is not None:
+        outputs.write_array(out / "removed.npy", np.asarray(removed, np.int64))
     summary = {**res, "settings": settings}
     outputs.write_json(out / "summary.json", summary)
     return summary
@@ -200,9 +236,16 @@ def run_job(job: RunJob, wait: bool = False) -> dict[str, Any] | None:
             out[variant.name] = done
     if "default" not in out:
         return {"missing": "not post-trained"}
-    if job.peer_of is not None and job.peer_of in out:
-        base = next(v for v in job.variants if v.name == job.peer_of)
-        peer = peer_or_reuse(run, base, out[base.name]["mu"], job.force, job.reuse_only)
-        if peer is not None:
-            out["cleanlab"] = peer
+    # the references, on the features of the variant the peer is compared with (the perfect
+    # removal needs no cleanlab: it runs with --no-peer too, on the default variant)
+    base = next(v for v in job.variants if v.name == (job.peer_of or "default"))
+    if base.name not in out:  # --reuse-only: that variant is not finished
+        return out
+    references = {"perfect": perfect_or_reuse}
+    if job.peer_of is not None:
+        references["cleanlab"] = peer_or_reuse
+    for name, make in references.items():
+        ref = make(run, base, out[base.name]["mu"], job.force, job.reuse_only)
+        if ref is not None:
+            out[name] = ref
     return out

@@ -1,4 +1,5 @@
-"""The peer: cleanlab's recipe on the same frozen features, head and penalty as post-training.
+"""The references of post-training on the same frozen features, head and penalty: cleanlab's
+recipe (the peer) and the perfect removal (the ceiling).
 
 Confident learning (cleanlab, Northcutt et al. 2021) finds label issues from out-of-sample
 predicted probabilities. Here those come from the same model post-training refits, the linear
@@ -9,6 +10,10 @@ removed, and the head is refit on the kept samples from round 0's head, exactly 
 post-training round refits. The only difference from post-training is which samples are
 removed, so the two can be compared on test accuracy and on the precision and recall of the
 removed set.
+
+The perfect removal removes exactly the truly corrupted samples (known for synthetic noise) and
+refits the same way: no removal on these features with this head does better except by chance,
+so it measures how much a removal could gain at all.
 
 cleanlab is an optional dependency (``pip install 'distnoisy[bench]'``); this module imports
 it only when the recipe runs.
@@ -144,3 +149,18 @@ def cleanlab_recipe(
         "folds": folds,
         "filter_by": filter_by,
     }
+
+
+def perfect_removal(
+    inp: RoundsInput, mu: float, theta_refit: np.ndarray, refit_iters: int
+) -> dict[str, Any]:
+    """Remove exactly the truly corrupted samples and refit as a round does: the metrics of a
+    post-training round (as :func:`cleanlab_recipe`'s), for runs whose noise is known."""
+    if inp.corrupted is None:
+        raise ConfigError("the perfect removal needs the truly corrupted samples (synthetic noise)")
+    corrupted = np.asarray(inp.corrupted, bool)
+    rows = np.flatnonzero(~corrupted)
+    given = np.asarray(inp.given, np.int64)
+    theta = fit_head(theta_refit, inp.train, given[rows], mu, refit_iters, rows=rows)
+    removed = np.flatnonzero(corrupted)
+    return {**evaluate(inp, theta, ~corrupted, removed.tolist()), "removed": len(removed)}
