@@ -1,12 +1,13 @@
 """The work of the post-training experiment on one grid run: train it (or find it trained),
-post-train it in each variant, and run cleanlab's recipe on the same features.
+post-train it in each variant, and run the references on the same features (cleanlab's
+recipe, the perfect removal).
 
 Every post-training writes ``<run>/posttrain-<variant>/`` and is reused when its
 ``config.yaml`` says it was made with the same config (a changed default or override redoes
 it); cleanlab's recipe writes ``<run>/posttrain-cleanlab/summary.json`` and the perfect removal
 ``<run>/posttrain-perfect/summary.json``, each reused when its settings (weights file, penalty,
-folds) are the same. Nothing is tracked in MLflow (the grid
-runs are not either: the result page is the record).
+folds) are the same. Nothing is tracked in MLflow (the grid runs are not either: the result
+page is the record).
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from distnoisy.posttrain.rounds import RoundsInput
 
 log = logging.getLogger("distnoisy.posttrain.experiment")
 
@@ -127,7 +133,7 @@ def peer_or_reuse(
     require_cleanlab()
     recipe = {"folds": 5, "fold_seed": 0, "filter_by": "prune_by_noise_rate"}
 
-    def compute(inp: Any, refit: np.ndarray, iters: int) -> dict[str, Any]:
+    def compute(inp: RoundsInput, refit: np.ndarray, iters: int) -> dict[str, Any]:
         return cleanlab_recipe(
             inp,
             mu,
@@ -150,7 +156,7 @@ def perfect_or_reuse(
     (:func:`distnoisy.posttrain.peer.perfect_removal`), reused as :func:`peer_or_reuse`."""
     from distnoisy.posttrain.peer import perfect_removal
 
-    def compute(inp: Any, refit: np.ndarray, iters: int) -> dict[str, Any]:
+    def compute(inp: RoundsInput, refit: np.ndarray, iters: int) -> dict[str, Any]:
         return perfect_removal(inp, mu, refit, iters)
 
     return _reference_or_reuse(run, variant, "perfect", {"mu": mu}, compute, force, reuse_only)
@@ -161,7 +167,7 @@ def _reference_or_reuse(
     variant: Variant,
     name: str,
     settings: dict[str, Any],
-    compute: Any,
+    compute: Callable[[RoundsInput, np.ndarray, int], dict[str, Any]],
     force: bool,
     reuse_only: bool,
 ) -> dict[str, Any] | None:
