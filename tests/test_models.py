@@ -242,3 +242,20 @@ def test_lenet_input_sizes(size: int) -> None:
     model = build_model("lenet", num_classes=3, in_channels=1)
     logits = model(torch.randn(2, 1, size, size))
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+def test_the_registry_imports_torchvision_only_for_its_resnets() -> None:
+    """torchvision takes about a second to import: a driver of a small model never pays it."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from distnoisy.models import build_model; "
+        "build_model('small_cnn', num_classes=10, in_channels=1); "
+        "print('torchvision' in sys.modules, end=' '); "
+        "build_model('resnet18', num_classes=10); print('torchvision' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.split() == ["False", "True"]

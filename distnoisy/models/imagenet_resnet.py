@@ -1,68 +1,45 @@
-"""torchvision's ImageNet ResNets behind the :class:`FeatureClassifier` interface."""
+"""The registered names of torchvision's ImageNet ResNets (:mod:`.torchvision_resnet`, imported
+when one is built, so that the registry does not import torchvision)."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from typing import TYPE_CHECKING
 
-from distnoisy.models.base import MODELS, FeatureClassifier
+from distnoisy.models.base import MODELS
+
+if TYPE_CHECKING:
+    from distnoisy.models.torchvision_resnet import ImageNetResNet
+
+#: Name -> (block, blocks per stage) of torchvision's ResNets.
+LAYOUTS = {
+    "resnet18": ("BasicBlock", [2, 2, 2, 2]),
+    "resnet34": ("BasicBlock", [3, 4, 6, 3]),
+    "resnet50": ("Bottleneck", [3, 4, 6, 3]),
+}
 
 
-class ImageNetResNet(FeatureClassifier, ResNet):
-    """A torchvision ResNet (7x7/2 stem, max-pool) whose ``fc`` is replaced by ``classifier``.
+def _build(name: str, num_classes: int, in_channels: int) -> ImageNetResNet:
+    from torchvision.models import resnet
 
-    The module names below the head are torchvision's, so torchvision's ImageNet state dicts
-    load as they are (see :func:`distnoisy.models.weights.load_pretrained`).
+    from distnoisy.models.torchvision_resnet import ImageNetResNet
 
-    Parameters
-    ----------
-    block
-        ``BasicBlock`` (ResNet-18/34) or ``Bottleneck`` (ResNet-50).
-    layers
-        Number of blocks in each of the four stages.
-    num_classes
-        Number of logits.
-    in_channels
-        Input channels; a value other than 3 replaces ``conv1`` by a fresh 7x7/2 convolution.
-    """
-
-    def __init__(
-        self,
-        block: type[BasicBlock | Bottleneck],
-        layers: list[int],
-        num_classes: int,
-        in_channels: int = 3,
-    ) -> None:
-        super().__init__(block, layers)  # -> torchvision ResNet.__init__
-        if in_channels != 3:
-            self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
-        self.feature_dim = 512 * block.expansion
-        # One head under one name: aliasing `fc` and `classifier` would duplicate state-dict keys.
-        del self.fc
-        self.classifier = nn.Linear(self.feature_dim, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the ``(B, feature_dim)`` globally average-pooled ``layer4`` features."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+    block, layers = LAYOUTS[name]
+    return ImageNetResNet(getattr(resnet, block), layers, num_classes, in_channels)
 
 
 @MODELS.register("resnet18")
 def resnet18(*, num_classes: int, in_channels: int = 3) -> ImageNetResNet:
     """Build torchvision's ResNet-18 (BasicBlocks [2, 2, 2, 2], 512-d features)."""
-    return ImageNetResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels)
+    return _build("resnet18", num_classes, in_channels)
 
 
 @MODELS.register("resnet34")
 def resnet34(*, num_classes: int, in_channels: int = 3) -> ImageNetResNet:
     """Build torchvision's ResNet-34 (BasicBlocks [3, 4, 6, 3], 512-d features)."""
-    return ImageNetResNet(BasicBlock, [3, 4, 6, 3], num_classes, in_channels)
+    return _build("resnet34", num_classes, in_channels)
 
 
 @MODELS.register("resnet50")
 def resnet50(*, num_classes: int, in_channels: int = 3) -> ImageNetResNet:
     """Build torchvision's ResNet-50 (Bottlenecks [3, 4, 6, 3], 2048-d features)."""
-    return ImageNetResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels)
+    return _build("resnet50", num_classes, in_channels)
