@@ -137,15 +137,9 @@ def cleanlab_recipe(
         cleanlab_filter.find_label_issues(given, probs, filter_by=filter_by, n_jobs=1),
         dtype=bool,
     )
-    kept = ~issues
-    rows = np.flatnonzero(kept)
-    theta = fit_head(theta_refit, inp.train, given[rows], mu, refit_iters, rows=rows)
-    removed = np.flatnonzero(issues)
-    metrics = evaluate(inp, theta, kept, removed.tolist())
     return {
-        **metrics,
-        "removed": len(removed),
-        "removed_index": removed,
+        **refit_without(inp, issues, mu, theta_refit, refit_iters),
+        "removed_index": np.flatnonzero(issues),
         "folds": folds,
         "filter_by": filter_by,
     }
@@ -158,9 +152,17 @@ def perfect_removal(
     post-training round (as :func:`cleanlab_recipe`'s), for runs whose noise is known."""
     if inp.corrupted is None:
         raise ConfigError("the perfect removal needs the truly corrupted samples (synthetic noise)")
-    corrupted = np.asarray(inp.corrupted, bool)
-    rows = np.flatnonzero(~corrupted)
+    return refit_without(inp, np.asarray(inp.corrupted, bool), mu, theta_refit, refit_iters)
+
+
+def refit_without(
+    inp: RoundsInput, removed: np.ndarray, mu: float, theta_refit: np.ndarray, refit_iters: int
+) -> dict[str, Any]:
+    """Refit the head from ``theta_refit`` on the samples not in the boolean mask ``removed``,
+    as a post-training round does; that round's metrics, ``removed`` the count."""
+    kept = ~removed
+    rows = np.flatnonzero(kept)
     given = np.asarray(inp.given, np.int64)
     theta = fit_head(theta_refit, inp.train, given[rows], mu, refit_iters, rows=rows)
-    removed = np.flatnonzero(corrupted)
-    return {**evaluate(inp, theta, ~corrupted, removed.tolist()), "removed": len(removed)}
+    gone = np.flatnonzero(removed)
+    return {**evaluate(inp, theta, kept, gone.tolist()), "removed": len(gone)}
