@@ -236,7 +236,8 @@ class ScalingConfig:
     resize_interval_s: float = 60.0
     # One GPU per rank.
     use_gpu: bool = False
-    # Ray address; None starts a local cluster (or joins RAY_ADDRESS / a running one).
+    # Ray address to join; None joins RAY_ADDRESS, else the cluster `ray start` left running on
+    # this machine, else starts a local one; "local" always starts one of the run's own.
     address: str | None = None
     # Ray launcher: how many times the worker group is restarted from the last checkpoint
     # after a worker fails (0 = the run fails with it).

@@ -122,12 +122,16 @@ class LocalRayCluster:
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.nodes: dict[str, Path] = {}
+        # The head's directory is named as Ray's default one (``$RAY_TMPDIR/ray``): a process
+        # with RAY_TMPDIR=temp_root finds this cluster as `ray start`'s last one on the machine.
         self._start("head", head_cpus, {"head": 1}, ["--head", f"--port={self.gcs_port}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                    f"--ray-client-server-port={client_port}"])  # fmt: skip
+                    f"--ray-client-server-port={client_port}"], dirname="ray")  # fmt: skip
 
-    def _start(self, name: str, cpus: int, resources: dict, extra: list[str]) -> None:
-        temp = self.temp_root / name
+    def _start(
+        self, name: str, cpus: int, resources: dict, extra: list[str], dirname: str = ""
+    ) -> None:
+        temp = self.temp_root / (dirname or name)
         agent, agent_grpc, runtime_env, metrics = free_ports(4)
         cmd = [
             RAY, "start", *extra, f"--num-cpus={cpus}", f"--resources={json.dumps(resources)}",

@@ -103,6 +103,58 @@ def test_without_the_node_internals_the_gpu_check_still_fails_fast(
     assert "treating it as fixed" in warnings[0]
 
 
+# -- Ray: the cluster `ray start` left on this machine -----------------------------------------
+def _bootstrap_file(root, address: str) -> None:
+    """What ``ray start`` writes where ``RAY_TMPDIR=root`` points Ray's default directory."""
+    (root / "ray").mkdir(exist_ok=True)
+    (root / "ray" / "ray_current_cluster").write_text(address)
+
+
+def test_a_live_cluster_ray_start_named_is_joined_and_local_starts_one(
+    ray_cluster, tmp_path, monkeypatch
+):
+    from distnoisy.launch.cluster import cluster_to_join
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_compat.started_cluster_address() is None  # no file: start a local cluster
+    assert cluster_to_join(None) is None
+    live = ray_cluster.get_runtime_context().gcs_address  # a GCS serving on this machine
+    _bootstrap_file(tmp_path, live)
+    assert ray_compat.started_cluster_address() == live
+    assert cluster_to_join(None) == (
+        live,
+        f"the Ray cluster `ray start` started on this machine ({live})",
+    )
+    assert cluster_to_join("local") is None  # a cluster of the run's own, whatever is running
+    assert cluster_to_join("10.0.0.1:6379") == ("10.0.0.1:6379", "scaling.address=10.0.0.1:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    assert cluster_to_join(None) == ("10.0.0.2:6379", "RAY_ADDRESS=10.0.0.2:6379")
+
+
+def test_a_file_left_by_a_dead_cluster_names_no_cluster(tmp_path, monkeypatch, fresh_warnings):
+    """``ray start``'s address file outlives a cluster killed without ``ray stop``: joining it
+    would wait on a dead address."""
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    _bootstrap_file(tmp_path, "127.0.0.1:1")
+    assert ray_compat.started_cluster_address() is None
+
+
+def test_without_the_bootstrap_internals_a_local_cluster_is_started_after_a_warning(
+    tmp_path, monkeypatch, fresh_warnings, caplog
+):
+    import ray._private.services as services
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delattr(services, "find_bootstrap_address")
+    with caplog.at_level(logging.WARNING, logger="distnoisy"):
+        assert ray_compat.started_cluster_address() is None
+        assert ray_compat.started_cluster_address() is None
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "find_bootstrap_address" in warnings[0], warnings
+    assert "give scaling.address" in warnings[0]
+
+
 # -- Ray Train ---------------------------------------------------------------------------------
 def test_train_sigint_hook_exists_and_is_called_by_fit():
     from ray.train.torch import TorchTrainer

@@ -8,6 +8,7 @@ authentication on, as Ray 2.60 has it for local clusters) and the job is submitt
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -98,3 +99,29 @@ def test_a_driver_without_the_clusters_token_gets_one_line(head, tmp_path) -> No
     assert last.startswith(f"distnoisy: error: scaling.address={head.address}: "), last
     assert "refused this process's authentication token" in last and "RAY_AUTH_MODE=token" in last
     assert "Traceback" not in done.stderr
+
+
+def test_a_driver_without_an_address_joins_the_cluster_ray_start_started(
+    head, tmp_path, digits_root
+) -> None:
+    """``ray start --head``, then ``python -m distnoisy.train`` with no address: the run goes to
+    that cluster, as ``ray.init()`` would (Ray 2.60 then refused the ``num_cpus`` of a local
+    start with a ValueError traceback). RAY_TMPDIR points Ray at the head's directory, where
+    `ray start` wrote its address, as /tmp/ray does for a user."""
+    env = cluster_env()
+    env["RAY_TMPDIR"] = str(head.temp_root)
+    out = tmp_path / "run"
+    args = [f"data.root={digits_root}", f"output_dir={out}", "train.epochs=1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "distnoisy.train", *args, "tracking.enabled=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Ray writes the head's address with the machine's IP address for 127.0.0.1: same port.
+    port = head.address.rsplit(":", 1)[1]
+    joined = rf"joining the Ray cluster `ray start` started on this machine \([\d.]+:{port}\)"
+    assert re.search(joined, done.stderr), done.stderr[-3000:]
+    assert re.search(
+        rf"Connecting to existing Ray cluster at address: [\d.]+:{port}\b", done.stderr
+    )
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1

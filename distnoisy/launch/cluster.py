@@ -28,8 +28,32 @@ def ray_runtime_env() -> dict[str, Any]:
     }
 
 
+#: ``scaling.address`` that starts a cluster of the command's own even where ``RAY_ADDRESS`` is
+#: set or ``ray start`` left one running on this machine (Ray's own word for it).
+LOCAL = "local"
+
+
+def cluster_to_join(address: str | None) -> tuple[str, str] | None:
+    """The cluster a command joins, and how to name it in an error; None: start a local one.
+
+    In order: ``scaling.address`` (``local``: none, start one), ``RAY_ADDRESS``, then the cluster
+    ``ray start`` last started on this machine if it still runs (what ``ray.init()`` without an
+    address joins; a user who typed ``ray start --head`` expects their runs there).
+    """
+    if address == LOCAL:
+        return None
+    if address:
+        return address, f"scaling.address={address}"
+    if env := os.environ.get("RAY_ADDRESS"):
+        return env, f"RAY_ADDRESS={env}"
+    if started := ray_compat.started_cluster_address():
+        return started, f"the Ray cluster `ray start` started on this machine ({started})"
+    return None
+
+
 def ensure_ray(address: str | None, num_workers: int) -> None:
-    """Connect to a Ray cluster, starting a local one (bound to 127.0.0.1) when there is none."""
+    """Join the Ray cluster :func:`cluster_to_join` names, else start a local one (bound to
+    127.0.0.1) with a CPU for every worker and the controller."""
     global _connected_here
     import ray
 
@@ -41,18 +65,23 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
     if ray.is_initialized():
         return
     env = ray_runtime_env()
-    target = address or os.environ.get("RAY_ADDRESS")
-    if target:
+    join = cluster_to_join(address)
+    if join:
+        target, where = join
+        if where.startswith("the Ray cluster"):
+            log.info("joining %s; scaling.address=local starts a cluster of this run's own", where)
         try:
             ray.init(address=target, runtime_env=env, log_to_driver=True)
         except ConnectionError as exc:  # Ray's own error comes with a traceback of its internals
-            where = f"scaling.address={address}" if address else f"RAY_ADDRESS={target}"
             raise DistnoisyError(_cannot_join(where, exc)) from None
         _connected_here = True
         return
     # Logical CPUs may exceed physical ones: every worker needs one, the controller too.
     num_cpus = max(os.cpu_count() or 1, num_workers + 1)
     ray.init(
+        # "local": a new cluster, never one Ray would otherwise find and join (it would then
+        # refuse num_cpus with a ValueError).
+        address=LOCAL,
         num_cpus=num_cpus,
         # The dashboard (State API) lets Ray clean up placement groups of stopped Train runs;
         # it listens on loopback only.

@@ -94,6 +94,36 @@ def cluster_can_grow() -> bool:
         return False
 
 
+# -- the cluster `ray start` left running on this machine ---------------------------------------
+def started_cluster_address() -> str | None:
+    """The address of the cluster ``ray start`` last started on this machine, if it still runs.
+
+    ``ray.init()`` without an address joins that cluster, and then refuses the ``num_cpus`` that
+    starting a local one needs (a ValueError): a command must know beforehand which of the two it
+    does. No public API says. ``ray start`` writes the address to ``ray_current_cluster`` in
+    Ray's temporary directory (``$RAY_TMPDIR/ray``, else ``/tmp/ray``); this reads it with
+    ``ray._private.services.find_bootstrap_address`` and keeps it only if a GCS process on this
+    machine serves it (``find_gcs_addresses``): a cluster killed without ``ray stop`` leaves the
+    file behind, and joining it would wait on a dead address.
+
+    Without those internals, after one warning: None. The command then starts a cluster of its
+    own (``ray.init(address="local")``) instead of joining: a second cluster, not an error.
+    """
+    try:
+        from ray._private.services import find_bootstrap_address, find_gcs_addresses
+    except ImportError as e:
+        _warn_once(
+            "bootstrap_address",
+            f"ray._private.services.find_bootstrap_address or find_gcs_addresses ({e})",
+            "a cluster `ray start` started on this machine is not joined; give scaling.address",
+        )
+        return None
+    address = find_bootstrap_address(None)
+    if not address:
+        return None
+    return address if address in find_gcs_addresses() else None
+
+
 # -- Ray Train: preemption notices ------------------------------------------------------------
 def preemption_notice_reader() -> Callable[[], bool]:
     """A cheap, local test of whether Ray Train has a preemption notice for this worker group.
