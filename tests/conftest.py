@@ -55,9 +55,7 @@ def ray_cluster():
     from distnoisy.launch.cluster import ray_runtime_env
 
     # "local": a cluster of the session's own, even beside one `ray start` left running here.
-    ray.init(
-        address="local", num_cpus=4, dashboard_host="127.0.0.1", runtime_env=ray_runtime_env()
-    )
+    ray.init(address="local", num_cpus=4, dashboard_host="127.0.0.1", runtime_env=ray_runtime_env())
     yield ray
     ray.shutdown()
 

@@ -1,4 +1,5 @@
-"""The console summary's headline test accuracy: selected on validation, never on test."""
+"""The console summary: its headline test accuracy (selected on validation, never on test), its
+last line."""
 
 from __future__ import annotations
 
@@ -40,3 +41,11 @@ def test_counts_of_one_are_singular():
     assert lines[-1].startswith("  1 epoch in ")
     lines = format_summary({**BASE, "epochs": 2, "num_workers": 2}).splitlines()
     assert lines[0].endswith(", 2 workers)") and lines[-1].startswith("  2 epochs in ")
+
+
+def test_the_last_line_names_the_mlflow_run_or_says_the_run_was_not_tracked():
+    tracked = format_summary({**BASE, "output_dir": "/r", "mlflow_run_id": "abc123"})
+    assert tracked.splitlines()[-1].endswith("outputs in /r; MLflow run abc123")
+    untracked = format_summary({**BASE, "output_dir": "/r", "wall_s": 9.5, "mlflow_run_id": None})
+    assert untracked.splitlines()[-1].endswith("outputs in /r; not tracked in MLflow")
+    assert "None" not in untracked

@@ -18,6 +18,11 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def tracked_where(run_id: str | None) -> str:
+    """``; MLflow run ID`` for a summary's last line, or that the run was not tracked."""
+    return f"; MLflow run {run_id}" if run_id else "; not tracked in MLflow"
+
+
 def _test_headline(summary: dict[str, Any]) -> str:
     """The test-accuracy line: the validation-selected number where a validation set exists.
 
@@ -58,7 +63,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"noise rate {pct(summary.get('noise_rate_estimated'))} (realised "
         f"{pct(summary.get('noise_rate_realised'))})",
         f"  {_count(summary['epochs'], 'epoch')} in {summary.get('wall_s')} s; outputs in "
-        f"{summary.get('output_dir')}; MLflow run {summary.get('mlflow_run_id')}",
+        f"{summary.get('output_dir')}{tracked_where(summary.get('mlflow_run_id'))}",
     ]
     known, n = summary.get("num_clean_known"), summary["num_train"]
     if known is not None and known < n:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from distnoisy.driver.cli import Command, run_command
+from distnoisy.driver.summary import tracked_where
 
 
 def usage() -> str:
@@ -50,7 +51,7 @@ def format_summary(s: dict[str, Any]) -> str:
         )
     if s.get("test_acc_finetuned") is not None:
         lines.append(f"  fine-tuned            {pct(s['test_acc_finetuned'])}")
-    lines.append(f"  outputs in {s['output_dir']}; MLflow run {s.get('mlflow_run_id')}")
+    lines.append(f"  outputs in {s['output_dir']}{tracked_where(s.get('mlflow_run_id'))}")
     return "\n".join(lines)
 
 
