@@ -47,7 +47,9 @@ def cluster_to_join(address: str | None) -> tuple[str, str] | None:
     if env := os.environ.get("RAY_ADDRESS"):
         return env, f"RAY_ADDRESS={env}"
     if started := ray_compat.started_cluster_address():
-        return started, f"the Ray cluster `ray start` started on this machine ({started})"
+        where = f"the Ray cluster `ray start` started on this machine ({started})"
+        log.info("joining %s; scaling.address=local starts a cluster of this run's own", where)
+        return started, where
     return None
 
 
@@ -68,8 +70,6 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
     join = cluster_to_join(address)
     if join:
         target, where = join
-        if where.startswith("the Ray cluster"):
-            log.info("joining %s; scaling.address=local starts a cluster of this run's own", where)
         try:
             ray.init(address=target, runtime_env=env, log_to_driver=True)
         except ConnectionError as exc:  # Ray's own error comes with a traceback of its internals
