@@ -247,6 +247,88 @@ def test_gpu_recipe_on_a_local_cluster_without_gpus_fails_in_seconds(
     assert not run.exists()
 
 
+# -- more workers than this machine's memory holds: one line in seconds, no run directory -------
+def _too_many_workers() -> int:
+    """A worker count this machine's memory cannot hold at the floor, with a margin for the
+    memory that frees or fills between this line and the command's own check."""
+    from distnoisy.core.machine import WORKER_MEMORY_FLOOR_MB, available_memory_bytes
+
+    workers = 2 * (available_memory_bytes() // (WORKER_MEMORY_FLOOR_MB * 2**20)) + 2
+    if workers > 1000:  # a global batch of one sample per worker must fit digits' 1,437
+        pytest.skip(f"{workers} workers: more than a digits run can take on this machine")
+    return workers
+
+
+def test_more_local_ranks_than_the_memory_holds_is_a_one_line_error(tmp_path, capsys, digits_root):
+    run, workers = tmp_path / "run", _too_many_workers()
+    argv = [f"data.root={digits_root}", f"output_dir={run}", f"scaling.num_workers={workers}"]
+    line = _one_line_error(capsys, [*argv, f"train.batch_size={workers}", *LOCAL])
+    assert f"scaling.num_workers={workers}: {workers} workers on this machine need" in line
+    assert "or fewer here" in line
+    assert not run.exists()
+
+
+def test_more_ray_workers_than_the_memory_holds_fails_before_starting_a_cluster(
+    tmp_path, digits_root
+):
+    """A subprocess: this session's own Ray cluster, if started, must not be the one joined."""
+    run, workers = tmp_path / "run", _too_many_workers()
+    env = {k: v for k, v in _env().items() if k != "RAY_ADDRESS"}
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "distnoisy.train", f"data.root={digits_root}",
+         f"output_dir={run}", f"scaling.num_workers={workers}", f"train.batch_size={workers}",
+         "scaling.address=local",
+         "tracking.enabled=false"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert lines == [lines[0]] and f"scaling.num_workers={workers}: " in lines[0], lines
+    assert "or give scaling.address of a cluster with more nodes" in lines[0]
+    assert "Started a local Ray instance" not in done.stdout + done.stderr
+    assert time.monotonic() - t0 < 60  # was: every worker started, minutes, Ray's OOM kills
+    assert not run.exists()
+
+
+def test_the_memory_check_against_a_hand_computed_floor():
+    from distnoisy.core.errors import ConfigError
+    from distnoisy.core.machine import WORKER_MEMORY_FLOOR_MB, check_room_for_workers
+
+    floor = WORKER_MEMORY_FLOOR_MB * 2**20
+    check_room_for_workers(10, available_bytes=10 * floor)  # exactly enough
+    with pytest.raises(ConfigError) as exc:
+        check_room_for_workers(10, available_bytes=10 * floor - 1)
+    assert "use scaling.num_workers=9 or fewer here" in str(exc.value)
+    assert f"need at least {10 * WORKER_MEMORY_FLOOR_MB / 1024:.1f} GB" in str(exc.value)
+    with pytest.raises(ConfigError, match="free memory on this machine, or give"):
+        check_room_for_workers(2, available_bytes=floor // 2)
+
+
+def test_workers_killed_for_memory_name_the_fix_not_a_resume_alone(tmp_path):
+    """Ray's error when its memory monitor killed workers (the text of a real run with
+    scaling.num_workers=64 on a 24 GB machine): the line says why and what to change."""
+    import ray.train
+
+    from distnoisy.config import load_config
+    from distnoisy.launch.ray_train import _gave_up_error
+
+    cfg = load_config([f"output_dir={tmp_path}"])
+    err = ray.train.ControllerError(
+        RuntimeError(
+            "7 worker(s) were killed due to the node running low on memory.\nMemory on the "
+            "node (IP: 192.0.2.2, ID: 2740) was 22.63GB used / 23.54GB limit (0.961329)"
+        )
+    )
+    line = str(_gave_up_error(err, cfg, tmp_path))
+    assert "\n" not in line
+    why = "Ray killed workers because their node ran out of memory (22.63GB used / 23.54GB limit)"
+    assert why in line
+    assert "fewer workers per node, or a smaller data.batch_size" in line
+    assert line.endswith(f"python -m distnoisy.train output_dir={tmp_path} resume=true")
+    assert "restore the cluster's resources" not in line
+
+
 # -- ray job submit: the working directory is a temporary copy ---------------------------------
 def test_a_ray_job_without_output_dir_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     # What `ray job submit --working-dir .` runs in: Ray deletes the copy with the job.

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distnoisy.config import Config, flat_params, save_config, to_dict
+from distnoisy.core.machine import check_room_for_workers
 from distnoisy.driver.publish import (
     final_summary,
     log_final,
@@ -134,6 +135,8 @@ def prepare(cfg: Config) -> DataSpec:
         from distnoisy.launch.cluster import check_ray_resources
 
         check_ray_resources(cfg)  # a cluster that cannot hold the workers fails in seconds
+    elif cfg.scaling.num_workers > 1:  # spawned ranks on this machine
+        check_room_for_workers(cfg.scaling.num_workers)
     return spec
 
 

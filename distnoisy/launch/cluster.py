@@ -9,6 +9,7 @@ from typing import Any
 
 from distnoisy.config import Config
 from distnoisy.core.errors import DistnoisyError
+from distnoisy.core.machine import check_room_for_workers
 from distnoisy.launch import ray_compat
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,10 @@ def cluster_to_join(address: str | None) -> tuple[str, str] | None:
     return None
 
 
-def ensure_ray(address: str | None, num_workers: int) -> None:
+def ensure_ray(address: str | None, num_workers: int, check_memory: bool = False) -> None:
     """Join the Ray cluster :func:`cluster_to_join` names, else start a local one (bound to
-    127.0.0.1) with a CPU for every worker and the controller."""
+    127.0.0.1) with a CPU for every worker and the controller; with ``check_memory``, only when
+    this machine's memory can hold ``num_workers`` training workers (else one line, at once)."""
     global _connected_here
     import ray
 
@@ -76,6 +78,8 @@ def ensure_ray(address: str | None, num_workers: int) -> None:
             raise DistnoisyError(_cannot_join(where, exc)) from None
         _connected_here = True
         return
+    if check_memory:
+        check_room_for_workers(num_workers)
     # Logical CPUs may exceed physical ones: every worker needs one, the controller too.
     num_cpus = max(os.cpu_count() or 1, num_workers + 1)
     ray.init(
@@ -189,7 +193,7 @@ def check_ray_resources(cfg: Config, poll_s: float = 2.0) -> None:
     """
     import time
 
-    ensure_ray(cfg.scaling.address, cfg.scaling.num_workers)
+    ensure_ray(cfg.scaling.address, cfg.scaling.num_workers, check_memory=True)
     need = _needed_resources(cfg)
     missing = _shortfall(need)
     if not missing:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -211,8 +212,26 @@ def _gave_up_error(err: BaseException, cfg: Config, run_dir: Path) -> BaseExcept
         )
     else:
         return err
+    fix = "restore the cluster's resources"
+    if _OUT_OF_MEMORY in str(err):
+        # Ray's memory monitor killed workers: a resume with the same settings would be killed
+        # again, so the fix is fewer workers (or smaller batches) on each node.
+        reason = f"Ray killed workers because their node ran out of memory ({_memory_use(err)})"
+        fix = "give each worker more memory (fewer workers per node, or a smaller data.batch_size)"
     return DistnoisyError(
         f"Ray Train stopped the run after scaling.max_failures={cfg.scaling.max_failures} "
-        f"recoveries: {reason}; its checkpoints are kept: restore the cluster's resources, then "
+        f"recoveries: {reason}; its checkpoints are kept: {fix}, then "
         f"continue with: python -m distnoisy.train output_dir={run_dir} resume=true"
     )
+
+
+#: What Ray's error says when its memory monitor killed workers ("... were killed due to the
+#: node running low on memory. Memory on the node (IP: ..., ID: ...) was 22.63GB used /
+#: 23.54GB limit (0.961329) ...").
+_OUT_OF_MEMORY = "running low on memory"
+
+
+def _memory_use(err: BaseException) -> str:
+    """The node's memory use as Ray's error states it ("22.63GB used / 23.54GB limit")."""
+    found = re.search(r"[\d.]+\s*GB used / [\d.]+\s*GB limit", str(err))
+    return found.group(0) if found else "Ray's memory monitor"
