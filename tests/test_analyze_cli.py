@@ -86,14 +86,17 @@ def test_analysis_outputs_and_mlflow_run(runs, capsys):
 
     ids = {json.loads((d / "run.json").read_text())["mlflow_run_id"] for d in (noisy, clean)}
     assert set(linked) == ids
-    assert "analysis of 1 run(s)" in capsys.readouterr().out
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"analysis of 1 run(s) written to {out}; MLflow run {found[0].info.run_id}"
 
 
-def test_truth_buckets_on_longtail(runs):
+def test_truth_buckets_on_longtail(runs, capsys):
     tmp, _, noisy, _, _ = runs
     out = tmp / "truth"
     args = [f"run=[{noisy}]", "analysis.frequency=subpopulation", "analysis.buckets=2"]
     assert main([*args, "tracking.enabled=false", f"output_dir={out}"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"analysis of 1 run(s) written to {out}; not tracked in MLflow"
     rows = list(csv.DictReader((out / "analysis.csv").open()))
     # bucket 0 holds the small subpopulations: its score range ends below bucket 1's start
     assert float(rows[0]["score_hi"]) <= float(rows[1]["score_lo"]) + 1e-9

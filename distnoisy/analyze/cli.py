@@ -23,6 +23,7 @@ from distnoisy.analyze.config import AnalyzeConfig, load_analyze_config
 from distnoisy.analyze.pipeline import Analysis, Inputs, analyse, check_inputs
 from distnoisy.analyze.report import write_outputs
 from distnoisy.driver.cli import ArgumentParser, Command, run_command
+from distnoisy.driver.summary import tracked_where
 
 log = logging.getLogger("distnoisy.analyze")
 
@@ -82,7 +83,7 @@ def analyse_tracked(cfg: AnalyzeConfig) -> tuple[Analysis, Path, str | None]:
         tags=_tags(inputs, out_dir),
         source="python -m distnoisy.analyze",
     ) as run_id:
-        log.info("analysing %d run(s) into %s (MLflow run %s)", len(cfg.run), out_dir, run_id)
+        log.info("analysing %d run(s) into %s%s", len(cfg.run), out_dir, tracked_where(run_id))
         result = analyse(cfg, inputs)
         paths = write_outputs(result, out_dir)
         if run_id is not None:
@@ -93,7 +94,7 @@ def analyse_tracked(cfg: AnalyzeConfig) -> tuple[Analysis, Path, str | None]:
 
 def _run(cfg: AnalyzeConfig) -> str:
     _, out_dir, run_id = analyse_tracked(cfg)
-    where = f"; MLflow run {run_id}" if run_id else ""
+    where = tracked_where(run_id)
     return (
         out_dir / "analysis.md"
     ).read_text() + f"\nanalysis of {len(cfg.run)} run(s) written to {out_dir}{where}"
