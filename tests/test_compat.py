@@ -122,8 +122,9 @@ def test_a_live_cluster_ray_start_named_is_joined_and_local_starts_one(
     live = ray_cluster.get_runtime_context().gcs_address  # a GCS serving on this machine
     _bootstrap_file(tmp_path, live)
     assert ray_compat.started_cluster_address() == live
+    # Joined as Ray finds it ("auto"), so that Ray sends the token `ray start` wrote.
     assert cluster_to_join(None) == (
-        live,
+        "auto",
         f"the Ray cluster `ray start` started on this machine ({live})",
     )
     assert cluster_to_join("local") is None  # a cluster of the run's own, whatever is running
@@ -231,6 +232,34 @@ def test_train_report_logger_is_named_by_its_file_and_gets_quiet(fresh_warnings,
         ray_compat.quiet_train_report_log()
     assert logger.level == logging.WARNING
     assert not _warnings(caplog)
+
+
+def test_the_cleaner_warning_is_named_as_ray_logs_it_and_shown_once(caplog):
+    """The logger name and the message ``quiet_cleaner_repeats`` filters are Ray's own: a
+    rename would silently bring back the once-a-second warning, so this fails instead."""
+    import inspect
+
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner as pgc
+
+    assert pgc.logger is logging.getLogger(ray_compat.CLEANER_LOGGER)
+    assert ray_compat.CLEANER_UNAVAILABLE in inspect.getsource(pgc.PlacementGroupCleaner)
+    for f in list(pgc.logger.filters):  # a fresh process's logger
+        pgc.logger.removeFilter(f)
+    ray_compat.quiet_cleaner_repeats()
+    ray_compat.quiet_cleaner_repeats()  # once per process, however often the hook runs
+    assert sum(isinstance(f, ray_compat._FirstOnly) for f in pgc.logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=ray_compat.CLEANER_LOGGER):
+        for _ in range(5):
+            pgc.logger.warning(
+                "Failed to query Ray Train Controller actor state. State API may be temporarily "
+                "unavailable. Continuing to monitor."
+            )
+        pgc.logger.warning("Controller actor died; removing its placement group")
+    messages = [r.getMessage() for r in caplog.records if r.name == ray_compat.CLEANER_LOGGER]
+    assert len(messages) == 2, messages
+    assert messages[0].endswith("(repeats while the State API is unavailable, e.g. no dashboard; "
+                                "shown once)")  # fmt: skip
+    assert messages[1] == "Controller actor died; removing its placement group"
 
 
 def test_worker_failures_hold_what_the_worker_raised():

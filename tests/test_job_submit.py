@@ -107,8 +107,11 @@ def test_a_driver_without_an_address_joins_the_cluster_ray_start_started(
     """``ray start --head``, then ``python -m distnoisy.train`` with no address: the run goes to
     that cluster, as ``ray.init()`` would (Ray 2.60 then refused the ``num_cpus`` of a local
     start with a ValueError traceback). RAY_TMPDIR points Ray at the head's directory, where
-    `ray start` wrote its address, as /tmp/ray does for a user."""
+    `ray start` wrote its address, as /tmp/ray does for a user. Without RAY_AUTH_MODE, as a user
+    types it: the token `ray start` wrote is sent as ``ray.init()`` sends it (before, the run
+    was refused after ~20 s of Ray's retry warnings)."""
     env = cluster_env()
+    del env["RAY_AUTH_MODE"]
     env["RAY_TMPDIR"] = str(head.temp_root)
     out = tmp_path / "run"
     args = [f"data.root={digits_root}", f"output_dir={out}", "train.epochs=1"]

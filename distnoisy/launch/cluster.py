@@ -35,7 +35,8 @@ LOCAL = "local"
 
 
 def cluster_to_join(address: str | None) -> tuple[str, str] | None:
-    """The cluster a command joins, and how to name it in an error; None: start a local one.
+    """The address to join (for ``ray.init``), and how to name the cluster in an error; None:
+    start a local one.
 
     In order: ``scaling.address`` (``local``: none, start one), ``RAY_ADDRESS``, then the cluster
     ``ray start`` last started on this machine if it still runs (what ``ray.init()`` without an
@@ -50,7 +51,10 @@ def cluster_to_join(address: str | None) -> tuple[str, str] | None:
     if started := ray_compat.started_cluster_address():
         where = f"the Ray cluster `ray start` started on this machine ({started})"
         log.info("joining %s; scaling.address=local starts a cluster of this run's own", where)
-        return started, where
+        # "auto", not its address: Ray sends the token `ray start` wrote (~/.ray/auth_token)
+        # only to a cluster it finds itself; given the address, it refused us after ~20 s of
+        # retries unless RAY_AUTH_MODE=token was set.
+        return "auto", where
     return None
 
 

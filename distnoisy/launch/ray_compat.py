@@ -176,6 +176,42 @@ def quiet_train_report_log() -> None:
     logger.setLevel(logging.WARNING)
 
 
+#: The logger of Ray Train's ``PlacementGroupCleaner`` actor (``logging.getLogger(__name__)`` of
+#: its module), and the start of the warning it logs on every check (about once a second) while
+#: the State API does not answer, which is the whole run on a cluster without the dashboard.
+CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+CLEANER_UNAVAILABLE = "Failed to query Ray Train Controller actor state"
+
+
+class _FirstOnly(logging.Filter):
+    """Pass the first record that starts with ``prefix``, with a note that it repeats; drop the
+    rest (other records pass)."""
+
+    def __init__(self, prefix: str, note: str) -> None:
+        super().__init__()
+        self.prefix, self.note, self.seen = prefix, note, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        record.msg = f"{record.msg} {self.note}"
+        return True
+
+
+def quiet_cleaner_repeats() -> None:
+    """Let Ray Train's ``PlacementGroupCleaner`` say once per process, not once a second, that
+    it cannot reach the State API (a cluster started without the dashboard: it then cannot free
+    a dead controller's placement group, and says so). Installed by name: the filter is inert
+    if Ray renames the logger, which the fast test of this module notices."""
+    logger = logging.getLogger(CLEANER_LOGGER)
+    if not any(isinstance(f, _FirstOnly) for f in logger.filters):
+        note = "(repeats while the State API is unavailable, e.g. no dashboard; shown once)"
+        logger.addFilter(_FirstOnly(CLEANER_UNAVAILABLE, note))
+
+
 # -- Ray Train: knowing that Ctrl-C stopped a run ----------------------------------------------
 def sigint_noting_trainer() -> type:
     """``TorchTrainer`` whose ``interrupted`` becomes True when Ctrl-C reaches ``fit()``.

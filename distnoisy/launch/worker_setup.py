@@ -9,7 +9,8 @@ import os
 
 
 def pin_ray_address() -> None:
-    """Point ``RAY_ADDRESS`` at this worker's own cluster.
+    """Point ``RAY_ADDRESS`` at this worker's own cluster, and keep Ray Train's placement group
+    cleaner from repeating its State API warning (:func:`ray_compat.quiet_cleaner_repeats`).
 
     Ray Train's ``PlacementGroupCleaner`` (which frees the placement group of a Train run whose
     controller died, e.g. a trial stopped by ASHA) queries the State API without an address;
@@ -18,4 +19,7 @@ def pin_ray_address() -> None:
     """
     import ray
 
+    from distnoisy.launch import ray_compat
+
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    ray_compat.quiet_cleaner_repeats()
