@@ -215,10 +215,14 @@ def test_sweep_asha_mlflow_resume_and_best_config(tmp_path, digits_root, mlflow_
     for trial_id, text in tune_results.items():
         assert (out / "tune" / trial_id / "result.json").read_text() == text
     assert len(_completed(out)) == 4
-    # ASHA stopped some trials early; the rest ran all 4 epochs.
+    # Trials ASHA stopped ran 1-3 epochs, the rest all 4. Whether any was stopped depends on
+    # the order of the reports: Ray Tune does not save the scheduler's state, so after --resume
+    # ASHA starts with empty rungs, and when both lam=0.3 trials had finished before the
+    # interruption the two lam=30 trials are compared only with each other (a CI run saw none
+    # stopped; other runs stopped one or both).
     stopped = [t for t in trials if t["status"] == "stopped"]
     completed = [t for t in trials if t["status"] == "completed"]
-    assert stopped and all(1 <= t["epochs"] < 4 for t in stopped)
+    assert all(1 <= t["epochs"] < 4 for t in stopped)
     assert completed and all(t["epochs"] == 4 for t in completed)
     assert len(stopped) + len(completed) == 4
 
