@@ -449,9 +449,12 @@ def _max_diff(a: dict, b: dict) -> float:
         (
             "elr_plus",
             ("train.optimizer=sgd", "train.lr=0.01"),
-            {"elr_target_net1": 0.0, "elr_target_net2": 0.0},
+            {"elr_target_net1": (0.0, 1e-5), "elr_target_net2": (0.0, 1e-5)},
         ),
-        ("limit", ("train.optimizer=sgd", "train.lr=0.05"), {"limit_q_prob": 0.1}),
+        # LIMIT's q-net predictions follow its weights, which SGD with momentum lets drift by
+        # up to 2e-4 (below): they agreed to 1e-5 on one machine and to 1.3e-5 on another (AMD
+        # EPYC), so 1e-4; a wrong reduction differs by ~1e-2.
+        ("limit", ("train.optimizer=sgd", "train.lr=0.05"), {"limit_q_prob": (0.1, 1e-4)}),
     ],
 )
 def test_two_ray_workers_train_what_one_process_trains(
@@ -465,9 +468,9 @@ def test_two_ray_workers_train_what_one_process_trains(
     one = train(_cfg(tmp_path / "one", digits_root, *common, *local))
     two = train(_cfg(tmp_path / "two", digits_root, *common, "scaling.num_workers=2"))
     assert (one["num_workers"], two["num_workers"]) == (1, 2)
-    for name, fill in fields.items():
+    for name, (fill, tolerance) in fields.items():
         a, b = _column(tmp_path / "one", name), _column(tmp_path / "two", name)
-        assert np.abs(a - b).max() < 1e-5, name
+        assert np.abs(a - b).max() < tolerance, name
         assert np.abs(a - fill).max() > 0.01, name  # trained state, not the initial fill
     w1 = torch.load(tmp_path / "one/weights.pt", weights_only=True)
     w2 = torch.load(tmp_path / "two/weights.pt", weights_only=True)
